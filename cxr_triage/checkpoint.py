@@ -1,0 +1,138 @@
+"""Checkpoint files: the weights plus everything needed to rebuild and trust the model.
+
+A checkpoint is one ``torch.save`` file holding only tensors and plain Python values, loaded with
+``torch.load(weights_only=True)`` so that opening a file never executes code from it. Its sha256 is computed on
+load and reported with every prediction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cxr_triage import CLASS_NAMES
+from cxr_triage.imaging import PREPROCESSING_VERSION
+from cxr_triage.model import CAEClassifier, ModelSpec
+
+FORMAT = "cxr-triage-checkpoint/1"
+BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "cae_lstm.pt"
+"""Where the shipped model lives (research use only)."""
+
+
+class CheckpointError(ValueError):
+    """The file is not a cxr-triage classifier checkpoint, or does not match this code."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a checkpoint says about itself."""
+
+    spec: ModelSpec
+    class_names: tuple[str, ...] = CLASS_NAMES
+    model_version: str = "unversioned"
+    preprocessing_version: str = PREPROCESSING_VERSION
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.class_names) != self.spec.num_classes:
+            raise CheckpointError(
+                f"{len(self.class_names)} class names for a model with {self.spec.num_classes} outputs"
+            )
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: CAEClassifier
+    card: ModelCard
+    sha256: str
+    path: Path | None
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_classifier(
+    path: str | os.PathLike[str],
+    model: CAEClassifier,
+    card: ModelCard,
+    dtype: torch.dtype | None = torch.float16,
+) -> str:
+    """Write a classifier checkpoint (fp16 weights by default) atomically; return its sha256."""
+    state = {
+        k: (v.detach().to("cpu", dtype) if dtype is not None and v.is_floating_point() else v.detach().cpu())
+        for k, v in model.state_dict().items()
+    }
+    payload = {
+        "format": FORMAT,
+        "kind": "classifier",
+        "spec": card.spec.to_dict(),
+        "class_names": list(card.class_names),
+        "model_version": card.model_version,
+        "preprocessing_version": card.preprocessing_version,
+        "provenance": card.provenance,
+        "state_dict": state,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(buf.getvalue())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+def load_classifier(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> LoadedModel:
+    """Load a classifier checkpoint without executing code from it; weights come back as float32."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("kind") != "classifier":
+        raise CheckpointError(f"{path}: not a {FORMAT} classifier checkpoint")
+    card = ModelCard(
+        spec=ModelSpec.from_dict(payload["spec"]),
+        class_names=tuple(payload["class_names"]),
+        model_version=str(payload["model_version"]),
+        preprocessing_version=str(payload["preprocessing_version"]),
+        provenance=dict(payload.get("provenance") or {}),
+    )
+    if card.preprocessing_version != PREPROCESSING_VERSION:
+        raise CheckpointError(
+            f"{path}: trained with preprocessing {card.preprocessing_version}, this code runs {PREPROCESSING_VERSION}"
+        )
+    model = CAEClassifier(card.spec)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match {card.spec}: {exc}") from exc
+    model.eval()
+    return LoadedModel(model=model, card=card, sha256=file_sha256(path), path=path)
+
+
+def resolve_model_path(path: str | os.PathLike[str] | None) -> Path:
+    """The checkpoint to use: the given path, else the bundled model; explains how to get one if neither exists."""
+    candidate = Path(path) if path else BUNDLED_MODEL
+    if not candidate.is_file():
+        where = f"{candidate}" if path else f"the bundled model ({BUNDLED_MODEL})"
+        raise CheckpointError(
+            f"no model: {where} does not exist. Train one with `python -m training oneshot` "
+            "(docs/TRAINING.md) and pass it with --model, or set [model] path in the configuration."
+        )
+    return candidate

@@ -1,0 +1,46 @@
+"""The last steps of the pixel pipeline (GUIDE §2, steps 6-7), shared by inference and training.
+
+Everything that reaches the model passes through ``to_model_input`` (one image) or ``to_model_batch`` (a batch,
+on any device), so a model sees identical inputs whichever door the pixels came in by: a DICOM file decoded by
+``cxr_triage.preprocess`` or an 8-bit JPEG/PNG read by the training data loader. This module imports neither
+pydicom nor PIL, so the training package can use it on a GPU host that has only torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_SIZE = 224
+PREPROCESSING_VERSION = "cxr-pp/1"
+"""Bumped whenever the pipeline's output for the same input changes; stored in every checkpoint."""
+
+
+def to_model_batch(images01: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Resize a (N, 1, H, W) batch of [0, 1] grey images to (N, 3, size, size), antialiased.
+
+    The paper squashes every image to a square, so the aspect ratio is not kept.
+    """
+    if images01.ndim != 4 or images01.shape[1] != 1:
+        raise ValueError(f"expected a (N, 1, H, W) batch, got {tuple(images01.shape)}")
+    x = images01.float()
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.clamp_(0.0, 1.0).expand(-1, 3, -1, -1).contiguous()
+
+
+def to_model_input(image01: np.ndarray | torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Resize one (H, W) grey image already scaled to [0, 1] to a (3, size, size) float32 tensor."""
+    t = torch.as_tensor(image01, dtype=torch.float32)
+    if t.ndim != 2:
+        raise ValueError(f"expected a 2-D grey image, got shape {tuple(t.shape)}")
+    return to_model_batch(t[None, None], size)[0]
+
+
+def uint8_to_unit(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Step 6 for 8-bit images: the known range of 8-bit data is 0..255."""
+    t = torch.as_tensor(image)
+    if t.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 pixels, got {t.dtype}")
+    return t.float().div_(255.0)

@@ -1,0 +1,77 @@
+"""Batched inference: softmax probabilities keyed by class name, on CUDA when present, else on the CPU."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from cxr_triage.checkpoint import LoadedModel
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    probabilities: dict[str, float]
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+class Predictor:
+    """Runs a loaded classifier on batches of (3, 224, 224) tensors.
+
+    On CUDA the model runs channels_last under bf16 autocast; on the CPU in float32.
+    """
+
+    def __init__(self, loaded: LoadedModel, device: str | torch.device = "auto", batch_size: int = 16) -> None:
+        self.loaded = loaded
+        self.device = pick_device(device) if isinstance(device, str) else device
+        self.batch_size = batch_size
+        self.model = loaded.model.to(self.device).eval()
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.loaded.card.class_names
+
+    @property
+    def model_version(self) -> str:
+        return self.loaded.card.model_version
+
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """(N, num_classes) float32 softmax probabilities on the CPU."""
+        batch = images if isinstance(images, torch.Tensor) else torch.stack(list(images))
+        outputs = []
+        for start in range(0, batch.shape[0], self.batch_size):
+            x = batch[start : start + self.batch_size].to(self.device, non_blocking=True)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                logits = self.model(x)
+            outputs.append(torch.softmax(logits.float(), dim=1).cpu())
+        if not outputs:
+            return torch.empty(0, len(self.class_names))
+        return torch.cat(outputs)
+
+    def predict(self, images: torch.Tensor | Sequence[torch.Tensor]) -> list[Prediction]:
+        probs = self.probabilities(images)
+        names = self.class_names
+        return [
+            Prediction(
+                label=names[int(row.argmax())], probabilities={n: float(p) for n, p in zip(names, row, strict=True)}
+            )
+            for row in probs
+        ]

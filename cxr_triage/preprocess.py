@@ -1,0 +1,323 @@
+"""The pixel pipeline of GUIDE §2: from a DICOM file (or a PNG/JPEG) to the model's 3x224x224 input.
+
+``prepare_path`` and ``prepare_dataset`` return either a ``PreparedImage`` or a ``Refusal`` whose reason names
+the attribute and value that made the image unsuitable. Order of operations, which decides correctness:
+
+1. acceptance checks on the header alone (modality, SOP class, presentation intent, body part, view,
+   photometric interpretation, frames, dimensions, pixel data length), before any pixel is decoded, so a
+   decompression bomb never allocates;
+2. decoding by pydicom and the pylibjpeg plugins;
+3. modality LUT / rescale, 4. VOI LUT or the first window (none: the full range of the stored bits),
+5. MONOCHROME1 inversion against the known output range, 6. scaling to [0, 1] from that range.
+
+Steps 3-6 depend only on the stored value, so they are evaluated once over every possible stored value
+(at most 65,536) with pydicom's own ``apply_modality_lut`` and ``apply_voi_lut`` and applied to the image as
+one table look-up. Step 7 (resize, three channels) is ``cxr_triage.imaging.to_model_input``, shared with
+training.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import torch
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.uid import ImplicitVRLittleEndian
+
+from cxr_triage.imaging import to_model_input, uint8_to_unit
+
+logger = logging.getLogger(__name__)
+
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+ACCEPTED_SOP_CLASSES = frozenset({CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, SECONDARY_CAPTURE})
+ACCEPTED_MODALITIES = frozenset({"CR", "DX"})
+CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS"})
+CHEST_REGION_CODES = frozenset({"51185008", "T-D3000", "43799004"})  # SCT chest, SRT chest, SCT thorax
+FRONTAL_VIEWS = frozenset({"PA", "AP"})
+
+MAX_SIDE = 8192
+"""Largest accepted Rows or Columns; chest detectors are at most about 4,300 pixels a side."""
+MAX_PIXELS = 40_000_000
+"""Largest accepted Rows x Columns, checked before decoding so that a lying header cannot exhaust memory."""
+
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ""})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why an input is not classified. ``code`` is stable for scripts; ``reason`` is for people."""
+
+    code: str
+    reason: str
+    attribute: str | None = None
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """A model-ready (3, 224, 224) float32 tensor in [0, 1] and what was learnt on the way."""
+
+    tensor: torch.Tensor
+    sop_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _attr(ds: Dataset, keyword: str) -> Any:
+    value = ds.get(keyword)
+    return value.strip() if isinstance(value, str) else value
+
+
+def _tag(keyword: str) -> str:
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    return f"{keyword} ({tag >> 16:04X},{tag & 0xFFFF:04X})" if tag is not None else keyword
+
+
+def _refuse(code: str, keyword: str | None, message: str) -> Refusal:
+    return Refusal(code=code, reason=f"{_tag(keyword)} {message}" if keyword else message, attribute=keyword)
+
+
+def check_header(ds: Dataset) -> tuple[Refusal | None, tuple[str, ...]]:
+    """Step 1: decide from the header alone whether this is a frontal chest radiograph we can decode.
+
+    Returns the refusal (or ``None``) and notes about attributes that were missing but tolerated.
+    """
+    notes: list[str] = []
+    modality = _attr(ds, "Modality")
+    if not modality:
+        return _refuse("modality", "Modality", "is missing: only CR and DX radiographs are classified"), ()
+    if modality not in ACCEPTED_MODALITIES:
+        return _refuse("modality", "Modality", f"is {modality!r}: only CR and DX radiographs are classified"), ()
+    sop_class = str(_attr(ds, "SOPClassUID") or "")
+    if sop_class == DX_FOR_PROCESSING:
+        return _refuse(
+            "for_processing", "SOPClassUID", "is DX Image Storage - For Processing: raw detector data is not classified"
+        ), ()
+    if sop_class and sop_class not in ACCEPTED_SOP_CLASSES:
+        return _refuse("sop_class", "SOPClassUID", f"is {sop_class}: not a CR, DX or Secondary Capture image"), ()
+    intent = str(_attr(ds, "PresentationIntentType") or "").upper()
+    if intent == "FOR PROCESSING":
+        return _refuse(
+            "for_processing", "PresentationIntentType", "is 'FOR PROCESSING': raw data is not classified"
+        ), ()
+
+    body_part = str(_attr(ds, "BodyPartExamined") or "").upper()
+    regions = ds.get("AnatomicRegionSequence") or []
+    region_codes = {str(item.get("CodeValue", "")) for item in regions}
+    if body_part:
+        if body_part not in CHEST_BODY_PARTS:
+            return _refuse(
+                "not_chest", "BodyPartExamined", f"is {body_part!r}: only chest radiographs are classified"
+            ), ()
+    elif region_codes:
+        if not region_codes & CHEST_REGION_CODES:
+            codes = ", ".join(sorted(region_codes))
+            return _refuse("not_chest", "AnatomicRegionSequence", f"codes {codes}: not the chest"), ()
+    else:
+        notes.append("BodyPartExamined and AnatomicRegionSequence are absent: chest assumed")
+
+    view = str(_attr(ds, "ViewPosition") or "").upper()
+    if view:
+        if view not in FRONTAL_VIEWS:
+            kind = "a lateral view" if view in {"LL", "RL", "LLD", "RLD", "LAT", "LATERAL"} else "not a frontal view"
+            return _refuse("not_frontal", "ViewPosition", f"is {view!r}: {kind}; only PA and AP are classified"), ()
+    else:
+        notes.append("ViewPosition is absent: frontal view assumed")
+
+    if "PixelData" not in ds:
+        other = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
+        what = f"only {other[0]} is present" if other else "is absent"
+        return _refuse("no_pixels", "PixelData", what), ()
+    photometric = str(_attr(ds, "PhotometricInterpretation") or "")
+    if photometric not in {"MONOCHROME1", "MONOCHROME2"}:
+        return _refuse(
+            "colour",
+            "PhotometricInterpretation",
+            f"is {photometric or 'missing'!r}: only greyscale images are classified",
+        ), ()
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        return _refuse("colour", "SamplesPerPixel", f"is {samples}: only single-sample greyscale is classified"), ()
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        return _refuse("multiframe", "NumberOfFrames", f"is {frames}: only single-frame images are classified"), ()
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows <= 0 or cols <= 0:
+        return _refuse("dimensions", "Rows", f"x Columns is {rows}x{cols}: the image is empty"), ()
+    if rows > MAX_SIDE or cols > MAX_SIDE or rows * cols > MAX_PIXELS:
+        return _refuse(
+            "dimensions", "Rows", f"x Columns is {rows}x{cols}: larger than {MAX_SIDE} a side or {MAX_PIXELS:,} pixels"
+        ), ()
+    bits_allocated = int(ds.get("BitsAllocated", 0) or 0)
+    bits_stored = int(ds.get("BitsStored", bits_allocated) or 0)
+    if bits_allocated not in (8, 16) or not 1 <= bits_stored <= bits_allocated:
+        return _refuse(
+            "bit_depth", "BitsAllocated", f"is {bits_allocated} with BitsStored {bits_stored}: expected 8 or 16 bits"
+        ), ()
+    transfer_syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if transfer_syntax is None or not transfer_syntax.is_compressed:
+        expected = rows * cols * bits_allocated // 8
+        actual = len(ds.PixelData)
+        if actual < expected:
+            return _refuse(
+                "truncated",
+                "PixelData",
+                f"holds {actual:,} bytes where {rows}x{cols}x{bits_allocated} bits need {expected:,}",
+            ), ()
+    return None, tuple(notes)
+
+
+def _value_domain(ds: Dataset) -> tuple[np.ndarray, np.dtype]:
+    """Every container code (0..2**BitsAllocated-1) mapped to the stored value it means, clamped to BitsStored."""
+    bits_allocated = int(ds.BitsAllocated)
+    bits_stored = int(ds.get("BitsStored", bits_allocated))
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    codes = np.arange(2**bits_allocated, dtype=np.int64)
+    if signed:
+        values = np.where(codes >= 2 ** (bits_allocated - 1), codes - 2**bits_allocated, codes)
+        lo, hi = -(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1
+    else:
+        values, lo, hi = codes, 0, 2**bits_stored - 1
+    return np.clip(values, lo, hi), np.dtype(f"uint{bits_allocated}")
+
+
+def _voi_output_range(ds: Dataset, modality_values: np.ndarray, stored: np.ndarray) -> tuple[float, float]:
+    """The known output range of the VOI step (never the image's own extremes)."""
+    voi_luts = ds.get("VOILUTSequence") or []
+    if voi_luts:
+        bits = int(voi_luts[0].LUTDescriptor[2])
+        return 0.0, float(2**bits - 1)
+    if "WindowCenter" in ds and "WindowWidth" in ds and ds.WindowCenter is not None:
+        # The range pydicom's apply_windowing maps onto (PS3.3 C.11.2.1.2).
+        modality_luts = ds.get("ModalityLUTSequence") or []
+        if modality_luts:
+            lo, hi = 0.0, float(2 ** int(modality_luts[0].LUTDescriptor[2]) - 1)
+        else:
+            lo, hi = float(stored.min()), float(stored.max())
+        slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+        if slope is not None and intercept is not None:
+            lo, hi = sorted((lo * float(slope) + float(intercept), hi * float(slope) + float(intercept)))
+        return lo, hi
+    return float(modality_values.min()), float(modality_values.max())
+
+
+def grey_lut(ds: Dataset) -> tuple[np.ndarray, np.dtype]:
+    """Steps 3-6 as a table: container code -> presentation value in [0, 1] (0 black, 1 white)."""
+    stored, code_dtype = _value_domain(ds)
+    modality_values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    has_voi = bool(ds.get("VOILUTSequence")) or ("WindowCenter" in ds and ds.WindowCenter is not None)
+    voi_values = np.asarray(apply_voi_lut(modality_values, ds, index=0), np.float64) if has_voi else modality_values
+    lo, hi = _voi_output_range(ds, modality_values, stored)
+    scaled = (voi_values - lo) / (hi - lo) if hi > lo else np.zeros_like(voi_values)
+    scaled = np.clip(scaled, 0.0, 1.0)
+    inverse_shape = str(ds.get("PresentationLUTShape", "") or "").upper() == "INVERSE"
+    if ds.PhotometricInterpretation == "MONOCHROME1" or inverse_shape:
+        scaled = 1.0 - scaled
+    return scaled.astype(np.float32), code_dtype
+
+
+def decode_unit_image(ds: Dataset) -> np.ndarray:
+    """Steps 2-6: decoded pixels as a (rows, cols) float32 array in [0, 1]. The header must have passed checks."""
+    pixels = ds.pixel_array
+    if pixels.shape != (int(ds.Rows), int(ds.Columns)):
+        raise ValueError(f"decoded shape {pixels.shape} does not match Rows x Columns {ds.Rows}x{ds.Columns}")
+    lut, code_dtype = grey_lut(ds)
+    codes = pixels.astype(pixels.dtype.newbyteorder("="), copy=False).view(code_dtype)
+    return lut[codes]
+
+
+def prepare_dataset(ds: Dataset) -> PreparedImage | Refusal:
+    """Steps 1-7 for a parsed DICOM dataset."""
+    refusal, notes = check_header(ds)
+    if refusal is not None:
+        return refusal
+    try:
+        unit = decode_unit_image(ds)
+    except Exception as exc:  # pydicom and the pylibjpeg plugins raise many types for bad data
+        logger.debug("decoding failed", exc_info=True)
+        return _refuse("undecodable", "PixelData", f"cannot be decoded: {type(exc).__name__}: {exc}")
+    return PreparedImage(
+        tensor=to_model_input(unit),
+        sop_instance_uid=str(ds.get("SOPInstanceUID") or "") or None,
+        study_instance_uid=str(ds.get("StudyInstanceUID") or "") or None,
+        notes=notes,
+    )
+
+
+def read_dicom(path: str | os.PathLike[str]) -> Dataset | Refusal:
+    """Read a DICOM file, including Part 10 files without a preamble or file meta header (ACR-NEMA style)."""
+    try:
+        return pydicom.dcmread(path)
+    except InvalidDicomError:
+        pass
+    except Exception as exc:
+        return _refuse("not_dicom", None, f"not a readable DICOM file: {type(exc).__name__}: {exc}")
+    try:
+        ds = pydicom.dcmread(path, force=True)
+    except Exception as exc:
+        return _refuse("not_dicom", None, f"not a DICOM file: {type(exc).__name__}: {exc}")
+    if "SOPClassUID" not in ds and "PixelData" not in ds:
+        return _refuse("not_dicom", None, "not a DICOM file: no DICOM preamble and no recognisable data elements")
+    if "TransferSyntaxUID" not in ds.file_meta:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    return ds
+
+
+def prepare_image_file(path: str | os.PathLike[str]) -> PreparedImage | Refusal:
+    """PNG or JPEG: 8-bit pixels enter the pipeline at step 6, 16-bit PNG with its 0..65535 range."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS or max(im.size) > MAX_SIDE:
+                return _refuse("dimensions", None, f"image is {im.width}x{im.height}: too large")
+            if im.mode in ("I;16", "I;16B", "I"):
+                arr = np.asarray(im, dtype=np.float32) / 65535.0
+                return PreparedImage(tensor=to_model_input(np.clip(arr, 0, 1)))
+            if im.mode not in ("L", "LA"):
+                rgb = np.asarray(im.convert("RGB"))
+                if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+                    return _refuse("colour", None, f"image mode {im.mode} holds colour: only greyscale is classified")
+                grey = rgb[..., 0]
+            else:
+                grey = np.asarray(im.convert("L"))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        return _refuse("undecodable", None, f"image cannot be decoded: {type(exc).__name__}: {exc}")
+    return PreparedImage(tensor=to_model_input(uint8_to_unit(np.ascontiguousarray(grey))))
+
+
+def _sniff(path: Path) -> str:
+    with path.open("rb") as fh:
+        head = fh.read(132)
+    if head.startswith(b"\x89PNG") or head.startswith(b"\xff\xd8\xff"):
+        return "image"
+    return "dicom"
+
+
+def prepare_path(path: str | os.PathLike[str]) -> PreparedImage | Refusal:
+    """Steps 1-7 for a file: DICOM (with or without file meta) or PNG/JPEG, told apart by content."""
+    p = Path(path)
+    try:
+        kind = _sniff(p)
+    except OSError as exc:
+        return _refuse("unreadable", None, f"cannot read file: {exc.strerror or exc}")
+    if kind == "image":
+        return prepare_image_file(p)
+    ds = read_dicom(p)
+    if isinstance(ds, Refusal):
+        return ds
+    return prepare_dataset(ds)
