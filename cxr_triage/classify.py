@@ -1,0 +1,124 @@
+"""``cxr-triage classify``: classify DICOM, PNG or JPEG files (or folders of them) from the command line.
+
+One line per input, in input order, JSON with ``--json`` (GUIDE §5). Refusals and per-file errors are lines
+too, so the exit status is 0 whenever every input got a line; it is non-zero only when the command itself
+cannot run (no model, a path on the command line that does not exist).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from cxr_triage.checkpoint import CheckpointError, load_classifier, resolve_model_path
+from cxr_triage.inference import Predictor
+from cxr_triage.preprocess import PreparedImage, Refusal, prepare_path
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", type=Path, help="DICOM/PNG/JPEG files or folders (searched recursively)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--model", type=Path, default=None, help="classifier checkpoint (default: the bundled model)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+
+
+def iter_inputs(paths: Iterable[Path]) -> Iterator[Path]:
+    """Files as given, and every non-hidden file under each folder, sorted."""
+    for path in paths:
+        if path.is_dir():
+            for child in sorted(path.rglob("*")):
+                rel = child.relative_to(path)
+                if child.is_file() and not any(part.startswith(".") for part in rel.parts):
+                    yield child
+        else:
+            yield path
+
+
+def result_record(
+    path: Path, outcome: PreparedImage | Refusal | Exception, prediction: Any, model_version: str
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "path": str(path),
+        "sop_instance_uid": None,
+        "status": "error",
+        "label": None,
+        "probabilities": None,
+        "reason": None,
+        "model_version": model_version,
+    }
+    if isinstance(outcome, PreparedImage):
+        record["sop_instance_uid"] = outcome.sop_instance_uid
+        record["status"] = "ok"
+        record["label"] = prediction.label
+        record["probabilities"] = {k: round(v, 6) for k, v in prediction.probabilities.items()}
+        record["reason"] = "; ".join(outcome.notes) or None
+    elif isinstance(outcome, Refusal):
+        record["status"] = "rejected"
+        record["reason"] = outcome.reason
+    else:
+        record["reason"] = f"{type(outcome).__name__}: {outcome}"
+    return record
+
+
+def format_line(record: dict[str, Any], as_json: bool) -> str:
+    if as_json:
+        return json.dumps(record, sort_keys=False)
+    if record["status"] == "ok":
+        probs = " ".join(f"{k}={v:.3f}" for k, v in record["probabilities"].items())
+        return f"{record['path']}\tok\t{record['label']}\t{probs}"
+    return f"{record['path']}\t{record['status']}\t{record['reason']}"
+
+
+def _prepare(path: Path) -> PreparedImage | Refusal | Exception:
+    try:
+        return prepare_path(path)
+    except Exception as exc:  # one bad file must not stop the others
+        logger.exception("unexpected failure preparing %s", path)
+        return exc
+
+
+def classify_paths(paths: list[Path], predictor: Predictor, out: TextIO, as_json: bool) -> int:
+    """Classify every input, writing a line each; returns the number of lines written."""
+    written = 0
+    pending: list[tuple[Path, PreparedImage | Refusal | Exception]] = []
+
+    def flush() -> None:
+        nonlocal written
+        ready = [o for _, o in pending if isinstance(o, PreparedImage)]
+        predictions = iter(predictor.predict([o.tensor for o in ready]) if ready else [])
+        for path, outcome in pending:
+            prediction = next(predictions) if isinstance(outcome, PreparedImage) else None
+            print(format_line(result_record(path, outcome, prediction, predictor.model_version), as_json), file=out)
+            written += 1
+        out.flush()
+        pending.clear()
+
+    for path in iter_inputs(paths):
+        pending.append((path, _prepare(path)))
+        if sum(isinstance(o, PreparedImage) for _, o in pending) >= predictor.batch_size:
+            flush()
+    flush()
+    return written
+
+
+def run(args: argparse.Namespace) -> int:
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        print(f"cxr-triage classify: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        loaded = load_classifier(resolve_model_path(args.model))
+    except CheckpointError as exc:
+        print(f"cxr-triage classify: {exc}", file=sys.stderr)
+        return 2
+    predictor = Predictor(loaded, device=args.device, batch_size=args.batch_size)
+    classify_paths(list(args.paths), predictor, sys.stdout, args.json)
+    return 0

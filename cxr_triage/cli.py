@@ -1,0 +1,49 @@
+"""The ``cxr-triage`` command: one subcommand per module, each with ``add_arguments`` and ``run``.
+
+Like pynetdicom's apps, ``main(args=None)`` takes an argument list so tests call ``main([...])``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from cxr_triage import __version__
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "classify": ("cxr_triage.classify", "classify DICOM/PNG/JPEG files or folders"),
+}
+"""Subcommand -> (module, help). Each module defines ``add_arguments(parser)`` and ``run(args) -> int``."""
+
+
+def _setup_argparser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cxr-triage",
+        description="Chest X-ray triage DICOM plugin. Research use only: not a medical device.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command_parser = sub.add_parser(name, help=help_text, description=module.__doc__)
+        module.add_arguments(command_parser)
+        command_parser.set_defaults(_module=module)
+    return parser
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    parsed = _setup_argparser().parse_args(args)
+    logging.basicConfig(
+        level=(parsed.log_level or "WARNING").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return int(parsed._module.run(parsed))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
