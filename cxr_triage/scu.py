@@ -1,0 +1,229 @@
+"""C-STORE sender (SCU) that forwards reports to the configured DICOM destinations.
+
+:func:`send_datasets` sends a batch over one association and reports one :class:`SendResult` per dataset; network
+and association failures (refused connection, timeout, rejection, abort) come back as failed results with a clear
+detail and are never raised, so the worker can record them and schedule a retry with :func:`retry_delay`.
+:class:`Destination` is one entry of the ``[forward] destinations`` configuration, validated at construction.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+
+logger = logging.getLogger(__name__)
+
+MAX_AE_TITLE_LENGTH = 16
+"""DICOM AE titles are 1 to 16 characters of the default repertoire (PS3.5 6.2, VR AE)."""
+
+MAX_PRESENTATION_CONTEXTS = 128
+"""An association request carries at most 128 presentation contexts (PS3.8 9.3.2.2)."""
+
+_STATUS_WARNINGS = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
+
+
+def validate_ae_title(value: object, what: str = "AE title") -> str:
+    """Return ``value`` without padding spaces if it is a valid AE title, else raise ValueError."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+    title = value.strip(" ")
+    if not 1 <= len(title) <= MAX_AE_TITLE_LENGTH:
+        raise ValueError(f"{what} must be 1 to {MAX_AE_TITLE_LENGTH} characters, got {value!r}")
+    if "\\" in title or any(not (0x20 <= ord(ch) < 0x7F) for ch in title):
+        raise ValueError(f"{what} must not contain backslashes, control or non-ASCII characters: {value!r}")
+    return title
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A C-STORE destination: the peer's AE title, host and port."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ae_title", validate_ae_title(self.ae_title, "destination AE title"))
+        if not isinstance(self.host, str) or not self.host.strip() or any(ch.isspace() for ch in self.host.strip()):
+            raise ValueError(f"destination host must be a non-empty host name or address, got {self.host!r}")
+        object.__setattr__(self, "host", self.host.strip())
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
+            raise ValueError(f"destination port must be an integer within 1-65535, got {self.port!r}")
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, object]) -> Destination:
+        """Build a destination from a ``[forward] destinations`` entry ``{ae_title, host, port}``."""
+        if not isinstance(mapping, Mapping):
+            raise ValueError(f"a destination must be a table {{ae_title, host, port}}, got {type(mapping).__name__}")
+        expected = {"ae_title", "host", "port"}
+        missing = sorted(expected - set(mapping))
+        unknown = sorted(set(mapping) - expected)
+        if missing or unknown:
+            raise ValueError(f"destination {dict(mapping)!r}: missing keys {missing}, unknown keys {unknown}")
+        port = mapping["port"]
+        if isinstance(port, str) and port.strip().isdigit():
+            port = int(port.strip())
+        return cls(ae_title=mapping["ae_title"], host=mapping["host"], port=port)  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """Outcome of sending one dataset: ``status`` is the C-STORE response status, None when none came back."""
+
+    ok: bool
+    status: int | None
+    detail: str
+
+
+def retry_delay(attempt: int, base: float, maximum: float) -> float:
+    """Delay before retry number ``attempt`` (1 for the first retry): ``base * 2**(attempt - 1)``, capped at maximum."""
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+        raise ValueError(f"attempt must be an integer >= 1, got {attempt!r}")
+    if base < 0 or maximum < 0:
+        raise ValueError(f"base and maximum must not be negative, got {base!r} and {maximum!r}")
+    # The exponent is bounded so that huge attempt numbers cannot overflow a float.
+    return float(min(maximum, base * 2.0 ** min(attempt - 1, 1000)))
+
+
+def _transfer_syntax(dataset: Dataset) -> UID:
+    meta = getattr(dataset, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    return UID(uid) if uid else ExplicitVRLittleEndian
+
+
+def _probe_connection(destination: Destination, timeout: float) -> str:
+    """Say why a TCP connection to the destination fails (only called after pynetdicom failed to connect)."""
+    try:
+        with socket.create_connection((destination.host, destination.port), timeout=timeout):
+            return "could not connect (the connection failed, but a later attempt succeeded)"
+    except ConnectionRefusedError:
+        return "connection refused"
+    except TimeoutError:
+        return f"connection timed out after {timeout:g} s"
+    except OSError as exc:
+        return f"could not connect: {exc.strerror or exc}"
+
+
+def _association_failure(assoc: Association, connected: bool, destination: Destination, timeout: float) -> str:
+    if assoc.is_rejected:
+        primitive = assoc.acceptor.primitive
+        if primitive is not None and primitive.result is not None:
+            return (
+                f"association rejected by {destination} ({primitive.result_str}, source: {primitive.source_str}, "
+                f"reason: {primitive.reason_str})"
+            )
+        return f"association rejected by {destination}"
+    if not connected:
+        return f"{_probe_connection(destination, timeout)}: {destination}"
+    if assoc.is_aborted:
+        return f"association aborted by {destination} or timed out after {timeout:g} s"
+    return f"association with {destination} not established"
+
+
+def send_datasets(
+    datasets: Sequence[Dataset],
+    destination: Destination,
+    calling_ae_title: str,
+    timeout: float = 30,
+) -> list[SendResult]:
+    """Send ``datasets`` to ``destination`` over one association; one result per dataset, in order.
+
+    The association proposes one presentation context per SOP class in the batch, with the datasets' own transfer
+    syntax and Explicit/Implicit VR Little Endian. Network and association errors never raise: every dataset not
+    acknowledged gets ``ok=False`` and a detail naming the failure (refused connection, timeout, rejection with its
+    reason, abort, or the DIMSE status). An invalid ``calling_ae_title`` raises ValueError (a configuration error).
+    """
+    calling = validate_ae_title(calling_ae_title, "calling AE title")
+    if timeout <= 0:
+        raise ValueError(f"timeout must be positive, got {timeout!r}")
+    if not datasets:
+        return []
+
+    results: list[SendResult | None] = [None] * len(datasets)
+    syntaxes: dict[str, list[str]] = {}
+    for index, dataset in enumerate(datasets):
+        sop_class = dataset.get("SOPClassUID")
+        if not sop_class or not dataset.get("SOPInstanceUID"):
+            results[index] = SendResult(False, None, "dataset lacks SOP Class UID or SOP Instance UID; not sent")
+            continue
+        wanted = syntaxes.setdefault(str(sop_class), [])
+        for uid in (_transfer_syntax(dataset), ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if uid not in wanted:
+                wanted.append(uid)
+    if len(syntaxes) > MAX_PRESENTATION_CONTEXTS:
+        raise ValueError(f"a batch may hold at most {MAX_PRESENTATION_CONTEXTS} SOP classes, got {len(syntaxes)}")
+    if not syntaxes:
+        return [result for result in results if result is not None]
+
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    for sop_class, transfer_syntaxes in syntaxes.items():
+        ae.add_requested_context(sop_class, transfer_syntaxes)
+
+    connected = False
+
+    def on_connection_open(event: evt.Event) -> None:
+        nonlocal connected
+        connected = True
+
+    assoc = ae.associate(
+        destination.host,
+        destination.port,
+        ae_title=destination.ae_title,
+        evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)],
+    )
+    try:
+        if not assoc.is_established:
+            detail = _association_failure(assoc, connected, destination, timeout)
+            logger.warning("forward to %s failed: %s", destination, detail)
+            return [result or SendResult(False, None, detail) for result in results]
+        for index, dataset in enumerate(datasets):
+            if results[index] is not None:
+                continue
+            results[index] = _send_one(assoc, dataset, destination, timeout)
+        if assoc.is_established:
+            assoc.release()
+    finally:
+        if assoc.is_established:
+            assoc.abort()
+        ae.shutdown()
+    return [result for result in results if result is not None]
+
+
+def _send_one(assoc: Association, dataset: Dataset, destination: Destination, timeout: float) -> SendResult:
+    uid = dataset.SOPInstanceUID
+    if not assoc.is_established:
+        return SendResult(False, None, f"association with {destination} ended before this dataset was sent")
+    try:
+        status = assoc.send_c_store(dataset)
+    except (ValueError, AttributeError, TypeError, OSError, RuntimeError) as exc:
+        logger.warning("C-STORE of %s to %s not sent: %s", uid, destination, exc)
+        return SendResult(False, None, f"not sent: {exc}")
+    if "Status" not in status:
+        detail = f"no C-STORE response from {destination} (timed out after {timeout:g} s or association aborted)"
+        logger.warning("C-STORE of %s: %s", uid, detail)
+        return SendResult(False, None, detail)
+    code = int(status.Status)
+    if code == 0x0000:
+        logger.info("C-STORE of %s to %s succeeded", uid, destination)
+        return SendResult(True, code, "success")
+    comment = status.get("ErrorComment")
+    suffix = f": {comment}" if comment else ""
+    if code in _STATUS_WARNINGS:
+        logger.info("C-STORE of %s to %s stored with warning 0x%04X", uid, destination, code)
+        return SendResult(True, code, f"stored with warning status 0x{code:04X}{suffix}")
+    logger.warning("C-STORE of %s to %s failed with status 0x%04X", uid, destination, code)
+    return SendResult(False, code, f"C-STORE failed with status 0x{code:04X}{suffix}")

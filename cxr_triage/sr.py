@@ -1,0 +1,302 @@
+"""DICOM Structured Report of one triage result, built with highdicom.
+
+:func:`build_triage_sr` turns the classifier's output for one image into a Comprehensive SR holding a TID 1500
+Measurement Report with one image-level TID 1501 measurement group: the predicted finding and the worklist priority as
+qualitative evaluations, one probability measurement (UCUM "%") per class, the algorithm identification (name,
+model version, model sha256) and a device observer context. Patient and study attributes come from the classified
+image, so the report files into the same study; series and instance UIDs are new. A re-run after retraining passes
+the earlier report as ``previous_sr`` and the new one lists it in the Predecessor Documents Sequence.
+
+The report is research output and says so (series description, algorithm parameters, device name): it is not for
+clinical use. docs/SR.md describes the content and the codes.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import math
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, generate_uid
+
+from cxr_triage import CLASS_NAMES, __version__
+from cxr_triage import codes as cxr_codes
+
+logger = logging.getLogger(__name__)
+
+ALGORITHM_NAME = "cxr-triage CAE-LSTM"
+"""Algorithm Name in the report's Algorithm Identification (TID 4019)."""
+
+DEVICE_NAME = "cxr-triage (research use only)"
+"""Device Observer Name: the software that made the observations."""
+
+DEVICE_MODEL_NAME = "CAE-LSTM"
+"""Device Observer Model Name."""
+
+RESEARCH_USE_NOTICE = "Research use only. Not for clinical use. Not a medical device."
+"""Stated in the algorithm parameters of every report."""
+
+DEFAULT_SERIES_NUMBER = 990
+"""Series Number of the report series; a high number sorts it after the acquired series in viewers."""
+
+PROBABILITY_SUM_TOLERANCE = 0.01
+"""How far the class probabilities may sum away from 1 (fp16 softmax outputs and rounding)."""
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_AGE_STRING = re.compile(r"\d{3}[DWMY]")
+_SR_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
+        "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
+        "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
+        "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
+    }
+)
+# Type 2 attributes highdicom reads from the evidence by attribute access; absent ones are copied as empty.
+_TYPE2_HEADER_KEYWORDS = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+_REQUIRED_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
+def _validate_probabilities(label: str, probabilities: Mapping[str, float]) -> dict[str, float]:
+    known = set(CLASS_NAMES)
+    if label not in known:
+        raise ValueError(f"unknown label {label!r}; expected one of {sorted(known)}")
+    keys = set(probabilities)
+    if keys != known:
+        missing = sorted(known - keys)
+        extra = sorted(keys - known)
+        raise ValueError(f"probabilities must have exactly the keys {sorted(known)} (missing {missing}, extra {extra})")
+    values: dict[str, float] = {}
+    for name in CLASS_NAMES:
+        try:
+            value = float(probabilities[name])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"probability of {name!r} is not a number: {probabilities[name]!r}") from exc
+        if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"probability of {name!r} must be within [0, 1], got {value!r}")
+        values[name] = value
+    total = sum(values.values())
+    if abs(total - 1.0) > PROBABILITY_SUM_TOLERANCE:
+        raise ValueError(f"probabilities must sum to 1 (within {PROBABILITY_SUM_TOLERANCE}), got {total:.6f}")
+    return values
+
+
+def _validate_evidence(evidence: Dataset) -> Dataset:
+    """Return a shallow copy of ``evidence`` with absent type 2 patient/study attributes present and empty."""
+    if not isinstance(evidence, Dataset):
+        raise TypeError(f"evidence must be a pydicom Dataset, got {type(evidence).__name__}")
+    missing = [kw for kw in _REQUIRED_UID_KEYWORDS if not evidence.get(kw)]
+    if missing:
+        raise ValueError(f"evidence lacks required attributes: {', '.join(missing)}")
+    header = copy.copy(evidence)
+    for keyword in _TYPE2_HEADER_KEYWORDS:
+        if keyword not in header:
+            setattr(header, keyword, None)
+    age = header.get("PatientAge")
+    if age not in (None, "") and not _AGE_STRING.fullmatch(str(age)):
+        if re.fullmatch(r"\d{1,3}", str(age).strip()):
+            # A bare number of years (common in exported research data) is repaired into the AS form "nnnY".
+            header.PatientAge = f"{int(str(age).strip()):03d}Y"
+        else:
+            logger.warning("dropping invalid Patient's Age from the report of instance %s", evidence.SOPInstanceUID)
+            del header.PatientAge
+    return header
+
+
+def _validate_previous_sr(previous_sr: Dataset, evidence: Dataset) -> None:
+    missing = [kw for kw in _REQUIRED_UID_KEYWORDS if not previous_sr.get(kw)]
+    if missing:
+        raise ValueError(f"previous_sr lacks required attributes: {', '.join(missing)}")
+    if previous_sr.SOPClassUID not in _SR_SOP_CLASSES:
+        raise ValueError(f"previous_sr is not a Structured Report (SOP Class {previous_sr.SOPClassUID})")
+    if previous_sr.StudyInstanceUID != evidence.StudyInstanceUID:
+        raise ValueError("previous_sr belongs to another study than the evidence")
+    if previous_sr.SOPInstanceUID == evidence.SOPInstanceUID:
+        raise ValueError("previous_sr has the SOP Instance UID of the evidence")
+
+
+def device_observer_uid(model_sha256: str) -> UID:
+    """Stable Device Observer UID of one model: the same weights always give the same UID (a 2.25 UUID-derived UID)."""
+    return generate_uid(prefix=None, entropy_srcs=["cxr-triage device observer", model_sha256])
+
+
+def build_triage_sr(
+    evidence: Dataset,
+    *,
+    label: str,
+    probabilities: Mapping[str, float],
+    model_version: str,
+    model_sha256: str,
+    flagged: bool,
+    previous_sr: Dataset | None = None,
+    series_instance_uid: str | None = None,
+    institution_name: str = "",
+    manufacturer: str = "cxr-triage project",
+    series_description: str = "cxr-triage AI triage (research use only)",
+    series_number: int = DEFAULT_SERIES_NUMBER,
+    sop_instance_uid: str | None = None,
+) -> hd.sr.ComprehensiveSR:
+    """Build the Comprehensive SR reporting the triage of one classified image.
+
+    Parameters
+    ----------
+    evidence:
+        Dataset of the classified image (may have been read with ``stop_before_pixels=True``); the report copies
+        its patient and study attributes and references it as the measurement group's source image.
+    label:
+        Predicted class, one of :data:`cxr_triage.CLASS_NAMES`.
+    probabilities:
+        Probability in [0, 1] of every class of :data:`cxr_triage.CLASS_NAMES` (exactly those keys, summing to 1).
+    model_version, model_sha256:
+        Identify the model (Algorithm Version; the sha256 of the checkpoint goes into the algorithm parameters and
+        determines the Device Observer UID).
+    flagged:
+        Whether the triage put the study on the worklist (reported as Priority: High / Normal priority).
+    previous_sr:
+        An earlier report on the same image that this one supersedes (Predecessor Documents Sequence).
+    series_instance_uid, sop_instance_uid:
+        UIDs of the report; new ones are generated when not given.
+
+    Raises
+    ------
+    ValueError
+        Unknown label, wrong probability keys or values, malformed model identification, evidence without the
+        UIDs a report needs, or a previous report from another study.
+    """
+    values = _validate_probabilities(label, probabilities)
+    if not isinstance(model_version, str) or not model_version.strip():
+        raise ValueError("model_version must be a non-empty string")
+    if not isinstance(model_sha256, str) or not _SHA256.fullmatch(model_sha256):
+        raise ValueError("model_sha256 must be 64 lowercase hexadecimal characters")
+    if not isinstance(flagged, bool):
+        raise TypeError(f"flagged must be a bool, got {type(flagged).__name__}")
+    header = _validate_evidence(evidence)
+    if previous_sr is not None:
+        _validate_previous_sr(previous_sr, header)
+
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=ALGORITHM_NAME,
+        version=model_version,
+        parameters=[
+            f"model_sha256={model_sha256}",
+            f"cxr_triage_version={__version__}",
+            RESEARCH_USE_NOTICE,
+        ],
+    )
+    observer = hd.sr.ObserverContext(
+        observer_type=hd.sr.CodedConcept.from_code(pydicom.sr.codedict.codes.DCM.Device),
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_observer_uid(model_sha256),
+            name=DEVICE_NAME,
+            manufacturer_name=manufacturer or None,
+            model_name=DEVICE_MODEL_NAME,
+        ),
+    )
+    evaluations = [
+        hd.sr.QualitativeEvaluation(name=cxr_codes.FINDING, value=cxr_codes.FINDING_CODES[label]),
+        hd.sr.QualitativeEvaluation(
+            name=cxr_codes.PRIORITY,
+            value=cxr_codes.HIGH_PRIORITY if flagged else cxr_codes.NORMAL_PRIORITY,
+        ),
+    ]
+    measurements = [
+        hd.sr.Measurement(
+            name=cxr_codes.PROBABILITY_CODES[name],
+            value=round(values[name] * 100.0, 4),
+            unit=cxr_codes.PERCENT,
+        )
+        for name in CLASS_NAMES
+    ]
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="cxr-triage image triage"),
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(header)],
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=cxr_codes.PLAIN_CHEST_XRAY,
+        imaging_measurements=[group],
+    )
+    with warnings.catch_warnings():
+        # highdicom warns about single-component person names and quotes the name: logs never carry patient names.
+        warnings.filterwarnings(
+            "ignore", message=r".*unlikely to represent the intended person name", category=UserWarning
+        )
+        sr = hd.sr.ComprehensiveSR(
+            evidence=[header],
+            content=report[0],
+            series_instance_uid=series_instance_uid or generate_uid(),
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid or generate_uid(),
+            instance_number=1,
+            manufacturer=manufacturer,
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            institution_name=institution_name or None,
+            previous_versions=[previous_sr] if previous_sr is not None else None,
+            series_description=series_description,
+        )
+    sr.CodingSchemeIdentificationSequence = [cxr_codes.private_coding_scheme_identification()]
+    if sr.SeriesInstanceUID == evidence.SeriesInstanceUID or sr.SOPInstanceUID == evidence.SOPInstanceUID:
+        raise ValueError("the report must not reuse the series or instance UID of the evidence")
+    logger.info(
+        "built triage SR %s for instance %s (label %s, flagged %s, model %s)",
+        sr.SOPInstanceUID,
+        evidence.SOPInstanceUID,
+        label,
+        flagged,
+        model_version,
+    )
+    return sr
+
+
+def sr_to_bytes(sr: Dataset) -> bytes:
+    """Encode a report as a DICOM Part 10 file (with file meta information)."""
+    buffer = io.BytesIO()
+    sr.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def write_sr(sr: Dataset, path: str | os.PathLike[str]) -> Path:
+    """Write a report atomically: temporary file in the target folder, fsync, rename, fsync of the folder."""
+    target = Path(path)
+    data = sr_to_bytes(sr)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return target
