@@ -25,7 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -298,7 +298,8 @@ class Orthanc:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self.configuration(), indent=2))
         with self.log.open("wb") as log:
-            self.proc = subprocess.Popen([str(ORTHANC_BIN), str(self.config_path)], stdout=log, stderr=subprocess.STDOUT)
+            argv = [str(ORTHANC_BIN), str(self.config_path)]
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_for_port(self.http_port, 30, "Orthanc HTTP", self.proc)
             wait_until(self._system_ok, 30, "Orthanc's REST API")
@@ -464,7 +465,7 @@ def generate_chest_cr(
     """Write a synthetic 16-bit (12 stored) frontal chest CR or DX, explicit VR little endian, to ``path``."""
     import numpy as np
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
     sop_class = "1.2.840.10008.5.1.4.1.1.1" if modality == "CR" else "1.2.840.10008.5.1.4.1.1.1.1"
     sop_uid = generate_uid()
