@@ -12,6 +12,7 @@ has a deadline. A missing tool raises ``PeerError``: the tests fail, they never 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -250,6 +251,7 @@ class Orthanc:
         ae_title: str = "ORTHANC",
         modalities: Mapping[str, tuple[str, int]] | None = None,
         lua_scripts: Sequence[Path] = (),
+        base: Mapping[str, Any] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.dicom_port = dicom_port
@@ -257,13 +259,20 @@ class Orthanc:
         self.ae_title = ae_title
         self.modalities = dict(modalities or {})
         self.lua_scripts = [Path(p).resolve() for p in lua_scripts]
+        self.base = dict(base or {})
         self.config_path = self.workdir / "orthanc.json"
         self.log = self.workdir / "orthanc.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def configuration(self) -> dict[str, Any]:
-        return {
-            "Name": "cxr-triage-e2e",
+        """``base`` (e.g. a production file) with ports, storage, network and modality addresses made local."""
+        modalities = copy.deepcopy(dict(self.base.get("DicomModalities", {})))
+        for name, (aet, port) in self.modalities.items():
+            entry = modalities.get(name)
+            entry = dict(entry) if isinstance(entry, Mapping) else {}
+            modalities[name] = {**entry, "AET": aet, "Host": "127.0.0.1", "Port": port}
+        local = {
+            "Name": self.base.get("Name", "cxr-triage-e2e"),
             "StorageDirectory": str(self.workdir / "storage"),
             "IndexDirectory": str(self.workdir / "storage"),
             "StorageCompression": False,
@@ -279,16 +288,14 @@ class Orthanc:
             "DicomAlwaysAllowStore": True,
             "DicomAlwaysAllowEcho": True,
             "DicomScuTimeout": 30,
-            "DicomModalities": {
-                name: {"AET": aet, "Host": "127.0.0.1", "Port": port} for name, (aet, port) in self.modalities.items()
-            },
+            "DicomModalities": modalities,
             "LuaScripts": [str(p) for p in self.lua_scripts],
             "Plugins": [],
             "StableAge": 2,
             "ConcurrentJobs": 2,
             "SaveJobs": False,
-            "LimitJobs": 0,
         }
+        return {**self.base, **local}
 
     def __enter__(self) -> Orthanc:
         if not ORTHANC_BIN.exists():
@@ -320,6 +327,11 @@ class Orthanc:
             return False
 
     def request(self, method: str, path: str, body: bytes | None = None, content_type: str = "") -> Any:
+        """A REST call; the answer parsed as JSON (None when empty)."""
+        data = self.request_bytes(path, method, body, content_type)
+        return json.loads(data) if data else None
+
+    def request_bytes(self, path: str, method: str = "GET", body: bytes | None = None, content_type: str = "") -> bytes:
         url = f"http://127.0.0.1:{self.http_port}{path}"
         headers = {"Content-Type": content_type} if content_type else {}
         req = urllib.request.Request(url, data=body, method=method, headers=headers)
@@ -329,7 +341,7 @@ class Orthanc:
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")
             raise PeerError(f"Orthanc {method} {path}: HTTP {exc.code}: {detail}") from exc
-        return json.loads(data) if data else None
+        return data
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)
@@ -344,6 +356,12 @@ class Orthanc:
     def store_to_modality(self, modality: str, resources: Sequence[str]) -> Any:
         """C-STORE ``resources`` (Orthanc IDs) to a configured modality, waiting for the job to finish."""
         return self.post(f"/modalities/{modality}/store", {"Resources": list(resources), "Synchronous": True})
+
+
+def read_orthanc_json(path: Path) -> dict[str, Any]:
+    """An Orthanc configuration file, whose whole-line ``//`` comments Orthanc accepts and ``json`` does not."""
+    lines = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("//")]
+    return json.loads("\n".join(lines))
 
 
 # --------------------------------------------------------------------------------------------- PostgreSQL
@@ -461,13 +479,22 @@ def generate_chest_cr(
     patient_id: str = "E2E-0001",
     seed: int = 0,
     modality: str = "CR",
+    for_processing: bool = False,
 ) -> Path:
-    """Write a synthetic 16-bit (12 stored) frontal chest CR or DX, explicit VR little endian, to ``path``."""
+    """Write a synthetic 16-bit (12 stored) frontal chest image, explicit VR little endian, to ``path``.
+
+    ``modality`` "CR" (CR Image Storage), "DX" (DX for presentation, or for processing) or "OT" (Secondary
+    Capture, a modality cxr-triage is not meant to receive).
+    """
     import numpy as np
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
-    sop_class = "1.2.840.10008.5.1.4.1.1.1" if modality == "CR" else "1.2.840.10008.5.1.4.1.1.1.1"
+    sop_class = {
+        "CR": "1.2.840.10008.5.1.4.1.1.1",
+        "DX": "1.2.840.10008.5.1.4.1.1.1.1.1" if for_processing else "1.2.840.10008.5.1.4.1.1.1.1",
+        "OT": "1.2.840.10008.5.1.4.1.1.7",
+    }[modality]
     sop_uid = generate_uid()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
@@ -496,7 +523,7 @@ def generate_chest_cr(
     ds.PatientOrientation = ["L", "F"]
     ds.Manufacturer = "cxr-triage tests"
     if modality == "DX":
-        ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.PresentationIntentType = "FOR PROCESSING" if for_processing else "FOR PRESENTATION"
         ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
