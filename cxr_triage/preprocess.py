@@ -29,8 +29,8 @@ import pydicom
 import torch
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.pixels import apply_modality_lut, apply_windowing
+from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from cxr_triage.imaging import to_model_input, uint8_to_unit
 
@@ -168,7 +168,7 @@ def check_header(ds: Dataset) -> tuple[Refusal | None, tuple[str, ...]]:
         return _refuse(
             "bit_depth", "BitsAllocated", f"is {bits_allocated} with BitsStored {bits_stored}: expected 8 or 16 bits"
         ), ()
-    transfer_syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    transfer_syntax = _transfer_syntax(ds)
     if transfer_syntax is None or not transfer_syntax.is_compressed:
         expected = rows * cols * bits_allocated // 8
         actual = len(ds.PixelData)
@@ -182,62 +182,136 @@ def check_header(ds: Dataset) -> tuple[Refusal | None, tuple[str, ...]]:
 
 
 def _value_domain(ds: Dataset) -> tuple[np.ndarray, np.dtype]:
-    """Every container code (0..2**BitsAllocated-1) mapped to the stored value it means, clamped to BitsStored."""
+    """Every container code (0..2**BitsAllocated-1) mapped to the stored value it means.
+
+    Bits above BitsStored are ignored (PS3.5 8.1.1) and signed values are sign-extended from BitsStored, so the
+    table is right whether or not a decoder masked or sign-extended them already.
+    """
     bits_allocated = int(ds.BitsAllocated)
     bits_stored = int(ds.get("BitsStored", bits_allocated))
     signed = int(ds.get("PixelRepresentation", 0)) == 1
-    codes = np.arange(2**bits_allocated, dtype=np.int64)
+    values = np.arange(2**bits_allocated, dtype=np.int64) & (2**bits_stored - 1)
     if signed:
-        values = np.where(codes >= 2 ** (bits_allocated - 1), codes - 2**bits_allocated, codes)
-        lo, hi = -(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1
+        values = np.where(values >= 2 ** (bits_stored - 1), values - 2**bits_stored, values)
+    return values, np.dtype(f"uint{bits_allocated}")
+
+
+class _VOIError(ValueError):
+    """A VOI or modality LUT attribute that cannot be applied; ``keyword`` names it."""
+
+    def __init__(self, keyword: str, message: str) -> None:
+        super().__init__(message)
+        self.keyword = keyword
+
+
+def _modality_output_range(ds: Dataset, stored: np.ndarray) -> tuple[float, float]:
+    """The range a window maps onto, as pydicom's ``apply_windowing`` computes it (PS3.3 C.11.2.1.2): the
+    modality LUT's output range or the stored range, through the rescale. Not sorted: a negative slope
+    reverses it, and scaling by the unsorted pair keeps values below the window black."""
+    modality_luts = ds.get("ModalityLUTSequence") or []
+    if modality_luts:
+        lo, hi = 0.0, float(2 ** int(modality_luts[0].LUTDescriptor[2]) - 1)
     else:
-        values, lo, hi = codes, 0, 2**bits_stored - 1
-    return np.clip(values, lo, hi), np.dtype(f"uint{bits_allocated}")
+        lo, hi = float(stored.min()), float(stored.max())
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        return lo * float(slope) + float(intercept), hi * float(slope) + float(intercept)
+    return lo, hi
 
 
-def _voi_output_range(ds: Dataset, modality_values: np.ndarray, stored: np.ndarray) -> tuple[float, float]:
-    """The known output range of the VOI step (never the image's own extremes)."""
-    voi_luts = ds.get("VOILUTSequence") or []
-    if voi_luts:
-        bits = int(voi_luts[0].LUTDescriptor[2])
-        return 0.0, float(2**bits - 1)
-    if "WindowCenter" in ds and "WindowWidth" in ds and ds.WindowCenter is not None:
-        # The range pydicom's apply_windowing maps onto (PS3.3 C.11.2.1.2).
-        modality_luts = ds.get("ModalityLUTSequence") or []
-        if modality_luts:
-            lo, hi = 0.0, float(2 ** int(modality_luts[0].LUTDescriptor[2]) - 1)
-        else:
-            lo, hi = float(stored.min()), float(stored.max())
-        slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
-        if slope is not None and intercept is not None:
-            lo, hi = sorted((lo * float(slope) + float(intercept), hi * float(slope) + float(intercept)))
-        return lo, hi
-    return float(modality_values.min()), float(modality_values.max())
+def _lut_data(ds: Dataset, item: Dataset, entries: int) -> np.ndarray:
+    data = item.get("LUTData")
+    if data is None:
+        raise _VOIError("VOILUTSequence", "item has no LUTData")
+    if isinstance(data, bytes | bytearray):  # VR OW: 16-bit words in the data set's byte order
+        big = _transfer_syntax(ds) == ExplicitVRBigEndian
+        table = np.frombuffer(data, dtype=">u2" if big else "<u2")
+    else:
+        table = np.atleast_1d(np.asarray(data))
+    if table.size < entries:
+        raise _VOIError("VOILUTSequence", f"LUTData holds {table.size} entries where LUTDescriptor says {entries}")
+    return table[:entries].astype(np.float64)
+
+
+def _apply_voi_lut_sequence(ds: Dataset, values: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """The first VOI LUT (PS3.3 C.11.2.1.1): values below the first mapped one take the first entry, above the
+    last the last entry. Indexing is done in int64, so 16-bit inputs far outside the table cannot wrap."""
+    item = ds.VOILUTSequence[0]
+    descriptor = item.get("LUTDescriptor")
+    if descriptor is None or len(descriptor) != 3:
+        raise _VOIError("VOILUTSequence", f"LUTDescriptor is {descriptor!r}: expected three values")
+    entries, first, bits = (int(v) for v in descriptor)
+    entries = entries or 65536
+    if first >= 2**15 and ds.get("PixelRepresentation", 0) == 1:
+        first -= 2**16  # first mapped value is SS when the pixel data are signed (PS3.3 C.11.2.1.1)
+    if not 1 <= bits <= 16:
+        raise _VOIError("VOILUTSequence", f"LUTDescriptor bit depth is {bits}: expected 1 to 16")
+    table = _lut_data(ds, item, entries)
+    index = np.clip(np.floor(values) - first, 0, entries - 1).astype(np.int64)
+    return table[index], 0.0, float(2**bits - 1)
+
+
+def _transfer_syntax(ds: Dataset) -> pydicom.uid.UID | None:
+    file_meta = getattr(ds, "file_meta", None)
+    return file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+
+
+def _has_window(ds: Dataset) -> bool:
+    return ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
 
 
 def grey_lut(ds: Dataset) -> tuple[np.ndarray, np.dtype]:
-    """Steps 3-6 as a table: container code -> presentation value in [0, 1] (0 black, 1 white)."""
+    """Steps 3-6 as a table: container code -> presentation value in [0, 1] (0 black, 1 white).
+
+    Raises ``ValueError`` (naming the attribute) when a LUT or window in the header cannot be applied.
+    """
     stored, code_dtype = _value_domain(ds)
-    modality_values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
-    has_voi = bool(ds.get("VOILUTSequence")) or ("WindowCenter" in ds and ds.WindowCenter is not None)
-    voi_values = np.asarray(apply_voi_lut(modality_values, ds, index=0), np.float64) if has_voi else modality_values
-    lo, hi = _voi_output_range(ds, modality_values, stored)
-    scaled = (voi_values - lo) / (hi - lo) if hi > lo else np.zeros_like(voi_values)
+    try:
+        modality_values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    except Exception as exc:
+        raise _VOIError("ModalityLUTSequence", f"cannot be applied: {exc}") from exc
+    if ds.get("VOILUTSequence"):
+        voi_values, lo, hi = _apply_voi_lut_sequence(ds, modality_values)
+    elif _has_window(ds):
+        try:
+            voi_values = np.asarray(apply_windowing(modality_values.copy(), ds, index=0), dtype=np.float64)
+        except (ValueError, TypeError, IndexError) as exc:
+            raise _VOIError("WindowWidth", f"cannot be applied: {exc}") from exc
+        lo, hi = _modality_output_range(ds, stored)
+    else:
+        # No VOI: the full range of the stored bits through the modality LUT.
+        voi_values = modality_values
+        lo, hi = float(modality_values.min()), float(modality_values.max())
+    scaled = (voi_values - lo) / (hi - lo) if hi != lo else np.zeros_like(voi_values)
     scaled = np.clip(scaled, 0.0, 1.0)
-    inverse_shape = str(ds.get("PresentationLUTShape", "") or "").upper() == "INVERSE"
-    if ds.PhotometricInterpretation == "MONOCHROME1" or inverse_shape:
+    # MONOCHROME1 inverts after VOI, against the known output range. pydicom's presentation LUT step would look
+    # only at PresentationLUTShape; DX requires INVERSE with MONOCHROME1, which means the same single inversion.
+    inverse_shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper() == "INVERSE"
+    if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1" or inverse_shape:
         scaled = 1.0 - scaled
     return scaled.astype(np.float32), code_dtype
 
 
+_GATHER_CHUNK = 1 << 15
+"""Pixels per table look-up: small enough that numpy's index conversion stays in cache (about 2x faster)."""
+
+
+def _apply_table(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    flat_codes = codes.reshape(-1)
+    out = np.empty(flat_codes.shape, dtype=table.dtype)
+    for start in range(0, flat_codes.size, _GATHER_CHUNK):
+        np.take(table, flat_codes[start : start + _GATHER_CHUNK], out=out[start : start + _GATHER_CHUNK])
+    return out.reshape(codes.shape)
+
+
 def decode_unit_image(ds: Dataset) -> np.ndarray:
     """Steps 2-6: decoded pixels as a (rows, cols) float32 array in [0, 1]. The header must have passed checks."""
+    lut, code_dtype = grey_lut(ds)
     pixels = ds.pixel_array
     if pixels.shape != (int(ds.Rows), int(ds.Columns)):
         raise ValueError(f"decoded shape {pixels.shape} does not match Rows x Columns {ds.Rows}x{ds.Columns}")
-    lut, code_dtype = grey_lut(ds)
-    codes = pixels.astype(pixels.dtype.newbyteorder("="), copy=False).view(code_dtype)
-    return lut[codes]
+    codes = np.ascontiguousarray(pixels.astype(pixels.dtype.newbyteorder("="), copy=False)).view(code_dtype)
+    return _apply_table(lut, codes)
 
 
 def prepare_dataset(ds: Dataset) -> PreparedImage | Refusal:
@@ -247,6 +321,8 @@ def prepare_dataset(ds: Dataset) -> PreparedImage | Refusal:
         return refusal
     try:
         unit = decode_unit_image(ds)
+    except _VOIError as exc:
+        return _refuse("voi", exc.keyword, str(exc))
     except Exception as exc:  # pydicom and the pylibjpeg plugins raise many types for bad data
         logger.debug("decoding failed", exc_info=True)
         return _refuse("undecodable", "PixelData", f"cannot be decoded: {type(exc).__name__}: {exc}")

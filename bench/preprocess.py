@@ -1,0 +1,130 @@
+"""Benchmark the pixel pipeline on one CPU core: milliseconds per 2048x2048 16-bit DX through ``prepare_path``.
+
+Usage: ``python bench/preprocess.py [--runs N] [--size PIXELS]``. The inputs are generated in a temporary folder
+(a smooth synthetic chest, 16 bits stored, rescale slope/intercept and a window, like a DX detector's output):
+uncompressed Explicit VR Little Endian and JPEG 2000 lossless. Prints the median of N runs of the whole call and
+of each step (read, decode, LUT, resize); the steps are timed separately, so they need not add up exactly.
+
+Target (issue 2): <= 30 ms per uncompressed image on one core.
+"""
+
+from __future__ import annotations
+
+import os
+
+# One core: these must be set before numpy/torch are imported.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pydicom  # noqa: E402
+import torch  # noqa: E402
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid  # noqa: E402
+
+from cxr_triage.imaging import to_model_input  # noqa: E402
+from cxr_triage.preprocess import PreparedImage, check_header, decode_unit_image, prepare_path  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def synthetic_dx(size: int) -> Dataset:
+    """A size x size 16-bit DX for presentation: smooth chest-like picture, rescale and window."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    display = 0.6 + 0.1 * y
+    for cx in (0.3, 0.7):
+        display -= 0.35 * np.sqrt(np.clip(1 - ((x - cx) / 0.17) ** 2 - ((y - 0.45) / 0.3) ** 2, 0, 1))
+    display += 0.3 * np.exp(-(((x - 0.5) / 0.07) ** 2)) + 0.01 * np.sin(y * 900)
+    display = np.clip(display, 0, 1)
+    slope, intercept, center, width = 0.25, -1024.0, 6000.0, 12000.0
+    value = (display - 0.5) * (width - 1) + center - 0.5
+    stored = np.round((value - intercept) / slope).astype(np.uint16)
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "PA"
+    ds.PresentationIntentType, ds.PresentationLUTShape = "FOR PRESENTATION", "IDENTITY"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows = ds.Columns = size
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = slope, intercept, "US"
+    ds.WindowCenter, ds.WindowWidth = center, width
+    ds.PixelData = stored.tobytes()
+    return ds
+
+
+def median_ms(fn: Callable[[], Any], runs: int) -> float:
+    fn()  # warm-up: imports, plugin discovery, page cache
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(times)
+
+
+def bench_file(label: str, path: Path, runs: int) -> None:
+    result = prepare_path(path)
+    if not isinstance(result, PreparedImage):
+        raise SystemExit(f"{label}: refused: {result}")
+    ds = pydicom.dcmread(path)
+    check_header(ds)
+    unit = decode_unit_image(ds)
+
+    def decode() -> None:
+        d = pydicom.dcmread(path)
+        _ = d.pixel_array
+
+    total = median_ms(lambda: prepare_path(path), runs)
+    read = median_ms(lambda: pydicom.dcmread(path), runs)
+    read_decode = median_ms(decode, runs)
+    fresh = [pydicom.dcmread(path) for _ in range(runs + 1)]
+    for d in fresh:  # decode ahead so that the next figure is the LUT alone
+        _ = d.pixel_array
+    pending = iter(fresh)
+    lut_ms = median_ms(lambda: decode_unit_image(next(pending)), runs)
+    resize = median_ms(lambda: to_model_input(unit), runs)
+    print(
+        f"{label:<34} total {total:7.1f} ms | read {read:6.1f} | decode {read_decode - read:6.1f} "
+        f"| LUT {lut_ms:5.1f} | resize {resize:5.1f}   ({path.stat().st_size / 1e6:.1f} MB)"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=15, help="timed runs per figure (median reported)")
+    parser.add_argument("--size", type=int, default=2048, help="rows and columns of the test image")
+    args = parser.parse_args(argv)
+    print(
+        f"pixel pipeline, {args.size}x{args.size} 16-bit DX, median of {args.runs} runs, one thread "
+        f"(torch {torch.__version__}, pydicom {pydicom.__version__}, numpy {np.__version__}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible)"
+    )
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
+        ds = synthetic_dx(args.size)
+        native = Path(tmp) / "dx_native.dcm"
+        ds.save_as(native, enforce_file_format=True)
+        ds.compress(JPEG2000Lossless)
+        j2k = Path(tmp) / "dx_j2k_lossless.dcm"
+        ds.save_as(j2k, enforce_file_format=True)
+        bench_file("uncompressed (Explicit VR LE)", native, args.runs)
+        bench_file("JPEG 2000 lossless", j2k, max(3, args.runs // 3))
+    print("(decode = read+decode minus read; LUT = modality/VOI/inversion table built and applied)")
+
+
+if __name__ == "__main__":
+    main()
