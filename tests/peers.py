@@ -593,6 +593,7 @@ class Server:
         self.log = log or config.with_suffix(".serve.log")
         self.ready_timeout = ready_timeout
         self.proc: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None
 
     def __enter__(self) -> Server:
         argv = [sys.executable, "-m", "cxr_triage", "--log-level", "INFO", "serve", "--config", str(self.config)]
