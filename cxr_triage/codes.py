@@ -42,8 +42,12 @@ PROBABILITY_CODES: MappingProxyType[str, Code] = MappingProxyType(
 )
 """Concept name of the probability measurement for each class name (UCUM "%", 0-100)."""
 
-FINDING = Code("121071", "DCM", "Finding")
-"""Concept name of the qualitative evaluation that carries the predicted class (CID 3419 / CID 7002)."""
+FINDING = Code("404684003", "SCT", "Finding")
+"""Concept name of the qualitative evaluation that carries the predicted class (SNOMED CT "Clinical finding", CID 3769).
+
+Not DCM 121071 "Finding": in TID 1501 that concept is the group's Finding (type) concept modifier, and highdicom
+leaves items with that name out of ``get_qualitative_evaluations()``.
+"""
 
 PRIORITY = Code("260870009", "SCT", "Priority")
 """Concept name of the worklist-flag qualitative evaluation."""

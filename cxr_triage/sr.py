@@ -20,13 +20,16 @@ import math
 import os
 import re
 import tempfile
+import uuid
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
 from pydicom.uid import UID, generate_uid
 
 from cxr_triage import CLASS_NAMES, __version__
@@ -52,6 +55,11 @@ DEFAULT_SERIES_NUMBER = 990
 PROBABILITY_SUM_TOLERANCE = 0.01
 """How far the class probabilities may sum away from 1 (fp16 softmax outputs and rounding)."""
 
+_SHA_PARAM = "model_sha256="
+_PIXEL_DATA_GROUP = 0x7FE0
+_DEVICE_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:cxr-triage:device-observer")
+_ALGORITHM_VERSION = Code("111003", "DCM", "Algorithm Version")
+_ALGORITHM_PARAMETERS = Code("111002", "DCM", "Algorithm Parameters")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _AGE_STRING = re.compile(r"\d{3}[DWMY]")
 _SR_SOP_CLASSES = frozenset(
@@ -108,7 +116,11 @@ def _validate_evidence(evidence: Dataset) -> Dataset:
     missing = [kw for kw in _REQUIRED_UID_KEYWORDS if not evidence.get(kw)]
     if missing:
         raise ValueError(f"evidence lacks required attributes: {', '.join(missing)}")
-    header = copy.copy(evidence)
+    # A deep copy of everything but the pixel data: the evidence itself is never modified.
+    header = Dataset()
+    for element in evidence:
+        if element.tag.group != _PIXEL_DATA_GROUP:
+            header.add(copy.deepcopy(element))
     for keyword in _TYPE2_HEADER_KEYWORDS:
         if keyword not in header:
             setattr(header, keyword, None)
@@ -136,8 +148,11 @@ def _validate_previous_sr(previous_sr: Dataset, evidence: Dataset) -> None:
 
 
 def device_observer_uid(model_sha256: str) -> UID:
-    """Stable Device Observer UID of one model: the same weights always give the same UID (a 2.25 UUID-derived UID)."""
-    return generate_uid(prefix=None, entropy_srcs=["cxr-triage device observer", model_sha256])
+    """Stable Device Observer UID of one model: the same weights always give the same UID.
+
+    A name-based (version 5) UUID of the checkpoint's sha256, written as a 2.25 UID (PS3.5 B.2).
+    """
+    return UID(f"2.25.{uuid.uuid5(_DEVICE_UUID_NAMESPACE, model_sha256).int}")
 
 
 def build_triage_sr(
@@ -198,7 +213,7 @@ def build_triage_sr(
         name=ALGORITHM_NAME,
         version=model_version,
         parameters=[
-            f"model_sha256={model_sha256}",
+            f"{_SHA_PARAM}{model_sha256}",
             f"cxr_triage_version={__version__}",
             RESEARCH_USE_NOTICE,
         ],
@@ -271,6 +286,71 @@ def build_triage_sr(
         model_version,
     )
     return sr
+
+
+@dataclass(frozen=True)
+class TriageSummary:
+    """What a triage report says, read back from its content tree (see :func:`summarize_triage_sr`)."""
+
+    sop_instance_uid: str
+    referenced_sop_instance_uid: str
+    label: str
+    probabilities: dict[str, float]
+    flagged: bool
+    model_version: str
+    model_sha256: str
+    predecessor_sop_instance_uids: tuple[str, ...]
+
+
+def summarize_triage_sr(dataset: Dataset) -> TriageSummary:
+    """Read a report made by :func:`build_triage_sr` back into plain values (ValueError if it is not one)."""
+    try:
+        content = hd.sr.ComprehensiveSR.from_dataset(dataset).content
+        if not isinstance(content, hd.sr.MeasurementReport):
+            raise ValueError("the root container is not a TID 1500 Measurement Report")
+        groups = content.get_image_measurement_groups()
+    except (AttributeError, ValueError, TypeError, KeyError, IndexError) as exc:
+        raise ValueError(f"not a TID 1500 measurement report: {exc}") from exc
+    if len(groups) != 1:
+        raise ValueError(f"expected one image measurement group, found {len(groups)}")
+    group = groups[0]
+    labels = {code: name for name, code in cxr_codes.FINDING_CODES.items()}
+    findings = group.get_qualitative_evaluations(name=cxr_codes.FINDING)
+    priorities = group.get_qualitative_evaluations(name=cxr_codes.PRIORITY)
+    if len(findings) != 1 or len(priorities) != 1:
+        raise ValueError("the report lacks its finding or priority evaluation")
+    label = next((name for code, name in labels.items() if findings[0].value == code), None)
+    if label is None:
+        raise ValueError(f"unknown finding code {findings[0].value.value}")
+    probabilities: dict[str, float] = {}
+    for name, code in cxr_codes.PROBABILITY_CODES.items():
+        measurements = group.get_measurements(name=code)
+        if len(measurements) != 1:
+            raise ValueError(f"the report lacks the probability of {name!r}")
+        probabilities[name] = float(measurements[0].value) / 100.0
+    texts: dict[str, list[str]] = {}
+    for item in group[0].ContentSequence:
+        if item.value_type == hd.sr.ValueTypeValues.TEXT:
+            texts.setdefault(item.name.value, []).append(str(item.value))
+    version = texts.get(_ALGORITHM_VERSION.value, [""])[0]
+    sha = next((p.split("=", 1)[1] for p in texts.get(_ALGORITHM_PARAMETERS.value, []) if p.startswith(_SHA_PARAM)), "")
+    sources = group.source_images
+    predecessors = tuple(
+        str(instance.ReferencedSOPInstanceUID)
+        for study in dataset.get("PredecessorDocumentsSequence", [])
+        for series in study.ReferencedSeriesSequence
+        for instance in series.ReferencedSOPSequence
+    )
+    return TriageSummary(
+        sop_instance_uid=str(dataset.SOPInstanceUID),
+        referenced_sop_instance_uid=str(sources[0].referenced_sop_instance_uid) if sources else "",
+        label=label,
+        probabilities=probabilities,
+        flagged=priorities[0].value == cxr_codes.HIGH_PRIORITY,
+        model_version=version,
+        model_sha256=sha,
+        predecessor_sop_instance_uids=predecessors,
+    )
 
 
 def sr_to_bytes(sr: Dataset) -> bytes:
