@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import numpy as np
 import pydicom
 import torch
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_windowing
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
@@ -169,16 +171,70 @@ def check_header(ds: Dataset) -> tuple[Refusal | None, tuple[str, ...]]:
             "bit_depth", "BitsAllocated", f"is {bits_allocated} with BitsStored {bits_stored}: expected 8 or 16 bits"
         ), ()
     transfer_syntax = _transfer_syntax(ds)
+    pixel_data = ds.PixelData or b""
     if transfer_syntax is None or not transfer_syntax.is_compressed:
         expected = rows * cols * bits_allocated // 8
-        actual = len(ds.PixelData)
-        if actual < expected:
+        if len(pixel_data) < expected:
             return _refuse(
                 "truncated",
                 "PixelData",
-                f"holds {actual:,} bytes where {rows}x{cols}x{bits_allocated} bits need {expected:,}",
+                f"holds {len(pixel_data):,} bytes where {rows}x{cols}x{bits_allocated} bits need {expected:,}",
             ), ()
-    return None, tuple(notes)
+        return None, tuple(notes)
+    refusal = _check_codestream(pixel_data, rows, cols)
+    return refusal, (() if refusal else tuple(notes))
+
+
+def _first_fragment(pixel_data: bytes) -> bytes | None:
+    """The first fragment after the Basic Offset Table of encapsulated pixel data; None if there is none."""
+    fragments = generate_fragments(pixel_data)
+    next(fragments, None)  # the Basic Offset Table item
+    return next(fragments, None)
+
+
+def codestream_size(fragment: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from a JPEG 2000 SIZ segment or a JPEG / JPEG-LS SOF segment; None if not found."""
+    soc = fragment.find(b"\xff\x4f\xff\x51", 0, 4096)  # SOC then SIZ, possibly inside a JP2 box
+    if soc >= 0 and len(fragment) >= soc + 24:
+        xsiz, ysiz, xosiz, yosiz = struct.unpack(">4I", fragment[soc + 8 : soc + 24])
+        return ysiz - yosiz, xsiz - xosiz
+    if not fragment.startswith(b"\xff\xd8"):
+        return None
+    offset = 2
+    while offset + 9 <= len(fragment) and fragment[offset] == 0xFF:
+        marker = fragment[offset + 1]
+        if marker in _SOF_MARKERS:
+            height, width = struct.unpack(">2H", fragment[offset + 5 : offset + 9])
+            return (height, width) if height else None  # height 0: defined later by a DNL segment
+        if marker == 0xFF:  # fill byte
+            offset += 1
+            continue
+        (length,) = struct.unpack(">H", fragment[offset + 2 : offset + 4])
+        offset += 2 + length
+    return None
+
+
+_SOF_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7})
+"""JPEG start-of-frame markers (SOF0-SOF15 less DHT, JPG and DAC) and JPEG-LS SOF55."""
+
+
+def _check_codestream(pixel_data: bytes, rows: int, cols: int) -> Refusal | None:
+    """Encapsulated data: a first fragment must exist, and a codestream that declares its own size must agree
+    with Rows and Columns, so a small header cannot hide a huge image from the size check above."""
+    try:
+        fragment = _first_fragment(pixel_data)
+    except (ValueError, struct.error) as exc:
+        return _refuse("truncated", "PixelData", f"encapsulation cannot be read: {exc}")
+    if not fragment:
+        return _refuse("truncated", "PixelData", "is encapsulated but holds no compressed data")
+    size = codestream_size(fragment)
+    if size is not None and size != (rows, cols):
+        return _refuse(
+            "dimensions",
+            "PixelData",
+            f"codestream is {size[0]}x{size[1]} where Rows x Columns is {rows}x{cols}",
+        )
+    return None
 
 
 def _value_domain(ds: Dataset) -> tuple[np.ndarray, np.dtype]:
@@ -371,7 +427,10 @@ def prepare_image_file(path: str | os.PathLike[str]) -> PreparedImage | Refusal:
                 grey = rgb[..., 0]
             else:
                 grey = np.asarray(im.convert("L"))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        return _refuse("dimensions", None, f"image is too large: {exc}")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        # Pillow reports a corrupt PNG chunk as SyntaxError and a truncated file as OSError or EOFError.
         return _refuse("undecodable", None, f"image cannot be decoded: {type(exc).__name__}: {exc}")
     return PreparedImage(tensor=to_model_input(uint8_to_unit(np.ascontiguousarray(grey))))
 
