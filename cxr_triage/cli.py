@@ -15,6 +15,11 @@ from cxr_triage import __version__
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "classify": ("cxr_triage.classify", "classify DICOM/PNG/JPEG files or folders"),
+    "serve": ("cxr_triage.server", "run the DICOM listener, workers and study aggregation"),
+    "worker": ("cxr_triage.worker", "run one worker alone (for more hosts sharing the database)"),
+    "results": ("cxr_triage.results", "print what the database holds, one line per instance"),
+    "forward": ("cxr_triage.forward", "list SR forwards, or resend dead and pending ones now (--retry)"),
+    "db": ("cxr_triage.dbcli", "apply database migrations (upgrade) or show the revision (current)"),
 }
 """Subcommand -> (module, help). Each module defines ``add_arguments(parser)`` and ``run(args) -> int``."""
 

@@ -1,0 +1,359 @@
+"""The database: SQLAlchemy 2 models, engine and session helpers, and the schema-revision check.
+
+SQLite (the default) runs in WAL mode with a busy timeout and foreign keys on, and every transaction opens with
+``BEGIN IMMEDIATE``: a transaction that reads and later writes can otherwise fail with SQLITE_BUSY without
+waiting, and the queue claim must be atomic across processes. PostgreSQL (``postgresql+psycopg://``) claims
+jobs with ``SELECT ... FOR UPDATE SKIP LOCKED`` so that workers on several hosts never take the same instance.
+
+The schema is owned by the Alembic migrations in ``cxr_triage/migrations``; ``schema_state`` says whether a
+database is empty, current or behind, and ``upgrade`` applies the migrations programmatically (no alembic.ini).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    create_engine,
+    event,
+    inspect,
+    text,
+)
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+logger = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+"""How long an SQLite connection waits for another writer before failing."""
+
+# Instance states. queued -> processing -> done | refused | failed (a lease expiry puts processing back to queued).
+QUEUED = "queued"
+PROCESSING = "processing"
+DONE = "done"
+REFUSED = "refused"
+FAILED = "failed"
+TERMINAL_STATES = (DONE, REFUSED, FAILED)
+
+# Forwarding states.
+FORWARD_PENDING = "pending"
+FORWARD_SENT = "sent"
+FORWARD_DEAD = "dead"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite keeps no zone: stored naive UTC, read back aware)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use timezone-aware UTC")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dt.datetime: UTCDateTime, dict[str, Any]: JSON}
+
+
+class Study(Base):
+    """One study, aggregated after ``[worker] study_quiet_seconds`` without new instances."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default="open")  # open | complete
+    first_received_at: Mapped[dt.datetime]
+    last_received_at: Mapped[dt.datetime]
+    completed_at: Mapped[dt.datetime | None]
+    label: Mapped[str | None] = mapped_column(String(32))
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False)
+    flag_reason: Mapped[str | None] = mapped_column(Text)
+    summary: Mapped[dict[str, Any] | None]
+
+    instances: Mapped[list[Instance]] = relationship(back_populates="study")
+
+
+class Instance(Base):
+    """A received SOP instance and its job state (the queue is this table)."""
+
+    __tablename__ = "instances"
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "sha256", name="uq_instances_sop_sha256"),
+        Index("ix_instances_status_id", "status", "id"),
+        Index("ix_instances_received_at", "received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    spool_path: Mapped[str] = mapped_column(String(1024), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[dt.datetime]
+    status: Mapped[str] = mapped_column(String(16), default=QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_until: Mapped[dt.datetime | None]
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    error: Mapped[str | None] = mapped_column(Text)
+    completed_at: Mapped[dt.datetime | None]
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False)
+    flag_reason: Mapped[str | None] = mapped_column(Text)
+
+    study: Mapped[Study] = relationship(back_populates="instances")
+    predictions: Mapped[list[Prediction]] = relationship(back_populates="instance", order_by="Prediction.id")
+    refusals: Mapped[list[Refusal]] = relationship(back_populates="instance", order_by="Refusal.id")
+    sr_documents: Mapped[list[SRDocument]] = relationship(back_populates="instance", order_by="SRDocument.id")
+
+
+class Prediction(Base):
+    __tablename__ = "predictions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    label: Mapped[str] = mapped_column(String(32))
+    probabilities: Mapped[dict[str, Any]]
+    model_version: Mapped[str] = mapped_column(String(128))
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    preprocess_ms: Mapped[float] = mapped_column(Float)
+    inference_ms: Mapped[float] = mapped_column(Float)
+    total_ms: Mapped[float] = mapped_column(Float)
+    device: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[dt.datetime]
+
+    instance: Mapped[Instance] = relationship(back_populates="predictions")
+
+
+class Refusal(Base):
+    """Why an instance was not classified (``cxr_triage.preprocess.Refusal``)."""
+
+    __tablename__ = "refusals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    code: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(Text)
+    attribute: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime]
+
+    instance: Mapped[Instance] = relationship(back_populates="refusals")
+
+
+class SRDocument(Base):
+    """A Structured Report written for one classified instance."""
+
+    __tablename__ = "sr_documents"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(1024))
+    model_version: Mapped[str] = mapped_column(String(128))
+    previous_sr_id: Mapped[int | None] = mapped_column(ForeignKey("sr_documents.id"))
+    created_at: Mapped[dt.datetime]
+
+    instance: Mapped[Instance] = relationship(back_populates="sr_documents")
+    forwards: Mapped[list[Forward]] = relationship(back_populates="sr", order_by="Forward.id")
+
+
+class Forward(Base):
+    """Forwarding of one SR to one destination: attempts so far, state and when to try next."""
+
+    __tablename__ = "forwards"
+    __table_args__ = (Index("ix_forwards_state_next", "state", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sr_id: Mapped[int] = mapped_column(ForeignKey("sr_documents.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(300))  # AE@host:port
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default=FORWARD_PENDING)
+    status: Mapped[int | None] = mapped_column(Integer)  # last DIMSE status, None when no answer came
+    next_attempt_at: Mapped[dt.datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime]
+    updated_at: Mapped[dt.datetime]
+
+    sr: Mapped[SRDocument] = relationship(back_populates="forwards")
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[str] = mapped_column(String(128))
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    registered_at: Mapped[dt.datetime]
+    metrics: Mapped[dict[str, Any] | None]
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Conflict(Base):
+    """The same SOP Instance UID arrived again with different bytes; both instances are kept."""
+
+    __tablename__ = "conflicts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    existing_instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"))
+    new_instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"))
+    existing_sha256: Mapped[str] = mapped_column(String(64))
+    new_sha256: Mapped[str] = mapped_column(String(64))
+    detected_at: Mapped[dt.datetime]
+
+
+# --- engine and sessions -------------------------------------------------------------------------------------
+
+
+def _sqlite_file(url: str) -> Path | None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
+
+
+def make_engine(url: str, echo: bool = False, create_dirs: bool = True) -> Engine:
+    """An engine for ``url``; for SQLite files, WAL + busy timeout + foreign keys and BEGIN IMMEDIATE."""
+    sqlite_file = _sqlite_file(url)
+    if sqlite_file is not None and create_dirs:
+        sqlite_file.parent.mkdir(parents=True, exist_ok=True)
+    is_sqlite = make_url(url).get_backend_name() == "sqlite"
+    kwargs: dict[str, Any] = {"echo": echo}
+    if not is_sqlite:
+        kwargs["pool_pre_ping"] = True
+    engine = create_engine(url, **kwargs)
+    if is_sqlite:
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+            cursor = dbapi_connection.cursor()
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            cursor.execute("PRAGMA synchronous = FULL")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def read_session(engine: Engine) -> Iterator[Session]:
+    """A session for reading only: on SQLite a deferred transaction, so readers never hold the write lock."""
+    with engine.connect() as conn:
+        conn = conn.execution_options(sqlite_begin="DEFERRED")
+        with Session(bind=conn) as session:
+            yield session
+
+
+# --- schema revision -----------------------------------------------------------------------------------------
+
+
+def alembic_config(engine: Engine) -> Any:
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
+    return cfg
+
+
+def head_revision(engine: Engine) -> str | None:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def schema_state(engine: Engine) -> str:
+    """``"empty"`` (no tables at all), ``"current"``, ``"behind"`` or ``"ahead"`` (unknown revision)."""
+    with engine.connect() as conn:
+        tables = inspect(conn).get_table_names()
+    if not tables:
+        return "empty"
+    current, head = current_revision(engine), head_revision(engine)
+    if current == head:
+        return "current"
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config(engine))
+    if current is not None and script.get_revision(current) is None:
+        return "ahead"
+    return "behind"
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Apply the migrations up to ``revision`` (on PostgreSQL under an advisory lock, so two starters can't race)."""
+    from alembic import command
+
+    cfg = alembic_config(engine)
+    with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_lock(72431)"))
+            conn.commit()
+        try:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+            conn.commit()
+        finally:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_unlock(72431)"))
+                conn.commit()
+
+
+def describe_url(engine: Engine) -> str:
+    """The URL without its password, for logs and messages."""
+    return engine.url.render_as_string(hide_password=True)

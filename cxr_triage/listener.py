@@ -1,0 +1,432 @@
+"""The DICOM listener: a pynetdicom C-ECHO / C-STORE SCP that spools, records and only then answers success.
+
+The C-STORE handler runs on the association's thread, so it does only what must happen before the answer:
+check the spool reserve, parse the header (never the pixels), write the encoded dataset as received (file meta
+preserved) atomically to the spool, and record the instance as a queued job in the database. Decoding and the
+model run in the workers. Statuses, most specific first:
+
+* 0xA700 (Refused: out of resources): the spool is below ``[storage] min_free_mb`` or the write failed;
+* 0xA701 (Refused: out of resources): the instance could not be recorded in the database;
+* 0xA900 (Error: data set does not match SOP class): the dataset's SOP Class UID is not the context's;
+* 0xC210 (Error: cannot understand): the dataset cannot be parsed;
+* 0xC211 (Error: cannot understand): SOP Instance UID or Study Instance UID is missing or malformed.
+
+Instances refused for their content (a lateral view, not a chest, DX for processing) are stored and answered
+success: the worker records why, and the sender does not retry them forever.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.pixels import get_decoder
+from pydicom.pixels.decoders.base import _PIXEL_DATA_DECODERS
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from cxr_triage import db, spool
+
+logger = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+"""The spool is below its reserve, or the file could not be written."""
+STATUS_NOT_RECORDED = 0xA701
+"""The instance could not be recorded in the database (transient: the sender should retry)."""
+STATUS_SOP_CLASS_MISMATCH = 0xA900
+STATUS_CANNOT_PARSE = 0xC210
+STATUS_MISSING_UIDS = 0xC211
+
+STORAGE_SOP_CLASSES: tuple[str, ...] = (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+)
+"""CR, DX (both intents: for-processing is stored and refused by the worker) and Secondary Capture."""
+
+
+def decodable_transfer_syntaxes() -> list[str]:
+    """Every transfer syntax pydicom (with the installed pylibjpeg plugins) can decode, uncompressed first."""
+    native = [
+        pydicom.uid.ExplicitVRLittleEndian,
+        pydicom.uid.ImplicitVRLittleEndian,
+        pydicom.uid.DeflatedExplicitVRLittleEndian,
+        pydicom.uid.ExplicitVRBigEndian,
+    ]
+    compressed = []
+    for uid in sorted(_PIXEL_DATA_DECODERS):
+        if uid in native:
+            continue
+        try:
+            if get_decoder(uid).is_available:
+                compressed.append(uid)
+        except (NotImplementedError, ValueError):
+            continue
+    return [str(u) for u in native + compressed]
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What the handler learnt from the header and the bytes."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str | None
+    transfer_syntax_uid: str
+    calling_ae: str | None
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class RecordOutcome:
+    instance_id: int | None
+    duplicate: bool
+    conflict_with: int | None = None
+
+
+def _get_or_create_study(session: Session, study_uid: str, now: dt.datetime) -> db.Study:
+    study = session.scalars(select(db.Study).where(db.Study.study_instance_uid == study_uid)).one_or_none()
+    if study is None:
+        try:
+            with session.begin_nested():
+                study = db.Study(
+                    study_instance_uid=study_uid, status="open", first_received_at=now, last_received_at=now
+                )
+                session.add(study)
+        except IntegrityError:  # another association created it first (PostgreSQL; SQLite writers are serial)
+            study = session.scalars(select(db.Study).where(db.Study.study_instance_uid == study_uid)).one()
+    if study.status != "open":
+        study.status = "open"
+        study.completed_at = None
+    study.last_received_at = max(study.last_received_at, now)
+    return study
+
+
+def record_instance(
+    session: Session, item: ReceivedInstance, path: Path, now: dt.datetime | None = None
+) -> RecordOutcome:
+    """Insert ``item`` as a queued job (unless the same UID and bytes exist), recording a conflict if the UID
+    exists with other bytes. The caller commits."""
+    now = now or db.utcnow()
+    existing = session.scalars(
+        select(db.Instance).where(db.Instance.sop_instance_uid == item.sop_instance_uid).order_by(db.Instance.id)
+    ).all()
+    for other in existing:
+        if other.sha256 == item.sha256:
+            return RecordOutcome(instance_id=other.id, duplicate=True)
+    study = _get_or_create_study(session, item.study_instance_uid, now)
+    instance = db.Instance(
+        study_id=study.id,
+        sop_instance_uid=item.sop_instance_uid,
+        sop_class_uid=item.sop_class_uid,
+        study_instance_uid=item.study_instance_uid,
+        series_instance_uid=item.series_instance_uid,
+        transfer_syntax_uid=item.transfer_syntax_uid,
+        calling_ae=item.calling_ae,
+        spool_path=str(path),
+        sha256=item.sha256,
+        size_bytes=item.size_bytes,
+        received_at=now,
+        status=db.QUEUED,
+        attempts=0,
+        flagged=False,
+    )
+    session.add(instance)
+    session.flush()
+    conflict_with = None
+    if existing:
+        previous = existing[-1]
+        conflict_with = previous.id
+        session.add(
+            db.Conflict(
+                sop_instance_uid=item.sop_instance_uid,
+                existing_instance_id=previous.id,
+                new_instance_id=instance.id,
+                existing_sha256=previous.sha256,
+                new_sha256=item.sha256,
+                detected_at=now,
+            )
+        )
+        logger.warning(
+            "conflict: SOP instance %s arrived again with different bytes (sha256 %s, earlier %s); both kept",
+            item.sop_instance_uid,
+            item.sha256[:12],
+            previous.sha256[:12],
+        )
+    return RecordOutcome(instance_id=instance.id, duplicate=False, conflict_with=conflict_with)
+
+
+def _uid_ok(value: Any) -> bool:
+    return isinstance(value, str) and spool.safe_uid(value) == value.strip() and bool(value.strip())
+
+
+class Receiver:
+    """The state the C-STORE handler needs: where to spool, the reserve, and the database."""
+
+    def __init__(self, spool_dir: str | os.PathLike[str], min_free_mb: float, sessions: sessionmaker[Session]) -> None:
+        self.spool_dir = Path(spool_dir).resolve()
+        self.min_free_mb = float(min_free_mb)
+        self.sessions = sessions
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+
+    def handle_store(self, event: Event) -> int:
+        """EVT_C_STORE: spool, record, then answer (see the module docstring for the statuses)."""
+        requested_uid = event.request.AffectedSOPInstanceUID
+        free = spool.free_mb(self.spool_dir)
+        if free < self.min_free_mb:
+            logger.error(
+                "refusing SOP instance %s: %.0f MiB free in the spool, below the reserve of %.0f MiB",
+                requested_uid,
+                free,
+                self.min_free_mb,
+            )
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            ds: Dataset = event.dataset
+            for _ in ds:  # pydicom parses lazily: walk the top level so that malformed elements raise here
+                pass
+            sop_class = ds.get("SOPClassUID")
+            sop_instance = ds.get("SOPInstanceUID")
+            study_uid = ds.get("StudyInstanceUID")
+            series_uid = ds.get("SeriesInstanceUID")
+        except Exception:
+            logger.exception("cannot parse the dataset of SOP instance %s", requested_uid)
+            return STATUS_CANNOT_PARSE
+        context_class = event.context.abstract_syntax
+        if str(sop_class or "") != context_class:
+            logger.error(
+                "SOP instance %s: dataset SOP Class UID %s does not match the presentation context's %s",
+                requested_uid,
+                sop_class,
+                context_class,
+            )
+            return STATUS_SOP_CLASS_MISMATCH
+        if not _uid_ok(sop_instance) or not _uid_ok(study_uid):
+            logger.error(
+                "SOP instance %s: SOP Instance UID %r or Study Instance UID %r is missing or malformed",
+                requested_uid,
+                sop_instance,
+                study_uid,
+            )
+            return STATUS_MISSING_UIDS
+        data = event.encoded_dataset(include_meta=True)
+        item = ReceivedInstance(
+            sop_instance_uid=str(sop_instance).strip(),
+            sop_class_uid=str(context_class),
+            study_instance_uid=str(study_uid).strip(),
+            series_instance_uid=str(series_uid).strip() if _uid_ok(series_uid) else None,
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            calling_ae=event.assoc.requestor.ae_title,
+            sha256=spool.sha256_bytes(data),
+            size_bytes=len(data),
+        )
+        return self.store(item, data)
+
+    def store(self, item: ReceivedInstance, data: bytes) -> int:
+        """Deduplicate, spool atomically, record; the status to answer."""
+        try:
+            with self.sessions() as session, session.begin():
+                same = session.scalar(
+                    select(db.Instance.id).where(
+                        db.Instance.sop_instance_uid == item.sop_instance_uid, db.Instance.sha256 == item.sha256
+                    )
+                )
+            if same is not None:
+                logger.info("SOP instance %s received again with the same bytes: nothing to do", item.sop_instance_uid)
+                return STATUS_SUCCESS
+        except SQLAlchemyError:
+            logger.exception("database unavailable while receiving SOP instance %s", item.sop_instance_uid)
+            return STATUS_NOT_RECORDED
+        path = spool.spool_path(self.spool_dir, item.sop_instance_uid, item.sha256)
+        try:
+            spool.write_atomic(path, data)
+        except OSError:
+            logger.exception("cannot write SOP instance %s to the spool %s", item.sop_instance_uid, self.spool_dir)
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            with self.sessions() as session, session.begin():
+                outcome = record_instance(session, item, path)
+        except IntegrityError:
+            # The same UID and bytes recorded by a concurrent association between our check and our insert.
+            logger.info("SOP instance %s recorded concurrently by another association", item.sop_instance_uid)
+            return STATUS_SUCCESS
+        except SQLAlchemyError:
+            # The spool file stays; start-up recovery enqueues it, and the sender's retry is then a no-op.
+            logger.exception("cannot record SOP instance %s in the database", item.sop_instance_uid)
+            return STATUS_NOT_RECORDED
+        if not outcome.duplicate:
+            logger.info(
+                "received SOP instance %s (study %s, %s, %d bytes) from %s as job %s",
+                item.sop_instance_uid,
+                item.study_instance_uid,
+                item.transfer_syntax_uid,
+                item.size_bytes,
+                item.calling_ae,
+                outcome.instance_id,
+            )
+        return STATUS_SUCCESS
+
+
+def _handle_rejected(event: Event) -> None:
+    logger.warning(
+        "association from AE %r at %s:%s rejected",
+        event.assoc.requestor.ae_title,
+        event.assoc.requestor.address,
+        event.assoc.requestor.port,
+    )
+
+
+def _handle_accepted(event: Event) -> None:
+    logger.debug(
+        "association from AE %r at %s:%s accepted",
+        event.assoc.requestor.ae_title,
+        event.assoc.requestor.address,
+        event.assoc.requestor.port,
+    )
+
+
+def _handle_echo(event: Event) -> int:
+    logger.debug("C-ECHO from AE %r", event.assoc.requestor.ae_title)
+    return STATUS_SUCCESS
+
+
+def tls_context(listener: Mapping[str, Any]) -> ssl.SSLContext | None:
+    """The server-side TLS context from ``[listener] tls_*``, or ``None`` when TLS is off."""
+    if not listener["tls_enabled"]:
+        return None
+    if not listener["tls_certificate"] or not listener["tls_private_key"]:
+        raise ValueError("[listener] tls_enabled needs tls_certificate and tls_private_key")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile=listener["tls_certificate"], keyfile=listener["tls_private_key"])
+    if listener["tls_ca_file"]:
+        context.load_verify_locations(cafile=listener["tls_ca_file"])
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def build_ae(listener: Mapping[str, Any]) -> AE:
+    """An AE configured from ``[listener]`` with the CR/DX/SC storage and Verification contexts."""
+    ae = AE(ae_title=listener["ae_title"])
+    ae.maximum_associations = int(listener["max_associations"])
+    ae.maximum_pdu_size = int(listener["max_pdu"])
+    ae.acse_timeout = float(listener["acse_timeout"])
+    ae.dimse_timeout = float(listener["dimse_timeout"])
+    ae.network_timeout = float(listener["network_timeout"])
+    ae.require_calling_aet = [str(a) for a in listener["allowed_calling_aes"]]
+    ae.require_called_aet = bool(listener["require_called_ae"])
+    syntaxes = decodable_transfer_syntaxes()
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, syntaxes)
+    ae.add_supported_context(Verification)
+    return ae
+
+
+class Listener:
+    """The running SCP: ``start()`` returns once the port is bound; ``stop()`` stops accepting associations."""
+
+    def __init__(self, listener: Mapping[str, Any], receiver: Receiver) -> None:
+        self.settings = listener
+        self.receiver = receiver
+        self.ae = build_ae(listener)
+        self.server: ThreadedAssociationServer | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self.server is None:
+            raise RuntimeError("listener not started")
+        host, port = self.server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_C_STORE, self.receiver.handle_store),
+            (evt.EVT_C_ECHO, _handle_echo),
+            (evt.EVT_REJECTED, _handle_rejected),
+            (evt.EVT_ACCEPTED, _handle_accepted),
+        ]
+        self.server = self.ae.start_server(
+            (self.settings["host"], int(self.settings["port"])),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=tls_context(self.settings),
+        )
+        host, port = self.address
+        logger.info(
+            "listening as AE %r on %s:%d%s",
+            self.settings["ae_title"],
+            host,
+            port,
+            " (TLS)" if self.settings["tls_enabled"] else "",
+        )
+
+    def stop(self) -> None:
+        """Stop accepting associations; associations in progress are allowed to finish."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+
+def record_orphans(spool_dir: str | os.PathLike[str], sessions: sessionmaker[Session]) -> int:
+    """Enqueue spool files that have no database row (a crash between the rename and the insert).
+
+    Their senders were never answered success and will usually send again, which is then a no-op.
+    """
+    root = Path(spool_dir).resolve()
+    with sessions() as session, session.begin():
+        known = set(session.scalars(select(db.Instance.spool_path)).all())
+    enqueued = 0
+    for path in spool.iter_spool_files(root):
+        if str(path) in known:
+            continue
+        try:
+            data = path.read_bytes()
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            item = ReceivedInstance(
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                study_instance_uid=str(ds.StudyInstanceUID),
+                series_instance_uid=str(ds.get("SeriesInstanceUID") or "") or None,
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                calling_ae=None,
+                sha256=spool.sha256_bytes(data),
+                size_bytes=len(data),
+            )
+        except Exception:
+            logger.exception("spool file %s has no database row and cannot be read; left in place", path)
+            continue
+        with sessions() as session, session.begin():
+            outcome = record_instance(session, item, path)
+        if not outcome.duplicate:
+            enqueued += 1
+            logger.warning(
+                "recovered spool file %s (SOP instance %s) with no database row", path, item.sop_instance_uid
+            )
+    return enqueued
+
+
+def make_receiver(config: Mapping[str, Mapping[str, Any]], engine: Engine) -> Receiver:
+    storage = config["storage"]
+    return Receiver(storage["spool_dir"], storage["min_free_mb"], db.session_factory(engine))

@@ -1,0 +1,655 @@
+"""Workers: claim queued instances from the database, classify them in batches, record the outcome.
+
+A claim sets ``status='processing'``, counts the attempt and takes a lease of ``[worker] lease_seconds``; a job
+whose worker vanished is claimed again once its lease has expired, and after ``max_attempts`` it is marked
+failed with its last error. On PostgreSQL the claim is ``SELECT ... FOR UPDATE SKIP LOCKED`` followed by an
+UPDATE in the same transaction, so workers on several hosts never take the same instance; on SQLite the same
+statements run inside ``BEGIN IMMEDIATE`` (see ``cxr_triage.db``), which makes the claim atomic across processes.
+
+Each classified instance gets a prediction row, a worklist flag and, when ``[sr] enabled``, one Structured
+Report (written atomically to ``[storage] sr_dir``) queued for forwarding. The worker loop also forwards due
+SRs (``cxr_triage.forward``) and aggregates studies that have been quiet for ``[worker] study_quiet_seconds``.
+
+Without a model the worker claims nothing: acknowledged instances stay queued until a model is configured.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from cxr_triage import CLASS_NAMES, db
+
+logger = logging.getLogger(__name__)
+
+MODEL_WARNING_INTERVAL = 300.0
+"""Seconds between repeats of the loud no-model warning."""
+LABEL_SEVERITY = {"covid": 2, "pneumonia": 1, "normal": 0}
+"""Order used to pick a study's worst label."""
+
+
+def new_worker_id() -> str:
+    """``host:pid:random``: unique per worker, and tells which host and process holds a lease."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: int
+    sop_instance_uid: str
+    study_instance_uid: str
+    spool_path: str
+    attempts: int
+
+
+def claim_jobs(
+    sessions: sessionmaker[Session],
+    worker_id: str,
+    limit: int,
+    lease_seconds: float,
+    max_attempts: int,
+    now: dt.datetime | None = None,
+) -> list[ClaimedJob]:
+    """Claim up to ``limit`` jobs: queued ones, and processing ones whose lease expired.
+
+    An expired job that has already had ``max_attempts`` attempts is marked failed instead of being claimed.
+    """
+    now = now or db.utcnow()
+    with sessions() as session, session.begin():
+        candidates = session.execute(
+            select(db.Instance.id, db.Instance.status, db.Instance.attempts)
+            .where(
+                or_(
+                    db.Instance.status == db.QUEUED,
+                    (db.Instance.status == db.PROCESSING) & (db.Instance.lease_until < now),
+                )
+            )
+            .order_by(db.Instance.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        exhausted = [row.id for row in candidates if row.attempts >= max_attempts]
+        for job_id in exhausted:
+            instance = session.get(db.Instance, job_id)
+            if instance is None:
+                continue
+            instance.status = db.FAILED
+            instance.completed_at = now
+            instance.lease_until = None
+            instance.claimed_by = None
+            instance.error = instance.error or f"abandoned after {instance.attempts} attempts (worker died?)"
+            logger.error("job %s failed: lease expired after %d attempts", job_id, instance.attempts)
+        ids = [row.id for row in candidates if row.attempts < max_attempts]
+        if not ids:
+            return []
+        session.execute(
+            update(db.Instance)
+            .where(db.Instance.id.in_(ids))
+            .values(
+                status=db.PROCESSING,
+                attempts=db.Instance.attempts + 1,
+                lease_until=now + dt.timedelta(seconds=lease_seconds),
+                claimed_by=worker_id,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        rows = session.execute(
+            select(
+                db.Instance.id,
+                db.Instance.sop_instance_uid,
+                db.Instance.study_instance_uid,
+                db.Instance.spool_path,
+                db.Instance.attempts,
+            )
+            .where(db.Instance.id.in_(ids))
+            .order_by(db.Instance.id)
+        ).all()
+    return [ClaimedJob(r.id, r.sop_instance_uid, r.study_instance_uid, r.spool_path, r.attempts) for r in rows]
+
+
+def release_jobs(sessions: sessionmaker[Session], claimed_by: str | Sequence[str]) -> int:
+    """Put the jobs a worker holds back in the queue, not counting the interrupted attempt."""
+    owners = [claimed_by] if isinstance(claimed_by, str) else list(claimed_by)
+    if not owners:
+        return 0
+    with sessions() as session, session.begin():
+        result = session.execute(
+            update(db.Instance)
+            .where(db.Instance.status == db.PROCESSING, db.Instance.claimed_by.in_(owners))
+            .values(
+                status=db.QUEUED,
+                attempts=db.Instance.attempts - 1,
+                lease_until=None,
+                claimed_by=None,
+            )
+            .execution_options(synchronize_session=False)
+        )
+    count = int(result.rowcount or 0)
+    if count:
+        logger.info("released %d claimed job(s) of %s back to the queue", count, ", ".join(owners))
+    return count
+
+
+def release_dead_local_workers(sessions: sessionmaker[Session]) -> int:
+    """Release jobs claimed by worker processes of this host that no longer exist (killed, crashed)."""
+    prefix = f"{socket.gethostname()}:"
+    with sessions() as session, session.begin():
+        owners = set(
+            session.scalars(
+                select(db.Instance.claimed_by).where(
+                    db.Instance.status == db.PROCESSING, db.Instance.claimed_by.like(f"{prefix}%")
+                )
+            ).all()
+        )
+    dead = []
+    for owner in owners:
+        try:
+            pid = int(owner.split(":")[-2])
+        except (ValueError, IndexError):
+            continue
+        if pid == os.getpid() or not _pid_alive(pid):
+            dead.append(owner)
+    return release_jobs(sessions, dead) if dead else 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def flag_for(probabilities: Mapping[str, float], triage: Mapping[str, Any]) -> tuple[bool, str | None]:
+    """The worklist flag: P(covid) or P(pneumonia) at or above its configured threshold."""
+    reasons = []
+    for name in ("covid", "pneumonia"):
+        threshold = float(triage[f"{name}_threshold"])
+        p = float(probabilities.get(name, 0.0))
+        if p >= threshold:
+            reasons.append(f"P({name})={p:.3f} >= {threshold:.3f}")
+    return bool(reasons), "; ".join(reasons) or None
+
+
+def aggregate_studies(
+    sessions: sessionmaker[Session], quiet_seconds: float, now: dt.datetime | None = None
+) -> list[str]:
+    """Complete open studies quiet for ``quiet_seconds`` whose instances are all finished; their UIDs."""
+    now = now or db.utcnow()
+    cutoff = now - dt.timedelta(seconds=quiet_seconds)
+    completed: list[str] = []
+    with sessions() as session, session.begin():
+        studies = session.scalars(
+            select(db.Study)
+            .where(db.Study.status == "open", db.Study.last_received_at <= cutoff)
+            .order_by(db.Study.id)
+            .limit(500)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for study in studies:
+            instances = session.scalars(select(db.Instance).where(db.Instance.study_id == study.id)).all()
+            if any(i.status not in db.TERMINAL_STATES for i in instances):
+                continue
+            summary = study_summary(session, instances)
+            study.summary = summary
+            study.label = summary["label"]
+            study.flagged = summary["flagged"]
+            study.flag_reason = summary["flag_reason"]
+            study.status = "complete"
+            study.completed_at = now
+            completed.append(study.study_instance_uid)
+    for uid in completed:
+        logger.info("study %s complete", uid)
+    return completed
+
+
+def study_summary(session: Session, instances: Sequence[db.Instance]) -> dict[str, Any]:
+    """Counts, the worst label, the highest probability of each class and the flag over a study's instances."""
+    counts = {status: 0 for status in db.TERMINAL_STATES}
+    max_probs = {name: 0.0 for name in CLASS_NAMES}
+    label: str | None = None
+    reasons = []
+    for instance in instances:
+        counts[instance.status] = counts.get(instance.status, 0) + 1
+        prediction = session.scalars(
+            select(db.Prediction).where(db.Prediction.instance_id == instance.id).order_by(db.Prediction.id.desc())
+        ).first()
+        if prediction is None:
+            continue
+        for name, p in prediction.probabilities.items():
+            max_probs[name] = max(max_probs.get(name, 0.0), float(p))
+        if label is None or LABEL_SEVERITY.get(prediction.label, 0) > LABEL_SEVERITY.get(label, 0):
+            label = prediction.label
+        if instance.flagged and instance.flag_reason:
+            reasons.append(f"{instance.sop_instance_uid}: {instance.flag_reason}")
+    return {
+        "instances": len(instances),
+        "classified": counts.get(db.DONE, 0),
+        "refused": counts.get(db.REFUSED, 0),
+        "failed": counts.get(db.FAILED, 0),
+        "label": label,
+        "max_probabilities": max_probs if label is not None else None,
+        "flagged": bool(reasons),
+        "flag_reason": "; ".join(reasons) or None,
+    }
+
+
+class Worker:
+    """One worker: ``run_once`` claims and processes a batch; ``run`` loops until ``stop`` is set."""
+
+    def __init__(self, config: Mapping[str, Mapping[str, Any]], engine: Engine, worker_id: str | None = None) -> None:
+        self.config = config
+        self.engine = engine
+        self.sessions = db.session_factory(engine)
+        self.worker_id = worker_id or new_worker_id()
+        self.stop = threading.Event()
+        self.predictor: Any = None
+        self._model_key: tuple[str, float] | None = None
+        self._last_model_warning = 0.0
+
+    # --- model ---------------------------------------------------------------------------------------------
+
+    def ensure_model(self) -> bool:
+        """Load the configured model if needed; warn loudly (not more than every few minutes) when there is none."""
+        from cxr_triage.checkpoint import CheckpointError, load_classifier, resolve_model_path
+
+        configured = str(self.config["model"]["path"] or "")
+        try:
+            path = resolve_model_path(configured or None)
+            key = (str(path), path.stat().st_mtime)
+            if self.predictor is not None and key == self._model_key:
+                return True
+            loaded = load_classifier(path)
+        except (CheckpointError, OSError) as exc:
+            if self.predictor is not None:
+                logger.error("model %s became unusable (%s); keeping the loaded one", configured, exc)
+                return True
+            if time.monotonic() - self._last_model_warning > MODEL_WARNING_INTERVAL or not self._last_model_warning:
+                self._last_model_warning = time.monotonic()
+                logger.warning(
+                    "NO MODEL - received instances stay queued and nothing is classified until a model is "
+                    "configured. %s",
+                    exc,
+                )
+            return False
+        from cxr_triage.inference import Predictor
+
+        model_cfg = self.config["model"]
+        self.predictor = Predictor(loaded, device=model_cfg["device"], batch_size=int(model_cfg["batch_size"]))
+        self._model_key = key
+        self._register_model(loaded)
+        logger.info(
+            "model %s (sha256 %s) loaded from %s on %s",
+            loaded.card.model_version,
+            loaded.sha256[:12],
+            path,
+            self.predictor.device,
+        )
+        return True
+
+    def _register_model(self, loaded: Any) -> None:
+        with self.sessions() as session, session.begin():
+            known = session.scalars(select(db.ModelVersion).where(db.ModelVersion.sha256 == loaded.sha256)).first()
+            if known is not None:
+                return
+            any_active = session.scalar(select(db.ModelVersion.id).where(db.ModelVersion.active.is_(True)))
+            session.add(
+                db.ModelVersion(
+                    version=loaded.card.model_version,
+                    sha256=loaded.sha256,
+                    path=str(loaded.path),
+                    registered_at=db.utcnow(),
+                    metrics=dict(loaded.card.provenance.get("metrics") or {}) or None,
+                    active=any_active is None,
+                )
+            )
+
+    # --- the loop ------------------------------------------------------------------------------------------
+
+    def run_once(self) -> int:
+        """Claim one batch and process it; the number of jobs processed (0 when idle or without a model)."""
+        if not self.ensure_model():
+            return 0
+        wcfg = self.config["worker"]
+        jobs = claim_jobs(
+            self.sessions,
+            self.worker_id,
+            int(wcfg["claim_batch"]),
+            float(wcfg["lease_seconds"]),
+            int(wcfg["max_attempts"]),
+        )
+        if jobs:
+            self.process(jobs)
+        return len(jobs)
+
+    def housekeeping(self) -> None:
+        """Forward due SRs and aggregate quiet studies (both safe to run in several processes at once)."""
+        from cxr_triage import forward
+
+        try:
+            forward.process_due(self.sessions, self.config)
+        except Exception:
+            logger.exception("forwarding round failed")
+        try:
+            aggregate_studies(self.sessions, float(self.config["worker"]["study_quiet_seconds"]))
+        except Exception:
+            logger.exception("study aggregation failed")
+
+    def run(self) -> None:
+        """Loop until ``self.stop`` is set; then release jobs claimed but not finished."""
+        interval = float(self.config["worker"]["poll_interval"])
+        logger.info("worker %s started", self.worker_id)
+        try:
+            while not self.stop.is_set():
+                try:
+                    busy = self.run_once()
+                except Exception:
+                    logger.exception("worker %s: batch failed", self.worker_id)
+                    busy = 0
+                self.housekeeping()
+                if not busy:
+                    self.stop.wait(interval)
+        finally:
+            release_jobs(self.sessions, self.worker_id)
+            logger.info("worker %s stopped", self.worker_id)
+
+    def run_until_idle(self, max_rounds: int = 1000) -> int:
+        """Process until the queue is empty (tests and one-shot use); the number of jobs processed."""
+        total = 0
+        for _ in range(max_rounds):
+            done = self.run_once()
+            self.housekeeping()
+            total += done
+            if not done:
+                break
+        return total
+
+    # --- processing ----------------------------------------------------------------------------------------
+
+    def process(self, jobs: Sequence[ClaimedJob]) -> None:
+        from cxr_triage.preprocess import PreparedImage, Refusal, prepare_dataset, read_dicom
+
+        prepared: list[tuple[ClaimedJob, PreparedImage, float]] = []
+        for job in jobs:
+            if self.stop.is_set():
+                break
+            started = time.perf_counter()
+            try:
+                if not Path(job.spool_path).is_file():
+                    raise FileNotFoundError(f"spool file {job.spool_path} is missing")
+                ds = read_dicom(job.spool_path)
+                outcome = ds if isinstance(ds, Refusal) else prepare_dataset(ds)
+            except Exception as exc:
+                logger.exception("job %s (SOP instance %s): preprocessing failed", job.id, job.sop_instance_uid)
+                self._record_error(job, exc)
+                continue
+            elapsed = (time.perf_counter() - started) * 1000.0
+            if isinstance(outcome, Refusal):
+                self._record_refusal(job, outcome)
+            else:
+                prepared.append((job, outcome, elapsed))
+        if not prepared:
+            return
+        try:
+            started = time.perf_counter()
+            predictions = self.predictor.predict([p.tensor for _, p, _ in prepared])
+            inference_ms = (time.perf_counter() - started) * 1000.0 / len(prepared)
+        except Exception as exc:
+            logger.exception("inference failed for jobs %s", [job.id for job, _, _ in prepared])
+            for job, _, _ in prepared:
+                self._record_error(job, exc)
+            return
+        for (job, image, preprocess_ms), prediction in zip(prepared, predictions, strict=True):
+            try:
+                self._record_prediction(job, image, prediction, preprocess_ms, inference_ms)
+            except Exception as exc:
+                logger.exception("job %s (SOP instance %s): recording failed", job.id, job.sop_instance_uid)
+                self._record_error(job, exc)
+
+    def _owned(self, session: Session, job: ClaimedJob) -> db.Instance | None:
+        """The instance row if this worker still holds its lease (it may have expired and been re-claimed)."""
+        instance = session.get(db.Instance, job.id, with_for_update=True)
+        if instance is None or instance.status != db.PROCESSING or instance.claimed_by != self.worker_id:
+            logger.warning("job %s is no longer held by %s; result discarded", job.id, self.worker_id)
+            return None
+        return instance
+
+    def _finish(self, instance: db.Instance, status: str, now: dt.datetime) -> None:
+        instance.status = status
+        instance.completed_at = now
+        instance.lease_until = None
+        instance.claimed_by = None
+
+    def _record_error(self, job: ClaimedJob, exc: BaseException) -> None:
+        max_attempts = int(self.config["worker"]["max_attempts"])
+        with self.sessions() as session, session.begin():
+            instance = self._owned(session, job)
+            if instance is None:
+                return
+            instance.error = f"{type(exc).__name__}: {exc}"[:4000]
+            if instance.attempts >= max_attempts:
+                self._finish(instance, db.FAILED, db.utcnow())
+                logger.error("job %s failed after %d attempts: %s", job.id, instance.attempts, instance.error)
+            else:
+                instance.status = db.QUEUED
+                instance.lease_until = None
+                instance.claimed_by = None
+
+    def _record_refusal(self, job: ClaimedJob, refusal: Any) -> None:
+        now = db.utcnow()
+        with self.sessions() as session, session.begin():
+            instance = self._owned(session, job)
+            if instance is None:
+                return
+            session.add(
+                db.Refusal(
+                    instance_id=job.id,
+                    code=refusal.code,
+                    reason=refusal.reason,
+                    attribute=refusal.attribute,
+                    created_at=now,
+                )
+            )
+            instance.error = None
+            self._finish(instance, db.REFUSED, now)
+        logger.info("SOP instance %s refused: %s", job.sop_instance_uid, refusal.code)
+
+    def _record_prediction(
+        self, job: ClaimedJob, image: Any, prediction: Any, preprocess_ms: float, inference_ms: float
+    ) -> None:
+        predictor = self.predictor
+        sha = predictor.loaded.sha256
+        flagged, flag_reason = flag_for(prediction.probabilities, self.config["triage"])
+        sr_written = self._write_sr(job, prediction, flagged) if self.config["sr"]["enabled"] else None
+        now = db.utcnow()
+        with self.sessions() as session, session.begin():
+            instance = self._owned(session, job)
+            if instance is None:
+                if sr_written is not None:
+                    sr_written[0].unlink(missing_ok=True)
+                return
+            session.add(
+                db.Prediction(
+                    instance_id=job.id,
+                    label=prediction.label,
+                    probabilities={k: float(v) for k, v in prediction.probabilities.items()},
+                    model_version=predictor.model_version,
+                    model_sha256=sha,
+                    preprocess_ms=preprocess_ms,
+                    inference_ms=inference_ms,
+                    total_ms=preprocess_ms + inference_ms,
+                    device=str(predictor.device),
+                    created_at=now,
+                )
+            )
+            instance.flagged = flagged
+            instance.flag_reason = flag_reason
+            instance.error = None
+            if sr_written is not None:
+                self._record_sr(session, job, sr_written, now)
+            self._finish(instance, db.DONE, now)
+        logger.info(
+            "SOP instance %s: %s (model %s)%s",
+            job.sop_instance_uid,
+            prediction.label,
+            predictor.model_version,
+            " FLAGGED" if flagged else "",
+        )
+
+    def _previous_sr(self, session: Session, sop_instance_uid: str) -> db.SRDocument | None:
+        return session.scalars(
+            select(db.SRDocument)
+            .join(db.Instance, db.SRDocument.instance_id == db.Instance.id)
+            .where(db.Instance.sop_instance_uid == sop_instance_uid)
+            .order_by(db.SRDocument.id.desc())
+        ).first()
+
+    def _write_sr(self, job: ClaimedJob, prediction: Any, flagged: bool) -> tuple[Path, Any, int | None]:
+        """Build and write the SR of one classified instance: (path, dataset, id of the SR it supersedes).
+
+        One SR per instance, not per study: each classification is an image-level finding (TID 1501 group with
+        the image as its source), and a study can grow over several associations after its SRs were sent. The
+        study-level aggregate lives in the database (``studies.summary``).
+        """
+        import pydicom
+
+        from cxr_triage import sr as sr_module
+
+        evidence = pydicom.dcmread(job.spool_path, stop_before_pixels=True, force=True)
+        previous_ds = None
+        previous_id = None
+        series_uid = None
+        with self.sessions() as session:
+            previous = self._previous_sr(session, job.sop_instance_uid)
+            if previous is not None and Path(previous.path).is_file():
+                previous_ds = pydicom.dcmread(previous.path, stop_before_pixels=True)
+                previous_id = previous.id
+            same_series = session.scalars(
+                select(db.SRDocument.series_instance_uid)
+                .join(db.Instance, db.SRDocument.instance_id == db.Instance.id)
+                .where(
+                    db.Instance.study_instance_uid == job.study_instance_uid,
+                    db.SRDocument.model_version == self.predictor.model_version,
+                )
+                .limit(1)
+            ).first()
+            series_uid = same_series
+            session.rollback()
+        sr_cfg = self.config["sr"]
+        document = sr_module.build_triage_sr(
+            evidence,
+            label=prediction.label,
+            probabilities=prediction.probabilities,
+            model_version=self.predictor.model_version,
+            model_sha256=self.predictor.loaded.sha256,
+            flagged=flagged,
+            previous_sr=previous_ds,
+            series_instance_uid=series_uid,
+            institution_name=str(sr_cfg["institution_name"]),
+            manufacturer=str(sr_cfg["manufacturer"]),
+            series_description=str(sr_cfg["series_description"]),
+        )
+        from cxr_triage import spool
+
+        study_dir = Path(self.config["storage"]["sr_dir"]).resolve() / spool.safe_uid(job.study_instance_uid)
+        study_dir.mkdir(parents=True, exist_ok=True)
+        path = study_dir / f"{document.SOPInstanceUID}.dcm"
+        spool.write_atomic(path, sr_module.sr_to_bytes(document))
+        return path, document, previous_id
+
+    def _record_sr(self, session: Session, job: ClaimedJob, written: tuple[Path, Any, int | None], now: Any) -> None:
+        from cxr_triage import forward
+
+        path, document, previous_id = written
+        record = db.SRDocument(
+            instance_id=job.id,
+            sop_instance_uid=str(document.SOPInstanceUID),
+            series_instance_uid=str(document.SeriesInstanceUID),
+            path=str(path),
+            model_version=self.predictor.model_version,
+            previous_sr_id=previous_id,
+            created_at=now,
+        )
+        session.add(record)
+        session.flush()
+        forward.enqueue(session, record, self.config, now)
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        logger.info("signal %d: stopping after the current batch", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def worker_process_main(config: Mapping[str, Mapping[str, Any]], log_level: str) -> None:
+    """Entry point of a worker process started by ``serve`` (multiprocessing, spawn)."""
+    import logging as _logging
+
+    _logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
+    )
+    engine = db.make_engine(config["database"]["url"], echo=bool(config["database"]["echo"]))
+    worker = Worker(config, engine)
+    _install_signal_handlers(worker.stop)
+    try:
+        worker.run()
+    finally:
+        engine.dispose()
+
+
+# --- ``cxr-triage worker`` -----------------------------------------------------------------------------------
+
+
+def add_arguments(parser: Any) -> None:
+    parser.add_argument("--config", default=None, help="configuration file (TOML)")
+    parser.add_argument("--once", action="store_true", help="process until the queue is empty, then exit")
+
+
+def run(args: Any) -> int:
+    """Run one worker in this process until SIGTERM/SIGINT (or, with ``--once``, until the queue is empty)."""
+    import sys
+
+    from cxr_triage.config import ConfigError, load_config
+    from cxr_triage.server import StartupError, open_database
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"cxr-triage worker: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel((getattr(args, "log_level", None) or config["logging"]["level"]).upper())
+    try:
+        engine = open_database(config.values, args.config)
+    except StartupError as exc:
+        print(f"cxr-triage worker: {exc}", file=sys.stderr)
+        return 2
+    try:
+        release_dead_local_workers(db.session_factory(engine))
+        runner = Worker({k: dict(v) for k, v in config.values.items()}, engine)
+        if args.once:
+            runner.run_until_idle()
+            release_jobs(runner.sessions, runner.worker_id)
+            return 0
+        _install_signal_handlers(runner.stop)
+        runner.run()
+        return 0
+    finally:
+        engine.dispose()
