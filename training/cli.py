@@ -1,0 +1,282 @@
+"""``python -m training COMMAND``: pack, pretrain, finetune, evaluate, ablation, oneshot.
+
+Every option is a flag with help text and may also be set in a TOML file (``--config``, default
+``config/train.toml``): config values become the parser's defaults and flags override them (timm's pattern).
+In the TOML file, keys of the ``[pretrain]``, ``[phase1]`` and ``[phase2]`` tables are prefixed with the table's
+name (``[phase2] lr`` is ``--phase2-lr``); keys of every other table are the flag names with ``_`` for ``-``.
+An unknown key is an error. Under ``torchrun`` the same commands run DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cxr_triage.model import HEADS
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "train.toml"
+PREFIXED_TABLES = ("pretrain", "phase1", "phase2")
+BOOL = argparse.BooleanOptionalAction
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--config", default=None, help=f"TOML config (default {DEFAULT_CONFIG} when it exists)")
+    g.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    g.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and augmentation")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    g.add_argument("--amp", action=BOOL, default=True, help="bf16 autocast on CUDA (ignored on the CPU)")
+    g.add_argument("--channels-last", action=BOOL, default=True, help="channels_last memory format on CUDA")
+    g.add_argument("--compile", action=BOOL, default=False, help="torch.compile the model (pays a warm-up)")
+    g.add_argument("--progress", action=BOOL, default=True, help="tqdm progress bars (rank 0)")
+
+
+def _data(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--pack", default=None, help="pack file from `python -m training pack` (split stored in it)")
+    g.add_argument("--manifest", default=None, help="CSV (path,label[,group,patient_id]) or folder of class folders")
+    g.add_argument("--root", default=None, help="folder the manifest's paths are relative to (default: its folder)")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the group-aware 73/13.5/13.5 split")
+
+
+def _model(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--width", type=int, default=64, help="filters of the first convolution (paper 64)")
+    g.add_argument("--dense-units", type=int, default=64, help="units of the hidden Dense layer(s) (paper 64)")
+    g.add_argument("--head", default="lstm1_dense2", choices=HEADS, help="Table 4 head (paper: lstm1_dense2)")
+    g.add_argument("--model-version", default="cae-lstm-dev", help="model_version written into the checkpoint")
+
+
+def _pretrain(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pretraining (convolutional autoencoder)")
+    g.add_argument("--pretrain-epochs", type=int, default=15, help="maximum epochs (paper: not stated)")
+    g.add_argument("--pretrain-lr", type=float, default=1e-3, help="Adam learning rate (paper 0.01)")
+    g.add_argument("--pretrain-batch-size", type=int, default=64, help="batch size")
+
+
+def _finetune(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fine-tuning (gradual unfreezing)")
+    g.add_argument("--encoder", default=None, help="encoder.pt from pretrain (omit: random encoder)")
+    for phase, epochs, lr, bs in ((1, 10, 1e-3, 16), (2, 20, 1e-4, 32)):
+        what = "encoder frozen, head trained" if phase == 1 else "all layers trained"
+        g.add_argument(f"--phase{phase}-epochs", type=int, default=epochs, help=f"phase {phase} ({what}) max epochs")
+        g.add_argument(f"--phase{phase}-lr", type=float, default=lr, help=f"phase {phase} Adam lr (paper 1e-3)")
+        g.add_argument(f"--phase{phase}-batch-size", type=int, default=bs, help=f"phase {phase} batch (paper 16)")
+        g.add_argument(
+            f"--phase{phase}-patience",
+            type=int,
+            default=5,
+            help=f"phase {phase} early-stopping patience on validation loss (paper 5)",
+        )
+    g.add_argument(
+        "--phase1-share",
+        type=float,
+        default=0.4,
+        help="with a time budget: share of the fine-tuning time phase 1 may use",
+    )
+
+
+def _shared(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("batches")
+    g.add_argument("--augment", action=BOOL, default=True, help="mild augmentation of training batches")
+    g.add_argument("--eval-batch-size", type=int, default=256, help="batch size for validation and test")
+
+
+def _out(p: argparse.ArgumentParser, resume: bool = True) -> None:
+    p.add_argument("--out", required=True, help="output folder")
+    if resume:
+        p.add_argument("--resume", action=BOOL, default=False, help="continue from the state files in --out")
+
+
+def _pack_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True, help="CSV (path,label[,group,patient_id]) or folder of class folders")
+    p.add_argument("--root", default=None, help="folder the manifest's paths are relative to (default: its folder)")
+    p.add_argument("--out", required=True, help="pack file to write (e.g. packs/cxr.pack; packs/ is git-ignored)")
+    p.add_argument("--max-mib", type=float, default=58.0, help="maximum pack size in MiB")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the group-aware 73/13.5/13.5 split")
+    p.add_argument("--max-quality", type=int, default=95, help="highest JPEG quality tried")
+    p.add_argument("--min-quality", type=int, default=70, help="lowest JPEG quality before images are dropped")
+
+
+def _heads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--heads", default=",".join(HEADS), help="comma-separated Table 4 heads")
+
+
+def _budget(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument(
+        "--budget-seconds",
+        type=float,
+        required=required,
+        default=None,
+        help="wall-clock budget; epochs are planned to fit and runs stop cleanly",
+    )
+
+
+COMMAND_ARGS: dict[str, tuple[str, list[Callable[[argparse.ArgumentParser], None]]]] = {
+    "pack": ("build a compact, GPU-decodable pack file from a manifest", [_pack_args]),
+    "pretrain": ("train the convolutional autoencoder; saves the encoder", [_data, _model, _pretrain, _shared, _out]),
+    "finetune": (
+        "train the classifier from the encoder: phase 1 head only, phase 2 all",
+        [_data, _model, _finetune, _shared, _out],
+    ),
+    "evaluate": ("test-split metrics, report and plots for a classifier checkpoint", [_data, _shared]),
+    "ablation": (
+        "the four Table 4 heads on the same split and budget",
+        [_data, _model, _finetune, _shared, _heads, _out],
+    ),
+    "oneshot": (
+        "pretrain + finetune + evaluate (+ ablation) within a time budget",
+        [_data, _model, _pretrain, _finetune, _shared, _heads, _out],
+    ),
+}
+
+
+def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    known: set[str] = set()
+    for name, (help_text, adders) in COMMAND_ARGS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _common(p)
+        for add in adders:
+            add(p)
+        if name == "evaluate":
+            p.add_argument("--model", required=True, help="classifier checkpoint (model.pt)")
+            p.add_argument("--split", default="test", choices=("val", "test"), help="split to evaluate")
+            p.add_argument("--out", required=True, help="output folder for metrics.json, report.md, plots")
+        if name == "ablation":
+            _budget(p, required=False)
+        if name == "oneshot":
+            _budget(p, required=True)
+            p.add_argument("--ablation", action=BOOL, default=False, help="also run the Table 4 ablation")
+            p.add_argument(
+                "--pretrain-share", type=float, default=0.3, help="share of the training time pretraining may use"
+            )
+            p.add_argument(
+                "--ablation-share",
+                type=float,
+                default=0.5,
+                help="with --ablation: share of the training time given to the four heads",
+            )
+            p.add_argument(
+                "--reserve-seconds",
+                type=float,
+                default=10.0,
+                help="time kept back for evaluation, plots and saving (at least 5 %% of the budget)",
+            )
+        dests = {a.dest for a in p._actions}
+        known |= dests
+        if config:
+            p.set_defaults(**{k: v for k, v in config.items() if k in dests})
+    if config:
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise SystemExit(f"unknown key(s) in the training config: {', '.join(unknown)}")
+    return parser
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Flatten a training TOML file into parser destinations (see the module docstring)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SystemExit(f"cannot read training config {path}: {exc}") from exc
+    flat: dict[str, Any] = {}
+    for table, values in raw.items():
+        if not isinstance(values, dict):
+            raise SystemExit(f"{path}: top-level key {table!r} must be a [table]")
+        for key, value in values.items():
+            dest = f"{table}_{key}" if table in PREFIXED_TABLES else key
+            flat[dest.replace("-", "_")] = value
+    return flat
+
+
+def _config_path(argv: Sequence[str]) -> Path | None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        return Path(known.config)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = _config_path(argv)
+    args = build_parser(load_config(path) if path else None).parse_args(argv)
+    args.config = str(path) if path else None
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from training.engine import setup_runtime
+
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=(args.log_level if rank == 0 else "WARNING").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    if args.command == "pack":
+        return run_pack(args)
+    from training import commands
+
+    rt = setup_runtime(args.device, args.amp, args.channels_last, args.compile, args.progress)
+    try:
+        if rt.is_main:
+            logger.info("%s on %s, world size %d, config %s", args.command, rt.device_name, rt.world_size, args.config)
+        if args.command == "oneshot":
+            commands.run_oneshot(args, rt)
+            return 0
+        data = commands.load_data(args, rt)
+        if args.command == "pretrain":
+            commands.run_pretrain(args, rt, data, _deadline(args))
+        elif args.command == "finetune":
+            commands.run_finetune(
+                args, rt, data, _deadline(args), provenance={"command": "finetune", "config": commands.plain_args(args)}
+            )
+        elif args.command == "evaluate":
+            commands.run_evaluate(args, rt, data)
+        elif args.command == "ablation":
+            commands.run_ablation(args, rt, data, _deadline(args))
+        return 0
+    finally:
+        from training.engine import teardown_runtime
+
+        teardown_runtime(rt)
+
+
+def _deadline(args: argparse.Namespace) -> Any:
+    from training.engine import Deadline
+
+    Deadline.install_signal_handlers()
+    return Deadline(args.budget_seconds) if getattr(args, "budget_seconds", None) else None
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    from training.data import read_manifest
+    from training.pack import build_pack, describe_pack
+
+    manifest = read_manifest(args.manifest, args.root)
+    pack = build_pack(
+        manifest,
+        args.out,
+        max_mib=args.max_mib,
+        seed=args.split_seed,
+        max_quality=args.max_quality,
+        min_quality=args.min_quality,
+        progress=args.progress,
+    )
+    print(describe_pack(pack, args.out))
+    return 0

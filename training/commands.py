@@ -1,0 +1,759 @@
+"""The training recipe: CAE pretraining, gradual-unfreezing fine-tuning, evaluation, ablation, one-shot run.
+
+Each ``run_*`` function takes the parsed arguments (``training.__main__``), does its work on the runtime's
+device, writes its files under ``args.out`` (rank 0 only) and returns a small result object, so that ``oneshot``
+chains them and tests can look inside.
+
+Files (all under ``--out``):
+
+- pretrain: ``encoder.pt`` (the encoder of the epoch with the lowest validation MSE, plus history),
+  ``pretrain_state.pt`` (resumable: autoencoder, optimizer, epoch, args, RNG state, history);
+- finetune: ``model.pt`` (best classifier by validation loss, fp16, ``cxr_triage.checkpoint`` format, updated at
+  every improvement so a stopped run keeps its best model), ``finetune_state.pt`` (resumable: model, optimizer,
+  phase, epoch, best weights, early-stopping counters, args, RNG state, history);
+- evaluate: ``metrics.json``, ``report.md``, ``curves.png``, ``confusion.png``, ``roc.png``;
+- ablation: ``ablation.json``, ``report.md``, ``ablation.png`` and one sub-folder per head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cxr_triage import CLASS_NAMES
+from cxr_triage.checkpoint import ModelCard, load_classifier, save_classifier
+from cxr_triage.model import HEADS, CAEClassifier, ConvAutoencoder, ModelSpec, keras_parameter_count
+from training import data as data_mod
+from training.engine import (
+    Deadline,
+    Runtime,
+    cpu_state_dict,
+    evaluate,
+    evaluate_cae,
+    load_state,
+    rng_state,
+    save_state,
+    seed_everything,
+    set_rng_state,
+    train_cae_epoch,
+    train_one_epoch,
+    unwrap,
+)
+from training.metrics import classification_metrics
+from training.pack import decode_pack, load_pack
+from training.report import write_json, write_report
+
+logger = logging.getLogger(__name__)
+
+ENCODER_FORMAT = "cxr-triage-encoder/1"
+VAL_CAE_IMAGES = 1024
+"""Validation MSE of the autoencoder is measured on at most this many validation images per epoch."""
+
+
+def plain_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments as plain JSON values (for checkpoints and provenance)."""
+    out: dict[str, Any] = {}
+    for k, v in sorted(vars(args).items()):
+        if k.startswith("_"):
+            continue
+        out[k] = v if isinstance(v, str | int | float | bool | type(None)) else str(v)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+def load_data(args: argparse.Namespace, rt: Runtime) -> data_mod.ImageSet:
+    """The image set named by ``--pack`` (decoded on the runtime's device) or ``--manifest`` (decoded on the CPU)."""
+    t0 = time.perf_counter()
+    if getattr(args, "pack", None):
+        data = decode_pack(load_pack(args.pack), device=rt.device)
+        where = f"pack {args.pack}"
+    elif getattr(args, "manifest", None):
+        manifest = data_mod.read_manifest(args.manifest, args.root)
+        split = data_mod.split_records(manifest.records, seed=args.split_seed)
+        data = data_mod.load_manifest_images(manifest, split, progress=rt.progress).to(rt.device)
+        where = f"manifest {args.manifest}"
+    else:
+        raise SystemExit("no data: give --pack PACK or --manifest CSV|FOLDER (or set them in the config)")
+    seconds = time.perf_counter() - t0
+    data.meta["load_seconds"] = round(seconds, 2)
+    if rt.is_main:
+        logger.info("%d images from %s decoded on %s in %.1f s", len(data), where, rt.device, seconds)
+        logger.info("class balance:\n%s", data.table())
+    for s in data_mod.SPLITS:
+        if len(data.indices(s)) == 0:
+            raise SystemExit(f"the {s} split is empty: not enough images/components for a 73/13.5/13.5 split")
+    return data
+
+
+def _fits_another_epoch(deadline: Deadline | None, last_epoch_seconds: float, rt: Runtime) -> bool:
+    if deadline is None:
+        return not rt.any(Deadline.stop_requested)
+    too_late = deadline.expired() or (last_epoch_seconds > 0 and deadline.remaining() < 1.05 * last_epoch_seconds)
+    return not rt.any(too_late)
+
+
+# ------------------------------------------------------------------------------------------------- pretrain
+
+
+@dataclass
+class PretrainResult:
+    encoder_path: Path
+    history: list[dict[str, Any]]
+    seconds: float
+    images_per_second: float
+    best_val_mse: float
+    epochs: int
+    complete: bool
+
+
+def run_pretrain(
+    args: argparse.Namespace, rt: Runtime, data: data_mod.ImageSet, deadline: Deadline | None = None
+) -> PretrainResult:
+    """Train the convolutional autoencoder (MSE, Adam) on the training split's images, labels unused."""
+    out = Path(args.out)
+    state_path, encoder_path = out / "pretrain_state.pt", out / "encoder.pt"
+    seed_everything(args.seed, rt.rank)
+    model = rt.prepare(ConvAutoencoder(args.width))
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.pretrain_lr)
+    history: list[dict[str, Any]] = []
+    start_epoch, best_mse, best_encoder = 0, math.inf, None
+    if args.resume and state_path.is_file():
+        state = load_state(state_path)
+        if state.get("complete"):
+            logger.info("pretraining already complete in %s; keeping %s", state_path, encoder_path)
+            return PretrainResult(
+                encoder_path, list(state["history"]), 0.0, 0.0, state["best_mse"], state["epoch"], True
+            )
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, best_mse, history = state["epoch"], state["best_mse"], list(state["history"])
+        best_encoder = state.get("best_encoder")
+        set_rng_state(state["rng"])
+        logger.info("resuming pretraining after epoch %d from %s", start_epoch, state_path)
+    train_idx, val_idx = data.indices("train"), data.indices("val")[:VAL_CAE_IMAGES]
+    net = rt.wrap(model)
+    t0 = time.perf_counter()
+    images, train_seconds, last_epoch_seconds = 0, 0.0, 0.0
+    epoch = start_epoch
+    while epoch < args.pretrain_epochs and _fits_another_epoch(deadline, last_epoch_seconds, rt):
+        e0 = time.perf_counter()
+        stats = train_cae_epoch(
+            net,
+            optimizer,
+            data,
+            train_idx,
+            rt,
+            batch_size=args.pretrain_batch_size,
+            seed=args.seed,
+            epoch=epoch,
+            augment=args.augment,
+            deadline=deadline,
+        )
+        val_mse = evaluate_cae(unwrap(net), data, val_idx, rt, args.eval_batch_size)
+        epoch += 1
+        last_epoch_seconds = time.perf_counter() - e0
+        images += stats.images
+        train_seconds += stats.seconds
+        if not math.isfinite(stats.loss):
+            logger.error("pretraining diverged at epoch %d (loss %s); lower --pretrain-lr", epoch, stats.loss)
+            break
+        if val_mse < best_mse:
+            best_mse = val_mse
+            best_encoder = {k: v.detach().cpu().clone() for k, v in unwrap(net).encoder.state_dict().items()}
+        history.append({"epoch": epoch, "train_loss": stats.loss, "val_mse": val_mse, **_speed(stats)})
+        if rt.is_main:
+            logger.info(
+                "pretrain epoch %d/%d: train MSE %.5f, val MSE %.5f, %.1f s, %s images/s",
+                epoch,
+                args.pretrain_epochs,
+                stats.loss,
+                val_mse,
+                stats.seconds,
+                f"{stats.images_per_second:,.0f}",
+            )
+            save_state(
+                state_path,
+                {
+                    "model": cpu_state_dict(net),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch,
+                    "best_mse": best_mse,
+                    "best_encoder": best_encoder,
+                    "history": history,
+                    "args": plain_args(args),
+                    "rng": rng_state(),
+                    "complete": False,
+                },
+            )
+        if stats.stopped_early:
+            logger.warning("pretraining stopped inside epoch %d by the time budget", epoch)
+            break
+    complete = epoch >= args.pretrain_epochs
+    if best_encoder is None:
+        best_encoder = cpu_state_dict(unwrap(net).encoder)
+    seconds = time.perf_counter() - t0
+    if rt.is_main:
+        save_state(
+            encoder_path,
+            {
+                "format": ENCODER_FORMAT,
+                "width": args.width,
+                "state_dict": best_encoder,
+                "history": history,
+                "best_val_mse": best_mse,
+                "args": plain_args(args),
+            },
+        )
+        state = load_state(state_path) if state_path.is_file() else {}
+        state.update({"complete": True, "epoch": epoch, "best_mse": best_mse, "history": history})
+        save_state(state_path, state)
+        logger.info("encoder (val MSE %.5f after %d epochs) saved to %s", best_mse, epoch, encoder_path)
+    rt.barrier()
+    ips = images / train_seconds if train_seconds else 0.0
+    return PretrainResult(encoder_path, history, seconds, ips, best_mse, epoch, complete)
+
+
+def _speed(stats: Any) -> dict[str, float]:
+    return {"seconds": round(stats.seconds, 3), "images_per_second": round(stats.images_per_second, 1)}
+
+
+def load_encoder(model: CAEClassifier, path: str | os.PathLike[str]) -> None:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != ENCODER_FORMAT:
+        raise SystemExit(f"{path}: not a {ENCODER_FORMAT} file (write one with `python -m training pretrain`)")
+    if payload["width"] != model.spec.width:
+        raise SystemExit(f"{path}: encoder width {payload['width']} but the classifier has width {model.spec.width}")
+    model.encoder.load_state_dict(payload["state_dict"])
+
+
+# ------------------------------------------------------------------------------------------------- finetune
+
+
+@dataclass
+class FinetuneResult:
+    model: CAEClassifier
+    model_path: Path
+    history: list[dict[str, Any]]
+    best_val_loss: float
+    phase_seconds: dict[str, float]
+    phase_images_per_second: dict[str, float]
+    epochs: int
+    card_extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _phases(args: argparse.Namespace) -> list[dict[str, Any]]:
+    return [
+        {
+            "phase": 1,
+            "epochs": args.phase1_epochs,
+            "lr": args.phase1_lr,
+            "batch_size": args.phase1_batch_size,
+            "patience": args.phase1_patience,
+            "encoder_trainable": False,
+        },
+        {
+            "phase": 2,
+            "epochs": args.phase2_epochs,
+            "lr": args.phase2_lr,
+            "batch_size": args.phase2_batch_size,
+            "patience": args.phase2_patience,
+            "encoder_trainable": True,
+        },
+    ]
+
+
+def model_card(spec: ModelSpec, provenance: dict[str, Any], version: str) -> ModelCard:
+    return ModelCard(spec=spec, class_names=CLASS_NAMES, model_version=version, provenance=provenance)
+
+
+def run_finetune(
+    args: argparse.Namespace,
+    rt: Runtime,
+    data: data_mod.ImageSet,
+    deadline: Deadline | None = None,
+    head: str | None = None,
+    out: Path | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> FinetuneResult:
+    """Gradual unfreezing: phase 1 trains the head on the frozen encoder, phase 2 trains every layer.
+
+    Early stopping per phase on validation loss; the weights with the lowest validation loss over both phases are
+    kept (phase 2 starts from phase 1's best). ``deadline`` is shared by the two phases: phase 1 may use
+    ``args.phase1_share`` of what remains when it starts.
+    """
+    out = Path(out or args.out)
+    spec = ModelSpec(head=head or args.head, width=args.width, dense_units=args.dense_units)
+    state_path, model_path = out / "finetune_state.pt", out / "model.pt"
+    seed_everything(args.seed, rt.rank)
+    model = CAEClassifier(spec)
+    if args.encoder:
+        load_encoder(model, args.encoder)
+    elif rt.is_main:
+        logger.warning("no --encoder: fine-tuning from a randomly initialised encoder (no CAE pretraining)")
+    history: list[dict[str, Any]] = []
+    best_loss, best_state = math.inf, None
+    start_phase, start_epoch, bad_epochs, opt_state = 1, 0, 0, None
+    phase_seconds: dict[str, float] = {}
+    phase_ips: dict[str, float] = {}
+    if args.resume and state_path.is_file():
+        state = load_state(state_path)
+        model.load_state_dict(state["model"])
+        start_phase, start_epoch, bad_epochs = state["phase"], state["epoch"], state["bad_epochs"]
+        best_loss, best_state, history = state["best_loss"], state["best_state"], list(state["history"])
+        phase_seconds, phase_ips = dict(state["phase_seconds"]), dict(state["phase_images_per_second"])
+        opt_state = state["optimizer"]
+        set_rng_state(state["rng"])
+        logger.info("resuming fine-tuning at phase %d after epoch %d from %s", start_phase, start_epoch, state_path)
+    model = rt.prepare(model)
+    train_idx, val_idx = data.indices("train"), data.indices("val")
+    base_provenance = dict(provenance or {})
+
+    def save_best() -> None:
+        best_model = CAEClassifier(spec)
+        best_model.load_state_dict(best_state)
+        prov = {
+            **base_provenance,
+            "history": history,
+            "best_val_loss": best_loss,
+            "phase_seconds": phase_seconds,
+            "phase_images_per_second": phase_ips,
+        }
+        save_classifier(model_path, best_model, model_card(spec, prov, args.model_version), dtype=torch.float16)
+
+    for ph in _phases(args):
+        if ph["phase"] < start_phase:
+            continue
+        resumed_here = ph["phase"] == start_phase and (start_epoch > 0 or opt_state is not None)
+        if ph["phase"] == 2 and best_state is not None and not resumed_here:
+            unwrap(model).load_state_dict(best_state)  # phase 2 starts from phase 1's best weights
+        unwrap(model).set_encoder_trainable(ph["encoder_trainable"])
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=ph["lr"])
+        if resumed_here and opt_state is not None:
+            optimizer.load_state_dict(opt_state)
+        epoch = start_epoch if ph["phase"] == start_phase else 0
+        bad = bad_epochs if ph["phase"] == start_phase else 0
+        if ph["phase"] == 1 and deadline is not None:
+            phase_deadline = deadline.sub(args.phase1_share * deadline.remaining())
+        else:
+            phase_deadline = deadline
+        net = rt.wrap(model)
+        last_epoch_seconds, images, seconds = 0.0, 0, 0.0
+        key = f"phase{ph['phase']}"
+        while epoch < ph["epochs"] and bad < ph["patience"]:
+            if not _fits_another_epoch(phase_deadline, last_epoch_seconds, rt):
+                logger.info("%s: stopping before epoch %d to stay within the time budget", key, epoch + 1)
+                break
+            e0 = time.perf_counter()
+            stats = train_one_epoch(
+                net,
+                optimizer,
+                data,
+                train_idx,
+                rt,
+                batch_size=ph["batch_size"],
+                seed=args.seed + 1000 * ph["phase"],
+                epoch=epoch,
+                augment=args.augment,
+                deadline=phase_deadline,
+            )
+            val = evaluate(unwrap(net), data, val_idx, rt, args.eval_batch_size)
+            epoch += 1
+            last_epoch_seconds = time.perf_counter() - e0
+            images += stats.images
+            seconds += stats.seconds
+            phase_seconds[key] = round(phase_seconds.get(key, 0.0) + last_epoch_seconds, 3)
+            phase_ips[key] = round(images / seconds, 1) if seconds else 0.0
+            improved = val.loss < best_loss
+            if improved:
+                best_loss, bad = val.loss, 0
+                best_state = cpu_state_dict(net)
+            else:
+                bad += 1
+            history.append(
+                {
+                    "phase": ph["phase"],
+                    "epoch": epoch,
+                    "train_loss": stats.loss,
+                    "train_accuracy": stats.accuracy,
+                    "val_loss": val.loss,
+                    "val_accuracy": val.accuracy,
+                    "best": improved,
+                    **_speed(stats),
+                }
+            )
+            if rt.is_main:
+                logger.info(
+                    "%s epoch %d/%d: train loss %.4f acc %.4f, val loss %.4f acc %.4f%s, %.1f s, %s images/s",
+                    key,
+                    epoch,
+                    ph["epochs"],
+                    stats.loss,
+                    stats.accuracy or 0.0,
+                    val.loss,
+                    val.accuracy,
+                    " (best)" if improved else "",
+                    stats.seconds,
+                    f"{stats.images_per_second:,.0f}",
+                )
+                if improved:
+                    save_best()
+                save_state(
+                    state_path,
+                    {
+                        "model": cpu_state_dict(net),
+                        "optimizer": optimizer.state_dict(),
+                        "phase": ph["phase"],
+                        "epoch": epoch,
+                        "bad_epochs": bad,
+                        "best_loss": best_loss,
+                        "best_state": best_state,
+                        "history": history,
+                        "phase_seconds": phase_seconds,
+                        "phase_images_per_second": phase_ips,
+                        "args": plain_args(args),
+                        "rng": rng_state(),
+                        "spec": spec.to_dict(),
+                    },
+                )
+            if stats.stopped_early:
+                break
+        if bad >= ph["patience"] and rt.is_main:
+            logger.info("%s: early stop, validation loss did not improve for %d epochs", key, bad)
+        if rt.is_main:  # the next phase starts at its epoch 0
+            save_state(
+                state_path,
+                {
+                    "model": cpu_state_dict(net),
+                    "optimizer": None,
+                    "phase": ph["phase"] + 1,
+                    "epoch": 0,
+                    "bad_epochs": 0,
+                    "best_loss": best_loss,
+                    "best_state": best_state,
+                    "history": history,
+                    "phase_seconds": phase_seconds,
+                    "phase_images_per_second": phase_ips,
+                    "args": plain_args(args),
+                    "rng": rng_state(),
+                    "spec": spec.to_dict(),
+                },
+            )
+        start_phase, start_epoch, bad_epochs, opt_state = ph["phase"] + 1, 0, 0, None
+        if Deadline.stop_requested:
+            break
+    if best_state is None:
+        best_state = cpu_state_dict(model)
+    final = CAEClassifier(spec)
+    final.load_state_dict(best_state)
+    if rt.is_main and history:
+        save_best()
+    rt.barrier()
+    return FinetuneResult(final, model_path, history, best_loss, phase_seconds, phase_ips, len(history))
+
+
+# ------------------------------------------------------------------------------------------------- evaluate
+
+
+@dataclass
+class EvaluateResult:
+    metrics: dict[str, Any]
+    labels: torch.Tensor
+    probabilities: torch.Tensor
+    seconds: float
+
+
+def evaluate_classifier(
+    model: nn.Module, data: data_mod.ImageSet, rt: Runtime, split: str = "test", batch_size: int = 256
+) -> EvaluateResult:
+    """Metrics of ``model`` on one split, computed on this process (the whole split)."""
+    module = rt.prepare(unwrap(model)).eval()
+    res = evaluate(module, data, data.indices(split), rt, batch_size, gather=False)
+    metrics = classification_metrics(res.labels, res.probabilities, data.class_names)
+    metrics["split"] = split
+    metrics["loss"] = res.loss
+    metrics["images_per_second"] = round(len(res.labels) / res.seconds, 1) if res.seconds else 0.0
+    return EvaluateResult(metrics, res.labels, res.probabilities, res.seconds)
+
+
+def run_evaluate(args: argparse.Namespace, rt: Runtime, data: data_mod.ImageSet) -> EvaluateResult:
+    if not args.model:
+        raise SystemExit("evaluate needs --model PATH (a classifier checkpoint, e.g. the finetune model.pt)")
+    loaded = load_classifier(args.model)
+    result = evaluate_classifier(loaded.model, data, rt, args.split, args.eval_batch_size)
+    if rt.is_main:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        prov = loaded.card.provenance
+        payload = {
+            "model": str(args.model),
+            "model_sha256": loaded.sha256,
+            "model_version": loaded.card.model_version,
+            "spec": loaded.card.spec.to_dict(),
+            "data": data.meta,
+            "counts": data.counts(),
+            "metrics": result.metrics,
+        }
+        write_json(out / "metrics.json", payload)
+        write_report(
+            out,
+            title=f"cxr-triage evaluation: {Path(args.model).name}",
+            metrics=result.metrics,
+            labels=result.labels,
+            probabilities=result.probabilities,
+            pretrain_history=prov.get("pretrain_history", []),
+            finetune_history=prov.get("history", []),
+            facts={"model sha256": loaded.sha256, "spec": loaded.card.spec.to_dict(), "split": args.split},
+        )
+        _print_metrics(result.metrics)
+    return result
+
+
+def _print_metrics(m: dict[str, Any]) -> None:
+    print(
+        f"{m['split']}: {m['images']} images, accuracy {100 * m['accuracy']:.2f} %, "
+        f"macro AUC {100 * m['macro']['auc']:.2f} %, macro F1 {100 * m['macro']['f1']:.2f} %"
+    )
+
+
+# ------------------------------------------------------------------------------------------------- ablation
+
+
+def run_ablation(
+    args: argparse.Namespace,
+    rt: Runtime,
+    data: data_mod.ImageSet,
+    deadline: Deadline | None = None,
+    out: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Fine-tune and test each Table 4 head from the same encoder, on the same split, epochs and time share."""
+    out = Path(out or args.out)
+    heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    unknown = set(heads) - set(HEADS)
+    if unknown:
+        raise SystemExit(f"unknown head(s) {sorted(unknown)}; expected some of {', '.join(HEADS)}")
+    rows: list[dict[str, Any]] = []
+    for i, head in enumerate(heads):
+        head_deadline = deadline.sub(deadline.remaining() / (len(heads) - i)) if deadline is not None else None
+        t0 = time.perf_counter()
+        ft = run_finetune(
+            args, rt, data, head_deadline, head=head, out=out / head, provenance={"command": "ablation", "head": head}
+        )
+        ev = evaluate_classifier(ft.model, data, rt, "test", args.eval_batch_size)
+        m = ev.metrics
+        rows.append(
+            {
+                "head": head,
+                "accuracy": m["accuracy"],
+                "precision": m["macro"]["precision"],
+                "recall": m["macro"]["recall"],
+                "specificity": m["macro"]["specificity"],
+                "f1": m["macro"]["f1"],
+                "auc": m["macro"]["auc"],
+                "best_val_loss": ft.best_val_loss,
+                "parameters": keras_parameter_count(ft.model),
+                "epochs": ft.epochs,
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+        )
+        if rt.is_main:
+            logger.info("ablation %s: test accuracy %.4f, macro AUC %.4f", head, m["accuracy"], m["macro"]["auc"])
+        if Deadline.stop_requested:
+            break
+    if rt.is_main:
+        write_json(out / "ablation.json", {"heads": rows, "counts": data.counts(), "args": plain_args(args)})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- oneshot
+
+
+class _FileLog:
+    """Adds a log file handler on the root logger for the duration of a run."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handler = logging.FileHandler(path, encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def __enter__(self) -> _FileLog:
+        root = logging.getLogger()
+        root.addHandler(self.handler)
+        if root.level > logging.INFO or root.level == logging.NOTSET:
+            root.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger().removeHandler(self.handler)
+        self.handler.close()
+
+
+def run_oneshot(args: argparse.Namespace, rt: Runtime) -> dict[str, Any]:
+    """Pretrain, fine-tune, evaluate (and ablate) within ``--budget-seconds``; everything lands in ``--out``.
+
+    Budget: data loading first; then a reserve for evaluation and plots is set aside, and what is left is shared
+    out as it is reached: pretraining ``pretrain_share``, the rest to fine-tuning (phase 1 takes ``phase1_share``
+    of it), and with ``--ablation`` the four heads take ``ablation_share`` of the whole. A phase that finishes
+    early leaves its time to the next. Every phase checkpoints, so a stop (budget or SIGTERM) loses nothing
+    finished; ``--resume`` continues in the same folder.
+    """
+    wall0 = time.perf_counter()
+    deadline = Deadline(args.budget_seconds)
+    Deadline.install_signal_handlers()
+    out = Path(args.out)
+    work = out / "work"
+    out.mkdir(parents=True, exist_ok=True)
+    with _FileLog(out / "train.log") if rt.is_main else _nullctx():
+        logger.info(
+            "oneshot: budget %.0f s on %s (%d process(es)); command: %s",
+            args.budget_seconds,
+            rt.device_name,
+            rt.world_size,
+            " ".join(sys.argv),
+        )
+        data = load_data(args, rt)
+        reserve = max(args.reserve_seconds, 0.05 * args.budget_seconds)
+        train_deadline = deadline.sub(deadline.remaining() - reserve)
+        ablation_deadline = None
+        if args.ablation:
+            main_deadline = train_deadline.sub((1 - args.ablation_share) * train_deadline.remaining())
+        else:
+            main_deadline = train_deadline
+        wall: dict[str, float] = {"load": data.meta["load_seconds"]}
+        ips: dict[str, float] = {}
+        provenance: dict[str, Any] = {
+            "command": " ".join(["python -m training"] + sys.argv[1:]) if sys.argv else "oneshot",
+            "config": plain_args(args),
+            "data": {k: v for k, v in data.meta.items() if k != "load_seconds"},
+            "counts": data.counts(),
+            "seed": args.seed,
+            "device": rt.device_name,
+            "world_size": rt.world_size,
+            "torch": torch.__version__,
+        }
+        # --- pretrain
+        pre_args = argparse.Namespace(**{**vars(args), "out": str(work / "pretrain")})
+        pre = run_pretrain(pre_args, rt, data, main_deadline.sub(args.pretrain_share * main_deadline.remaining()))
+        wall["pretrain"], ips["pretrain"] = round(pre.seconds, 2), round(pre.images_per_second, 1)
+        provenance.update(
+            {"pretrain_history": pre.history, "pretrain_epochs": pre.epochs, "pretrain_best_val_mse": pre.best_val_mse}
+        )
+        if Deadline.stop_requested:
+            logger.warning("stopped after pretraining; encoder kept in %s", pre.encoder_path)
+            return {"stopped": "signal", "phase": "pretrain"}
+        # --- finetune
+        ft_args = argparse.Namespace(**{**vars(args), "encoder": str(pre.encoder_path), "out": str(work / "finetune")})
+        provenance.update({"wall_seconds": wall, "images_per_second": ips})
+        t0 = time.perf_counter()
+        ft = run_finetune(ft_args, rt, data, main_deadline, provenance=provenance)
+        wall["finetune"] = round(time.perf_counter() - t0, 2)
+        wall.update({f"finetune_{k}": v for k, v in ft.phase_seconds.items()})
+        ips.update({f"finetune_{k}": v for k, v in ft.phase_images_per_second.items()})
+        # --- evaluate
+        t0 = time.perf_counter()
+        ev = evaluate_classifier(ft.model, data, rt, "test", args.eval_batch_size)
+        wall["evaluate"] = round(time.perf_counter() - t0, 2)
+        ips["evaluate"] = ev.metrics["images_per_second"]
+        rows: list[dict[str, Any]] = []
+        if args.ablation and not Deadline.stop_requested:
+            t0 = time.perf_counter()
+            ablation_deadline = train_deadline
+            ab_args = argparse.Namespace(**{**vars(ft_args), "out": str(work / "ablation")})
+            rows = run_ablation(ab_args, rt, data, ablation_deadline)
+            wall["ablation"] = round(time.perf_counter() - t0, 2)
+        wall["total"] = round(time.perf_counter() - wall0, 2)
+        summary: dict[str, Any] = {}
+        if rt.is_main:
+            provenance.update(
+                {
+                    "history": ft.history,
+                    "best_val_loss": ft.best_val_loss,
+                    "wall_seconds": wall,
+                    "images_per_second": ips,
+                    "test": {"accuracy": ev.metrics["accuracy"], "macro_auc": ev.metrics["macro"]["auc"]},
+                }
+            )
+            card = model_card(ft.model.spec, provenance, args.model_version)
+            sha = save_classifier(out / "model.pt", ft.model, card, dtype=torch.float16)
+            size_mib = (out / "model.pt").stat().st_size / (1 << 20)
+            summary = {
+                "model": "model.pt",
+                "model_sha256": sha,
+                "model_mib": round(size_mib, 2),
+                "model_version": args.model_version,
+                "spec": ft.model.spec.to_dict(),
+                "metrics": ev.metrics,
+                "ablation": rows,
+                "wall_seconds": wall,
+                "images_per_second": ips,
+                "device": rt.device_name,
+                "counts": data.counts(),
+                "seed": args.seed,
+                "budget_seconds": args.budget_seconds,
+                "config": plain_args(args),
+            }
+            write_json(out / "metrics.json", summary)
+            write_report(
+                out,
+                title="cxr-triage one-shot training run",
+                metrics=ev.metrics,
+                labels=ev.labels,
+                probabilities=ev.probabilities,
+                pretrain_history=pre.history,
+                finetune_history=ft.history,
+                ablation=rows,
+                facts={
+                    "device": rt.device_name,
+                    "budget seconds": args.budget_seconds,
+                    "wall seconds": wall,
+                    "images/s": ips,
+                    "model": f"model.pt ({size_mib:.2f} MiB, sha256 {sha[:16]}...)",
+                    "spec": ft.model.spec.to_dict(),
+                    "seed": args.seed,
+                    "counts": data.counts(),
+                },
+                notes=oneshot_notes(args, pre),
+            )
+            logger.info(
+                "oneshot done in %.1f s: test accuracy %.4f, macro AUC %.4f; outputs in %s",
+                wall["total"],
+                ev.metrics["accuracy"],
+                ev.metrics["macro"]["auc"],
+                out,
+            )
+            _print_metrics(ev.metrics)
+        rt.barrier()
+        return summary
+
+
+def oneshot_notes(args: argparse.Namespace, pre: PretrainResult) -> list[str]:
+    notes = [
+        f"Pretraining: Adam lr {args.pretrain_lr} (paper 0.01), batch {args.pretrain_batch_size}, "
+        f"{pre.epochs} epoch(s){'' if pre.complete else ' (stopped by the time budget)'}.",
+        f"Phase 1 (encoder frozen): Adam lr {args.phase1_lr}, batch {args.phase1_batch_size}, "
+        f"up to {args.phase1_epochs} epochs, patience {args.phase1_patience}.",
+        f"Phase 2 (all layers): Adam lr {args.phase2_lr} (paper 1e-3), batch {args.phase2_batch_size} (paper 16), "
+        f"up to {args.phase2_epochs} epochs, patience {args.phase2_patience}.",
+        "Model kept: lowest validation loss over both phases. The test split was used only for this report.",
+    ]
+    return notes
+
+
+class _nullctx:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

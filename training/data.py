@@ -1,0 +1,351 @@
+"""Manifests, the group-aware split, and the device-resident image set used by every training command.
+
+A manifest lists labelled images: a CSV with ``path,label`` and optional ``group`` and ``patient_id`` columns
+(extra columns are ignored, so the shared ``labels.csv`` works as is), or a folder with one sub-folder per class.
+
+The split (73 / 13.5 / 13.5 by default) is made once, seeded, over connected components of images that share a
+``group`` or a ``patient_id``, so near-duplicates and one patient's images never straddle two sides. It is
+stratified by class. Packs store it, so every later command (and every sampling step) sees the same split and test
+images are never used for a choice.
+
+Pixels follow the inference pipeline (GUIDE §2): 8-bit images enter at the scaling step
+(``cxr_triage.imaging.uint8_to_unit``) and are resized by ``cxr_triage.imaging.to_model_batch``. Images are kept
+as 224x224 uint8 (the output of the resize step, re-quantised to 8 bits; exact for the 224x224 sources) so that the
+whole training set fits on the GPU (11k images = 0.6 GB) and batches are cut and augmented there.
+
+Augmentation (training batches only; mild, on the batch with tensor ops, on whatever device holds the images):
+a random affine per image (rotation +-5 degrees, isotropic scale 0.95-1.05, translation +-4 % of the side, border
+filled by edge replication), then brightness +-10 % and contrast +-10 % around the image mean, clamped to [0, 1].
+No horizontal flip: the heart's side is anatomy, not noise.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cxr_triage import CLASS_NAMES
+from cxr_triage.imaging import IMAGE_SIZE, to_model_batch, uint8_to_unit
+
+logger = logging.getLogger(__name__)
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+DEFAULT_FRACTIONS: tuple[float, float, float] = (0.73, 0.135, 0.135)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+class ManifestError(ValueError):
+    """The manifest cannot be read or names unknown classes / missing files."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One labelled image of a manifest."""
+
+    path: Path
+    label: int
+    group: str = ""
+    patient_id: str = ""
+
+
+@dataclass
+class Manifest:
+    records: list[Record]
+    class_names: tuple[str, ...] = CLASS_NAMES
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def labels(self) -> list[int]:
+        return [r.label for r in self.records]
+
+
+def read_manifest(
+    manifest: str | os.PathLike[str], root: str | os.PathLike[str] | None = None, check_files: bool = True
+) -> Manifest:
+    """Read a CSV manifest (``path,label[,group,patient_id]``) or a folder of class folders."""
+    manifest = Path(manifest)
+    if manifest.is_dir():
+        return _read_class_folders(manifest)
+    if not manifest.is_file():
+        raise ManifestError(f"{manifest}: no such manifest file or folder")
+    base = Path(root) if root is not None else manifest.parent
+    records: list[Record] = []
+    with open(manifest, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"path", "label"} - set(reader.fieldnames or ())
+        if missing:
+            raise ManifestError(f"{manifest}: missing column(s) {', '.join(sorted(missing))}")
+        for line, row in enumerate(reader, start=2):
+            label = (row["label"] or "").strip().lower()
+            if label not in CLASS_NAMES:
+                raise ManifestError(f"{manifest}:{line}: unknown label {row['label']!r}; expected {CLASS_NAMES}")
+            path = base / row["path"].strip()
+            if check_files and not path.is_file():
+                raise ManifestError(f"{manifest}:{line}: image {path} does not exist")
+            records.append(
+                Record(
+                    path=path,
+                    label=CLASS_NAMES.index(label),
+                    group=(row.get("group") or "").strip(),
+                    patient_id=(row.get("patient_id") or "").strip(),
+                )
+            )
+    if not records:
+        raise ManifestError(f"{manifest}: no images listed")
+    return Manifest(records=records, source=str(manifest))
+
+
+def _read_class_folders(folder: Path) -> Manifest:
+    records: list[Record] = []
+    for index, name in enumerate(CLASS_NAMES):
+        sub = folder / name
+        if not sub.is_dir():
+            continue
+        for path in sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+            records.append(Record(path=path, label=index))
+    if not records:
+        raise ManifestError(f"{folder}: no images under class folders {', '.join(CLASS_NAMES)}")
+    return Manifest(records=records, source=str(folder))
+
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def components(records: Sequence[Record]) -> list[int]:
+    """A component id per image: images sharing a non-blank ``group`` or ``patient_id`` are one component."""
+    uf = _UnionFind(len(records))
+    first: dict[tuple[str, str], int] = {}
+    for i, r in enumerate(records):
+        for key in (("g", r.group), ("p", r.patient_id)):
+            if not key[1]:
+                continue
+            if key in first:
+                uf.union(first[key], i)
+            else:
+                first[key] = i
+    roots = [uf.find(i) for i in range(len(records))]
+    renumber: dict[int, int] = {}
+    return [renumber.setdefault(root, len(renumber)) for root in roots]
+
+
+def split_records(
+    records: Sequence[Record], seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS
+) -> list[int]:
+    """A split index (0 train, 1 val, 2 test) per image; components never straddle two splits.
+
+    Components are shuffled with ``seed`` and dealt, class by class (a component counts for its most common
+    label), to the split furthest below its target share of that class.
+    """
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+    comp = components(records)
+    members: dict[int, list[int]] = {}
+    for i, c in enumerate(comp):
+        members.setdefault(c, []).append(i)
+    by_class: dict[int, list[int]] = {}
+    for c, idx in members.items():
+        label = Counter(records[i].label for i in idx).most_common(1)[0][0]
+        by_class.setdefault(label, []).append(c)
+    gen = torch.Generator().manual_seed(seed)
+    split = [0] * len(records)
+    for label in sorted(by_class):
+        comps = by_class[label]
+        order = torch.randperm(len(comps), generator=gen).tolist()
+        total = sum(len(members[comps[k]]) for k in order)
+        filled = [0, 0, 0]
+        for k in order:
+            c = comps[k]
+            size = len(members[c])
+            # the split with the largest deficit against its target after taking this component
+            deficit = [fractions[s] * total - filled[s] for s in range(3)]
+            s = max(range(3), key=lambda s: (deficit[s], -s))
+            filled[s] += size
+            for i in members[c]:
+                split[i] = s
+    return split
+
+
+def balance_table(labels: Sequence[int], split: Sequence[int], class_names: Sequence[str] = CLASS_NAMES) -> str:
+    """A plain-text class-balance table: one row per split, one column per class, plus totals."""
+    counts = Counter(zip(split, labels, strict=True))
+    header = f"{'split':<8}" + "".join(f"{n:>11}" for n in class_names) + f"{'total':>9}"
+    lines = [header, "-" * len(header)]
+    for s, name in enumerate(SPLITS):
+        row = [counts.get((s, c), 0) for c in range(len(class_names))]
+        lines.append(f"{name:<8}" + "".join(f"{v:>11,}" for v in row) + f"{sum(row):>9,}")
+    tot = [sum(counts.get((s, c), 0) for s in range(3)) for c in range(len(class_names))]
+    lines.append(f"{'all':<8}" + "".join(f"{v:>11,}" for v in tot) + f"{sum(tot):>9,}")
+    return "\n".join(lines)
+
+
+def split_counts(labels: Sequence[int], split: Sequence[int], class_names: Sequence[str] = CLASS_NAMES) -> dict:
+    """The balance table as plain JSON values: {split: {class: count}}."""
+    counts = Counter(zip(split, labels, strict=True))
+    return {name: {cls: counts.get((s, c), 0) for c, cls in enumerate(class_names)} for s, name in enumerate(SPLITS)}
+
+
+@dataclass
+class ImageSet:
+    """Decoded 224x224 uint8 images with labels and split, all on one device."""
+
+    images: torch.Tensor  # (N, 224, 224) uint8
+    labels: torch.Tensor  # (N,) int64
+    split: torch.Tensor  # (N,) int64: 0 train, 1 val, 2 test
+    class_names: tuple[str, ...] = CLASS_NAMES
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = self.images.shape[0]
+        if self.images.dtype != torch.uint8 or self.images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(f"expected (N, {IMAGE_SIZE}, {IMAGE_SIZE}) uint8 images, got {self.images.shape}")
+        if self.labels.shape != (n,) or self.split.shape != (n,):
+            raise ValueError("labels and split must have one entry per image")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def indices(self, split: str) -> torch.Tensor:
+        return torch.nonzero(self.split == SPLITS.index(split)).flatten()
+
+    def counts(self) -> dict:
+        return split_counts(self.labels.tolist(), self.split.tolist(), self.class_names)
+
+    def table(self) -> str:
+        return balance_table(self.labels.tolist(), self.split.tolist(), self.class_names)
+
+    def to(self, device: torch.device | str) -> ImageSet:
+        return ImageSet(
+            self.images.to(device), self.labels.to(device), self.split.to(device), self.class_names, self.meta
+        )
+
+
+def resize_to_uint8(gray: torch.Tensor) -> torch.Tensor:
+    """(1, H, W) uint8 -> (224, 224) uint8 through the inference pipeline's scaling and resize steps."""
+    if gray.shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE):
+        return gray[0].contiguous()
+    x = to_model_batch(uint8_to_unit(gray)[None])[:, :1]  # (1, 1, 224, 224) in [0, 1]
+    return x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)[0, 0]
+
+
+def read_gray(path: str | os.PathLike[str]) -> torch.Tensor:
+    """Decode an 8-bit JPEG or PNG file to (1, H, W) uint8 grey with torchvision.io."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    try:
+        img = decode_image(read_file(str(path)), mode=ImageReadMode.GRAY)
+    except RuntimeError as exc:
+        raise ManifestError(f"{path}: cannot decode image ({exc})") from exc
+    if img.dtype != torch.uint8:
+        raise ManifestError(f"{path}: expected 8-bit pixels, got {img.dtype}")
+    return img
+
+
+def load_manifest_images(manifest: Manifest, split: Sequence[int], progress: bool = False) -> ImageSet:
+    """Decode every image of a manifest (CPU) into an ImageSet; for small data without a pack."""
+    from tqdm import tqdm
+
+    images = torch.empty((len(manifest), IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
+    for i, r in enumerate(tqdm(manifest.records, desc="decode", disable=not progress, mininterval=2.0)):
+        images[i] = resize_to_uint8(read_gray(r.path))
+    return ImageSet(
+        images=images,
+        labels=torch.tensor(manifest.labels, dtype=torch.int64),
+        split=torch.tensor(list(split), dtype=torch.int64),
+        class_names=manifest.class_names,
+        meta={"source": manifest.source},
+    )
+
+
+def epoch_batches(
+    indices: torch.Tensor,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[torch.Tensor]:
+    """This rank's batches of ``indices`` for one epoch.
+
+    The permutation depends only on (seed, epoch), so every rank agrees on it; each rank takes every
+    ``world_size``-th index of a permutation truncated to a multiple of ``world_size``, so all ranks run the same
+    number of steps (DistributedDataParallel needs that).
+    """
+    idx = indices.cpu()
+    if shuffle:
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+    if world_size > 1:
+        usable = (len(idx) // world_size) * world_size if shuffle else len(idx)
+        idx = idx[:usable][rank::world_size]
+    return [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+
+
+def model_inputs(
+    images_u8: torch.Tensor, augment: bool = False, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(B, 224, 224) uint8 -> (B, 3, 224, 224) float in [0, 1], augmented when asked, on the images' device."""
+    x = uint8_to_unit(images_u8)[:, None]  # (B, 1, H, W)
+    if augment:
+        x = augment_batch(x, generator)
+    return to_model_batch(x)
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The mild augmentation documented in the module docstring, on a (B, 1, H, W) [0, 1] batch."""
+    b = x.shape[0]
+    dev = x.device
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.rand(b, generator=generator, device=dev) * (high - low) + low
+
+    angle = uniform(-5.0, 5.0) * (math.pi / 180.0)
+    scale = uniform(0.95, 1.05)
+    tx, ty = uniform(-0.08, 0.08), uniform(-0.08, 0.08)  # +-4 % of the side in [-1, 1] coordinates
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    brightness = uniform(-0.1, 0.1).view(b, 1, 1, 1)
+    contrast = uniform(0.9, 1.1).view(b, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)
+
+
+def iterate_inputs(
+    data: ImageSet, batches: Sequence[torch.Tensor], augment: bool, generator: torch.Generator | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, labels) per batch, cut from the device-resident images."""
+    for idx in batches:
+        idx = idx.to(data.device, non_blocking=True)
+        yield model_inputs(data.images[idx], augment, generator), data.labels[idx]

@@ -1,0 +1,421 @@
+"""Training and evaluation loops in the manner of torchvision's classification references.
+
+``train_one_epoch`` (classifier), ``train_cae_epoch`` (autoencoder) and ``evaluate`` are plain functions over a
+device-resident ``ImageSet``. ``Runtime`` holds the device, precision and distributed settings:
+
+- CUDA: bf16 autocast, channels_last, optional ``torch.compile``; images already on the GPU, so a step is a
+  gather, an augmentation and a forward/backward with no host round trip;
+- CPU: float32, eager (tests and small runs);
+- ``torchrun`` (``WORLD_SIZE`` > 1): DistributedDataParallel, NCCL on CUDA and gloo on the CPU; every rank holds
+  all images and takes its share of each epoch's permutation; decisions (early stopping, time budget) are
+  all-reduced so that ranks never disagree.
+
+``Deadline`` carries the wall-clock budget and SIGTERM: loops stop cleanly between steps when it expires.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from training.data import ImageSet, epoch_batches, iterate_inputs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    amp: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    progress: bool = True
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return f"cpu ({os.cpu_count()} cores)"
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def prepare(self, module: nn.Module) -> nn.Module:
+        module = module.to(self.device)
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        return module
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """DDP (when distributed) and torch.compile (when asked) around an already prepared module."""
+        wrapped: nn.Module = module
+        if self.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            wrapped = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        if self.compile:
+            wrapped = torch.compile(wrapped)  # type: ignore[assignment]
+        return wrapped
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def all_sum(self, *values: float) -> list[float]:
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank."""
+        return self.all_sum(1.0 if flag else 0.0)[0] > 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+
+def setup_runtime(
+    device: str = "auto",
+    amp: bool = True,
+    channels_last: bool = True,
+    compile: bool = False,
+    progress: bool = True,
+) -> Runtime:
+    """The runtime for this process; joins the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank if world_size > 1 else (dev.index or 0))
+        torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    on_cuda = dev.type == "cuda"
+    return Runtime(
+        device=dev,
+        amp=amp and on_cuda,
+        channels_last=channels_last and on_cuda,
+        compile=compile,
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        progress=progress and rank == 0,
+    )
+
+
+def teardown_runtime(rt: Runtime) -> None:
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class Deadline:
+    """A wall-clock limit (monotonic clock) plus a stop flag set by SIGTERM/SIGINT handlers."""
+
+    stop_requested = False
+
+    def __init__(self, seconds: float | None = None, start: float | None = None) -> None:
+        self.start = time.monotonic() if start is None else start
+        self.end = self.start + seconds if seconds is not None else math.inf
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def expired(self) -> bool:
+        return Deadline.stop_requested or time.monotonic() >= self.end
+
+    def sub(self, seconds: float) -> Deadline:
+        """A deadline ``seconds`` from now, never later than this one."""
+        d = Deadline(start=time.monotonic())
+        d.end = min(self.end, d.start + max(0.0, seconds))
+        return d
+
+    @staticmethod
+    def install_signal_handlers() -> None:
+        def _stop(signum: int, frame: object) -> None:
+            logger.warning("signal %d: stopping after the current step; finished work is kept", signum)
+            Deadline.stop_requested = True
+
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(signal.SIGTERM, _stop)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    images: int
+    seconds: float
+    accuracy: float | None = None
+    stopped_early: bool = False
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float | int | bool | None]:
+        return {
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "images": self.images,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 1),
+            "stopped_early": self.stopped_early,
+        }
+
+
+def _sync(rt: Runtime) -> None:
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+
+
+def _progress(total: int, rt: Runtime, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not rt.progress, leave=False, mininterval=1.0)
+
+
+def _run_epoch(
+    step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+    data: ImageSet,
+    batches: list[torch.Tensor],
+    rt: Runtime,
+    augment: bool,
+    deadline: Deadline | None,
+    desc: str,
+    check_every: int = 20,
+) -> EpochStats:
+    _sync(rt)
+    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=data.device)
+    correct = torch.zeros((), dtype=torch.int64, device=data.device)
+    seen = 0
+    stopped = False
+    has_logits = False
+    pbar = _progress(len(batches), rt, desc)
+    for i, (x, y) in enumerate(iterate_inputs(data, batches, augment)):
+        if deadline is not None and i % check_every == 0 and i > 0 and rt.any(deadline.expired()):
+            stopped = True
+            break
+        loss, logits = step(rt.inputs(x), y)
+        loss_sum += loss.detach().double() * y.shape[0]
+        if logits is not None:
+            has_logits = True
+            correct += (logits.detach().argmax(1) == y).sum()
+        seen += y.shape[0]
+        pbar.update(1)
+    pbar.close()
+    _sync(rt)
+    seconds = time.perf_counter() - t0
+    total_loss, total_correct, total_seen = rt.all_sum(loss_sum.item(), float(correct.item()), float(seen))
+    return EpochStats(
+        loss=total_loss / max(total_seen, 1.0),
+        images=int(total_seen),
+        seconds=seconds,
+        accuracy=(total_correct / max(total_seen, 1.0)) if has_logits else None,
+        stopped_early=stopped,
+    )
+
+
+def train_cae_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: ImageSet,
+    indices: torch.Tensor,
+    rt: Runtime,
+    *,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    augment: bool = True,
+    deadline: Deadline | None = None,
+) -> EpochStats:
+    """One epoch of autoencoder training: MSE between the reconstruction and the (augmented) input."""
+    model.train()
+    batches = epoch_batches(
+        indices, batch_size, shuffle=True, seed=seed, epoch=epoch, rank=rt.rank, world_size=rt.world_size
+    )
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, None]:
+        with rt.autocast():
+            recon = model(x)
+        loss = F.mse_loss(recon.float(), x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss, None
+
+    return _run_epoch(step, data, batches, rt, augment, deadline, "train cae")
+
+
+@torch.no_grad()
+def evaluate_cae(module: nn.Module, data: ImageSet, indices: torch.Tensor, rt: Runtime, batch_size: int) -> float:
+    """Mean reconstruction MSE over ``indices`` (sharded across ranks, all-reduced)."""
+    module.eval()
+    batches = epoch_batches(indices, batch_size, shuffle=False, rank=rt.rank, world_size=rt.world_size)
+    total = torch.zeros((), dtype=torch.float64, device=data.device)
+    n = 0
+    for x, _ in iterate_inputs(data, batches, augment=False):
+        with rt.autocast():
+            recon = module(rt.inputs(x))
+        total += F.mse_loss(recon.float(), x, reduction="sum").double() / x[0].numel()
+        n += x.shape[0]
+    s, count = rt.all_sum(total.item(), float(n))
+    return s / max(count, 1.0)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: ImageSet,
+    indices: torch.Tensor,
+    rt: Runtime,
+    *,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    augment: bool = True,
+    deadline: Deadline | None = None,
+) -> EpochStats:
+    """One epoch of classifier training with categorical cross-entropy."""
+    model.train()
+    batches = epoch_batches(
+        indices, batch_size, shuffle=True, seed=seed, epoch=epoch, rank=rt.rank, world_size=rt.world_size
+    )
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with rt.autocast():
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss, logits
+
+    return _run_epoch(step, data, batches, rt, augment, deadline, "train cls")
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    labels: torch.Tensor = field(repr=False)
+    probabilities: torch.Tensor = field(repr=False)
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def evaluate(
+    module: nn.Module, data: ImageSet, indices: torch.Tensor, rt: Runtime, batch_size: int = 256, gather: bool = True
+) -> EvalResult:
+    """Loss, accuracy and probabilities over ``indices``.
+
+    Distributed: each rank evaluates its shard; loss and accuracy are all-reduced. Probabilities are those of this
+    rank's shard unless ``gather`` is false and the caller evaluates everything on one rank (evaluate command).
+    """
+    module.eval()
+    _sync(rt)
+    t0 = time.perf_counter()
+    shard = gather and rt.distributed
+    batches = epoch_batches(
+        indices, batch_size, shuffle=False, rank=rt.rank if shard else 0, world_size=rt.world_size if shard else 1
+    )
+    probs, labels = [], []
+    for x, y in iterate_inputs(data, batches, augment=False):
+        with rt.autocast():
+            logits = module(rt.inputs(x))
+        probs.append(torch.softmax(logits.float(), 1))
+        labels.append(y)
+    p = torch.cat(probs) if probs else torch.zeros((0, len(data.class_names)), device=data.device)
+    y = torch.cat(labels) if labels else torch.zeros((0,), dtype=torch.int64, device=data.device)
+    loss_sum = F.nll_loss(torch.log(p.clamp_min(1e-12)), y, reduction="sum").item() if len(y) else 0.0
+    correct = (p.argmax(1) == y).sum().item() if len(y) else 0
+    _sync(rt)
+    seconds = time.perf_counter() - t0
+    if shard:
+        loss_sum, correct, n = rt.all_sum(loss_sum, float(correct), float(len(y)))
+    else:
+        n = float(len(y))
+    return EvalResult(
+        loss=loss_sum / max(n, 1.0),
+        accuracy=correct / max(n, 1.0),
+        labels=y.cpu(),
+        probabilities=p.cpu(),
+        seconds=seconds,
+    )
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module under torch.compile and DDP wrappers."""
+    inner = getattr(module, "_orig_mod", module)
+    return getattr(inner, "module", inner)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError):
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
+    """Atomic ``torch.save`` of a training state (tensors and plain values only)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(module).state_dict().items()}
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    torch.manual_seed(seed + rank)
