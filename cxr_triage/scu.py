@@ -138,10 +138,11 @@ def send_datasets(
 ) -> list[SendResult]:
     """Send ``datasets`` to ``destination`` over one association; one result per dataset, in order.
 
-    The association proposes one presentation context per SOP class in the batch, with the datasets' own transfer
-    syntax and Explicit/Implicit VR Little Endian. Network and association errors never raise: every dataset not
-    acknowledged gets ``ok=False`` and a detail naming the failure (refused connection, timeout, rejection with its
-    reason, abort, or the DIMSE status). An invalid ``calling_ae_title`` raises ValueError (a configuration error).
+    The association proposes, per SOP class in the batch, a presentation context with the datasets' own transfer
+    syntax and Explicit VR Little Endian, and one with Implicit VR Little Endian as the fallback. Network and
+    association errors never raise: every dataset not acknowledged gets ``ok=False`` and a detail naming the failure
+    (refused connection, timeout, rejection with its reason, abort, or the DIMSE status). An invalid
+    ``calling_ae_title`` raises ValueError (a configuration error).
     """
     calling = validate_ae_title(calling_ae_title, "calling AE title")
     if timeout <= 0:
@@ -157,11 +158,11 @@ def send_datasets(
             results[index] = SendResult(False, None, "dataset lacks SOP Class UID or SOP Instance UID; not sent")
             continue
         wanted = syntaxes.setdefault(str(sop_class), [])
-        for uid in (_transfer_syntax(dataset), ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        for uid in (_transfer_syntax(dataset), ExplicitVRLittleEndian):
             if uid not in wanted:
                 wanted.append(uid)
-    if len(syntaxes) > MAX_PRESENTATION_CONTEXTS:
-        raise ValueError(f"a batch may hold at most {MAX_PRESENTATION_CONTEXTS} SOP classes, got {len(syntaxes)}")
+    if 2 * len(syntaxes) > MAX_PRESENTATION_CONTEXTS:
+        raise ValueError(f"a batch may hold at most {MAX_PRESENTATION_CONTEXTS // 2} SOP classes, got {len(syntaxes)}")
     if not syntaxes:
         return [result for result in results if result is not None]
 
@@ -171,7 +172,11 @@ def send_datasets(
     ae.network_timeout = timeout
     ae.connection_timeout = timeout
     for sop_class, transfer_syntaxes in syntaxes.items():
+        # Two contexts per SOP class: an SCP that prefers Implicit VR (pynetdicom's default order) still accepts the
+        # first one with the datasets' own syntax, and Implicit VR Little Endian (supported by every SCP) remains
+        # as the fallback.
         ae.add_requested_context(sop_class, transfer_syntaxes)
+        ae.add_requested_context(sop_class, [ImplicitVRLittleEndian])
 
     connected = False
 

@@ -1,0 +1,291 @@
+"""Tests of the C-STORE sender: real peers (dcmtk storescp, pynetdicom SCPs), failures as results, retry delays.
+
+dcmtk's storescp binds every interface, so its scenario runs in a private network namespace: this file is also a
+script (``python tests/test_scu.py <scenario> <workdir>``) that the tests start under ``peers.netns_command``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from peers import Storescp, dcmtk_tool, free_port, netns_command, terminate, wait_for_port
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import ComprehensiveSRStorage
+
+from cxr_triage.scu import Destination, SendResult, retry_delay, send_datasets
+from cxr_triage.sr import build_triage_sr, summarize_triage_sr, write_sr
+
+SHARED_DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
+SHA = "00112233445566778899aabbccddeeff" * 2
+CALLING = "CXR_TRIAGE"
+
+
+def make_sr(label: str = "covid", previous: Dataset | None = None) -> Dataset:
+    evidence = pydicom.dcmread(SHARED_DICOM / "pydicom-data_RG1_UNCR.dcm", stop_before_pixels=True)
+    probabilities = {"covid": 0.2, "normal": 0.3, "pneumonia": 0.5}
+    probabilities[label], probabilities["pneumonia"] = probabilities["pneumonia"], probabilities[label]
+    return build_triage_sr(
+        evidence,
+        label=label,
+        probabilities=probabilities,
+        model_version="scu-test",
+        model_sha256=SHA,
+        flagged=label != "normal",
+        previous_sr=previous,
+    )
+
+
+# --------------------------------------------------------------------------------------------- scenario (netns)
+
+
+def _scenario_storescp(workdir: Path) -> None:
+    """Send two reports to a real storescp and one to a storescp that refuses every association."""
+    datasets = [pydicom.dcmread(path) for path in sorted(workdir.glob("in-*.dcm"))]
+    report: dict[str, Any] = {}
+    port, refuse_port = free_port(), free_port()
+    with Storescp(workdir / "received", port, ae_title="STORESCP"):
+        results = send_datasets(datasets, Destination("STORESCP", "127.0.0.1", port), CALLING, timeout=20)
+        report["accepted"] = [dataclasses.asdict(r) for r in results]
+    argv = [dcmtk_tool("storescp"), "--refuse", "-od", str(workdir), str(refuse_port)]
+    with (workdir / "storescp-refuse.log").open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(refuse_port, 20, "storescp --refuse", proc)
+        results = send_datasets(datasets[:1], Destination("STORESCP", "127.0.0.1", refuse_port), CALLING, timeout=20)
+        report["refused"] = [dataclasses.asdict(r) for r in results]
+    finally:
+        terminate(proc, timeout=5)
+    (workdir / "report.json").write_text(json.dumps(report))
+
+
+SCENARIOS: dict[str, Callable[[Path], None]] = {"storescp": _scenario_storescp}
+
+
+def run_scenario(name: str, workdir: Path) -> dict[str, Any]:
+    argv = netns_command([sys.executable, str(Path(__file__).resolve()), name, str(workdir)])
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads((workdir / "report.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------- in-process SCPs
+
+
+@contextmanager
+def pynetdicom_scp(
+    handler: Callable[[evt.Event], int] | None = None, ae_title: str = "RIGHT", require_called_aet: bool = False
+) -> Iterator[tuple[int, list[Dataset], list[int]]]:
+    """A pynetdicom storage SCP on 127.0.0.1 (only): yields (port, received datasets, associations seen)."""
+    received: list[Dataset] = []
+    associations: list[int] = []
+    lock = threading.Lock()
+
+    def on_store(event: evt.Event) -> int:
+        if handler is not None:
+            return handler(event)
+        with lock:
+            dataset = event.dataset
+            dataset.file_meta = event.file_meta
+            received.append(dataset)
+        return 0x0000
+
+    def on_accepted(event: evt.Event) -> None:
+        with lock:
+            associations.append(id(event.assoc))
+
+    ae = AE(ae_title=ae_title)
+    ae.require_called_aet = require_called_aet
+    ae.add_supported_context(ComprehensiveSRStorage)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    server = ae.start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_ACCEPTED, on_accepted)],
+    )
+    try:
+        yield server.server_address[1], received, associations
+    finally:
+        server.shutdown()
+
+
+# --------------------------------------------------------------------------------------------- tests
+
+
+def test_send_to_dcmtk_storescp(tmp_path: Path) -> None:
+    first = make_sr("covid")
+    second = make_sr("normal", previous=first)
+    write_sr(first, tmp_path / "in-1.dcm")
+    write_sr(second, tmp_path / "in-2.dcm")
+
+    report = run_scenario("storescp", tmp_path)
+
+    assert [r["ok"] for r in report["accepted"]] == [True, True]
+    assert [r["status"] for r in report["accepted"]] == [0, 0]
+    received = {}
+    for path in (tmp_path / "received").iterdir():
+        dataset = pydicom.dcmread(path)
+        received[dataset.SOPInstanceUID] = dataset
+    assert set(received) == {first.SOPInstanceUID, second.SOPInstanceUID}
+    assert summarize_triage_sr(received[first.SOPInstanceUID]).label == "covid"
+    assert summarize_triage_sr(received[second.SOPInstanceUID]).predecessor_sop_instance_uids == (first.SOPInstanceUID,)
+
+    (refused,) = report["refused"]
+    assert refused["ok"] is False
+    assert refused["status"] is None
+    assert "association rejected" in refused["detail"]
+
+
+def test_one_association_for_all_datasets() -> None:
+    datasets = [make_sr("covid"), make_sr("pneumonia"), make_sr("normal")]
+    with pynetdicom_scp() as (port, received, associations):
+        results = send_datasets(datasets, Destination("RIGHT", "127.0.0.1", port), CALLING, timeout=10)
+    assert results == [SendResult(True, 0, "success")] * 3
+    assert [d.SOPInstanceUID for d in received] == [d.SOPInstanceUID for d in datasets]
+    assert len(associations) == 1
+    assert received[0].file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+
+
+def test_wrong_called_ae_title_is_rejected() -> None:
+    with pynetdicom_scp(ae_title="RIGHT", require_called_aet=True) as (port, received, _):
+        results = send_datasets([make_sr()], Destination("WRONG", "127.0.0.1", port), CALLING, timeout=10)
+    (result,) = results
+    assert result.ok is False
+    assert result.status is None
+    assert "association rejected" in result.detail
+    assert "Called AE title not recognised" in result.detail
+    assert received == []
+
+
+def test_refused_connection_is_a_failed_result() -> None:
+    port = free_port()  # nothing listens there
+    results = send_datasets([make_sr(), make_sr()], Destination("ANY", "127.0.0.1", port), CALLING, timeout=5)
+    assert [r.ok for r in results] == [False, False]
+    assert all(r.status is None for r in results)
+    assert "connection refused" in results[0].detail
+    assert str(port) in results[0].detail
+
+
+def test_dimse_failure_status_is_reported() -> None:
+    with pynetdicom_scp(handler=lambda event: 0xA700) as (port, _, _):
+        (result,) = send_datasets([make_sr()], Destination("RIGHT", "127.0.0.1", port), CALLING, timeout=10)
+    assert result == SendResult(False, 0xA700, "C-STORE failed with status 0xA700")
+
+
+def test_warning_status_counts_as_stored() -> None:
+    with pynetdicom_scp(handler=lambda event: 0xB000) as (port, _, _):
+        (result,) = send_datasets([make_sr()], Destination("RIGHT", "127.0.0.1", port), CALLING, timeout=10)
+    assert result.ok is True
+    assert result.status == 0xB000
+
+
+def test_abort_during_store_fails_the_rest() -> None:
+    def abort(event: evt.Event) -> int:
+        event.assoc.abort()
+        return 0x0000
+
+    with pynetdicom_scp(handler=abort) as (port, _, _):
+        results = send_datasets([make_sr(), make_sr()], Destination("RIGHT", "127.0.0.1", port), CALLING, timeout=2)
+    assert [r.ok for r in results] == [False, False]
+    assert "no C-STORE response" in results[0].detail
+    # Depending on when the abort lands, the second request is not sent or gets no answer.
+    assert "ended before" in results[1].detail or "no C-STORE response" in results[1].detail
+
+
+def test_dataset_without_uids_fails_alone() -> None:
+    broken = Dataset()
+    broken.PatientID = "X"
+    good = make_sr()
+    with pynetdicom_scp() as (port, received, _):
+        results = send_datasets([broken, good], Destination("RIGHT", "127.0.0.1", port), CALLING, timeout=10)
+    assert results[0].ok is False
+    assert "SOP Instance UID" in results[0].detail
+    assert results[1] == SendResult(True, 0, "success")
+    assert [d.SOPInstanceUID for d in received] == [good.SOPInstanceUID]
+
+
+def test_empty_batch_and_bad_arguments() -> None:
+    destination = Destination("RIGHT", "127.0.0.1", 104)
+    assert send_datasets([], destination, CALLING) == []
+    with pytest.raises(ValueError, match="calling AE title"):
+        send_datasets([make_sr()], destination, "WAY_TOO_LONG_AE_TITLE")
+    with pytest.raises(ValueError, match="timeout"):
+        send_datasets([make_sr()], destination, CALLING, timeout=0)
+
+
+@pytest.mark.parametrize(
+    ("ae_title", "host", "port"),
+    [
+        ("", "127.0.0.1", 104),
+        ("   ", "127.0.0.1", 104),
+        ("A" * 17, "127.0.0.1", 104),
+        ("BACK\\SLASH", "127.0.0.1", 104),
+        ("TAB\tAE", "127.0.0.1", 104),
+        ("ÉCHO", "127.0.0.1", 104),
+        (104, "127.0.0.1", 104),
+        ("PACS", "", 104),
+        ("PACS", "two words", 104),
+        ("PACS", "127.0.0.1", 0),
+        ("PACS", "127.0.0.1", 65536),
+        ("PACS", "127.0.0.1", True),
+        ("PACS", "127.0.0.1", "104"),
+    ],
+)
+def test_destination_rejects_invalid_values(ae_title: Any, host: Any, port: Any) -> None:
+    with pytest.raises(ValueError):
+        Destination(ae_title, host, port)
+
+
+def test_destination_valid_and_from_mapping() -> None:
+    destination = Destination("PACS ", "pacs.example.org", 11112)
+    assert destination.ae_title == "PACS"
+    assert str(destination) == "PACS@pacs.example.org:11112"
+    assert Destination("A" * 16, "::1", 65535).port == 65535
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        destination.port = 1  # type: ignore[misc]
+
+    assert Destination.from_mapping({"ae_title": "PACS", "host": "127.0.0.1", "port": 4242}) == Destination(
+        "PACS", "127.0.0.1", 4242
+    )
+    assert Destination.from_mapping({"ae_title": "PACS", "host": "127.0.0.1", "port": "4242"}).port == 4242
+    with pytest.raises(ValueError, match="missing keys \\['port'\\]"):
+        Destination.from_mapping({"ae_title": "PACS", "host": "127.0.0.1"})
+    with pytest.raises(ValueError, match="unknown keys \\['aet'\\]"):
+        Destination.from_mapping({"ae_title": "PACS", "host": "127.0.0.1", "port": 4242, "aet": "X"})
+    with pytest.raises(ValueError):
+        Destination.from_mapping(["PACS", "127.0.0.1", 4242])  # type: ignore[arg-type]
+
+
+def test_retry_delay_doubles_and_is_capped() -> None:
+    assert [retry_delay(attempt, 30, 3600) for attempt in range(1, 9)] == [
+        30.0,
+        60.0,
+        120.0,
+        240.0,
+        480.0,
+        960.0,
+        1920.0,
+        3600.0,
+    ]
+    assert retry_delay(1, 0.5, 10) == 0.5
+    assert retry_delay(10**6, 30, 3600) == 3600.0
+    assert retry_delay(3, 30, 10) == 10.0
+    for attempt in (0, -1, 1.5, True):
+        with pytest.raises(ValueError):
+            retry_delay(attempt, 30, 3600)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        retry_delay(1, -1, 3600)
+
+
+if __name__ == "__main__":
+    SCENARIOS[sys.argv[1]](Path(sys.argv[2]))
