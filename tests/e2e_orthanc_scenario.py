@@ -133,20 +133,22 @@ def pipeline(workdir: Path, route: str, image: Path, timeout: float) -> dict[str
                 sent = peers.storescu(dicom_port, [image], called_ae=ORTHANC_AET, calling_ae="MODALITY")
                 if lookup_instance(orthanc, sop_uid) is None:
                     raise peers.PeerError(f"storescu to Orthanc stored nothing: {sent.stdout}{sent.stderr}")
-            orthanc_study = orthanc.get(f"/instances/{lookup_instance(orthanc, sop_uid)}")["ParentStudy"]
+            orthanc_study = orthanc.get(f"/instances/{lookup_instance(orthanc, sop_uid)}/study")["ID"]
 
-            def result_row() -> dict[str, Any] | None:
+            def sr_in_orthanc() -> str | None:
                 if not server.alive():
                     raise peers.PeerError("cxr-triage serve exited")
-                rows = [r for r in peers.results(config) if r.get("sop_instance_uid") == sop_uid]
-                done = [r for r in rows if r.get("completed_at") and r.get("sr_sop_instance_uid")]
-                return done[0] if done else None
+                series = orthanc.post("/tools/find", {"Level": "Series", "Query": {"Modality": "SR"}})
+                instances = [i for s in series for i in orthanc.get(f"/series/{s}")["Instances"]]
+                return instances[0] if instances else None
 
-            row = peers.wait_until(result_row, timeout, f"a completed result with an SR for {sop_uid}", 0.5)
-            sr_uid = row["sr_sop_instance_uid"]
-            sr_orthanc_id = peers.wait_until(
-                lambda: lookup_instance(orthanc, sr_uid), timeout, f"SR {sr_uid} to arrive in Orthanc", 0.5
-            )
+            sr_orthanc_id = peers.wait_until(sr_in_orthanc, timeout, f"the SR of {sop_uid} to arrive in Orthanc", 0.5)
+            time.sleep(1.0)  # anything routed back by mistake (an SR looping) would show up by now
+            all_rows = peers.results(config)
+            rows = [r for r in all_rows if r.get("sop_instance_uid") == sop_uid]
+            if len(rows) != 1:
+                raise peers.PeerError(f"expected one result row for {sop_uid}, got {rows}")
+            row = rows[0]
             sr_instance = orthanc.get(f"/instances/{sr_orthanc_id}")
             sr_series = orthanc.get(f"/series/{sr_instance['ParentSeries']}")
             series_in_study = orthanc.get(f"/studies/{orthanc_study}/series")
@@ -159,8 +161,7 @@ def pipeline(workdir: Path, route: str, image: Path, timeout: float) -> dict[str
                 for series in study.get("ReferencedSeriesSequence", [])
                 for item in series.get("ReferencedSOPSequence", [])
             ]
-            time.sleep(1.0)  # anything routed back by mistake (an SR looping) would show up by now
-            all_rows = peers.results(config)
+            sr_count = len(orthanc.post("/tools/find", {"Level": "Instance", "Query": {"Modality": "SR"}}))
             studies, patients = len(orthanc.get("/studies")), len(orthanc.get("/patients"))
             dciodvfy = subprocess.run(["dciodvfy", str(sr_path)], capture_output=True, text=True, timeout=60)
         except BaseException:
@@ -178,6 +179,8 @@ def pipeline(workdir: Path, route: str, image: Path, timeout: float) -> dict[str
         "orthanc_study": orthanc_study,
         "sr_parent_study": sr_series["ParentStudy"],
         "sr_series_modality": sr_series["MainDicomTags"].get("Modality"),
+        "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+        "sr_instances_in_orthanc": sr_count,
         "series_in_study": len(series_in_study),
         "sr_study_instance_uid": str(sr.StudyInstanceUID),
         "sr_patient_id_matches": str(sr.get("PatientID", "")) == str(source.get("PatientID", "")),

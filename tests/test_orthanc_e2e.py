@@ -64,6 +64,8 @@ def test_sr_comes_back_into_the_same_orthanc_study(tmp_path: Path, route: str) -
     assert summary["orthanc_patients"] == 1
     assert summary["sr_parent_study"] == summary["orthanc_study"]
     assert summary["sr_series_modality"] == "SR"
+    assert summary["sr_sop_instance_uid"] == row["sr_sop_instance_uid"]
+    assert summary["sr_instances_in_orthanc"] == 1
     assert summary["series_in_study"] == 2
     assert summary["sr_study_instance_uid"] == source.StudyInstanceUID
     assert summary["sr_patient_id_matches"]
