@@ -26,6 +26,9 @@ MAX_AE_TITLE_LENGTH = 16
 MAX_PRESENTATION_CONTEXTS = 128
 """An association request carries at most 128 presentation contexts (PS3.8 9.3.2.2)."""
 
+PROBE_TIMEOUT = 5.0
+"""Seconds the follow-up TCP probe that classifies a failed connection (refused, timed out, ...) may take."""
+
 _STATUS_WARNINGS = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 
 
@@ -104,12 +107,12 @@ def _transfer_syntax(dataset: Dataset) -> UID:
 def _probe_connection(destination: Destination, timeout: float) -> str:
     """Say why a TCP connection to the destination fails (only called after pynetdicom failed to connect)."""
     try:
-        with socket.create_connection((destination.host, destination.port), timeout=timeout):
+        with socket.create_connection((destination.host, destination.port), timeout=min(timeout, PROBE_TIMEOUT)):
             return "could not connect (the connection failed, but a later attempt succeeded)"
     except ConnectionRefusedError:
         return "connection refused"
     except TimeoutError:
-        return f"connection timed out after {timeout:g} s"
+        return "connection timed out"
     except OSError as exc:
         return f"could not connect: {exc.strerror or exc}"
 
@@ -184,12 +187,23 @@ def send_datasets(
         nonlocal connected
         connected = True
 
-    assoc = ae.associate(
-        destination.host,
-        destination.port,
-        ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)],
-    )
+    try:
+        assoc = ae.associate(
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)],
+        )
+    except socket.gaierror as exc:
+        ae.shutdown()
+        detail = f"cannot resolve host name {destination.host!r}: {exc.strerror or exc}"
+        logger.warning("forward to %s failed: %s", destination, detail)
+        return [result or SendResult(False, None, detail) for result in results]
+    except (OSError, ValueError) as exc:
+        ae.shutdown()
+        detail = f"could not connect to {destination}: {exc}"
+        logger.warning("forward to %s failed: %s", destination, detail)
+        return [result or SendResult(False, None, detail) for result in results]
     try:
         if not assoc.is_established:
             detail = _association_failure(assoc, connected, destination, timeout)

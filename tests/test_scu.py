@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -174,6 +176,34 @@ def test_refused_connection_is_a_failed_result() -> None:
     assert all(r.status is None for r in results)
     assert "connection refused" in results[0].detail
     assert str(port) in results[0].detail
+
+
+def test_unresolvable_host_is_a_failed_result() -> None:
+    (result,) = send_datasets([make_sr()], Destination("ANY", "no-such-host.invalid", 104), CALLING, timeout=5)
+    assert result.ok is False
+    assert "cannot resolve host name" in result.detail
+
+
+def test_silent_peer_times_out() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()  # accepts TCP connections (backlog) but never answers the association request
+        port = listener.getsockname()[1]
+        (result,) = send_datasets([make_sr()], Destination("ANY", "127.0.0.1", port), CALLING, timeout=1)
+    assert result.ok is False
+    assert result.status is None
+    assert "timed out after 1 s" in result.detail
+
+
+def test_slow_store_response_times_out() -> None:
+    def slow(event: evt.Event) -> int:
+        time.sleep(2.5)
+        return 0x0000
+
+    with pynetdicom_scp(handler=slow) as (port, _, _):
+        (result,) = send_datasets([make_sr()], Destination("RIGHT", "127.0.0.1", port), CALLING, timeout=1)
+    assert result.ok is False
+    assert "no C-STORE response" in result.detail
 
 
 def test_dimse_failure_status_is_reported() -> None:
