@@ -393,11 +393,16 @@ def prepare_dataset(ds: Dataset) -> PreparedImage | Refusal:
 def read_dicom(path: str | os.PathLike[str]) -> Dataset | Refusal:
     """Read a DICOM file, including Part 10 files without a preamble or file meta header (ACR-NEMA style)."""
     try:
-        return pydicom.dcmread(path)
+        ds = pydicom.dcmread(path)
     except InvalidDicomError:
         pass
     except Exception as exc:
         return _refuse("not_dicom", None, f"not a readable DICOM file: {type(exc).__name__}: {exc}")
+    else:
+        if len(ds) == 0:
+            # pydicom returns an empty data set (with a warning) when a file ends inside encapsulated pixel data.
+            return _refuse("truncated", None, "the file has a DICOM header but no readable data set: truncated?")
+        return ds
     try:
         ds = pydicom.dcmread(path, force=True)
     except Exception as exc:
@@ -426,7 +431,7 @@ def prepare_image_file(path: str | os.PathLike[str]) -> PreparedImage | Refusal:
                     return _refuse("colour", None, f"image mode {im.mode} holds colour: only greyscale is classified")
                 grey = rgb[..., 0]
             else:
-                grey = np.asarray(im.convert("L"))
+                grey = np.array(im.convert("L"))
     except Image.DecompressionBombError as exc:
         return _refuse("dimensions", None, f"image is too large: {exc}")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:

@@ -144,6 +144,8 @@ def new_dataset(
                 del ds[keyword]
         else:
             setattr(ds, keyword, value)
+    ds.file_meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", CR_IMAGE_STORAGE)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     return ds
 
 
