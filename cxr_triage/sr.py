@@ -21,15 +21,14 @@ import os
 import re
 import tempfile
 import uuid
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
-import pydicom
+import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.sr.coding import Code
+from pydicom.sr.codedict import codes
 from pydicom.uid import UID, generate_uid
 
 from cxr_triage import CLASS_NAMES, __version__
@@ -58,8 +57,8 @@ PROBABILITY_SUM_TOLERANCE = 0.01
 _SHA_PARAM = "model_sha256="
 _PIXEL_DATA_GROUP = 0x7FE0
 _DEVICE_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:cxr-triage:device-observer")
-_ALGORITHM_VERSION = Code("111003", "DCM", "Algorithm Version")
-_ALGORITHM_PARAMETERS = Code("111002", "DCM", "Algorithm Parameters")
+_ALGORITHM_VERSION = codes.DCM.AlgorithmVersion
+_ALGORITHM_PARAMETERS = codes.DCM.AlgorithmParameters
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _AGE_STRING = re.compile(r"\d{3}[DWMY]")
 _SR_SOP_CLASSES = frozenset(
@@ -82,6 +81,10 @@ _TYPE2_HEADER_KEYWORDS = (
     "StudyTime",
     "ReferringPhysicianName",
 )
+# highdicom warns about single-component person names (common in anonymised data) and quotes the name in the
+# warning, but logs never carry patient names: these are blanked for highdicom and set on the report afterwards
+# (no warnings filter, as filters are process-wide state and not thread-safe).
+_PERSON_NAME_KEYWORDS = ("PatientName", "ReferringPhysicianName")
 _REQUIRED_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 
 
@@ -110,7 +113,7 @@ def _validate_probabilities(label: str, probabilities: Mapping[str, float]) -> d
 
 
 def _validate_evidence(evidence: Dataset) -> Dataset:
-    """Return a shallow copy of ``evidence`` with absent type 2 patient/study attributes present and empty."""
+    """Return a copy of ``evidence`` (no pixel data) with absent type 2 patient/study attributes present and empty."""
     if not isinstance(evidence, Dataset):
         raise TypeError(f"evidence must be a pydicom Dataset, got {type(evidence).__name__}")
     missing = [kw for kw in _REQUIRED_UID_KEYWORDS if not evidence.get(kw)]
@@ -203,11 +206,14 @@ def build_triage_sr(
         raise ValueError("model_version must be a non-empty string")
     if not isinstance(model_sha256, str) or not _SHA256.fullmatch(model_sha256):
         raise ValueError("model_sha256 must be 64 lowercase hexadecimal characters")
-    if not isinstance(flagged, bool):
+    if not isinstance(flagged, bool | np.bool_):
         raise TypeError(f"flagged must be a bool, got {type(flagged).__name__}")
+    flagged = bool(flagged)
     header = _validate_evidence(evidence)
     if previous_sr is not None:
         _validate_previous_sr(previous_sr, header)
+    for keyword in _PERSON_NAME_KEYWORDS:
+        setattr(header, keyword, None)
 
     algorithm = hd.sr.AlgorithmIdentification(
         name=ALGORITHM_NAME,
@@ -219,7 +225,7 @@ def build_triage_sr(
         ],
     )
     observer = hd.sr.ObserverContext(
-        observer_type=hd.sr.CodedConcept.from_code(pydicom.sr.codedict.codes.DCM.Device),
+        observer_type=hd.sr.CodedConcept.from_code(codes.DCM.Device),
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=device_observer_uid(model_sha256),
             name=DEVICE_NAME,
@@ -254,26 +260,23 @@ def build_triage_sr(
         procedure_reported=cxr_codes.PLAIN_CHEST_XRAY,
         imaging_measurements=[group],
     )
-    with warnings.catch_warnings():
-        # highdicom warns about single-component person names and quotes the name: logs never carry patient names.
-        warnings.filterwarnings(
-            "ignore", message=r".*unlikely to represent the intended person name", category=UserWarning
-        )
-        sr = hd.sr.ComprehensiveSR(
-            evidence=[header],
-            content=report[0],
-            series_instance_uid=series_instance_uid or generate_uid(),
-            series_number=series_number,
-            sop_instance_uid=sop_instance_uid or generate_uid(),
-            instance_number=1,
-            manufacturer=manufacturer,
-            is_complete=True,
-            is_final=False,
-            is_verified=False,
-            institution_name=institution_name or None,
-            previous_versions=[previous_sr] if previous_sr is not None else None,
-            series_description=series_description,
-        )
+    sr = hd.sr.ComprehensiveSR(
+        evidence=[header],
+        content=report[0],
+        series_instance_uid=series_instance_uid or generate_uid(),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or generate_uid(),
+        instance_number=1,
+        manufacturer=manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=institution_name or None,
+        previous_versions=[previous_sr] if previous_sr is not None else None,
+        series_description=series_description,
+    )
+    for keyword in _PERSON_NAME_KEYWORDS:
+        setattr(sr, keyword, copy.deepcopy(evidence.get(keyword)))
     sr.CodingSchemeIdentificationSequence = [cxr_codes.private_coding_scheme_identification()]
     if sr.SeriesInstanceUID == evidence.SeriesInstanceUID or sr.SOPInstanceUID == evidence.SOPInstanceUID:
         raise ValueError("the report must not reuse the series or instance UID of the evidence")

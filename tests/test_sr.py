@@ -13,6 +13,7 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 import pytest
+from highdicom.valuerep import check_person_name
 from peers import dcmtk_tool
 from pydicom.dataset import Dataset
 
@@ -221,9 +222,13 @@ def test_invalid_patient_age_is_repaired_not_copied() -> None:
 def test_patient_name_stays_out_of_logs_and_warnings(caplog: pytest.LogCaptureFixture) -> None:
     evidence = read_evidence("nih-cxr14-dx-no-finding.dcm")
     evidence.PatientName = "Unmistakable"  # single component: highdicom would warn quoting it
-    caplog.set_level(logging.DEBUG)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        check_person_name(evidence.PatientName)
+    assert any("Unmistakable" in str(w.message) for w in caught)  # the hazard: highdicom quotes the name
+
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
         build(evidence)
     assert not any("Unmistakable" in str(w.message) for w in caught)
     assert "Unmistakable" not in caplog.text
