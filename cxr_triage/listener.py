@@ -9,7 +9,7 @@ model run in the workers. Statuses, most specific first:
 * 0xA701 (Refused: out of resources): the instance could not be recorded in the database;
 * 0xA900 (Error: data set does not match SOP class): the dataset's SOP Class UID is not the context's;
 * 0xC210 (Error: cannot understand): the dataset cannot be parsed;
-* 0xC211 (Error: cannot understand): SOP Instance UID or Study Instance UID is missing or malformed.
+* 0xC211 (Error: cannot understand): SOP Class, SOP Instance or Study Instance UID is missing or malformed.
 
 Instances refused for their content (a lateral view, not a chest, DX for processing) are stored and answered
 success: the worker records why, and the sender does not retry them forever.
@@ -216,7 +216,17 @@ class Receiver:
             logger.exception("cannot parse the dataset of SOP instance %s", requested_uid)
             return STATUS_CANNOT_PARSE
         context_class = event.context.abstract_syntax
-        if str(sop_class or "") != context_class:
+        if not sop_class or not _uid_ok(sop_instance) or not _uid_ok(study_uid):
+            logger.error(
+                "SOP instance %s: SOP Class UID %r, SOP Instance UID %r or Study Instance UID %r is missing or "
+                "malformed",
+                requested_uid,
+                sop_class,
+                sop_instance,
+                study_uid,
+            )
+            return STATUS_MISSING_UIDS
+        if str(sop_class) != context_class:
             logger.error(
                 "SOP instance %s: dataset SOP Class UID %s does not match the presentation context's %s",
                 requested_uid,
@@ -224,14 +234,6 @@ class Receiver:
                 context_class,
             )
             return STATUS_SOP_CLASS_MISMATCH
-        if not _uid_ok(sop_instance) or not _uid_ok(study_uid):
-            logger.error(
-                "SOP instance %s: SOP Instance UID %r or Study Instance UID %r is missing or malformed",
-                requested_uid,
-                sop_instance,
-                study_uid,
-            )
-            return STATUS_MISSING_UIDS
         data = event.encoded_dataset(include_meta=True)
         item = ReceivedInstance(
             sop_instance_uid=str(sop_instance).strip(),

@@ -1,0 +1,249 @@
+"""Shared fixtures: a tiny random checkpoint, free ports, configurations, and an in-process listener + worker.
+
+``harness`` (or ``make_harness(**overrides)``) starts the real pynetdicom listener on a free 127.0.0.1 port with
+a migrated SQLite database in ``tmp_path``; tests send with a real AE (``send``) or dcmtk, then run the worker
+in-process with ``harness.work()`` and read the outcome from the database (``harness.rows()``).
+"""
+
+from __future__ import annotations
+
+import copy
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_context
+from pynetdicom.sop_class import Verification
+from sqlalchemy import Engine
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED_DICOM = SHARED / "data" / "dicom"
+AE_TITLE = "CXR_TRIAGE"
+CALLING_AE = "TESTSCU"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A classifier checkpoint with random weights (ModelSpec(width=4, dense_units=8)): fast, meaningless."""
+    from cxr_triage.checkpoint import ModelCard, save_classifier
+    from cxr_triage.model import CAEClassifier, ModelSpec
+
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    model = CAEClassifier(ModelSpec(width=4, dense_units=8))
+    save_classifier(path, model, ModelCard(spec=model.spec, model_version="tiny-test"))
+    return path
+
+
+def config_values(tmp: Path, model: Path | None, **overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The default configuration pointed at ``tmp`` (spool, SRs, SQLite) and ``model``, with ``overrides``."""
+    from cxr_triage.config import load_config, merge
+
+    values = {k: dict(v) for k, v in load_config(None, environ={}).values.items()}
+    base: dict[str, dict[str, Any]] = {
+        "listener": {"ae_title": AE_TITLE, "host": "127.0.0.1", "port": free_port(), "acse_timeout": 10},
+        "storage": {"spool_dir": str(tmp / "spool"), "sr_dir": str(tmp / "sr"), "min_free_mb": 1},
+        "database": {"url": f"sqlite:///{tmp / 'db' / 'cxr.sqlite'}"},
+        "model": {"path": str(model) if model else str(tmp / "no-model.pt"), "device": "cpu", "batch_size": 8},
+        "worker": {"processes": 0, "poll_interval": 0.1, "study_quiet_seconds": 0, "claim_batch": 8},
+    }
+    for section, table in overrides.items():
+        base.setdefault(section, {}).update(table)
+    return merge(values, base, "tests")
+
+
+def toml_value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    return "[" + ", ".join(toml_value(v) for v in value) + "]"
+
+
+def write_config(path: Path, values: dict[str, dict[str, Any]]) -> Path:
+    lines = []
+    for section, table in values.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in table.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --- datasets ------------------------------------------------------------------------------------------------
+
+
+def chest_dataset(rows: int = 64, cols: int = 64, seed: int = 0, **attributes: Any) -> Dataset:
+    """A small frontal chest CR (12 bits stored, explicit VR LE); ``attributes`` override (None deletes)."""
+    from dicom_factory import new_dataset, phantom
+
+    display = phantom(rows, cols)
+    rng = np.random.default_rng(seed)
+    stored = np.clip(np.round(display * 4095) + rng.integers(0, 3, display.shape), 0, 4095).astype(np.uint16)
+    ds = new_dataset(stored, bits_stored=12, **attributes)
+    if "SOPClassUID" in attributes:
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+def save_dataset(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# --- sending -------------------------------------------------------------------------------------------------
+
+
+def _syntax_of(item: Dataset | Path) -> tuple[str, str]:
+    ds = item if isinstance(item, Dataset) else dcmread(item, stop_before_pixels=True, force=True)
+    return str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)
+
+
+def send(
+    port: int,
+    items: Sequence[Dataset | Path],
+    calling_ae: str = CALLING_AE,
+    called_ae: str = AE_TITLE,
+    contexts: Sequence[tuple[str, str]] | None = None,
+    raw: bool = False,
+) -> list[int | None]:
+    """C-STORE each item over one association (one presentation context per SOP class and transfer syntax of
+    the items, so compressed data travels as it is); the status of each, None when no response came.
+
+    ``raw``: files are sent as their bytes, never decoded by the sender (pynetdicom's chunked sending), so
+    a test can send data that no parser accepts."""
+    from pynetdicom import _config
+
+    wanted = list(dict.fromkeys(contexts or [_syntax_of(item) for item in items]))
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in wanted]
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    assert assoc.is_established, f"association to port {port} not established"
+    statuses: list[int | None] = []
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = raw
+    try:
+        for item in items:
+            response = assoc.send_c_store(item if isinstance(item, Dataset) else str(item))
+            statuses.append(int(response.Status) if "Status" in response else None)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
+        assoc.release()
+    return statuses
+
+
+def echo(port: int, calling_ae: str = CALLING_AE, called_ae: str = AE_TITLE) -> int | None:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    if not assoc.is_established:
+        return None
+    try:
+        status = assoc.send_c_echo()
+        return int(status.Status) if "Status" in status else None
+    finally:
+        assoc.release()
+
+
+# --- in-process harness --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Harness:
+    """A migrated database, the running listener and a worker (not running: call ``work``)."""
+
+    config: dict[str, dict[str, Any]]
+    engine: Engine
+    listener: Any
+    worker: Any
+    tmp: Path
+    _stopped: bool = field(default=False)
+
+    @property
+    def port(self) -> int:
+        return int(self.listener.address[1])
+
+    @property
+    def sessions(self) -> Any:
+        from cxr_triage import db
+
+        return db.session_factory(self.engine)
+
+    def send(self, items: Sequence[Dataset | Path], **kw: Any) -> list[int | None]:
+        return send(self.port, items, **kw)
+
+    def work(self) -> int:
+        return int(self.worker.run_until_idle())
+
+    def rows(self, **filters: Any) -> list[dict[str, Any]]:
+        from cxr_triage import db
+        from cxr_triage.results import records
+
+        with db.read_session(self.engine) as session:
+            return list(records(session, **filters))
+
+    def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self.listener.stop()
+            self.engine.dispose()
+
+
+def start_harness(tmp: Path, model: Path | None, **overrides: dict[str, Any]) -> Harness:
+    from cxr_triage import db, listener, worker
+
+    config = config_values(tmp, model, **overrides)
+    engine = db.make_engine(config["database"]["url"])
+    db.upgrade(engine)
+    running = listener.Listener(config["listener"], listener.make_receiver(config, engine))
+    running.start()
+    return Harness(config=config, engine=engine, listener=running, worker=worker.Worker(config, engine), tmp=tmp)
+
+
+@pytest.fixture
+def make_harness(tmp_path: Path, tiny_model: Path) -> Iterator[Callable[..., Harness]]:
+    started: list[Harness] = []
+
+    def make(model: Path | None | str = "tiny", **overrides: dict[str, Any]) -> Harness:
+        chosen = tiny_model if model == "tiny" else model
+        sub = tmp_path / f"h{len(started)}"
+        sub.mkdir()
+        harness = start_harness(sub, chosen, **copy.deepcopy(overrides))  # type: ignore[arg-type]
+        started.append(harness)
+        return harness
+
+    yield make
+    for harness in started:
+        harness.stop()
+
+
+@pytest.fixture
+def harness(make_harness: Callable[..., Harness]) -> Harness:
+    return make_harness()
+
+
+def dcmtk(name: str) -> str:
+    """dcmtk's tool, not a same-named pynetdicom app that may come first on PATH."""
+    from peers import dcmtk_tool
+
+    return dcmtk_tool(name)
