@@ -297,9 +297,11 @@ def read_session(engine: Engine) -> Iterator[Session]:
 
 
 def alembic_config(engine: Engine) -> Any:
+    import sys
+
     from alembic.config import Config as AlembicConfig
 
-    cfg = AlembicConfig()
+    cfg = AlembicConfig(stdout=sys.stdout)  # the current stdout, not the one at import time
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
     return cfg
@@ -328,11 +330,14 @@ def schema_state(engine: Engine) -> str:
     if current == head:
         return "current"
     from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
 
     script = ScriptDirectory.from_config(alembic_config(engine))
-    if current is not None and script.get_revision(current) is None:
-        return "ahead"
-    return "behind"
+    try:
+        known = current is None or script.get_revision(current) is not None
+    except CommandError:  # "Can't locate revision": written by a newer release
+        known = False
+    return "behind" if known else "ahead"
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:

@@ -1,0 +1,86 @@
+"""The database: migrations match the models, `db upgrade` creates SQLite files and folders, SQLite runs in WAL
+mode with foreign keys, timestamps come back as aware UTC, and the server refuses a database behind the code."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from alembic import command
+from conftest import config_values, write_config
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import StatementError
+
+from cxr_triage import db
+from cxr_triage.cli import main
+from cxr_triage.server import StartupError, open_database
+
+
+def _config(tmp_path: Path) -> tuple[dict, Path]:
+    values = config_values(tmp_path, None, database={"url": f"sqlite:///{tmp_path / 'deep' / 'dir' / 'x.sqlite'}"})
+    return values, write_config(tmp_path / "cxr.toml", values)
+
+
+def test_db_upgrade_creates_the_file_and_folders_and_reports_current(tmp_path: Path, capsys) -> None:
+    values, path = _config(tmp_path)
+    assert main(["db", "upgrade", "--config", str(path)]) == 0
+    assert (tmp_path / "deep" / "dir" / "x.sqlite").is_file()
+    assert "-> 0001" in capsys.readouterr().out
+    assert main(["db", "current", "--config", str(path)]) == 0
+    assert "current" in capsys.readouterr().out
+    engine = db.make_engine(values["database"]["url"])
+    tables = set(inspect(engine).get_table_names())
+    assert {"studies", "instances", "predictions", "refusals", "sr_documents", "forwards", "model_versions"} <= tables
+    assert "conflicts" in tables
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == db.SQLITE_BUSY_TIMEOUT_MS
+    engine.dispose()
+
+
+def test_migrations_match_the_models(tmp_path: Path) -> None:
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'm.sqlite'}")
+    db.upgrade(engine)
+    command.check(db.alembic_config(engine))  # raises when the models need a migration the code lacks
+    engine.dispose()
+
+
+def test_empty_database_is_created_on_start_and_old_revision_is_refused(tmp_path: Path, capsys) -> None:
+    values, path = _config(tmp_path)
+    engine = open_database(values, str(path))
+    assert db.schema_state(engine) == "current"
+    command.stamp(db.alembic_config(engine), "base")  # tables present, revision behind the code's
+    assert db.schema_state(engine) == "behind"
+    engine.dispose()
+    with pytest.raises(StartupError, match=f"cxr-triage db upgrade --config {path}"):
+        open_database(values, str(path))
+    assert main(["serve", "--config", str(path)]) == 2
+    assert f"cxr-triage db upgrade --config {path}" in capsys.readouterr().err
+    assert main(["results", "--config", str(path)]) == 2
+
+
+def test_unknown_revision_is_refused(tmp_path: Path) -> None:
+    values, path = _config(tmp_path)
+    engine = open_database(values, str(path))
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'ffff'"))
+    engine.dispose()
+    with pytest.raises(StartupError, match="newer cxr-triage"):
+        open_database(values, str(path))
+
+
+def test_timestamps_are_aware_utc(tmp_path: Path) -> None:
+    engine = db.make_engine(f"sqlite:///{tmp_path / 't.sqlite'}")
+    db.upgrade(engine)
+    moment = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    with db.session_factory(engine)() as session, session.begin():
+        session.add(db.ModelVersion(version="v", sha256="a" * 64, path="p", registered_at=moment, active=True))
+    with db.read_session(engine) as session:
+        stored = session.query(db.ModelVersion).one().registered_at
+    assert stored == moment and stored.tzinfo == dt.UTC
+    with db.session_factory(engine)() as session, pytest.raises(StatementError, match="naive"):
+        session.add(db.ModelVersion(version="w", sha256="b" * 64, path="p", registered_at=dt.datetime(2026, 1, 1)))
+        session.commit()
+    engine.dispose()

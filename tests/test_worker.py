@@ -1,0 +1,181 @@
+"""Workers: exclusive claims (also from concurrent processes' connections), leases and attempts, errors, the
+missing model, worklist flags, Structured Reports (with the previous SR referenced) and study aggregation."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import threading
+from pathlib import Path
+
+import pydicom
+from conftest import chest_dataset, save_dataset
+from sqlalchemy import select
+
+from cxr_triage import db, worker
+
+
+def test_claims_are_exclusive_across_concurrent_connections(harness) -> None:
+    statuses = harness.send([chest_dataset(seed=i) for i in range(12)])
+    assert statuses == [0] * 12
+    url = harness.config["database"]["url"]
+    claimed: dict[str, list[int]] = {}
+
+    def claim(name: str) -> None:
+        engine = db.make_engine(url)  # its own pool, as another process would have
+        sessions = db.session_factory(engine)
+        mine: list[int] = []
+        while jobs := worker.claim_jobs(sessions, name, 2, 600, 3):
+            mine += [job.id for job in jobs]
+        claimed[name] = mine
+        engine.dispose()
+
+    threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    every = [job for jobs in claimed.values() for job in jobs]
+    assert sorted(every) == sorted(set(every)), "no job claimed twice"
+    assert len(every) == 12
+    with harness.sessions() as session:
+        rows = session.scalars(select(db.Instance)).all()
+    assert all(r.status == db.PROCESSING and r.attempts == 1 and r.lease_until is not None for r in rows)
+
+
+def test_expired_lease_is_retried_then_failed_after_max_attempts(harness) -> None:
+    harness.send([chest_dataset()])
+    sessions = harness.sessions
+    now = db.utcnow()
+    first = worker.claim_jobs(sessions, "dead-1", 5, lease_seconds=60, max_attempts=2, now=now)
+    assert [j.attempts for j in first] == [1]
+    assert worker.claim_jobs(sessions, "other", 5, 60, 2, now=now + dt.timedelta(seconds=30)) == [], "lease held"
+    second = worker.claim_jobs(sessions, "dead-2", 5, 60, 2, now=now + dt.timedelta(seconds=61))
+    assert [j.attempts for j in second] == [2]
+    assert worker.claim_jobs(sessions, "dead-3", 5, 60, 2, now=now + dt.timedelta(seconds=200)) == []
+    row = harness.rows()[0]
+    assert row["status"] == "error"
+    assert "2 attempts" in row["reason"]
+
+
+def test_processing_error_is_retried_and_recorded(make_harness) -> None:
+    harness = make_harness(worker={"max_attempts": 2})
+    harness.send([chest_dataset()])
+    with harness.sessions() as session:
+        path = Path(session.scalars(select(db.Instance.spool_path)).one())
+    path.unlink()
+    harness.work()
+    row = harness.rows()[0]
+    assert row["status"] == "error"
+    assert "spool file" in row["reason"] and "missing" in row["reason"]
+    with harness.sessions() as session:
+        assert session.scalars(select(db.Instance.attempts)).one() == 2
+
+
+def test_missing_model_keeps_instances_queued_until_a_model_appears(make_harness, tiny_model: Path, caplog) -> None:
+    harness = make_harness(model=None)
+    assert harness.send([chest_dataset(seed=1), chest_dataset(seed=2)]) == [0, 0]
+    with caplog.at_level("WARNING"):
+        assert harness.work() == 0
+    assert "NO MODEL" in caplog.text
+    assert [r["status"] for r in harness.rows()] == ["queued", "queued"]
+    shutil.copy(tiny_model, harness.config["model"]["path"])
+    assert harness.work() == 2
+    assert [r["status"] for r in harness.rows()] == ["ok", "ok"]
+    with harness.sessions() as session:
+        versions = session.scalars(select(db.ModelVersion)).all()
+    assert [(v.version, v.active) for v in versions] == [("tiny-test", True)]
+
+
+def test_prediction_record_flags_and_timings(make_harness) -> None:
+    harness = make_harness(triage={"covid_threshold": 0.0, "pneumonia_threshold": 1.0})
+    harness.send([chest_dataset()])
+    harness.work()
+    row = harness.rows()[0]
+    assert row["flagged"] is True
+    assert row["reason"].startswith("P(covid)=")
+    with harness.sessions() as session:
+        prediction = session.scalars(select(db.Prediction)).one()
+    assert prediction.device == "cpu"
+    assert prediction.total_ms >= prediction.inference_ms > 0
+    assert len(prediction.model_sha256) == 64
+    assert abs(sum(prediction.probabilities.values()) - 1.0) < 1e-4
+
+
+def test_one_sr_per_instance_and_a_rerun_references_the_previous_sr(harness) -> None:
+    ds = chest_dataset(seed=5)
+    harness.send([ds])
+    harness.work()
+    first_uid = harness.rows()[0]["sr_sop_instance_uid"]
+    # The same instance again with different bytes (a conflict) is processed too, superseding the first SR.
+    changed = pydicom.dcmread(save_dataset(ds, harness.tmp / "v2.dcm"))
+    changed.InstanceNumber = 2
+    harness.send([changed])
+    harness.work()
+    with harness.sessions() as session:
+        srs = session.scalars(select(db.SRDocument).order_by(db.SRDocument.id)).all()
+    assert [s.sop_instance_uid for s in srs][0] == first_uid
+    assert len(srs) == 2
+    assert srs[1].previous_sr_id == srs[0].id
+    assert srs[0].series_instance_uid == srs[1].series_instance_uid, "one SR series per study and model version"
+    second = pydicom.dcmread(srs[1].path)
+    assert second.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
+    assert second.StudyInstanceUID == ds.StudyInstanceUID
+    predecessor = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert predecessor.ReferencedSOPInstanceUID == first_uid
+    assert Path(srs[0].path).is_file() and Path(srs[0].path).is_relative_to(Path(harness.config["storage"]["sr_dir"]))
+
+
+def test_study_is_aggregated_after_the_quiet_period(make_harness) -> None:
+    harness = make_harness(
+        worker={"study_quiet_seconds": 3600}, triage={"covid_threshold": 0.0, "pneumonia_threshold": 1.0}
+    )
+    study = pydicom.uid.generate_uid()
+    items = [chest_dataset(seed=1, StudyInstanceUID=study), chest_dataset(seed=2, StudyInstanceUID=study)]
+    items.append(chest_dataset(seed=3, StudyInstanceUID=study, ViewPosition="LL"))
+    harness.send(items)
+    harness.work()
+    with harness.sessions() as session:
+        row = session.scalars(select(db.Study)).one()
+    assert row.status == "open", "still inside the quiet period"
+    completed = worker.aggregate_studies(harness.sessions, 3600, now=db.utcnow() + dt.timedelta(hours=2))
+    assert completed == [study]
+    with harness.sessions() as session:
+        row = session.scalars(select(db.Study)).one()
+    assert row.status == "complete" and row.completed_at is not None
+    assert row.summary["instances"] == 3
+    assert row.summary["classified"] == 2 and row.summary["refused"] == 1
+    assert row.flagged and row.label in ("covid", "normal", "pneumonia")
+    probabilities = [r["probabilities"]["covid"] for r in harness.rows() if r["probabilities"]]
+    assert abs(row.summary["max_probabilities"]["covid"] - max(probabilities)) < 1e-5
+    # A late instance reopens the study.
+    harness.send([chest_dataset(seed=4, StudyInstanceUID=study)])
+    with harness.sessions() as session:
+        assert session.scalars(select(db.Study.status)).one() == "open"
+
+
+def test_study_waits_for_unfinished_instances(make_harness) -> None:
+    harness = make_harness(model=None)
+    harness.send([chest_dataset()])
+    assert worker.aggregate_studies(harness.sessions, 0, now=db.utcnow() + dt.timedelta(hours=1)) == []
+
+
+def test_stopping_releases_claimed_jobs_without_counting_the_attempt(harness) -> None:
+    harness.send([chest_dataset(seed=1), chest_dataset(seed=2)])
+    jobs = worker.claim_jobs(harness.sessions, harness.worker.worker_id, 5, 600, 3)
+    assert len(jobs) == 2
+    assert worker.release_jobs(harness.sessions, harness.worker.worker_id) == 2
+    with harness.sessions() as session:
+        rows = session.scalars(select(db.Instance)).all()
+    assert [(r.status, r.attempts, r.claimed_by) for r in rows] == [(db.QUEUED, 0, None)] * 2
+
+
+def test_jobs_of_dead_local_worker_processes_are_released(harness) -> None:
+    harness.send([chest_dataset()])
+    import socket
+
+    dead_owner = f"{socket.gethostname()}:999999999:deadbeef"
+    assert len(worker.claim_jobs(harness.sessions, dead_owner, 5, 600, 3)) == 1
+    assert worker.release_dead_local_workers(harness.sessions) == 1
+    assert harness.rows()[0]["status"] == "queued"
+    assert harness.work() == 1
