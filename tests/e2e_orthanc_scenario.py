@@ -1,16 +1,19 @@
 """End-to-end scenarios with Orthanc as the PACS, run inside a private network namespace (see tests/peers.py).
 
     unshare -n -- sh -c 'ip link set lo up && exec "$0" "$@"' python tests/e2e_orthanc_scenario.py routing DIR
-    unshare -n -- sh -c '...' python tests/e2e_orthanc_scenario.py pipeline DIR --route rest|lua
+    unshare -n -- sh -c '...' python tests/e2e_orthanc_scenario.py pipeline DIR [--image CR.dcm]
 
-``routing``: Orthanc configured from deploy/orthanc/orthanc.json with deploy/orthanc/cxr-triage.lua, a dcmtk
-storescp standing in for the listener; a CR, a DX for presentation, a DX for processing and a Secondary Capture
-are sent to Orthanc by storescu; reports which of them the Lua script forwarded.
+Orthanc runs the production example, deploy/orthanc/orthanc.json with deploy/orthanc/cxr-triage.lua, with
+local ports and storage.
 
-``pipeline``: Orthanc, ``cxr-triage db upgrade`` and ``cxr-triage serve`` (SQLite, tiny random model, SRs forwarded
-to Orthanc). ``--route rest``: the CR is uploaded by REST and pushed with POST /modalities/cxr-triage/store.
-``--route lua``: Orthanc runs the production configuration and Lua script and the CR arrives by C-STORE, as
-from a modality. Waits (bounded) for the result row and for the SR in Orthanc, then reports where Orthanc filed it.
+``routing``: a dcmtk storescp stands in for the listener; a CR, a DX for presentation, a DX for processing and a
+Secondary Capture are sent to Orthanc by storescu, and a CR is uploaded by REST; reports which the Lua script
+forwarded.
+
+``pipeline``: ``cxr-triage db upgrade`` and ``cxr-triage serve`` (SQLite, tiny random model, SRs forwarded to
+Orthanc). A real chest CR reaches Orthanc by C-STORE, as from a modality, and the Lua script routes it; a
+generated CR of another patient is uploaded by REST and pushed with POST /modalities/cxr-triage/store. Waits
+(bounded) for both SRs in Orthanc, then reports the result rows and where Orthanc filed each SR.
 
 The last line of stdout is a JSON summary the pytest tests assert on; on failure the exit status is 1 and
 stderr holds the error and the tails of the logs.
@@ -19,6 +22,7 @@ stderr holds the error and the tails of the logs.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import subprocess
 import sys
@@ -74,6 +78,9 @@ def routing(workdir: Path, timeout: float) -> dict[str, Any]:
         production_orthanc(workdir / "orthanc", dicom_port, http_port, scp_port) as orthanc,
     ):
         sent = peers.storescu(dicom_port, list(cases.values()), called_ae=ORTHANC_AET, calling_ae="MODALITY")
+        rest_cr = peers.generate_chest_cr(images / "cr-rest.dcm", study_uid=study, seed=5, modality="CR")
+        orthanc.upload(rest_cr)
+        uids["cr_uploaded_by_rest"] = str(pydicom.dcmread(rest_cr, stop_before_pixels=True).SOPInstanceUID)
         stored = {name: lookup_instance(orthanc, uid) is not None for name, uid in uids.items()}
         peers.wait_until(lambda: len(scp.received()) >= 2, timeout, "Orthanc's Lua routing to reach storescp")
 
@@ -91,7 +98,42 @@ def routing(workdir: Path, timeout: float) -> dict[str, Any]:
     }
 
 
-def pipeline(workdir: Path, route: str, image: Path, timeout: float) -> dict[str, Any]:
+def sr_summary(orthanc: peers.Orthanc, workdir: Path, source_id: str, row: dict[str, Any]) -> dict[str, Any]:
+    """Where Orthanc filed the SR of one routed instance, and what the SR says."""
+    study = orthanc.get(f"/instances/{source_id}/study")["ID"]
+    sr_id = lookup_instance(orthanc, row["sr_sop_instance_uid"]) if row.get("sr_sop_instance_uid") else None
+    if sr_id is None:
+        return {"result": row, "orthanc_study": study, "sr_in_orthanc": False}
+    sr_series = orthanc.get(f"/series/{orthanc.get(f'/instances/{sr_id}')['ParentSeries']}")
+    sr_path = workdir / f"sr-{sr_id}.dcm"
+    sr_path.write_bytes(orthanc.request_bytes(f"/instances/{sr_id}/file"))
+    sr = pydicom.dcmread(sr_path)
+    source = pydicom.dcmread(io.BytesIO(orthanc.request_bytes(f"/instances/{source_id}/file")), stop_before_pixels=True)
+    evidence = [
+        str(item.ReferencedSOPInstanceUID)
+        for ev_study in sr.get("CurrentRequestedProcedureEvidenceSequence", [])
+        for series in ev_study.get("ReferencedSeriesSequence", [])
+        for item in series.get("ReferencedSOPSequence", [])
+    ]
+    dciodvfy = subprocess.run(["dciodvfy", str(sr_path)], capture_output=True, text=True, timeout=60)
+    return {
+        "result": row,
+        "sr_in_orthanc": True,
+        "orthanc_study": study,
+        "sr_parent_study": sr_series["ParentStudy"],
+        "sr_series_modality": sr_series["MainDicomTags"].get("Modality"),
+        "series_in_study": len(orthanc.get(f"/studies/{study}/series")),
+        "source_study_instance_uid": str(source.StudyInstanceUID),
+        "sr_study_instance_uid": str(sr.StudyInstanceUID),
+        "sr_patient_id_matches": str(sr.get("PatientID", "")) == str(source.get("PatientID", "")),
+        "sr_evidence": evidence,
+        "dciodvfy_errors": [line for line in (dciodvfy.stdout + dciodvfy.stderr).splitlines() if "Error" in line],
+    }
+
+
+def pipeline(workdir: Path, image: Path, timeout: float) -> dict[str, Any]:
+    """Orthanc from the production example; ``image`` sent to it by C-STORE (routed by the Lua script), and a
+    generated CR of another patient uploaded by REST (not routed: REST imports aren't) and pushed explicitly."""
     started = time.monotonic()
     listener_port, dicom_port, http_port = peers.free_ports(3)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -111,81 +153,50 @@ def pipeline(workdir: Path, route: str, image: Path, timeout: float) -> dict[str
             },
         },
     )
+    rest_image = peers.generate_chest_cr(workdir / "rest-upload.dcm", patient_id="E2E-REST", seed=7)
+    uids = {
+        route: str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        for route, path in (("lua", image), ("rest", rest_image))
+    }
     peers.cli("db", "upgrade", config=config)
-    if route == "lua":
-        orthanc = production_orthanc(workdir / "orthanc", dicom_port, http_port, listener_port)
-    else:
-        orthanc = peers.Orthanc(
-            workdir / "orthanc",
-            dicom_port,
-            http_port,
-            ae_title=ORTHANC_AET,
-            modalities={MODALITY: (LISTENER_AET, listener_port)},
-        )
-    source = pydicom.dcmread(image, stop_before_pixels=True)
-    sop_uid, study_uid = str(source.SOPInstanceUID), str(source.StudyInstanceUID)
+    orthanc = production_orthanc(workdir / "orthanc", dicom_port, http_port, listener_port)
     with orthanc, peers.Server(config, listener_port, log=workdir / "serve.log") as server:
         try:
-            if route == "rest":
-                uploaded = orthanc.upload(image)
-                orthanc.store_to_modality(MODALITY, [uploaded["ID"]])
-            else:
-                sent = peers.storescu(dicom_port, [image], called_ae=ORTHANC_AET, calling_ae="MODALITY")
-                if lookup_instance(orthanc, sop_uid) is None:
-                    raise peers.PeerError(f"storescu to Orthanc stored nothing: {sent.stdout}{sent.stderr}")
-            orthanc_study = orthanc.get(f"/instances/{lookup_instance(orthanc, sop_uid)}/study")["ID"]
+            sent = peers.storescu(dicom_port, [image], called_ae=ORTHANC_AET, calling_ae="MODALITY")
+            if lookup_instance(orthanc, uids["lua"]) is None:
+                raise peers.PeerError(f"storescu to Orthanc stored nothing: {sent.stdout}{sent.stderr}")
+            uploaded = orthanc.upload(rest_image)
+            pushed = orthanc.store_to_modality(MODALITY, [uploaded["ID"]])
 
-            def sr_in_orthanc() -> str | None:
+            def srs_in_orthanc() -> list[str] | None:
                 if not server.alive():
                     raise peers.PeerError("cxr-triage serve exited")
-                series = orthanc.post("/tools/find", {"Level": "Series", "Query": {"Modality": "SR"}})
-                instances = [i for s in series for i in orthanc.get(f"/series/{s}")["Instances"]]
-                return instances[0] if instances else None
+                found = orthanc.post("/tools/find", {"Level": "Instance", "Query": {"Modality": "SR"}})
+                return found if len(found) >= len(uids) else None
 
-            sr_orthanc_id = peers.wait_until(sr_in_orthanc, timeout, f"the SR of {sop_uid} to arrive in Orthanc", 0.5)
-            time.sleep(1.0)  # anything routed back by mistake (an SR looping) would show up by now
-            all_rows = peers.results(config)
-            rows = [r for r in all_rows if r.get("sop_instance_uid") == sop_uid]
-            if len(rows) != 1:
-                raise peers.PeerError(f"expected one result row for {sop_uid}, got {rows}")
-            row = rows[0]
-            sr_instance = orthanc.get(f"/instances/{sr_orthanc_id}")
-            sr_series = orthanc.get(f"/series/{sr_instance['ParentSeries']}")
-            series_in_study = orthanc.get(f"/studies/{orthanc_study}/series")
-            sr_path = workdir / "sr-from-orthanc.dcm"
-            sr_path.write_bytes(orthanc.request_bytes(f"/instances/{sr_orthanc_id}/file"))
-            sr = pydicom.dcmread(sr_path)
-            evidence = [
-                str(item.ReferencedSOPInstanceUID)
-                for study in sr.get("CurrentRequestedProcedureEvidenceSequence", [])
-                for series in study.get("ReferencedSeriesSequence", [])
-                for item in series.get("ReferencedSOPSequence", [])
-            ]
+            peers.wait_until(srs_in_orthanc, timeout, f"{len(uids)} SRs to arrive in Orthanc", 0.5)
+            time.sleep(1.0)  # anything routed twice, or an SR routed back, would show up by now
+            rows = peers.results(config)
+            cases = {}
+            for route, uid in uids.items():
+                matching = [r for r in rows if r.get("sop_instance_uid") == uid]
+                if len(matching) != 1:
+                    raise peers.PeerError(f"expected one result row for {uid}, got {matching}")
+                cases[route] = sr_summary(orthanc, workdir, lookup_instance(orthanc, uid) or "", matching[0])
             sr_count = len(orthanc.post("/tools/find", {"Level": "Instance", "Query": {"Modality": "SR"}}))
             studies, patients = len(orthanc.get("/studies")), len(orthanc.get("/patients"))
-            dciodvfy = subprocess.run(["dciodvfy", str(sr_path)], capture_output=True, text=True, timeout=60)
         except BaseException:
             print(f"--- serve.log ---\n{peers.tail(server.log)}", file=sys.stderr)
             print(f"--- orthanc.log ---\n{peers.tail(orthanc.log)}", file=sys.stderr)
             raise
     return {
-        "route": route,
-        "sop_instance_uid": sop_uid,
-        "study_instance_uid": study_uid,
-        "result": row,
-        "results_count": len(all_rows),
+        "sop_instance_uids": uids,
+        "rest_push_failed_instances": pushed.get("FailedInstancesCount") if isinstance(pushed, dict) else None,
+        "cases": cases,
+        "results_count": len(rows),
+        "sr_instances_in_orthanc": sr_count,
         "orthanc_studies": studies,
         "orthanc_patients": patients,
-        "orthanc_study": orthanc_study,
-        "sr_parent_study": sr_series["ParentStudy"],
-        "sr_series_modality": sr_series["MainDicomTags"].get("Modality"),
-        "sr_sop_instance_uid": str(sr.SOPInstanceUID),
-        "sr_instances_in_orthanc": sr_count,
-        "series_in_study": len(series_in_study),
-        "sr_study_instance_uid": str(sr.StudyInstanceUID),
-        "sr_patient_id_matches": str(sr.get("PatientID", "")) == str(source.get("PatientID", "")),
-        "sr_evidence": evidence,
-        "dciodvfy_errors": [line for line in (dciodvfy.stdout + dciodvfy.stderr).splitlines() if "Error" in line],
         "elapsed_s": round(time.monotonic() - started, 1),
     }
 
@@ -194,7 +205,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scenario", choices=["routing", "pipeline"])
     parser.add_argument("workdir", type=Path)
-    parser.add_argument("--route", choices=["rest", "lua"], default="rest")
     parser.add_argument("--image", type=Path, default=peers.SAMPLE_CR)
     parser.add_argument("--timeout", type=float, default=90.0, help="deadline of each wait, seconds")
     args = parser.parse_args(argv)
@@ -203,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.scenario == "routing":
         summary = routing(args.workdir, args.timeout)
     else:
-        summary = pipeline(args.workdir, args.route, args.image, args.timeout)
+        summary = pipeline(args.workdir, args.image, args.timeout)
     print(json.dumps(summary))
     return 0
 

@@ -33,6 +33,8 @@ LISTENER_AET = "CXR_TRIAGE"
 RECEIVER_AET = "PACS"
 CLASSIFIED = re.compile(r" (?P<process>\S+) cxr_triage\.worker: SOP instance (?P<uid>[0-9.]+): ")
 """A worker's log line for one classified instance (format of ``worker_process_main``)."""
+MODEL_LOADED = re.compile(r" (?P<process>\S+) cxr_triage\.worker: model \S+ \(sha256 ")
+"""A worker's log line once its model is loaded: it polls the queue from then on."""
 
 
 def database_facts(url: str) -> dict[str, Any]:
@@ -97,6 +99,12 @@ def run(workdir: Path, count: int, studies: int, timeout: float) -> dict[str, An
         peers.cli("db", "upgrade", config=config)
         with peers.Server(config, listener_port, log=workdir / "serve.log") as server:
             try:
+                # Send only when both workers poll, so that they compete for every instance.
+                peers.wait_until(
+                    lambda: len({m["process"] for m in MODEL_LOADED.finditer(server.log.read_text())}) >= 2,
+                    timeout,
+                    "both worker processes to load the model",
+                )
                 halves = [files[0::2], files[1::2]]
                 senders = [
                     subprocess.Popen(
@@ -113,17 +121,23 @@ def run(workdir: Path, count: int, studies: int, timeout: float) -> dict[str, An
                 for sender in senders:
                     sender.communicate(timeout=timeout)
 
-                def all_done() -> list[dict[str, Any]] | None:
+                engine = sa.create_engine(cluster.url)
+
+                def all_done() -> bool:
                     if not server.alive():
                         raise peers.PeerError("cxr-triage serve exited")
-                    rows = [r for r in peers.results(config) if r.get("sop_instance_uid") in sent_uids]
-                    done = [r for r in rows if r.get("completed_at") and r.get("sr_sop_instance_uid")]
-                    return rows if len(done) >= len(sent_uids) else None
+                    with engine.connect() as conn:
+                        done = conn.execute(sa.text("SELECT count(*) FROM instances WHERE status = 'done'")).scalar()
+                    return int(done or 0) >= count
 
-                rows = peers.wait_until(all_done, timeout, f"{count} completed results with SRs", 0.5)
+                try:
+                    peers.wait_until(all_done, timeout, f"{count} instances to be classified", 0.5)
+                finally:
+                    engine.dispose()
                 peers.wait_until(lambda: len(receiver.received()) >= count, timeout, "the SRs to reach storescp")
                 time.sleep(1.5)  # a duplicate classification or forward would land by now
                 facts = database_facts(cluster.url)
+                rows = [r for r in peers.results(config) if r.get("sop_instance_uid") in sent_uids]
                 received = [pydicom.dcmread(p, stop_before_pixels=True) for p in receiver.received()]
             except BaseException:
                 print(f"--- serve.log ---\n{peers.tail(server.log)}", file=sys.stderr)

@@ -1,5 +1,5 @@
 """End-to-end with Orthanc as the PACS: routing by the production Lua script, and the whole pipeline
-(Orthanc -> listener -> worker -> SR -> Orthanc) through REST push and through Lua auto-routing.
+(Orthanc -> listener -> worker -> SR -> Orthanc), by Lua auto-routing and by REST push, in one run.
 
 Orthanc binds every interface, so each scenario runs in its own network namespace (tests/e2e_orthanc_scenario.py
 under ``unshare -n``); all traffic is on that namespace's 127.0.0.1.
@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import peers
-import pydicom
 import pytest
 
 pytestmark = pytest.mark.peers
@@ -39,35 +38,35 @@ def test_production_lua_routes_cr_and_dx_for_presentation_only(tmp_path: Path) -
 
     assert summary["storescu_returncode"] == 0
     assert all(summary["stored_in_orthanc"].values()), summary
+    # Only CR and DX for presentation, and only what arrived over DICOM (not the REST upload).
     assert summary["routed"] == ["cr", "dx"]
     assert summary["received_count"] == 2
 
 
-@pytest.mark.parametrize("route", ["rest", "lua"])
-def test_sr_comes_back_into_the_same_orthanc_study(tmp_path: Path, route: str) -> None:
-    source = pydicom.dcmread(peers.SAMPLE_CR, stop_before_pixels=True)
+def test_sr_comes_back_into_the_same_orthanc_study(tmp_path: Path) -> None:
+    summary = run_scenario("pipeline", str(tmp_path / "work"), "--image", str(peers.SAMPLE_CR))
 
-    summary = run_scenario("pipeline", str(tmp_path / "work"), "--route", route, "--image", str(peers.SAMPLE_CR))
-
-    row = summary["result"]
-    assert row["sop_instance_uid"] == source.SOPInstanceUID
-    assert row["study_instance_uid"] == source.StudyInstanceUID
-    assert row["status"] == "ok"
-    assert row["label"] in ("covid", "normal", "pneumonia")
-    assert set(row["probabilities"]) == {"covid", "normal", "pneumonia"}
-    assert row["model_version"] == "test-tiny"
-    assert row["received_at"] <= row["completed_at"]
-    # One instance in, one result out: the SR sent back to Orthanc was not routed to the listener again.
-    assert summary["results_count"] == 1
-    # Orthanc filed the SR in the CR's own study and patient, in a new series of its own.
-    assert summary["orthanc_studies"] == 1
-    assert summary["orthanc_patients"] == 1
-    assert summary["sr_parent_study"] == summary["orthanc_study"]
-    assert summary["sr_series_modality"] == "SR"
-    assert summary["sr_sop_instance_uid"] == row["sr_sop_instance_uid"]
-    assert summary["sr_instances_in_orthanc"] == 1
-    assert summary["series_in_study"] == 2
-    assert summary["sr_study_instance_uid"] == source.StudyInstanceUID
-    assert summary["sr_patient_id_matches"]
-    assert summary["sr_evidence"] == [source.SOPInstanceUID]
-    assert summary["dciodvfy_errors"] == []
+    # Two instances in (one routed by the Lua script, one pushed by REST), two results, two SRs: nothing was
+    # routed twice and no SR was routed back to the listener.
+    assert summary["rest_push_failed_instances"] == 0
+    assert summary["results_count"] == 2
+    assert summary["sr_instances_in_orthanc"] == 2
+    assert summary["orthanc_studies"] == 2
+    assert summary["orthanc_patients"] == 2
+    for route, case in summary["cases"].items():
+        row = case["result"]
+        assert row["sop_instance_uid"] == summary["sop_instance_uids"][route]
+        assert row["status"] == "ok", (route, row)
+        assert row["label"] in ("covid", "normal", "pneumonia")
+        assert set(row["probabilities"]) == {"covid", "normal", "pneumonia"}
+        assert row["model_version"] == "test-tiny"
+        assert row["received_at"] <= row["completed_at"]
+        # Orthanc filed the SR in the image's own study and patient, in a new series of its own.
+        assert case["sr_in_orthanc"], (route, case)
+        assert case["sr_parent_study"] == case["orthanc_study"]
+        assert case["sr_series_modality"] == "SR"
+        assert case["series_in_study"] == 2
+        assert row["study_instance_uid"] == case["source_study_instance_uid"] == case["sr_study_instance_uid"]
+        assert case["sr_patient_id_matches"]
+        assert case["sr_evidence"] == [row["sop_instance_uid"]]
+        assert case["dciodvfy_errors"] == [], (route, case["dciodvfy_errors"])

@@ -1,8 +1,13 @@
--- Orthanc auto-routing to the cxr-triage listener: every stored CR or DX (for presentation) image is sent,
--- as a C-STORE job, to the modality named TARGET in orthanc.json's "DicomModalities".
+-- Orthanc auto-routing to the cxr-triage listener: every CR or DX (for presentation) image that a modality
+-- sends to Orthanc over DICOM is sent on, as a C-STORE job, to the modality named TARGET in orthanc.json's
+-- "DicomModalities".
 --
--- Nothing else is sent: not the Structured Reports cxr-triage sends back (Modality SR, so no routing loop),
--- not other modalities, not DX "for processing" raw detector data (cxr-triage would only record it as refused).
+-- Not routed:
+-- - instances that reach Orthanc through the REST API or a plugin (archive imports, migrations): a bulk import
+--   of old studies should not flood the triage queue; push those explicitly when wanted, with
+--   POST /modalities/cxr-triage/store;
+-- - the Structured Reports cxr-triage sends back (Modality SR: no routing loop), other modalities;
+-- - DX "for processing" raw detector data (cxr-triage would only record it as refused).
 -- Body part and view are left to cxr-triage, which records a reason for every image it does not classify.
 --
 -- Orthanc runs SendToModality as an asynchronous job: a failure (listener down) shows in GET /jobs and the job
@@ -12,7 +17,10 @@ local TARGET = 'cxr-triage'
 local ROUTED_MODALITIES = { CR = true, DX = true }
 local DX_FOR_PROCESSING = '1.2.840.10008.5.1.4.1.1.1.1.1'
 
-function ShouldRouteToCxrTriage(tags)
+function ShouldRouteToCxrTriage(tags, origin)
+  if origin == nil or origin['RequestOrigin'] ~= 'DicomProtocol' then
+    return false
+  end
   if not ROUTED_MODALITIES[tags['Modality'] or ''] then
     return false
   end
@@ -26,7 +34,7 @@ function ShouldRouteToCxrTriage(tags)
 end
 
 function OnStoredInstance(instanceId, tags, metadata, origin)
-  if ShouldRouteToCxrTriage(tags) then
+  if ShouldRouteToCxrTriage(tags, origin) then
     -- UIDs only in logs, never patient names or IDs.
     print('cxr-triage: routing SOP instance ' .. (tags['SOPInstanceUID'] or instanceId))
     SendToModality(instanceId, TARGET)
