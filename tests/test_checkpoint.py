@@ -102,7 +102,7 @@ def test_pickled_code_is_not_executed(tmp_path: Path) -> None:
     evil = tmp_path / "evil.pt"
     torch.save({"format": FORMAT, "kind": "classifier", "payload": MarkerPayload(marker)}, evil, pickle_protocol=2)
     plain = tmp_path / "evil.pkl"
-    plain.write_bytes(pickle.dumps(MarkerPayload(marker)))
+    plain.write_bytes(pickle.dumps(MarkerPayload(marker), protocol=2))
     for path in (evil, plain):
         with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
             load_classifier(path)
