@@ -1,0 +1,111 @@
+"""Crash recovery with the real `cxr-triage serve` process: instances acknowledged before a SIGKILL (and a spool
+file written just before a crash, with no database row yet) are all classified after a restart; an incomplete
+temporary spool file is removed; SIGTERM stops the server cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import chest_dataset, config_values, echo, save_dataset, send, write_config
+from peers import tail, terminate, wait_until
+
+from cxr_triage import db, spool
+from cxr_triage.results import records
+
+
+def _start(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "cxr_triage", "--log-level", "INFO", "serve", "--config", str(config)]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=config.parent, start_new_session=True)
+    return proc
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    def ready() -> bool:
+        assert proc.poll() is None, f"serve exited with {proc.returncode}:\n{tail(log)}"
+        return echo(port) == 0
+
+    wait_until(ready, 60, "cxr-triage serve to answer C-ECHO")
+
+
+def _rows(url: str) -> list[dict]:
+    engine = db.make_engine(url)
+    try:
+        with db.read_session(engine) as session:
+            return list(records(session))
+    finally:
+        engine.dispose()
+
+
+def test_acknowledged_instances_survive_sigkill(tmp_path: Path, tiny_model: Path) -> None:
+    values = config_values(tmp_path, tiny_model, worker={"processes": 0})
+    config = write_config(tmp_path / "cxr.toml", values)
+    port = values["listener"]["port"]
+    url = values["database"]["url"]
+    log = tmp_path / "serve.log"
+
+    proc = _start(config, log)
+    try:
+        _wait_ready(proc, port, log)
+        sent = [chest_dataset(seed=i) for i in range(4)]
+        assert send(port, sent) == [0] * 4
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    assert [r["status"] for r in _rows(url)] == ["queued"] * 4, "acknowledged means recorded"
+
+    # A crash between the spool rename and the database insert leaves a spool file without a row,
+    # and a crash during the write leaves a temporary file.
+    orphan = chest_dataset(seed=99)
+    data = save_dataset(orphan, tmp_path / "orphan.dcm").read_bytes()
+    spool.write_atomic(
+        spool.spool_path(values["storage"]["spool_dir"], orphan.SOPInstanceUID, spool.sha256_bytes(data)), data
+    )
+    stale = Path(values["storage"]["spool_dir"]) / "ab" / f"{spool.TEMP_PREFIX}crashed"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"partial")
+
+    values["worker"]["processes"] = 1
+    write_config(config, values)
+    proc = _start(config, log)
+    try:
+        _wait_ready(proc, port, log)
+        done = wait_until(
+            lambda: (rows := _rows(url)) and all(r["status"] == "ok" for r in rows) and len(rows) == 5 and rows,
+            90,
+            "every instance to be classified after the restart",
+            interval=0.5,
+        )
+    finally:
+        code = terminate(proc, timeout=60, group=True)
+    expected = {str(ds.SOPInstanceUID) for ds in [*sent, orphan]}
+    assert {r["sop_instance_uid"] for r in done} == expected
+    assert all(r["sr_sop_instance_uid"] for r in done)
+    assert not stale.exists()
+    assert code == 0, tail(log)
+    text = log.read_text()
+    assert "recovered spool file" in text
+    assert "stopped" in text
+    assert "Test^Phantom" not in text, "logs carry UIDs, never patient names"
+
+
+def test_serve_without_a_model_starts_and_keeps_instances_queued(tmp_path: Path) -> None:
+    values = config_values(tmp_path, None, worker={"processes": 1})
+    config = write_config(tmp_path / "cxr.toml", values)
+    log = tmp_path / "serve.log"
+    proc = _start(config, log)
+    try:
+        _wait_ready(proc, values["listener"]["port"], log)
+        assert send(values["listener"]["port"], [chest_dataset()]) == [0]
+        wait_until(lambda: "NO MODEL - received" in log.read_text(), 60, "the worker process's no-model warning")
+        time.sleep(0.5)  # a few polls of the worker
+        assert [r["status"] for r in _rows(values["database"]["url"])] == ["queued"]
+    finally:
+        code = terminate(proc, timeout=60, group=True)
+    assert code == 0
+    assert "NO MODEL" in log.read_text()
