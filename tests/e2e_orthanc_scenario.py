@@ -138,20 +138,24 @@ def pipeline(workdir: Path, image: Path, timeout: float) -> dict[str, Any]:
     listener_port, dicom_port, http_port = peers.free_ports(3)
     workdir.mkdir(parents=True, exist_ok=True)
     model = peers.make_tiny_checkpoint(workdir / "model.pt")
+    # The single-host example (allow-list: only ORTHANC may send), made local.
     config = peers.write_config(
         workdir / "cxr-triage.toml",
-        {
-            "listener": {"ae_title": LISTENER_AET, "host": "127.0.0.1", "port": listener_port},
-            "storage": {"spool_dir": str(workdir / "spool"), "sr_dir": str(workdir / "sr"), "min_free_mb": 1},
-            "database": {"url": f"sqlite:///{workdir / 'cxr-triage.sqlite'}"},
-            "model": {"path": str(model), "device": "cpu", "batch_size": 4},
-            "worker": {"processes": 1, "poll_interval": 0.2, "study_quiet_seconds": 2},
-            "forward": {
-                "destinations": [{"ae_title": ORTHANC_AET, "host": "127.0.0.1", "port": dicom_port}],
-                "backoff_seconds": 1,
-                "timeout": 20,
+        peers.example_config(
+            "sqlite",
+            {
+                "listener": {"ae_title": LISTENER_AET, "host": "127.0.0.1", "port": listener_port},
+                "storage": {"spool_dir": str(workdir / "spool"), "sr_dir": str(workdir / "sr"), "min_free_mb": 1},
+                "database": {"url": f"sqlite:///{workdir / 'cxr-triage.sqlite'}"},
+                "model": {"path": str(model), "device": "cpu", "batch_size": 4},
+                "worker": {"processes": 1, "poll_interval": 0.2, "study_quiet_seconds": 2},
+                "forward": {
+                    "destinations": [{"ae_title": ORTHANC_AET, "host": "127.0.0.1", "port": dicom_port}],
+                    "backoff_seconds": 1,
+                    "timeout": 20,
+                },
             },
-        },
+        ),
     )
     rest_image = peers.generate_chest_cr(workdir / "rest-upload.dcm", patient_id="E2E-REST", seed=7)
     uids = {

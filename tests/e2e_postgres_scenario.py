@@ -81,20 +81,29 @@ def run(workdir: Path, count: int, studies: int, timeout: float) -> dict[str, An
         peers.PostgresCluster() as cluster,
         peers.Storescp(workdir / "received", receiver_port, ae_title=RECEIVER_AET) as receiver,
     ):
+        # The PostgreSQL example, made local.
         config = peers.write_config(
             workdir / "cxr-triage.toml",
-            {
-                "listener": {"ae_title": LISTENER_AET, "host": "127.0.0.1", "port": listener_port},
-                "storage": {"spool_dir": str(workdir / "spool"), "sr_dir": str(workdir / "sr"), "min_free_mb": 1},
-                "database": {"url": cluster.url},
-                "model": {"path": str(model), "device": "cpu", "batch_size": 4},
-                "worker": {"processes": 2, "poll_interval": 0.1, "claim_batch": 1, "study_quiet_seconds": 2},
-                "forward": {
-                    "destinations": [{"ae_title": RECEIVER_AET, "host": "127.0.0.1", "port": receiver_port}],
-                    "backoff_seconds": 1,
-                    "timeout": 20,
+            peers.example_config(
+                "postgresql",
+                {
+                    "listener": {
+                        "ae_title": LISTENER_AET,
+                        "host": "127.0.0.1",
+                        "port": listener_port,
+                        "allowed_calling_aes": ["MODALITY0", "MODALITY1"],
+                    },
+                    "storage": {"spool_dir": str(workdir / "spool"), "sr_dir": str(workdir / "sr"), "min_free_mb": 1},
+                    "database": {"url": cluster.url},
+                    "model": {"path": str(model), "device": "cpu", "batch_size": 4},
+                    "worker": {"processes": 2, "poll_interval": 0.1, "claim_batch": 1, "study_quiet_seconds": 2},
+                    "forward": {
+                        "destinations": [{"ae_title": RECEIVER_AET, "host": "127.0.0.1", "port": receiver_port}],
+                        "backoff_seconds": 1,
+                        "timeout": 20,
+                    },
                 },
-            },
+            ),
         )
         peers.cli("db", "upgrade", config=config)
         with peers.Server(config, listener_port, log=workdir / "serve.log") as server:

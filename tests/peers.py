@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
@@ -554,6 +555,15 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, Sequence):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def example_config(name: str, overrides: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The repo's example ``config/NAME.toml`` with ``overrides`` (section -> key -> value) applied on top."""
+    with (REPO / "config" / f"{name}.toml").open("rb") as fh:
+        sections: dict[str, dict[str, Any]] = tomllib.load(fh)
+    for section, values in overrides.items():
+        sections.setdefault(section, {}).update(values)
+    return sections
 
 
 def write_config(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
