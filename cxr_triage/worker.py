@@ -475,7 +475,14 @@ class Worker:
         predictor = self.predictor
         sha = predictor.loaded.sha256
         flagged, flag_reason = flag_for(prediction.probabilities, self.config["triage"])
-        sr_written = self._write_sr(job, prediction, flagged) if self.config["sr"]["enabled"] else None
+        sr_written = None
+        sr_error = None
+        if self.config["sr"]["enabled"]:
+            try:
+                sr_written = self._write_sr(job, prediction, flagged)
+            except Exception as exc:  # the classification stands; the missing SR is recorded as the error
+                logger.exception("SOP instance %s: the Structured Report could not be written", job.sop_instance_uid)
+                sr_error = f"Structured Report not written: {type(exc).__name__}: {exc}"[:4000]
         now = db.utcnow()
         with self.sessions() as session, session.begin():
             instance = self._owned(session, job)
@@ -499,7 +506,7 @@ class Worker:
             )
             instance.flagged = flagged
             instance.flag_reason = flag_reason
-            instance.error = None
+            instance.error = sr_error
             if sr_written is not None:
                 self._record_sr(session, job, sr_written, now)
             self._finish(instance, db.DONE, now)

@@ -281,3 +281,29 @@ def test_wrong_called_ae_is_rejected(harness) -> None:
 def test_transfer_syntaxes_offered_include_every_decodable_one() -> None:
     offered = set(listener.decodable_transfer_syntaxes())
     assert set(EXPECTED_SYNTAX.values()) <= offered
+
+
+def test_tls_listener(make_harness, tmp_path: Path) -> None:
+    import ssl
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
+        + ["-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    harness = make_harness(listener={"tls_enabled": True, "tls_certificate": str(cert), "tls_private_key": str(key)})
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    ae = AE(ae_title=CALLING_AE)
+    ae.acse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", harness.port, ae_title="CXR_TRIAGE", tls_args=(client, "localhost"))
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
+    assert echo(harness.port) is None, "plain DICOM is not accepted on a TLS port"

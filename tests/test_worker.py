@@ -179,3 +179,29 @@ def test_jobs_of_dead_local_worker_processes_are_released(harness) -> None:
     assert worker.release_dead_local_workers(harness.sessions) == 1
     assert harness.rows()[0]["status"] == "queued"
     assert harness.work() == 1
+
+
+def test_sr_failure_keeps_the_classification(harness, monkeypatch) -> None:
+    from cxr_triage import sr
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("evidence lacks something")
+
+    monkeypatch.setattr(sr, "build_triage_sr", broken)
+    harness.send([chest_dataset()])
+    harness.work()
+    row = harness.rows()[0]
+    assert row["status"] == "ok" and row["label"] and row["sr_sop_instance_uid"] is None
+    assert "Structured Report not written" in row["reason"]
+
+
+def test_worker_command_processes_the_queue(make_harness) -> None:
+    from conftest import write_config
+
+    from cxr_triage.cli import main
+
+    harness = make_harness()
+    harness.send([chest_dataset(seed=1), chest_dataset(seed=2, ViewPosition="LL")])
+    config = write_config(harness.tmp / "cxr.toml", harness.config)
+    assert main(["worker", "--once", "--config", str(config)]) == 0
+    assert sorted(r["status"] for r in harness.rows()) == ["ok", "rejected"]
