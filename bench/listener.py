@@ -1,0 +1,265 @@
+"""Benchmark the whole server: concurrent dcmtk storescu senders against one `cxr-triage serve`, then the model alone.
+
+Usage: ``python bench/listener.py [--images N] [--senders 4] [--size 2048] [--model FILE | --random tiny|full]``.
+
+N synthetic 2048x2048 16-bit chest CRs are generated in a temporary folder and sent by ``--senders`` concurrent
+``storescu`` processes to one server (SQLite, CPU, the default worker settings, SRs written but forwarded
+nowhere). Printed, from the database's own timestamps:
+
+- ingest rate (instances acknowledged per second, by the senders' wall clock);
+- throughput (instances per second from the first ``received_at`` to the last ``completed_at``);
+- latency from acknowledgement to committed result (``completed_at - received_at``): p50, p95, max;
+- the workers' own per-image preprocessing and inference times (predictions table).
+
+Then, in this process with the server stopped, the same images are preprocessed (``prepare_path``) and the model
+alone runs on the prepared tensors (``Predictor``, the server's batch size), and the pipeline's overhead over
+the model is printed: (pipeline seconds per image - model seconds per image) / model seconds per image.
+Target on the CPU: overhead < 15 % of the model's time (meaningful with the full-size model; a tiny model makes
+the model's time small and the overhead ratio large).
+
+Without ``--model`` a checkpoint with random weights is made: ``--random tiny`` (width 4, the default) or
+``--random full`` (the paper's width: the real model's compute cost). Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+import peers  # noqa: E402
+import torch  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
+from sqlalchemy import select  # noqa: E402
+
+from cxr_triage import db  # noqa: E402
+from cxr_triage.checkpoint import ModelCard, load_classifier, save_classifier  # noqa: E402
+from cxr_triage.config import load_config  # noqa: E402
+from cxr_triage.inference import Predictor  # noqa: E402
+from cxr_triage.model import CAEClassifier, ModelSpec  # noqa: E402
+from cxr_triage.preprocess import PreparedImage, prepare_path  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def make_model(workdir: Path, args: argparse.Namespace) -> tuple[Path, str]:
+    if args.model:
+        loaded = load_classifier(args.model)
+        return Path(args.model), f"{args.model} (version {loaded.card.model_version}, trained weights)"
+    spec = ModelSpec(width=4, dense_units=8) if args.random == "tiny" else ModelSpec()
+    model = CAEClassifier(spec)
+    path = workdir / "model.pt"
+    save_classifier(path, model, ModelCard(spec=spec, model_version=f"bench-random-{args.random}"))
+    return path, f"{args.random} model with RANDOM weights (width {spec.width}, dense {spec.dense_units})"
+
+
+def send(files: list[Path], senders: int, port: int, ae_title: str) -> tuple[float, list[int]]:
+    """Send ``files`` split over ``senders`` concurrent storescu processes; (wall seconds, exit statuses)."""
+    storescu = peers.dcmtk_tool("storescu")
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [storescu, "-aet", f"BENCH{n}", "-aec", ae_title, "127.0.0.1", str(port), *map(str, files[n::senders])],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for n in range(senders)
+        if files[n::senders]
+    ]
+    codes = [p.wait(timeout=3600) for p in procs]
+    return time.perf_counter() - started, codes
+
+
+def pipeline_figures(url: str) -> dict[str, Any]:
+    engine = db.make_engine(url, create_dirs=False)
+    try:
+        with db.read_session(engine) as session:
+            instances = session.execute(
+                select(db.Instance.received_at, db.Instance.completed_at, db.Instance.status)
+            ).all()
+            predictions = session.execute(select(db.Prediction.preprocess_ms, db.Prediction.inference_ms)).all()
+    finally:
+        engine.dispose()
+    done = [(r.received_at, r.completed_at) for r in instances if r.completed_at is not None]
+    latencies = [(c - r).total_seconds() for r, c in done]
+    span = (max(c for _, c in done) - min(r for r, _ in done)).total_seconds() if done else float("nan")
+    return {
+        "statuses": sorted({r.status for r in instances}),
+        "count": len(done),
+        "span_s": span,
+        "latencies": latencies,
+        "preprocess_ms": [p.preprocess_ms for p in predictions],
+        "inference_ms": [p.inference_ms for p in predictions],
+    }
+
+
+def terminal_count(url: str) -> int:
+    engine = db.make_engine(url, create_dirs=False)
+    try:
+        with db.read_session(engine) as session:
+            rows = session.execute(select(db.Instance.status)).scalars().all()
+    finally:
+        engine.dispose()
+    return sum(1 for status in rows if status in db.TERMINAL_STATES)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=32, help="instances to send (default 32)")
+    parser.add_argument("--senders", type=int, default=4, help="concurrent storescu processes (default 4)")
+    parser.add_argument("--size", type=int, default=2048, help="rows = columns of each image (default 2048)")
+    parser.add_argument("--studies", type=int, default=8, help="studies the images are spread over (default 8)")
+    parser.add_argument("--workers", type=int, default=1, help="[worker] processes of the server (default 1)")
+    parser.add_argument("--model", type=Path, help="a trained checkpoint (default: a random one, see --random)")
+    parser.add_argument("--random", choices=["tiny", "full"], default="tiny", help="random model size")
+    parser.add_argument("--timeout", type=float, default=1800, help="deadline for all results, seconds")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args(argv)
+
+    workdir = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
+    try:
+        return run(args, workdir)
+    finally:
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, workdir: Path) -> int:
+    model_path, model_text = make_model(workdir, args)
+    print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, no GPU used")
+    print(f"model: {model_text}")
+
+    started = time.perf_counter()
+    studies = [generate_uid() for _ in range(max(1, args.studies))]
+    images = workdir / "images"
+    images.mkdir()
+    files = [
+        peers.generate_chest_cr(
+            images / f"{i:04d}.dcm",
+            rows=args.size,
+            columns=args.size,
+            study_uid=studies[i % len(studies)],
+            patient_id=f"BENCH-{i % len(studies)}",
+            seed=i,
+        )
+        for i in range(args.images)
+    ]
+    size_mb = sum(f.stat().st_size for f in files) / 1e6
+    print(
+        f"inputs: {len(files)} CR {args.size}x{args.size} 16-bit (12 stored), explicit VR LE, "
+        f"{size_mb:.0f} MB, {len(studies)} studies (generated in {time.perf_counter() - started:.1f} s)"
+    )
+
+    port = peers.free_port()
+    url = f"sqlite:///{workdir / 'bench.sqlite'}"
+    config = peers.write_config(
+        workdir / "bench.toml",
+        {
+            "listener": {"host": "127.0.0.1", "port": port},
+            "storage": {"spool_dir": str(workdir / "spool"), "sr_dir": str(workdir / "sr"), "min_free_mb": 1},
+            "database": {"url": url},
+            "model": {"path": str(model_path), "device": "cpu"},
+            "worker": {"processes": args.workers},
+        },
+    )
+    cfg = load_config(config, environ={})
+    ae_title = str(cfg["listener"]["ae_title"])
+    batch_size = int(cfg["model"]["batch_size"])
+    print(
+        f"server: SQLite, {args.workers} worker process(es), claim_batch {cfg['worker']['claim_batch']}, "
+        f"batch_size {batch_size}, poll_interval {cfg['worker']['poll_interval']} s, SR enabled, no forwarding; "
+        f"{args.senders} concurrent storescu senders"
+    )
+    peers.cli("db", "upgrade", config=config)
+    with peers.Server(config, port, log=workdir / "serve.log", ready_timeout=120) as server:
+        # Measure the steady state: wait until every worker has its model loaded.
+        peers.wait_until(
+            lambda: server.log.read_text(errors="replace").count(" cxr_triage.worker: model ") >= args.workers,
+            300,
+            "the workers to load the model",
+        )
+        send_s, codes = send(files, args.senders, port, ae_title)
+        peers.wait_until(
+            lambda: terminal_count(url) >= len(files) or not server.alive(), args.timeout, "all results", 0.5
+        )
+    figures = pipeline_figures(url)
+    n = figures["count"]
+    print(
+        f"ingest: {len(files)} instances acknowledged in {send_s:.2f} s = {len(files) / send_s:.2f} instances/s "
+        f"(storescu exit statuses {sorted(set(codes))})"
+    )
+    if n == 0:
+        print(f"no results: statuses {figures['statuses']}; see {server.log} (--keep)")
+        return 1
+    pipeline_per_image = figures["span_s"] / n
+    print(
+        f"pipeline: {n} results (states {figures['statuses']}) in {figures['span_s']:.2f} s from first receipt to "
+        f"last commit = {n / figures['span_s']:.2f} instances/s, {pipeline_per_image * 1000:.0f} ms per image"
+    )
+    lat = figures["latencies"]
+    print(
+        f"latency acknowledgement -> committed result: p50 {percentile(lat, 50):.2f} s, "
+        f"p95 {percentile(lat, 95):.2f} s, max {max(lat):.2f} s (queueing included: all sent at once)"
+    )
+    if figures["inference_ms"]:
+        print(
+            f"workers' own timings per image: preprocess median {statistics.median(figures['preprocess_ms']):.0f} ms,"
+            f" inference median {statistics.median(figures['inference_ms']):.1f} ms"
+        )
+
+    # The model alone, on the same images, in this process (the server has stopped).
+    started = time.perf_counter()
+    prepared = [prepare_path(f) for f in files]
+    preprocess_s = time.perf_counter() - started
+    tensors = [p.tensor for p in prepared if isinstance(p, PreparedImage)]
+    predictor = Predictor(load_classifier(model_path), device="cpu", batch_size=batch_size)
+    predictor.probabilities(tensors[:batch_size])  # warm-up
+    started = time.perf_counter()
+    predictor.probabilities(tensors)
+    model_s = time.perf_counter() - started
+    model_per_image = model_s / len(tensors)
+    print(
+        f"alone: preprocessing {preprocess_s / len(files) * 1000:.0f} ms per image (prepare_path, "
+        f"{torch.get_num_threads()} torch threads); model {model_per_image * 1000:.1f} ms per image "
+        f"({len(tensors) / model_s:.2f} images/s, batch {batch_size})"
+    )
+    overhead = (pipeline_per_image - model_per_image) / model_per_image
+    caveat = "; not meaningful with the tiny model" if args.random == "tiny" and not args.model else ""
+    print(
+        f"overhead of the pipeline over the model alone: {overhead * 100:.0f} % of the model's time "
+        f"(target < 15 % on the CPU{caveat})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
