@@ -4,16 +4,18 @@
 the attribute and value that made the image unsuitable. Order of operations, which decides correctness:
 
 1. acceptance checks on the header alone (modality, SOP class, presentation intent, body part, view,
-   photometric interpretation, frames, dimensions, pixel data length), before any pixel is decoded, so a
-   decompression bomb never allocates;
+   photometric interpretation, frames, dimensions, pixel data length, and for compressed data the size the
+   codestream itself declares), before any pixel is decoded, so a decompression bomb never allocates;
 2. decoding by pydicom and the pylibjpeg plugins;
 3. modality LUT / rescale, 4. VOI LUT or the first window (none: the full range of the stored bits),
 5. MONOCHROME1 inversion against the known output range, 6. scaling to [0, 1] from that range.
 
 Steps 3-6 depend only on the stored value, so they are evaluated once over every possible stored value
-(at most 65,536) with pydicom's own ``apply_modality_lut`` and ``apply_voi_lut`` and applied to the image as
-one table look-up. Step 7 (resize, three channels) is ``cxr_triage.imaging.to_model_input``, shared with
-training.
+(at most 65,536) and applied to the image as one table look-up (``grey_lut``). The modality LUT and the window
+are pydicom's ``apply_modality_lut`` and ``apply_windowing``; the VOI LUT Sequence is applied here, because
+pydicom's ``apply_voi`` indexes through uint16 (a rescaled value above 65,535 would wrap round to dark) and warns
+on the float input a rescale produces. Step 7 (resize, three channels) is ``cxr_triage.imaging.to_model_input``,
+shared with training.
 """
 
 from __future__ import annotations

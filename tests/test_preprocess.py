@@ -332,7 +332,7 @@ def test_chest_anatomic_region_code_is_accepted(display: np.ndarray) -> None:
 
 
 def small(**attributes: object) -> Dataset:
-    """A valid 8-bit 32x32 chest CR, changed by ``attributes``."""
+    """A valid 12-bit 32x32 chest CR, changed by ``attributes``."""
     return factory.new_dataset(np.arange(1024, dtype=np.uint16).reshape(32, 32) % 256, bits_stored=12, **attributes)
 
 
