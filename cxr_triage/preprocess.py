@@ -340,8 +340,10 @@ def grey_lut(ds: Dataset) -> tuple[np.ndarray, np.dtype]:
         # No VOI: the full range of the stored bits through the modality LUT.
         voi_values = modality_values
         lo, hi = float(modality_values.min()), float(modality_values.max())
-    scaled = (voi_values - lo) / (hi - lo) if hi != lo else np.zeros_like(voi_values)
-    scaled = np.clip(scaled, 0.0, 1.0)
+    if hi == lo:
+        keyword = "ModalityLUTSequence" if ds.get("ModalityLUTSequence") else "RescaleSlope"
+        raise _VOIError(keyword, f"maps every stored value to one value ({lo:g}): the image would be blank")
+    scaled = np.clip((voi_values - lo) / (hi - lo), 0.0, 1.0)
     # MONOCHROME1 inverts after VOI, against the known output range. pydicom's presentation LUT step would look
     # only at PresentationLUTShape; DX requires INVERSE with MONOCHROME1, which means the same single inversion.
     inverse_shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper() == "INVERSE"

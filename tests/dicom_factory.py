@@ -263,6 +263,7 @@ _DCMTK: dict[str, tuple[Callable[[np.ndarray], Dataset], tuple[str, ...]]] = {
     "rle_dcmcrle": (rescale_16bit, ("dcmcrle",)),
     "jpeg_lossless_dcmcjpeg": (mono1_window, ("dcmcjpeg", "+e1")),
     "deflate_dcmconv": (mono2_12bit, ("dcmconv", "+td")),
+    "big_endian_dcmconv": (signed_12bit, ("dcmconv", "+tb")),
 }
 
 VARIANTS: tuple[str, ...] = (*_NATIVE, *_DCMTK, "no_file_meta")

@@ -23,6 +23,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -70,6 +71,7 @@ EXPECTED_SYNTAX = {
     "rle_dcmcrle": RLELossless,
     "jpeg_lossless_dcmcjpeg": JPEGLosslessSV1,
     "deflate_dcmconv": DeflatedExplicitVRLittleEndian,
+    "big_endian_dcmconv": ExplicitVRBigEndian,
     "no_file_meta": None,
 }
 
@@ -303,6 +305,13 @@ def test_negative_rescale_slope_keeps_window_orientation() -> None:
     )
     lut, _ = grey_lut(ds)
     assert lut[4095] == 0.0 and lut[0] == 1.0  # stored 4095 -> value 0 (below), stored 0 -> 4095 (above)
+
+
+def test_rescale_slope_zero_is_refused_naming_it(display: np.ndarray) -> None:
+    """A slope of 0 maps every pixel to one value: refused, not classified as a blank image."""
+    stored = np.round(display * 4095).astype(np.uint16)
+    ds = factory.new_dataset(stored, bits_stored=12, RescaleSlope=0, RescaleIntercept=100)
+    assert_refused(prepare_dataset(ds), "voi", "RescaleSlope", "one value")
 
 
 def test_unusable_window_is_refused_naming_it(display: np.ndarray) -> None:
