@@ -21,6 +21,7 @@ import datetime as dt
 import logging
 import os
 import ssl
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,7 +251,8 @@ class Receiver:
     def store(self, item: ReceivedInstance, data: bytes) -> int:
         """Deduplicate, spool atomically, record; the status to answer."""
         try:
-            with self.sessions() as session, session.begin():
+            with self.sessions() as session:
+                session.connection(execution_options={"sqlite_begin": "DEFERRED"})  # a read: no write lock
                 same = session.scalar(
                     select(db.Instance.id).where(
                         db.Instance.sop_instance_uid == item.sop_instance_uid, db.Instance.sha256 == item.sha256
@@ -384,11 +386,19 @@ class Listener:
             " (TLS)" if self.settings["tls_enabled"] else "",
         )
 
-    def stop(self) -> None:
-        """Stop accepting associations; associations in progress are allowed to finish."""
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
+    def stop(self, wait: float = 30.0) -> None:
+        """Stop accepting associations; associations in progress get up to ``wait`` seconds to finish."""
+        if self.server is None:
+            return
+        server, self.server = self.server, None
+        running = server.active_associations
+        server.shutdown()
+        deadline = time.monotonic() + wait
+        for assoc in running:
+            assoc.join(max(0.0, deadline - time.monotonic()))
+            if assoc.is_alive():
+                logger.warning("association with AE %r still open at shutdown: aborting it", assoc.requestor.ae_title)
+                assoc.abort()
 
 
 def record_orphans(spool_dir: str | os.PathLike[str], sessions: sessionmaker[Session]) -> int:
