@@ -34,7 +34,12 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_windowing
-from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from cxr_triage.imaging import to_model_input, uint8_to_unit
 
@@ -318,11 +323,42 @@ def _has_window(ds: Dataset) -> bool:
     return ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
 
 
+_LUT_KEYWORDS = (
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+    "PhotometricInterpretation",
+    "PresentationLUTShape",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "WindowCenter",
+    "WindowWidth",
+    "VOILUTFunction",
+)
+"""Everything ``grey_lut`` reads from a header without LUT sequences: the key of its cache."""
+_LUT_CACHE: dict[tuple[str, ...], tuple[np.ndarray, np.dtype]] = {}
+_LUT_CACHE_SIZE = 32
+
+
 def grey_lut(ds: Dataset) -> tuple[np.ndarray, np.dtype]:
     """Steps 3-6 as a table: container code -> presentation value in [0, 1] (0 black, 1 white).
 
-    Raises ``ValueError`` (naming the attribute) when a LUT or window in the header cannot be applied.
+    The table is read-only and cached per header (images from one device share it). Raises ``ValueError``
+    (naming the attribute) when a LUT or window in the header cannot be applied.
     """
+    if ds.get("ModalityLUTSequence") or ds.get("VOILUTSequence"):
+        return _build_grey_lut(ds)
+    key = tuple(str(ds.get(keyword, "")) for keyword in _LUT_KEYWORDS)
+    cached = _LUT_CACHE.get(key)
+    if cached is None:
+        cached = _build_grey_lut(ds)
+        if len(_LUT_CACHE) >= _LUT_CACHE_SIZE:
+            _LUT_CACHE.clear()
+        _LUT_CACHE[key] = cached
+    return cached
+
+
+def _build_grey_lut(ds: Dataset) -> tuple[np.ndarray, np.dtype]:
     stored, code_dtype = _value_domain(ds)
     try:
         modality_values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
@@ -349,7 +385,9 @@ def grey_lut(ds: Dataset) -> tuple[np.ndarray, np.dtype]:
     inverse_shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper() == "INVERSE"
     if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1" or inverse_shape:
         scaled = 1.0 - scaled
-    return scaled.astype(np.float32), code_dtype
+    table = scaled.astype(np.float32)
+    table.flags.writeable = False
+    return table, code_dtype
 
 
 _GATHER_CHUNK = 1 << 15
@@ -364,14 +402,28 @@ def _apply_table(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return out.reshape(codes.shape)
 
 
+_NATIVE_LITTLE_ENDIAN = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian})
+
+
+def _container_codes(ds: Dataset, code_dtype: np.dtype) -> np.ndarray:
+    """Step 2: the decoded pixels as raw container codes (the table masks and sign-extends them).
+
+    Native little-endian data are used in place (they already are the codes); everything else is decoded by
+    pydicom and its plugins.
+    """
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if _transfer_syntax(ds) in _NATIVE_LITTLE_ENDIAN:
+        return np.frombuffer(ds.PixelData, dtype=code_dtype.newbyteorder("<"), count=rows * cols).reshape(rows, cols)
+    pixels = ds.pixel_array
+    if pixels.shape != (rows, cols):
+        raise ValueError(f"decoded shape {pixels.shape} does not match Rows x Columns {rows}x{cols}")
+    return np.ascontiguousarray(pixels.astype(pixels.dtype.newbyteorder("="), copy=False)).view(code_dtype)
+
+
 def decode_unit_image(ds: Dataset) -> np.ndarray:
     """Steps 2-6: decoded pixels as a (rows, cols) float32 array in [0, 1]. The header must have passed checks."""
     lut, code_dtype = grey_lut(ds)
-    pixels = ds.pixel_array
-    if pixels.shape != (int(ds.Rows), int(ds.Columns)):
-        raise ValueError(f"decoded shape {pixels.shape} does not match Rows x Columns {ds.Rows}x{ds.Columns}")
-    codes = np.ascontiguousarray(pixels.astype(pixels.dtype.newbyteorder("="), copy=False)).view(code_dtype)
-    return _apply_table(lut, codes)
+    return _apply_table(lut, _container_codes(ds, code_dtype))
 
 
 def prepare_dataset(ds: Dataset) -> PreparedImage | Refusal:
