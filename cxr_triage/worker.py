@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, or_, select, update
+from sqlalchemy import Engine, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxr_triage import CLASS_NAMES, db
@@ -69,6 +69,26 @@ def claim_jobs(
     """
     now = now or db.utcnow()
     with sessions() as session, session.begin():
+        abandoned = session.execute(
+            update(db.Instance)
+            .where(
+                db.Instance.status == db.PROCESSING,
+                db.Instance.lease_until < now,
+                db.Instance.attempts >= max_attempts,
+            )
+            .values(
+                status=db.FAILED,
+                completed_at=now,
+                lease_until=None,
+                claimed_by=None,
+                error=func.coalesce(
+                    db.Instance.error, "abandoned: the lease expired on the last attempt (worker died?)"
+                ),
+            )
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if abandoned:
+            logger.error("%d job(s) failed: lease expired on attempt %d of %d", abandoned, max_attempts, max_attempts)
         candidates = session.execute(
             select(db.Instance.id, db.Instance.status, db.Instance.attempts)
             .where(
@@ -81,18 +101,7 @@ def claim_jobs(
             .limit(limit)
             .with_for_update(skip_locked=True)
         ).all()
-        exhausted = [row.id for row in candidates if row.attempts >= max_attempts]
-        for job_id in exhausted:
-            instance = session.get(db.Instance, job_id)
-            if instance is None:
-                continue
-            instance.status = db.FAILED
-            instance.completed_at = now
-            instance.lease_until = None
-            instance.claimed_by = None
-            instance.error = instance.error or f"abandoned after {instance.attempts} attempts (worker died?)"
-            logger.error("job %s failed: lease expired after %d attempts", job_id, instance.attempts)
-        ids = [row.id for row in candidates if row.attempts < max_attempts]
+        ids = [row.id for row in candidates]
         if not ids:
             return []
         session.execute(

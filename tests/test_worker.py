@@ -55,7 +55,7 @@ def test_expired_lease_is_retried_then_failed_after_max_attempts(harness) -> Non
     assert worker.claim_jobs(sessions, "dead-3", 5, 60, 2, now=now + dt.timedelta(seconds=200)) == []
     row = harness.rows()[0]
     assert row["status"] == "error"
-    assert "2 attempts" in row["reason"]
+    assert "lease expired" in row["reason"]
 
 
 def test_processing_error_is_retried_and_recorded(make_harness) -> None:
