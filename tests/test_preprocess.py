@@ -314,6 +314,42 @@ def test_rescale_slope_zero_is_refused_naming_it(display: np.ndarray) -> None:
     assert_refused(prepare_dataset(ds), "voi", "RescaleSlope", "one value")
 
 
+def test_native_fast_path_equals_pydicom_decoding(variant_tensors: dict[str, torch.Tensor]) -> None:
+    """Native little-endian data are read in place; big-endian ones go through pydicom: same signed image, same
+    tensor, bit for bit."""
+    assert torch.equal(variant_tensors["signed_12bit"], variant_tensors["big_endian_dcmconv"])
+
+
+def test_lut_cache_tells_headers_apart() -> None:
+    stored = np.zeros((4, 4), np.uint16)
+    base = {"bits_stored": 12, "WindowCenter": 1000, "WindowWidth": 500}
+    first, _ = grey_lut(factory.new_dataset(stored, **base))
+    assert not first.flags.writeable
+    assert grey_lut(factory.new_dataset(stored, **base))[0] is first  # one table per device setting
+    for change in (
+        {"WindowCenter": 1001},
+        {"WindowWidth": 501},
+        {"photometric": "MONOCHROME1"},
+        {"bits_stored": 13},
+        {"RescaleSlope": 2, "RescaleIntercept": 0},
+        {"VOILUTFunction": "SIGMOID"},
+        {"PresentationLUTShape": "INVERSE"},
+    ):
+        other, _ = grey_lut(factory.new_dataset(stored, **{**base, **change}))
+        assert not np.array_equal(other, first), change
+
+
+def test_voi_lut_tables_are_not_shared_between_images() -> None:
+    stored = np.zeros((4, 4), np.uint16)
+    tables = []
+    for gamma in (1.0, 2.0):
+        item = Dataset()
+        item.LUTDescriptor = [4096, 0, 16]
+        item.add_new("LUTData", "US", [int(v) for v in np.round(65535 * (np.arange(4096) / 4095) ** gamma)])
+        tables.append(grey_lut(factory.new_dataset(stored, bits_stored=12, VOILUTSequence=Sequence([item])))[0])
+    assert not np.array_equal(tables[0], tables[1])
+
+
 def test_unusable_window_is_refused_naming_it(display: np.ndarray) -> None:
     ds = factory.new_dataset(np.round(display * 4095).astype(np.uint16), bits_stored=12, WindowCenter=100)
     ds.WindowWidth = 0
