@@ -155,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, workdir: Path) -> int:
     model_path, model_text = make_model(workdir, args)
-    print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, no GPU used")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, load average {load} at start, "
+        f"torch {torch.__version__}, no GPU used"
+    )
     print(f"model: {model_text}")
 
     started = time.perf_counter()
