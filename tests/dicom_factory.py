@@ -14,6 +14,10 @@ Public helpers (other test modules may import them):
 - ``new_dataset(stored, ...)``: a complete single-frame CR (or other) dataset around an array of stored values.
 - ``encode(display, variant, tmp_dir)``: the display image in one of ``VARIANTS`` (real encoders: pydicom,
   pylibjpeg-openjpeg, and the dcmtk command-line tools), returned as the path of the written file.
+- ``mono2_12bit``, ``rescale_16bit``, ``mono1_window``, ... (one function per native variant): the display image
+  as an in-memory dataset, for tests that change attributes before writing.
+- ``save(ds, path, file_meta=True)``: write a dataset (``file_meta=False``: bare implicit VR, no preamble).
+- ``lung_and_mediastinum(image)``: mean of the lung fields and of the central column of a frontal chest.
 - ``window_input(display, center, width)``: the stored values that a LINEAR window maps onto ``display``.
 - ``run_tool(*argv)``: run a dcmtk/dicom3tools command, failing the test with its output if it fails.
 """
