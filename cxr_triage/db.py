@@ -284,6 +284,12 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def read_only(session: Session) -> Session:
+    """Mark a fresh session's transaction as a read: on SQLite a deferred BEGIN, which takes no write lock."""
+    session.connection(execution_options={"sqlite_begin": "DEFERRED"})
+    return session
+
+
 @contextmanager
 def read_session(engine: Engine) -> Iterator[Session]:
     """A session for reading only: on SQLite a deferred transaction, so readers never hold the write lock."""

@@ -252,7 +252,7 @@ class Receiver:
         """Deduplicate, spool atomically, record; the status to answer."""
         try:
             with self.sessions() as session:
-                session.connection(execution_options={"sqlite_begin": "DEFERRED"})  # a read: no write lock
+                db.read_only(session)
                 same = session.scalar(
                     select(db.Instance.id).where(
                         db.Instance.sop_instance_uid == item.sop_instance_uid, db.Instance.sha256 == item.sha256

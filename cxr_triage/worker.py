@@ -551,6 +551,7 @@ class Worker:
         previous_id = None
         series_uid = None
         with self.sessions() as session:
+            db.read_only(session)
             previous = self._previous_sr(session, job.sop_instance_uid)
             if previous is not None and Path(previous.path).is_file():
                 previous_ds = pydicom.dcmread(previous.path, stop_before_pixels=True)
