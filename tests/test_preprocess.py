@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import itertools
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import dicom_factory as factory
@@ -505,6 +507,31 @@ def test_codestream_larger_than_its_header_is_refused_before_decoding(
     ds.PixelData = encapsulate([bytes(codestream)])
     _forbid_decoding(monkeypatch)
     assert_refused(prepare_dataset(ds), "dimensions", "PixelData", "60000x60000")
+
+
+BOMB_CHECK = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (5 << 30, 5 << 30))  # a 60000x60000 image needs 7.2 GB or more
+from cxr_triage.preprocess import prepare_path
+for path in sys.argv[1:]:
+    print(prepare_path(path).code)
+"""
+
+
+def test_decompression_bombs_are_refused_within_a_memory_limit(display: np.ndarray, tmp_path: Path) -> None:
+    """End to end, in a process that cannot allocate a 60000x60000 image: both bombs come back refused."""
+    header_bomb = j2k_dataset(display)
+    header_bomb.Rows = header_bomb.Columns = 60000
+    codestream_bomb = j2k_dataset(display)
+    codestream = bytearray(next(generate_frames(codestream_bomb.PixelData, number_of_frames=1)))
+    codestream[8:16] = struct.pack(">2I", 60000, 60000)
+    codestream_bomb.PixelData = encapsulate([bytes(codestream)])
+    paths = [factory.save(header_bomb, tmp_path / "a.dcm"), factory.save(codestream_bomb, tmp_path / "b.dcm")]
+    proc = subprocess.run(
+        [sys.executable, "-c", BOMB_CHECK, *map(str, paths)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["dimensions", "dimensions"]
 
 
 def test_jpeg_sof_size_is_parsed() -> None:
