@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", type=Path, default=peers.SAMPLE_CR)
     parser.add_argument("--timeout", type=float, default=90.0, help="deadline of each wait, seconds")
     args = parser.parse_args(argv)
+    peers.stop_on_sigterm()
     if not peers.in_private_netns():
         parser.error("run inside a private network namespace: Orthanc and storescp bind every interface")
     if args.scenario == "routing":

@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--studies", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=90.0, help="deadline of each wait, seconds")
     args = parser.parse_args(argv)
+    peers.stop_on_sigterm()
     if not peers.in_private_netns():
         parser.error("run inside a private network namespace: storescp binds every interface")
     print(json.dumps(run(args.workdir, args.images, args.studies, args.timeout)))

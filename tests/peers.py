@@ -116,6 +116,31 @@ def netns_command(argv: Sequence[str]) -> list[str]:
     return [*unshare, "--", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', *argv]
 
 
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into ``SystemExit`` so that a scenario's ``finally`` blocks stop the peers it started."""
+
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def run_scenario(argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a scenario script; past ``timeout`` it gets SIGTERM (to clean up), then SIGKILL 60 s later."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        err = f"{err}\nscenario killed after {timeout:.0f} s"
+    return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
+
+
 def terminate(proc: subprocess.Popen[Any], timeout: float = 15.0, group: bool = False) -> int | None:
     """SIGTERM, then SIGKILL after ``timeout``; ``group`` signals the process group ``proc`` leads."""
     if proc.poll() is not None:
@@ -314,6 +339,8 @@ class Orthanc:
             wait_for_port(self.dicom_port, 30, "Orthanc DICOM", self.proc)
         except BaseException as exc:
             self.__exit__(None, None, None)
+            if not isinstance(exc, Exception):
+                raise
             raise PeerError(f"Orthanc did not start: {exc}\n--- orthanc.log ---\n{tail(self.log)}") from exc
         return self
 
@@ -615,6 +642,8 @@ class Server:
             wait_for_port(self.port, self.ready_timeout, "cxr-triage serve", self.proc)
         except BaseException as exc:
             self.__exit__(None, None, None)
+            if not isinstance(exc, Exception):
+                raise
             raise PeerError(f"cxr-triage serve did not start: {exc}\n--- serve log ---\n{tail(self.log)}") from exc
         return self
 

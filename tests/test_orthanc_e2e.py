@@ -8,7 +8,6 @@ under ``unshare -n``); all traffic is on that namespace's 127.0.0.1.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,8 @@ pytestmark = pytest.mark.peers
 SCENARIO = Path(__file__).resolve().parent / "e2e_orthanc_scenario.py"
 
 
-def run_scenario(*args: str, timeout: float = 170) -> dict[str, Any]:
-    argv = peers.netns_command([sys.executable, str(SCENARIO), *args])
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=peers.REPO)
+def run_scenario(*args: str, timeout: float = 300) -> dict[str, Any]:
+    done = peers.run_scenario(peers.netns_command([sys.executable, str(SCENARIO), *args]), timeout)
     assert done.returncode == 0, f"scenario {args} failed ({done.returncode}):\n{done.stdout}\n{done.stderr[-8000:]}"
     return json.loads(done.stdout.strip().splitlines()[-1])
 

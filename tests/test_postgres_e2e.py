@@ -6,7 +6,6 @@ dcmtk storescp receiving the SRs binds every interface).
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -39,7 +38,7 @@ def test_throwaway_cluster_serves_127_0_0_1_and_is_removed() -> None:
 def test_two_workers_process_every_instance_exactly_once(tmp_path: Path) -> None:
     count = 8
     argv = peers.netns_command([sys.executable, str(SCENARIO), str(tmp_path / "work"), "--images", str(count)])
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=170, cwd=peers.REPO)
+    done = peers.run_scenario(argv, timeout=300)
     assert done.returncode == 0, f"scenario failed ({done.returncode}):\n{done.stdout}\n{done.stderr[-8000:]}"
     summary = json.loads(done.stdout.strip().splitlines()[-1])
 
