@@ -8,12 +8,14 @@ detail and are never raised, so the worker can record them and schedule a retry 
 
 from __future__ import annotations
 
+import copy
 import logging
 import socket
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
@@ -117,7 +119,9 @@ def _probe_connection(destination: Destination, timeout: float) -> str:
         return f"could not connect: {exc.strerror or exc}"
 
 
-def _association_failure(assoc: Association, connected: bool, destination: Destination, timeout: float) -> str:
+def _association_failure(
+    assoc: Association, connected: bool, destination: Destination, timeout: float, elapsed: float
+) -> str:
     if assoc.is_rejected:
         primitive = assoc.acceptor.primitive
         if primitive is not None and primitive.result is not None:
@@ -128,8 +132,10 @@ def _association_failure(assoc: Association, connected: bool, destination: Desti
         return f"association rejected by {destination}"
     if not connected:
         return f"{_probe_connection(destination, timeout)}: {destination}"
+    if elapsed >= timeout:
+        return f"association request to {destination} timed out after {timeout:g} s"
     if assoc.is_aborted:
-        return f"association aborted by {destination} or timed out after {timeout:g} s"
+        return f"association aborted by {destination} (connection closed after {elapsed:.1f} s without an answer)"
     return f"association with {destination} not established"
 
 
@@ -187,6 +193,7 @@ def send_datasets(
         nonlocal connected
         connected = True
 
+    started = time.monotonic()
     try:
         assoc = ae.associate(
             destination.host,
@@ -206,7 +213,7 @@ def send_datasets(
         return [result or SendResult(False, None, detail) for result in results]
     try:
         if not assoc.is_established:
-            detail = _association_failure(assoc, connected, destination, timeout)
+            detail = _association_failure(assoc, connected, destination, timeout, time.monotonic() - started)
             logger.warning("forward to %s failed: %s", destination, detail)
             return [result or SendResult(False, None, detail) for result in results]
         for index, dataset in enumerate(datasets):
@@ -226,6 +233,12 @@ def _send_one(assoc: Association, dataset: Dataset, destination: Destination, ti
     uid = dataset.SOPInstanceUID
     if not assoc.is_established:
         return SendResult(False, None, f"association with {destination} ended before this dataset was sent")
+    if "TransferSyntaxUID" not in getattr(dataset, "file_meta", {}):
+        # pynetdicom picks the presentation context by the file meta Transfer Syntax UID; a dataset built in memory
+        # has none, so a copy (the caller's dataset is left alone) says it is to be encoded as Explicit VR LE.
+        dataset = copy.copy(dataset)
+        dataset.file_meta = FileMetaDataset()
+        dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     try:
         status = assoc.send_c_store(dataset)
     except (ValueError, AttributeError, TypeError, OSError, RuntimeError) as exc:
