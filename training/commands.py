@@ -18,6 +18,7 @@ Files (all under ``--out``):
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -37,6 +38,7 @@ from training import data as data_mod
 from training.engine import (
     Deadline,
     Runtime,
+    check_replicas_agree,
     cpu_state_dict,
     evaluate,
     evaluate_cae,
@@ -201,6 +203,7 @@ def run_pretrain(
             logger.warning("pretraining stopped inside epoch %d by the time budget", epoch)
             break
     complete = epoch >= args.pretrain_epochs
+    check_replicas_agree(net, rt, "pretrain")
     if best_encoder is None:
         best_encoder = cpu_state_dict(unwrap(net).encoder)
     seconds = time.perf_counter() - t0
@@ -226,7 +229,11 @@ def run_pretrain(
 
 
 def _speed(stats: Any) -> dict[str, float]:
-    return {"seconds": round(stats.seconds, 3), "images_per_second": round(stats.images_per_second, 1)}
+    return {
+        "images": stats.images,
+        "seconds": round(stats.seconds, 3),
+        "images_per_second": round(stats.images_per_second, 1),
+    }
 
 
 def load_encoder(model: CAEClassifier, path: str | os.PathLike[str]) -> None:
@@ -275,7 +282,9 @@ def _phases(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def model_card(spec: ModelSpec, provenance: dict[str, Any], version: str) -> ModelCard:
-    return ModelCard(spec=spec, class_names=CLASS_NAMES, model_version=version, provenance=provenance)
+    """A card whose provenance holds plain JSON values only (``torch.load(weights_only=True)`` reads it back)."""
+    plain = json.loads(json.dumps(provenance, default=str))
+    return ModelCard(spec=spec, class_names=CLASS_NAMES, model_version=version, provenance=plain)
 
 
 def run_finetune(
@@ -335,7 +344,8 @@ def run_finetune(
     for ph in _phases(args):
         if ph["phase"] < start_phase:
             continue
-        resumed_here = ph["phase"] == start_phase and (start_epoch > 0 or opt_state is not None)
+        # a resumed state belongs to the phase it was saved in; that phase goes on while epochs and patience last
+        resumed_here = ph["phase"] == start_phase and opt_state is not None
         if ph["phase"] == 2 and best_state is not None and not resumed_here:
             unwrap(model).load_state_dict(best_state)  # phase 2 starts from phase 1's best weights
         unwrap(model).set_encoder_trainable(ph["encoder_trainable"])
@@ -432,28 +442,10 @@ def run_finetune(
                 break
         if bad >= ph["patience"] and rt.is_main:
             logger.info("%s: early stop, validation loss did not improve for %d epochs", key, bad)
-        if rt.is_main:  # the next phase starts at its epoch 0
-            save_state(
-                state_path,
-                {
-                    "model": cpu_state_dict(net),
-                    "optimizer": None,
-                    "phase": ph["phase"] + 1,
-                    "epoch": 0,
-                    "bad_epochs": 0,
-                    "best_loss": best_loss,
-                    "best_state": best_state,
-                    "history": history,
-                    "phase_seconds": phase_seconds,
-                    "phase_images_per_second": phase_ips,
-                    "args": plain_args(args),
-                    "rng": rng_state(),
-                    "spec": spec.to_dict(),
-                },
-            )
         start_phase, start_epoch, bad_epochs, opt_state = ph["phase"] + 1, 0, 0, None
         if Deadline.stop_requested:
             break
+    check_replicas_agree(model, rt, "finetune")
     if best_state is None:
         best_state = cpu_state_dict(model)
     final = CAEClassifier(spec)
@@ -641,7 +633,7 @@ def run_oneshot(args: argparse.Namespace, rt: Runtime) -> dict[str, Any]:
             "seed": args.seed,
             "device": rt.device_name,
             "world_size": rt.world_size,
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
         }
         # --- pretrain
         pre_args = argparse.Namespace(**{**vars(args), "out": str(work / "pretrain")})

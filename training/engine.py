@@ -417,5 +417,17 @@ def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(module).state_dict().items()}
 
 
+def check_replicas_agree(module: nn.Module, rt: Runtime, what: str) -> None:
+    """Distributed runs: raise if the ranks' copies of ``module`` have drifted apart (they must be identical)."""
+    if not rt.distributed:
+        return
+    with torch.no_grad():
+        total = sum(p.detach().double().sum() for p in unwrap(module).parameters())
+        t = torch.stack([total, -total]).to(rt._comm_device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if float(t[0] + t[1]) > 1e-6 * max(1.0, abs(float(total))):
+        raise RuntimeError(f"{what}: model replicas differ across ranks (checksum spread {float(t[0] + t[1])})")
+
+
 def seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(seed + rank)

@@ -1,0 +1,280 @@
+"""Training runs on the CPU with a tiny model (width 4) and a few dozen real shared images at 224x224.
+
+Covers: gradual unfreezing (phase 1 leaves the encoder untouched), resuming, the one-shot command end to end
+(checkpoint, metrics, report, plots, ablation, evaluate, resume), the time budget, and DDP with two gloo processes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from cxr_triage import CLASS_NAMES
+from cxr_triage.checkpoint import load_classifier
+from cxr_triage.inference import Predictor
+from cxr_triage.model import CAEClassifier, ModelSpec
+from training import cli, commands
+from training.engine import setup_runtime
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr"
+TINY = ["--width", "4", "--dense-units", "8", "--device", "cpu", "--no-progress", "--log-level", "WARNING"]
+
+
+@pytest.fixture(scope="module")
+def tiny_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30 real images (10 per class) from the shared data, packed."""
+    folder = tmp_path_factory.mktemp("tinypack")
+    with open(SHARED / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with open(folder / "labels.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["path", "label", "group", "patient_id"])
+        w.writeheader()
+        for name in CLASS_NAMES:
+            in_class = [r for r in rows if r["label"] == name]
+            for r in in_class[7 :: len(in_class) // 10][:10]:
+                w.writerow({k: r[k] for k in ("path", "label", "group", "patient_id")})
+    pack = folder / "tiny.pack"
+    assert (
+        cli.main(
+            [
+                "pack",
+                "--manifest",
+                str(folder / "labels.csv"),
+                "--root",
+                str(SHARED),
+                "--out",
+                str(pack),
+                "--max-mib",
+                "2",
+                "--no-progress",
+                "--log-level",
+                "WARNING",
+            ]
+        )
+        == 0
+    )
+    return pack
+
+
+def _encoder_file(path: Path, width: int = 4) -> dict[str, torch.Tensor]:
+    torch.manual_seed(123)
+    state = CAEClassifier(ModelSpec(width=width, dense_units=8)).encoder.state_dict()
+    torch.save({"format": commands.ENCODER_FORMAT, "width": width, "state_dict": state}, path)
+    return state
+
+
+def test_phase1_freezes_the_encoder_then_resume_trains_phase2(tiny_pack: Path, tmp_path: Path) -> None:
+    encoder = _encoder_file(tmp_path / "encoder.pt")
+    base = [
+        "finetune",
+        "--pack",
+        str(tiny_pack),
+        "--out",
+        str(tmp_path / "ft"),
+        "--encoder",
+        str(tmp_path / "encoder.pt"),
+        *TINY,
+        "--phase1-batch-size",
+        "8",
+        "--phase2-batch-size",
+        "8",
+    ]
+    args = cli.parse_args([*base, "--phase1-epochs", "1", "--phase2-epochs", "0"])
+    rt = setup_runtime("cpu", progress=False)
+    data = commands.load_data(args, rt)
+    first = commands.run_finetune(args, rt, data)
+    assert [h["phase"] for h in first.history] == [1]
+    for k, v in first.model.encoder.state_dict().items():
+        assert torch.equal(v, encoder[k]), f"encoder weight {k} moved in phase 1"
+    head_before = CAEClassifier(ModelSpec(width=4, dense_units=8)).head.state_dict()
+    assert any(not torch.equal(v, head_before[k]) for k, v in first.model.head.state_dict().items())
+    state = torch.load(tmp_path / "ft" / "finetune_state.pt", weights_only=True)
+    assert {"model", "optimizer", "phase", "epoch", "args", "rng", "best_state"} <= set(state)
+    assert state["args"]["phase1_epochs"] == 1 and state["optimizer"] is not None
+
+    resumed = cli.parse_args([*base, "--phase1-epochs", "2", "--phase2-epochs", "1", "--resume"])
+    second = commands.run_finetune(resumed, rt, data)
+    assert [(h["phase"], h["epoch"]) for h in second.history] == [(1, 1), (1, 2), (2, 1)]
+    moved = [k for k, v in second.model.encoder.state_dict().items() if not torch.equal(v, encoder[k])]
+    best_phase = [h["phase"] for h in second.history if h["best"]][-1]
+    assert bool(moved) == (best_phase == 2)
+    loaded = load_classifier(tmp_path / "ft" / "model.pt")
+    assert loaded.card.provenance["best_val_loss"] == pytest.approx(second.best_val_loss)
+
+
+def test_oneshot_end_to_end_then_evaluate_and_resume(tiny_pack: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    argv = [
+        "oneshot",
+        "--pack",
+        str(tiny_pack),
+        "--out",
+        str(out),
+        "--budget-seconds",
+        "600",
+        *TINY,
+        "--pretrain-epochs",
+        "2",
+        "--pretrain-batch-size",
+        "8",
+        "--phase1-epochs",
+        "2",
+        "--phase2-epochs",
+        "1",
+        "--phase1-batch-size",
+        "8",
+        "--phase2-batch-size",
+        "8",
+        "--ablation",
+        "--heads",
+        "lstm1_dense2,dense5",
+    ]
+    assert cli.main(argv) == 0
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert files == sorted(
+        ["model.pt", "metrics.json", "report.md", "curves.png", "confusion.png", "roc.png", "train.log", "ablation.png"]
+    )
+    assert (out / "model.pt").stat().st_size < 16 * 1024 * 1024
+    loaded = load_classifier(out / "model.pt")
+    assert next(iter(loaded.model.state_dict().values())).dtype == torch.float32
+    raw = torch.load(out / "model.pt", weights_only=True)
+    assert raw["state_dict"]["encoder.0.weight"].dtype == torch.float16
+    prov = loaded.card.provenance
+    for key in ("command", "config", "counts", "seed", "device", "wall_seconds", "images_per_second", "history"):
+        assert key in prov, key
+    assert {"pretrain", "finetune_phase1", "finetune_phase2", "evaluate"} <= set(prov["wall_seconds"])
+    assert sum(prov["counts"]["test"].values()) >= 3
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["metrics"]["per_class"]) == set(CLASS_NAMES)
+    assert [r["head"] for r in metrics["ablation"]] == ["lstm1_dense2", "dense5"]
+    assert "macro AUC" in (out / "report.md").read_text()
+    assert "pretrain epoch 2/2" in (out / "train.log").read_text()
+    # the runtime can load and run it
+    prediction = Predictor(loaded, device="cpu").predict([torch.rand(3, 224, 224)])[0]
+    assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-4)
+
+    ev_out = tmp_path / "eval"
+    assert (
+        cli.main(
+            ["evaluate", "--pack", str(tiny_pack), "--model", str(out / "model.pt"), "--out", str(ev_out), *TINY[4:]]
+        )
+        == 0
+    )
+    ev = json.loads((ev_out / "metrics.json").read_text())
+    assert ev["metrics"]["accuracy"] == pytest.approx(metrics["metrics"]["accuracy"])
+    assert {"confusion.png", "roc.png", "curves.png", "report.md"} <= {p.name for p in ev_out.iterdir()}
+
+    # resuming a finished run trains nothing more and rewrites the same results
+    assert cli.main([*argv[:-3], "--no-ablation", "--resume"]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert len(load_classifier(out / "model.pt").card.provenance["history"]) == len(prov["history"])
+    assert again["metrics"]["accuracy"] == pytest.approx(metrics["metrics"]["accuracy"])
+
+
+def test_oneshot_plans_epochs_to_fit_its_budget(tiny_pack: Path, tmp_path: Path) -> None:
+    out = tmp_path / "budget"
+    argv = [
+        "oneshot",
+        "--pack",
+        str(tiny_pack),
+        "--out",
+        str(out),
+        "--budget-seconds",
+        "14",
+        "--reserve-seconds",
+        "2",
+        *TINY,
+        "--pretrain-epochs",
+        "500",
+        "--phase1-epochs",
+        "500",
+        "--phase2-epochs",
+        "500",
+        "--phase1-patience",
+        "500",
+        "--phase2-patience",
+        "500",
+        "--pretrain-batch-size",
+        "16",
+    ]
+    assert cli.main(argv) == 0
+    prov = load_classifier(out / "model.pt").card.provenance
+    assert 1 <= prov["pretrain_epochs"] < 500
+    assert len(prov["history"]) < 1000
+    assert (out / "metrics.json").is_file() and (out / "report.md").is_file()
+    assert "stopped by the time budget" in (out / "report.md").read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, pack: str, out: str) -> None:
+    """One torchrun-like rank running the one-shot command (replicas are checked to agree inside)."""
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
+    torch.set_num_threads(1)
+    rc = cli.main(
+        [
+            "oneshot",
+            "--pack",
+            pack,
+            "--out",
+            out,
+            "--budget-seconds",
+            "600",
+            *TINY,
+            "--pretrain-epochs",
+            "1",
+            "--pretrain-batch-size",
+            "4",
+            "--phase1-epochs",
+            "1",
+            "--phase2-epochs",
+            "1",
+            "--phase1-batch-size",
+            "4",
+            "--phase2-batch-size",
+            "4",
+        ]
+    )
+    assert rc == 0
+
+
+def test_ddp_two_gloo_processes(tiny_pack: Path, tmp_path: Path) -> None:
+    ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), str(tiny_pack), str(tmp_path)), nprocs=2, join=False)
+    give_up = time.monotonic() + 240
+    while not ctx.join(timeout=2):
+        if time.monotonic() > give_up:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("DDP processes did not finish within 240 s")
+    prov = load_classifier(tmp_path / "model.pt").card.provenance
+    assert prov["world_size"] == 2
+    n_train = sum(prov["counts"]["train"].values())
+    assert prov["history"][0]["images"] == (n_train // 2) * 2  # each rank saw its half; counts summed over ranks
+    assert prov["pretrain_history"][0]["images"] == (n_train // 2) * 2
+    assert (
+        "world size 2" in (tmp_path / "train.log").read_text()
+        or "2 process(es)" in (tmp_path / "train.log").read_text()
+    )
+    assert json.loads((tmp_path / "metrics.json").read_text())["metrics"]["images"] == sum(
+        prov["counts"]["test"].values()
+    )
