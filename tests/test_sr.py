@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 from highdicom.valuerep import check_person_name
@@ -253,6 +254,13 @@ def test_patient_name_stays_out_of_logs_and_warnings(caplog: pytest.LogCaptureFi
 def test_invalid_input_raises_value_error(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build(read_evidence("pydicom-data_RG1_UNCR.dcm"), **overrides)
+
+
+def test_flagged_accepts_numpy_bool_only() -> None:
+    evidence = read_evidence("pydicom-data_RG1_UNCR.dcm")
+    assert summarize_triage_sr(build(evidence, flagged=np.bool_(False))).flagged is False
+    with pytest.raises(TypeError, match="flagged"):
+        build(evidence, flagged="yes")
 
 
 def test_invalid_evidence_and_previous_sr_raise_value_error() -> None:
