@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +66,16 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why an input is not classified. ``code`` is stable for scripts; ``reason`` is for people."""
+    """Why an input is not classified. ``code`` is stable for scripts; ``reason`` is for people.
+
+    ``attribute`` is the DICOM keyword at fault (None for non-DICOM inputs); ``sop_instance_uid`` is set when the
+    refused input was a DICOM data set that had one.
+    """
 
     code: str
     reason: str
     attribute: str | None = None
+    sop_instance_uid: str | None = None
 
     def __str__(self) -> str:
         return self.reason
@@ -428,19 +433,21 @@ def decode_unit_image(ds: Dataset) -> np.ndarray:
 
 def prepare_dataset(ds: Dataset) -> PreparedImage | Refusal:
     """Steps 1-7 for a parsed DICOM dataset."""
+    sop_instance_uid = str(ds.get("SOPInstanceUID") or "") or None
     refusal, notes = check_header(ds)
+    if refusal is None:
+        try:
+            unit = decode_unit_image(ds)
+        except _VOIError as exc:
+            refusal = _refuse("voi", exc.keyword, str(exc))
+        except Exception as exc:  # pydicom and the pylibjpeg plugins raise many types for bad data
+            logger.debug("decoding %s failed", sop_instance_uid, exc_info=True)
+            refusal = _refuse("undecodable", "PixelData", f"cannot be decoded: {type(exc).__name__}: {exc}")
     if refusal is not None:
-        return refusal
-    try:
-        unit = decode_unit_image(ds)
-    except _VOIError as exc:
-        return _refuse("voi", exc.keyword, str(exc))
-    except Exception as exc:  # pydicom and the pylibjpeg plugins raise many types for bad data
-        logger.debug("decoding failed", exc_info=True)
-        return _refuse("undecodable", "PixelData", f"cannot be decoded: {type(exc).__name__}: {exc}")
+        return replace(refusal, sop_instance_uid=sop_instance_uid)
     return PreparedImage(
         tensor=to_model_input(unit),
-        sop_instance_uid=str(ds.get("SOPInstanceUID") or "") or None,
+        sop_instance_uid=sop_instance_uid,
         study_instance_uid=str(ds.get("StudyInstanceUID") or "") or None,
         notes=notes,
     )

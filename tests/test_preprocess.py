@@ -12,6 +12,7 @@ import itertools
 import struct
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import dicom_factory as factory
@@ -418,7 +419,7 @@ def test_header_refusal(attributes: dict[str, object], code: str, attribute: str
     refusal, notes = check_header(ds)
     assert refusal is not None and notes == ()
     assert_refused(refusal, code, attribute, value)
-    assert prepare_dataset(ds) == refusal
+    assert prepare_dataset(ds) == replace(refusal, sop_instance_uid=ds.SOPInstanceUID)
 
 
 def test_non_chest_anatomic_region_is_refused() -> None:
