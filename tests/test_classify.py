@@ -27,6 +27,7 @@ from cxr_triage.checkpoint import ModelCard, load_classifier, save_classifier
 from cxr_triage.cli import main
 from cxr_triage.inference import Predictor
 from cxr_triage.model import CAEClassifier, ModelSpec
+from cxr_triage.preprocess import PreparedImage, prepare_path
 
 KEYS = ["path", "sop_instance_uid", "status", "label", "probabilities", "reason", "model_version"]
 
@@ -153,6 +154,19 @@ def test_same_picture_same_probabilities_through_every_door(
 
     assert all(distance(other, same[0]) <= 0.01 for other in same[1:])
     assert distance(negative, same[0]) > 0.05
+
+
+def test_every_encoding_gives_the_same_probabilities(models: dict[str, Path], tmp_path: Path) -> None:
+    """GUIDE §2: the real encodings of one image give the same probabilities to within 0.01."""
+    display = factory.phantom(96, 80)
+    tensors = []
+    for variant in factory.VARIANTS:
+        prepared = prepare_path(factory.encode(display, variant, tmp_path))
+        assert isinstance(prepared, PreparedImage), (variant, prepared)
+        tensors.append(prepared.tensor)
+    probabilities = Predictor(load_classifier(models["beta"]), device="cpu").probabilities(tensors)
+    spread = probabilities.max(dim=0).values - probabilities.min(dim=0).values
+    assert float(spread.max()) <= 0.01
 
 
 def test_model_option_chooses_the_checkpoint(
