@@ -256,6 +256,13 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         f"{torch.get_num_threads()} torch threads); model {model_per_image * 1000:.1f} ms per image "
         f"({len(tensors) / model_s:.2f} images/s, batch {batch_size})"
     )
+    if figures["inference_ms"]:
+        recorded = (statistics.mean(figures["preprocess_ms"]) + statistics.mean(figures["inference_ms"])) / 1000
+        rest_ms = (pipeline_per_image - recorded) * 1000
+        print(
+            f"breakdown per image: workers' preprocess + inference {recorded * 1000:.0f} ms; the rest of the "
+            f"pipeline (SR building, database commits, fsyncs, queue polling) {rest_ms:.0f} ms"
+        )
     overhead = (pipeline_per_image - model_per_image) / model_per_image
     caveat = "; not meaningful with the tiny model" if args.random == "tiny" and not args.model else ""
     print(
