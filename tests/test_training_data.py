@@ -22,6 +22,7 @@ from training.data import (
     balance_table,
     components,
     epoch_batches,
+    quiet_torchvision_io,
     read_manifest,
     resize_to_uint8,
     split_records,
@@ -39,10 +40,11 @@ def _write_images(folder: Path, per_class: int, sizes: tuple[tuple[int, int], ..
         for i in range(per_class):
             h, w = sizes[i % len(sizes)]
             img = (torch.rand(1, h, w, generator=gen) * 60 + 80 * c).to(torch.uint8)
-            if i % 2:
-                write_file(str(folder / name / f"{i}.png"), encode_png(img))
-            else:
-                write_file(str(folder / name / f"{i}.jpg"), encode_jpeg(img, quality=95))
+            with quiet_torchvision_io():
+                if i % 2:
+                    write_file(str(folder / name / f"{i}.png"), encode_png(img))
+                else:
+                    write_file(str(folder / name / f"{i}.jpg"), encode_jpeg(img, quality=95))
 
 
 def test_class_folder_manifest_and_csv_errors(tmp_path: Path) -> None:

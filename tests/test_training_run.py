@@ -188,7 +188,7 @@ def test_oneshot_plans_epochs_to_fit_its_budget(tiny_pack: Path, tmp_path: Path)
         "--out",
         str(out),
         "--budget-seconds",
-        "14",
+        "10",
         "--reserve-seconds",
         "2",
         *TINY,

@@ -88,6 +88,12 @@ def _shared(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("batches")
     g.add_argument("--augment", action=BOOL, default=True, help="mild augmentation of training batches")
     g.add_argument("--eval-batch-size", type=int, default=256, help="batch size for validation and test")
+    g.add_argument(
+        "--checkpoint-seconds",
+        type=float,
+        default=30.0,
+        help="resumable state is written at most this often (and at the end of every phase)",
+    )
 
 
 def _out(p: argparse.ArgumentParser, resume: bool = True) -> None:

@@ -133,8 +133,8 @@ def run_pretrain(
     start_epoch, best_mse, best_encoder = 0, math.inf, None
     if args.resume and state_path.is_file():
         state = load_state(state_path)
-        if state.get("complete"):
-            logger.info("pretraining already complete in %s; keeping %s", state_path, encoder_path)
+        if state["epoch"] >= args.pretrain_epochs and encoder_path.is_file():
+            logger.info("pretraining already ran %d epochs in %s; keeping %s", state["epoch"], state_path, encoder_path)
             return PretrainResult(
                 encoder_path, list(state["history"]), 0.0, 0.0, state["best_mse"], state["epoch"], True
             )
@@ -146,9 +146,22 @@ def run_pretrain(
         logger.info("resuming pretraining after epoch %d from %s", start_epoch, state_path)
     train_idx, val_idx = data.indices("train"), data.indices("val")[:VAL_CAE_IMAGES]
     net = rt.wrap(model)
-    t0 = time.perf_counter()
+    t0, last_save = time.perf_counter(), time.monotonic()
     images, train_seconds, last_epoch_seconds = 0, 0.0, 0.0
     epoch = start_epoch
+
+    def state_now() -> dict[str, Any]:
+        return {
+            "model": cpu_state_dict(net),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "best_mse": best_mse,
+            "best_encoder": best_encoder,
+            "history": history,
+            "args": plain_args(args),
+            "rng": rng_state(),
+        }
+
     while epoch < args.pretrain_epochs and _fits_another_epoch(deadline, last_epoch_seconds, rt):
         e0 = time.perf_counter()
         stats = train_cae_epoch(
@@ -185,20 +198,9 @@ def run_pretrain(
                 stats.seconds,
                 f"{stats.images_per_second:,.0f}",
             )
-            save_state(
-                state_path,
-                {
-                    "model": cpu_state_dict(net),
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch,
-                    "best_mse": best_mse,
-                    "best_encoder": best_encoder,
-                    "history": history,
-                    "args": plain_args(args),
-                    "rng": rng_state(),
-                    "complete": False,
-                },
-            )
+            if time.monotonic() - last_save >= args.checkpoint_seconds:
+                save_state(state_path, state_now())
+                last_save = time.monotonic()
         if stats.stopped_early:
             logger.warning("pretraining stopped inside epoch %d by the time budget", epoch)
             break
@@ -219,9 +221,7 @@ def run_pretrain(
                 "args": plain_args(args),
             },
         )
-        state = load_state(state_path) if state_path.is_file() else {}
-        state.update({"complete": True, "epoch": epoch, "best_mse": best_mse, "history": history})
-        save_state(state_path, state)
+        save_state(state_path, state_now())
         logger.info("encoder (val MSE %.5f after %d epochs) saved to %s", best_mse, epoch, encoder_path)
     rt.barrier()
     ips = images / train_seconds if train_seconds else 0.0
@@ -341,6 +341,24 @@ def run_finetune(
         }
         save_classifier(model_path, best_model, model_card(spec, prov, args.model_version), dtype=torch.float16)
 
+    def state_now(net: nn.Module, optimizer: torch.optim.Optimizer, phase: int, epoch: int, bad: int) -> dict:
+        return {
+            "model": cpu_state_dict(net),
+            "optimizer": optimizer.state_dict(),
+            "phase": phase,
+            "epoch": epoch,
+            "bad_epochs": bad,
+            "best_loss": best_loss,
+            "best_state": best_state,
+            "history": history,
+            "phase_seconds": phase_seconds,
+            "phase_images_per_second": phase_ips,
+            "args": plain_args(args),
+            "rng": rng_state(),
+            "spec": spec.to_dict(),
+        }
+
+    last_save = time.monotonic()
     for ph in _phases(args):
         if ph["phase"] < start_phase:
             continue
@@ -420,28 +438,16 @@ def run_finetune(
                 )
                 if improved:
                     save_best()
-                save_state(
-                    state_path,
-                    {
-                        "model": cpu_state_dict(net),
-                        "optimizer": optimizer.state_dict(),
-                        "phase": ph["phase"],
-                        "epoch": epoch,
-                        "bad_epochs": bad,
-                        "best_loss": best_loss,
-                        "best_state": best_state,
-                        "history": history,
-                        "phase_seconds": phase_seconds,
-                        "phase_images_per_second": phase_ips,
-                        "args": plain_args(args),
-                        "rng": rng_state(),
-                        "spec": spec.to_dict(),
-                    },
-                )
+                if time.monotonic() - last_save >= args.checkpoint_seconds:
+                    save_state(state_path, state_now(net, optimizer, ph["phase"], epoch, bad))
+                    last_save = time.monotonic()
             if stats.stopped_early:
                 break
         if bad >= ph["patience"] and rt.is_main:
             logger.info("%s: early stop, validation loss did not improve for %d epochs", key, bad)
+        if rt.is_main and epoch > (start_epoch if ph["phase"] == start_phase else 0):
+            save_state(state_path, state_now(net, optimizer, ph["phase"], epoch, bad))
+            last_save = time.monotonic()
         start_phase, start_epoch, bad_epochs, opt_state = ph["phase"] + 1, 0, 0, None
         if Deadline.stop_requested:
             break

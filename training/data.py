@@ -21,10 +21,12 @@ No horizontal flip: the heart's side is anatomy, not noise.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
 import os
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -256,12 +258,24 @@ def resize_to_uint8(gray: torch.Tensor) -> torch.Tensor:
     return x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)[0, 0]
 
 
+@contextlib.contextmanager
+def quiet_torchvision_io() -> Iterator[None]:
+    """torchvision >= 0.29 warns on every image decode/encode call that it is deprecated in favour of TorchCodec.
+
+    The GPU host runs torchvision 0.26, where nothing is deprecated; the warning is only noise here.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities of TorchVision.*")
+        yield
+
+
 def read_gray(path: str | os.PathLike[str]) -> torch.Tensor:
     """Decode an 8-bit JPEG or PNG file to (1, H, W) uint8 grey with torchvision.io."""
     from torchvision.io import ImageReadMode, decode_image, read_file
 
     try:
-        img = decode_image(read_file(str(path)), mode=ImageReadMode.GRAY)
+        with quiet_torchvision_io():
+            img = decode_image(read_file(str(path)), mode=ImageReadMode.GRAY)
     except RuntimeError as exc:
         raise ManifestError(f"{path}: cannot decode image ({exc})") from exc
     if img.dtype != torch.uint8:

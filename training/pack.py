@@ -33,6 +33,7 @@ from training.data import (
     Manifest,
     balance_table,
     components,
+    quiet_torchvision_io,
     read_gray,
     resize_to_uint8,
     split_counts,
@@ -57,7 +58,8 @@ def encode_gray_jpeg(image: torch.Tensor, quality: int) -> bytes:
     except ImportError:  # torchvision's encoder: ~4 % larger files, same decoder
         from torchvision.io import encode_jpeg
 
-        return bytes(encode_jpeg(image[None].cpu(), quality=quality).numpy())
+        with quiet_torchvision_io():
+            return bytes(encode_jpeg(image[None].cpu(), quality=quality).numpy())
     buf = io.BytesIO()
     Image.fromarray(image.cpu().numpy(), mode="L").save(buf, "JPEG", quality=quality, optimize=True)
     return buf.getvalue()
@@ -226,17 +228,25 @@ def decode_pack(pack: dict, device: torch.device | str = "cpu", batch_size: int 
     data, offsets = pack["jpeg"], pack["offsets"].tolist()
     n = len(offsets) - 1
     images = torch.empty((n, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, device=device)
+    on_gpu = True
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
         blobs = [data[offsets[i] : offsets[i + 1]] for i in range(start, stop)]
-        if device.type == "cuda":
-            decoded = decode_jpeg(blobs, mode=ImageReadMode.GRAY, device=device)
-        else:
-            decoded = [decode_jpeg(b, mode=ImageReadMode.GRAY) for b in blobs]
+        decoded: list[torch.Tensor] | None = None
+        if device.type == "cuda" and on_gpu:
+            try:
+                with quiet_torchvision_io():
+                    decoded = decode_jpeg(blobs, mode=ImageReadMode.GRAY, device=device)
+            except RuntimeError as exc:  # an nvJPEG limitation must not cost the run: decode on the CPU instead
+                logger.warning("GPU JPEG decoding failed (%s); decoding on the CPU", exc)
+                on_gpu = False
+        if decoded is None:
+            with quiet_torchvision_io():
+                decoded = [decode_jpeg(b, mode=ImageReadMode.GRAY) for b in blobs]
         for j, img in enumerate(decoded):
             if img.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
                 raise PackError(f"image {start + j} of the pack is {tuple(img.shape)}, not {IMAGE_SIZE}x{IMAGE_SIZE}")
-            images[start + j] = img[0]
+            images[start + j] = img[0].to(device, non_blocking=True)  # channel 0 (grey, even if replicated)
     meta = dict(pack["meta"])
     meta.pop("paths", None)
     return ImageSet(
