@@ -50,6 +50,7 @@ def database_facts(url: str) -> dict[str, Any]:
     sr_count = Counter(r[0] for r in srs)
     return {
         "instances": len(instances),
+        "sop_instance_uids": sorted(r[1] for r in instances),
         "distinct_sop_instance_uids": len({r[1] for r in instances}),
         "statuses": dict(Counter(r[2] for r in instances)),
         "attempts": dict(Counter(str(r[3]) for r in instances)),
@@ -129,6 +130,10 @@ def run(workdir: Path, count: int, studies: int, timeout: float) -> dict[str, An
                 ]
                 for sender in senders:
                     sender.communicate(timeout=timeout)
+                # A calling AE title not on the allow-list is rejected at association: nothing stored.
+                intruder_file = peers.generate_chest_cr(workdir / "intruder.dcm", patient_id="E2E-X", seed=99)
+                intruder_uid = str(pydicom.dcmread(intruder_file, stop_before_pixels=True).SOPInstanceUID)
+                intruder = peers.storescu(listener_port, [intruder_file], called_ae=LISTENER_AET, calling_ae="INTRUDER")
 
                 engine = sa.create_engine(cluster.url)
 
@@ -157,6 +162,8 @@ def run(workdir: Path, count: int, studies: int, timeout: float) -> dict[str, An
     return {
         "sent": count,
         "storescu_returncodes": [s.returncode for s in senders],
+        "intruder_storescu_returncode": intruder.returncode,
+        "intruder_stored": intruder_uid in facts["sop_instance_uids"],
         "results": len(rows),
         "result_statuses": dict(Counter(r.get("status") for r in rows)),
         "result_sop_uids_match": {r["sop_instance_uid"] for r in rows} == sent_uids,

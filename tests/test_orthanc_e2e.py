@@ -8,6 +8,7 @@ under ``unshare -n``); all traffic is on that namespace's 127.0.0.1.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,22 @@ def run_scenario(*args: str, timeout: float = 300) -> dict[str, Any]:
     done = peers.run_scenario(peers.netns_command([sys.executable, str(SCENARIO), *args]), timeout)
     assert done.returncode == 0, f"scenario {args} failed ({done.returncode}):\n{done.stdout}\n{done.stderr[-8000:]}"
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_netns_command_gives_a_network_with_loopback_only() -> None:
+    probe = "import socket; print(sorted(n for _, n in socket.if_nameindex()))"
+    done = subprocess.run(
+        peers.netns_command([sys.executable, "-c", probe]), capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['lo']"
+    assert not peers.in_private_netns(), "the test process itself runs in the host's network"
+
+
+def test_dcmtk_tools_are_dcmtk_not_same_named_python_apps() -> None:
+    for name in ("storescu", "storescp", "echoscu"):
+        done = subprocess.run([peers.dcmtk_tool(name), "--version"], capture_output=True, text=True, timeout=10)
+        assert "dcmtk" in done.stdout.lower(), (name, done.stdout)
 
 
 def test_orthanc_refuses_to_start_in_the_host_network(tmp_path: Path) -> None:

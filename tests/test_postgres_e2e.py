@@ -48,6 +48,9 @@ def test_two_workers_process_every_instance_exactly_once(tmp_path: Path) -> None
     assert summary["result_statuses"] == {"ok": count}
     # Every instance stored once, claimed once, classified once, with one SR forwarded once.
     assert facts["instances"] == facts["distinct_sop_instance_uids"] == count
+    # The allow-list of calling AE titles (config/postgresql.toml) kept the unknown sender out.
+    assert summary["intruder_storescu_returncode"] != 0
+    assert not summary["intruder_stored"]
     assert facts["statuses"] == {"done": count}
     assert facts["attempts"] == {"1": count}
     assert facts["predictions_per_instance"] == {"1": count}
