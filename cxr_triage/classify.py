@@ -61,6 +61,7 @@ def result_record(
         record["probabilities"] = {k: round(v, 6) for k, v in prediction.probabilities.items()}
         record["reason"] = "; ".join(outcome.notes) or None
     elif isinstance(outcome, Refusal):
+        record["sop_instance_uid"] = outcome.sop_instance_uid
         record["status"] = "rejected"
         record["reason"] = outcome.reason
     else:

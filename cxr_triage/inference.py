@@ -53,6 +53,8 @@ class Predictor:
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """(N, num_classes) float32 softmax probabilities on the CPU."""
+        if not isinstance(images, torch.Tensor) and len(images) == 0:
+            return torch.empty(0, len(self.class_names))
         batch = images if isinstance(images, torch.Tensor) else torch.stack(list(images))
         outputs = []
         for start in range(0, batch.shape[0], self.batch_size):
@@ -62,9 +64,7 @@ class Predictor:
             with self._autocast():
                 logits = self.model(x)
             outputs.append(torch.softmax(logits.float(), dim=1).cpu())
-        if not outputs:
-            return torch.empty(0, len(self.class_names))
-        return torch.cat(outputs)
+        return torch.cat(outputs) if outputs else torch.empty(0, len(self.class_names))
 
     def predict(self, images: torch.Tensor | Sequence[torch.Tensor]) -> list[Prediction]:
         probs = self.probabilities(images)
