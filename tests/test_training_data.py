@@ -159,8 +159,9 @@ def test_pack_round_trip_and_sampling(tmp_path: Path) -> None:
     # a limit that cannot hold everything: fewer images, the split of each kept image unchanged
     one_size = full["offsets"][1:] - full["offsets"][:-1]
     limit = (int(one_size.sum()) * 0.5 + 64 * 1024 + 64 * 24) / (1 << 20)
-    small = build_pack(manifest, None, max_mib=limit, seed=2, min_quality=95)
+    small = build_pack(manifest, tmp_path / "small.pack", max_mib=limit, seed=2, min_quality=95)
     assert 0 < small["meta"]["images_kept"] < 24
+    assert (tmp_path / "small.pack").stat().st_size <= limit * (1 << 20)
     full_split = dict(zip(loaded["meta"]["paths"], loaded["split"].tolist(), strict=True))
     assert all(full_split[p] == s for p, s in zip(small["meta"]["paths"], small["split"].tolist(), strict=True))
     (tmp_path / "junk.pack").write_bytes(b"not a pack")

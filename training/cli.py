@@ -255,7 +255,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "evaluate":
             commands.run_evaluate(args, rt, data)
         elif args.command == "ablation":
-            commands.run_ablation(args, rt, data, _deadline(args))
+            rows = commands.run_ablation(args, rt, data, _deadline(args))
+            if rt.is_main:
+                from training.report import write_report
+
+                write_report(
+                    args.out,
+                    title="cxr-triage ablation: Table 4 heads",
+                    metrics=None,
+                    ablation=rows,
+                    facts={"device": rt.device_name, "counts": data.counts(), "encoder": args.encoder},
+                )
         return 0
     finally:
         from training.engine import teardown_runtime

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "cxr-triage-pack/1"
 MIB = 1 << 20
-_OVERHEAD_BYTES = 64 * 1024  # torch.save zip framing, labels, meta
+_OVERHEAD_BYTES = 16 * 1024  # margin for the size difference of the numbers in meta
 
 
 class PackError(ValueError):
@@ -63,6 +63,10 @@ def encode_gray_jpeg(image: torch.Tensor, quality: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image.cpu().numpy(), mode="L").save(buf, "JPEG", quality=quality, optimize=True)
     return buf.getvalue()
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
 
 
 def _water_fill(class_sizes: dict[int, int], target_total: int) -> dict[int, int]:
@@ -147,53 +151,78 @@ def build_pack(
     images = [
         resize_to_uint8(read_gray(r.path)) for r in tqdm(records, desc="decode", disable=not progress, mininterval=2.0)
     ]
-    budget = int(max_mib * MIB) - _OVERHEAD_BYTES - 64 * len(records)
+
+    def assemble(encoded: Sequence[bytes], keep: Sequence[int], quality: int) -> dict:
+        blobs = [encoded[i] for i in keep]
+        offsets = torch.zeros(len(blobs) + 1, dtype=torch.int64)
+        offsets[1:] = torch.cumsum(torch.tensor([len(b) for b in blobs], dtype=torch.int64), 0)
+        kept_labels = [labels[i] for i in keep]
+        kept_split = [split[i] for i in keep]
+        pack = {
+            "format": FORMAT,
+            "jpeg": _bytes_tensor(b"".join(blobs)),
+            "offsets": offsets,
+            "labels": torch.tensor(kept_labels, dtype=torch.int64),
+            "split": torch.tensor(kept_split, dtype=torch.int64),
+            "components": torch.tensor([comp[i] for i in keep], dtype=torch.int64),
+            "class_names": list(manifest.class_names),
+            "meta": {
+                "source": manifest.source,
+                "paths": [str(records[i].path) for i in keep],
+                "image_size": IMAGE_SIZE,
+                "jpeg_quality": quality,
+                "seed": seed,
+                "fractions": list(fractions),
+                "max_mib": max_mib,
+                "images_in_manifest": len(records),
+                "images_kept": len(keep),
+                "counts_before_sampling": split_counts(labels, split, manifest.class_names),
+                "counts": split_counts(kept_labels, kept_split, manifest.class_names),
+            },
+        }
+        return pack
+
+    # everything but the JPEG bytes (paths, labels, split, offsets, zip framing), measured, plus a margin
+    buf = io.BytesIO()
+    torch.save(assemble([b""] * len(records), range(len(records)), max_quality), buf)
+    budget = int(max_mib * MIB) - len(buf.getvalue()) - _OVERHEAD_BYTES
     gen = torch.Generator().manual_seed(seed)
     probe = torch.randperm(len(images), generator=gen)[:256].tolist()
+    probe_sizes: dict[int, int] = {}
+
+    def probe_total(q: int) -> int:
+        if q not in probe_sizes:
+            probe_sizes[q] = sum(len(encode_gray_jpeg(images[i], q)) for i in probe)
+        return probe_sizes[q]
+
     quality = min_quality
     for q in range(max_quality, min_quality - 1, -1):
-        est = sum(len(encode_gray_jpeg(images[i], q)) for i in probe) / len(probe) * len(images)
-        if est <= budget * 0.985:
+        if probe_total(q) / len(probe) * len(images) <= budget * 0.985:
             quality = q
             break
     logger.info("JPEG quality %d (estimated from %d images)", quality, len(probe))
-    while True:
-        encoded = [
-            encode_gray_jpeg(img, quality) for img in tqdm(images, desc=f"encode q{quality}", disable=not progress)
-        ]
-        if sum(map(len, encoded)) <= budget or quality <= min_quality:
-            break
+
+    def encode_all(q: int) -> list[bytes]:
+        return [encode_gray_jpeg(img, q) for img in tqdm(images, desc=f"encode q{q}", disable=not progress)]
+
+    encoded = encode_all(quality)
+    while sum(map(len, encoded)) > budget and quality > min_quality:
         quality -= 1
+        encoded = encode_all(quality)
+    # the estimate is conservative: step up while the exact size says the next quality should still fit
+    while quality < max_quality:
+        total = sum(map(len, encoded))
+        if total * probe_total(quality + 1) / probe_total(quality) > budget:
+            break
+        better = encode_all(quality + 1)
+        if sum(map(len, better)) > budget:
+            break
+        quality, encoded = quality + 1, better
+    logger.info("JPEG quality %d: %.2f MiB of images", quality, sum(map(len, encoded)) / MIB)
     keep = sample_to_fit([len(b) for b in encoded], labels, split, comp, budget, seed=seed)
     if len(keep) < len(records):
         logger.warning("pack sampled: %d of %d images kept to fit %.1f MiB", len(keep), len(records), max_mib)
-    blobs = [encoded[i] for i in keep]
-    offsets = torch.zeros(len(blobs) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(torch.tensor([len(b) for b in blobs], dtype=torch.int64), 0)
-    kept_labels = [labels[i] for i in keep]
-    kept_split = [split[i] for i in keep]
-    pack = {
-        "format": FORMAT,
-        "jpeg": torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8),
-        "offsets": offsets,
-        "labels": torch.tensor(kept_labels, dtype=torch.int64),
-        "split": torch.tensor(kept_split, dtype=torch.int64),
-        "components": torch.tensor([comp[i] for i in keep], dtype=torch.int64),
-        "class_names": list(manifest.class_names),
-        "meta": {
-            "source": manifest.source,
-            "paths": [str(records[i].path) for i in keep],
-            "image_size": IMAGE_SIZE,
-            "jpeg_quality": quality,
-            "seed": seed,
-            "fractions": list(fractions),
-            "max_mib": max_mib,
-            "images_in_manifest": len(records),
-            "images_kept": len(keep),
-            "counts_before_sampling": split_counts(labels, split, manifest.class_names),
-            "counts": split_counts(kept_labels, kept_split, manifest.class_names),
-        },
-    }
+    pack = assemble(encoded, keep, quality)
     if out is not None:
         save_pack(pack, out)
     return pack

@@ -86,12 +86,18 @@ def plot_curves(
             ax.plot(steps[best], finetune_history[best][f"val_{key}"], "*", ms=14, color="gold", label="kept")
             ax.legend()
         ax.set(title=title, xlabel="epoch (phase 1 then phase 2)")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_confusion(path: str | os.PathLike[str], cm: Sequence[Sequence[int]], class_names: Sequence[str]) -> None:
+def plot_confusion(
+    path: str | os.PathLike[str], cm: Sequence[Sequence[int]], class_names: Sequence[str], split: str = "test"
+) -> None:
     plt = _pyplot()
     m = torch.tensor(cm, dtype=torch.float64)
     rows = m.sum(1, keepdim=True).clamp_min(1)
@@ -111,7 +117,7 @@ def plot_confusion(path: str | os.PathLike[str], cm: Sequence[Sequence[int]], cl
             )
     ax.set_xticks(range(len(class_names)), class_names)
     ax.set_yticks(range(len(class_names)), class_names)
-    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (test split; row %)")
+    ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix ({split} split; row %)")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -168,7 +174,7 @@ def _pct(x: float | None) -> str:
 def metrics_markdown(metrics: dict[str, Any]) -> str:
     names = metrics["class_names"]
     lines = [
-        f"Test images: {metrics['images']:,}. **Accuracy {_pct(metrics['accuracy'])} %**, "
+        f"Images: {metrics['images']:,}. **Accuracy {_pct(metrics['accuracy'])} %**, "
         f"**macro AUC {_pct(metrics['macro']['auc'])} %**.",
         "",
         "| class | support | precision | recall (sensitivity) | specificity | F1 | AUC |",
@@ -231,7 +237,9 @@ def write_report(
         plot_curves(out / "curves.png", pretrain_history, finetune_history)
         written.append(out / "curves.png")
     if metrics is not None:
-        plot_confusion(out / "confusion.png", metrics["confusion_matrix"], metrics["class_names"])
+        plot_confusion(
+            out / "confusion.png", metrics["confusion_matrix"], metrics["class_names"], metrics.get("split", "test")
+        )
         written.append(out / "confusion.png")
         if labels is not None and probabilities is not None:
             plot_roc(out / "roc.png", labels, probabilities, metrics)
@@ -241,7 +249,7 @@ def write_report(
         written.append(out / "ablation.png")
     md = [f"# {title}", "", DATA_CAVEATS, ""]
     if metrics is not None:
-        md += ["## Test split", "", metrics_markdown(metrics), ""]
+        md += [f"## {metrics.get('split', 'test').capitalize()} split", "", metrics_markdown(metrics), ""]
         md += ["![confusion matrix](confusion.png) ![ROC curves](roc.png)", ""]
     if pretrain_history or finetune_history:
         md += ["## Training", "", "![training curves](curves.png)", ""]
