@@ -135,7 +135,7 @@ def test_classify_json_one_line_per_input(
     lateral = by_name["e_lateral.dcm"]
     assert lateral["status"] == "rejected" and "ViewPosition" in lateral["reason"] and "LL" in lateral["reason"]
     assert lateral["label"] is None and lateral["probabilities"] is None
-    assert lateral["sop_instance_uid"] is None
+    assert lateral["sop_instance_uid"] == pydicom.dcmread(inputs / "e_lateral.dcm").SOPInstanceUID
     assert by_name["f_notes.txt"]["status"] == "rejected"
 
 
