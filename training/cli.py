@@ -249,9 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "pretrain":
             commands.run_pretrain(args, rt, data, _deadline(args))
         elif args.command == "finetune":
-            commands.run_finetune(
-                args, rt, data, _deadline(args), provenance={"command": "finetune", "config": commands.plain_args(args)}
-            )
+            commands.run_finetune(args, rt, data, _deadline(args), provenance=commands.base_provenance(args, rt, data))
         elif args.command == "evaluate":
             commands.run_evaluate(args, rt, data)
         elif args.command == "ablation":

@@ -144,7 +144,10 @@ def run_pretrain(
         best_encoder = state.get("best_encoder")
         set_rng_state(state["rng"])
         logger.info("resuming pretraining after epoch %d from %s", start_epoch, state_path)
-    train_idx, val_idx = data.indices("train"), data.indices("val")[:VAL_CAE_IMAGES]
+    train_idx, val_idx = data.indices("train"), data.indices("val")
+    if len(val_idx) > VAL_CAE_IMAGES:  # a fixed, seeded subset: the curve stays comparable across epochs
+        pick = torch.randperm(len(val_idx), generator=torch.Generator().manual_seed(args.seed))[:VAL_CAE_IMAGES]
+        val_idx = val_idx[pick.to(val_idx.device)]
     net = rt.wrap(model)
     t0, last_save = time.perf_counter(), time.monotonic()
     images, train_seconds, last_epoch_seconds = 0, 0.0, 0.0
@@ -578,6 +581,20 @@ def run_ablation(
 # --------------------------------------------------------------------------------------------------- oneshot
 
 
+def base_provenance(args: argparse.Namespace, rt: Runtime, data: data_mod.ImageSet) -> dict[str, Any]:
+    """What every checkpoint records about how it was made."""
+    return {
+        "command": " ".join(["python -m training", *sys.argv[1:]]),
+        "config": plain_args(args),
+        "data": {k: v for k, v in data.meta.items() if k != "load_seconds"},
+        "counts": data.counts(),
+        "seed": args.seed,
+        "device": rt.device_name,
+        "world_size": rt.world_size,
+        "torch": str(torch.__version__),
+    }
+
+
 class _FileLog:
     """Adds a log file handler on the root logger for the duration of a run."""
 
@@ -631,16 +648,7 @@ def run_oneshot(args: argparse.Namespace, rt: Runtime) -> dict[str, Any]:
             main_deadline = train_deadline
         wall: dict[str, float] = {"load": data.meta["load_seconds"]}
         ips: dict[str, float] = {}
-        provenance: dict[str, Any] = {
-            "command": " ".join(["python -m training"] + sys.argv[1:]) if sys.argv else "oneshot",
-            "config": plain_args(args),
-            "data": {k: v for k, v in data.meta.items() if k != "load_seconds"},
-            "counts": data.counts(),
-            "seed": args.seed,
-            "device": rt.device_name,
-            "world_size": rt.world_size,
-            "torch": str(torch.__version__),
-        }
+        provenance = base_provenance(args, rt, data)
         # --- pretrain
         pre_args = argparse.Namespace(**{**vars(args), "out": str(work / "pretrain")})
         pre = run_pretrain(pre_args, rt, data, main_deadline.sub(args.pretrain_share * main_deadline.remaining()))
@@ -659,7 +667,11 @@ def run_oneshot(args: argparse.Namespace, rt: Runtime) -> dict[str, Any]:
         wall["finetune"] = round(time.perf_counter() - t0, 2)
         wall.update({f"finetune_{k}": v for k, v in ft.phase_seconds.items()})
         ips.update({f"finetune_{k}": v for k, v in ft.phase_images_per_second.items()})
-        # --- evaluate
+        # --- evaluate the weights as shipped: model.pt stores them in fp16
+        with torch.no_grad():
+            for t in ft.model.state_dict().values():
+                if t.is_floating_point():
+                    t.copy_(t.half().float())
         t0 = time.perf_counter()
         ev = evaluate_classifier(ft.model, data, rt, "test", args.eval_batch_size)
         wall["evaluate"] = round(time.perf_counter() - t0, 2)
