@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     cae = rt.prepare(ConvAutoencoder(args.width))
     cae_net = rt.wrap(cae)
-    opt = torch.optim.Adam(cae.parameters(), lr=1e-3)
+    fused = rt.device.type == "cuda"
+    opt = torch.optim.Adam(cae.parameters(), lr=1e-3, fused=fused)
 
     def cae_step() -> None:
         x = batch(args.cae_batch)
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             model = rt.prepare(CAEClassifier(ModelSpec(args.head, args.width, dense_units=args.dense_units)))
             model.set_encoder_trainable(trainable)
             net = rt.wrap(model)
-            copt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=1e-3)
+            copt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=1e-3, fused=fused)
             y = torch.randint(0, 3, (bs,), device=rt.device)
 
             def cls_step(net=net, copt=copt, y=y, bs=bs) -> None:  # type: ignore[no-untyped-def]

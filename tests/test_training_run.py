@@ -278,3 +278,20 @@ def test_ddp_two_gloo_processes(tiny_pack: Path, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "metrics.json").read_text())["metrics"]["images"] == sum(
         prov["counts"]["test"].values()
     )
+
+
+def test_commands_chain_from_a_manifest(tiny_pack: Path, tmp_path: Path) -> None:
+    manifest = tiny_pack.parent / "labels.csv"
+    data = ["--manifest", str(manifest), "--root", str(SHARED), *TINY]
+    assert cli.main(["pretrain", *data, "--out", str(tmp_path / "pre"), "--pretrain-epochs", "1"]) == 0
+    encoder = tmp_path / "pre" / "encoder.pt"
+    assert torch.load(encoder, weights_only=True)["format"] == commands.ENCODER_FORMAT
+    tuning = ["--encoder", str(encoder), "--phase1-epochs", "1", "--phase2-epochs", "0", "--phase1-batch-size", "8"]
+    assert cli.main(["finetune", *data, *tuning, "--out", str(tmp_path / "ft")]) == 0
+    prov = load_classifier(tmp_path / "ft" / "model.pt").card.provenance
+    assert prov["config"]["encoder"] == str(encoder) and prov["device"].startswith("cpu")
+    assert cli.main(["ablation", *data, *tuning, "--heads", "lstm1_dense3", "--out", str(tmp_path / "ab")]) == 0
+    rows = json.loads((tmp_path / "ab" / "ablation.json").read_text())["heads"]
+    assert [r["head"] for r in rows] == ["lstm1_dense3"] and 0.0 <= rows[0]["accuracy"] <= 1.0
+    assert "lstm1_dense3" in (tmp_path / "ab" / "report.md").read_text()
+    assert (tmp_path / "ab" / "ablation.png").is_file()

@@ -128,7 +128,7 @@ def run_pretrain(
     state_path, encoder_path = out / "pretrain_state.pt", out / "encoder.pt"
     seed_everything(args.seed, rt.rank)
     model = rt.prepare(ConvAutoencoder(args.width))
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.pretrain_lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.pretrain_lr, fused=rt.device.type == "cuda")
     history: list[dict[str, Any]] = []
     start_epoch, best_mse, best_encoder = 0, math.inf, None
     if args.resume and state_path.is_file():
@@ -371,7 +371,7 @@ def run_finetune(
             unwrap(model).load_state_dict(best_state)  # phase 2 starts from phase 1's best weights
         unwrap(model).set_encoder_trainable(ph["encoder_trainable"])
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=ph["lr"])
+        optimizer = torch.optim.Adam(params, lr=ph["lr"], fused=rt.device.type == "cuda")
         if resumed_here and opt_state is not None:
             optimizer.load_state_dict(opt_state)
         epoch = start_epoch if ph["phase"] == start_phase else 0
