@@ -102,6 +102,27 @@ def wait_for_port(port: int, timeout: float, what: str, proc: subprocess.Popen[A
     wait_until(ready, timeout, f"{what} to listen on 127.0.0.1:{port}")
 
 
+def dicom_ready(port: int, called_ae: str, calling_ae: str = "READY_PROBE") -> bool:
+    """True when a DICOM SCP on 127.0.0.1:``port`` answers an association request (accepted or rejected).
+
+    Used instead of a bare TCP connect, which leaves the server an association waiting for a request until its
+    ACSE timeout (and so delays its shutdown).
+    """
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 5
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    try:
+        return bool(assoc.is_established or assoc.is_rejected)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()
+
+
 def in_private_netns() -> bool:
     """True when loopback is this network namespace's only interface (as inside ``netns_command``)."""
     return {name for _, name in socket.if_nameindex()} == {"lo"}
@@ -624,9 +645,17 @@ def results(config: Path) -> list[dict[str, Any]]:
 class Server:
     """``cxr-triage serve --config CONFIG`` as a subprocess (own process group, so its workers stop with it)."""
 
-    def __init__(self, config: Path, port: int, log: Path | None = None, ready_timeout: float = 60) -> None:
+    def __init__(
+        self,
+        config: Path,
+        port: int,
+        log: Path | None = None,
+        ready_timeout: float = 60,
+        ae_title: str = "CXR_TRIAGE",
+    ) -> None:
         self.config = config
         self.port = port
+        self.ae_title = ae_title
         self.log = log or config.with_suffix(".serve.log")
         self.ready_timeout = ready_timeout
         self.proc: subprocess.Popen[bytes] | None = None
@@ -639,7 +668,7 @@ class Server:
                 argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.config.parent, start_new_session=True
             )
         try:
-            wait_for_port(self.port, self.ready_timeout, "cxr-triage serve", self.proc)
+            wait_until(self._ready, self.ready_timeout, f"cxr-triage serve to answer on 127.0.0.1:{self.port}", 0.5)
         except BaseException as exc:
             self.__exit__(None, None, None)
             if not isinstance(exc, Exception):
@@ -650,6 +679,11 @@ class Server:
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
             self.returncode = terminate(self.proc, timeout=20, group=True)
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise PeerError(f"cxr-triage serve exited with status {self.proc.returncode}")
+        return dicom_ready(self.port, self.ae_title)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
