@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from cxr_triage.inference import Predictor
 from cxr_triage.model import CAEClassifier, ModelSpec
 from training import cli, commands
 from training.engine import setup_runtime
+from training.metrics import classification_metrics
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr"
 TINY = ["--width", "4", "--dense-units", "8", "--device", "cpu", "--no-progress", "--log-level", "WARNING"]
@@ -172,6 +174,12 @@ def test_oneshot_end_to_end_then_evaluate_and_resume(tiny_pack: Path, tmp_path: 
     assert ev["metrics"]["accuracy"] == pytest.approx(metrics["metrics"]["accuracy"])
     assert {"confusion.png", "roc.png", "curves.png", "report.md"} <= {p.name for p in ev_out.iterdir()}
 
+    # plots can be redrawn from metrics.json alone (for GPU hosts without matplotlib)
+    for png in ("curves.png", "confusion.png", "roc.png", "ablation.png"):
+        (out / png).unlink()
+    assert cli.main(["report", "--run", str(out)]) == 0
+    assert all((out / png).stat().st_size > 1000 for png in ("curves.png", "confusion.png", "roc.png", "ablation.png"))
+
     # resuming a finished run trains nothing more and rewrites the same results
     assert cli.main([*argv[:-3], "--no-ablation", "--resume"]) == 0
     again = json.loads((out / "metrics.json").read_text())
@@ -295,3 +303,16 @@ def test_commands_chain_from_a_manifest(tiny_pack: Path, tmp_path: Path) -> None
     assert [r["head"] for r in rows] == ["lstm1_dense3"] and 0.0 <= rows[0]["accuracy"] <= 1.0
     assert "lstm1_dense3" in (tmp_path / "ab" / "report.md").read_text()
     assert (tmp_path / "ab" / "ablation.png").is_file()
+
+
+def test_report_without_matplotlib_still_writes_markdown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from training import report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert not report.have_matplotlib()
+    labels = torch.tensor([0, 1, 2, 1])
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]])
+    metrics = classification_metrics(labels, probs, CLASS_NAMES)
+    written = report.write_report(tmp_path, title="t", metrics=metrics, labels=labels, probabilities=probs)
+    assert [p.name for p in written] == ["report.md"]
+    assert "| covid |" in (tmp_path / "report.md").read_text()

@@ -126,8 +126,13 @@ def _budget(p: argparse.ArgumentParser, required: bool) -> None:
     )
 
 
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="output folder holding metrics.json (or ablation.json)")
+
+
 COMMAND_ARGS: dict[str, tuple[str, list[Callable[[argparse.ArgumentParser], None]]]] = {
     "pack": ("build a compact, GPU-decodable pack file from a manifest", [_pack_args]),
+    "report": ("redraw report.md and the PNG plots of a run from its metrics.json", [_report_args]),
     "pretrain": ("train the convolutional autoencoder; saves the encoder", [_data, _model, _pretrain, _shared, _out]),
     "finetune": (
         "train the classifier from the encoder: phase 1 head only, phase 2 all",
@@ -236,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "pack":
         return run_pack(args)
+    if args.command == "report":
+        return run_report(args)
     from training import commands
 
     rt = setup_runtime(args.device, args.amp, args.channels_last, args.compile, args.progress)
@@ -293,4 +300,18 @@ def run_pack(args: argparse.Namespace) -> int:
         progress=args.progress,
     )
     print(describe_pack(pack, args.out))
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    import json
+
+    from training.report import report_from_summary
+
+    run = Path(args.run)
+    source = next((run / n for n in ("metrics.json", "ablation.json") if (run / n).is_file()), None)
+    if source is None:
+        raise SystemExit(f"{run}: no metrics.json or ablation.json to draw from")
+    written = report_from_summary(run, json.loads(source.read_text(encoding="utf-8")))
+    print("\n".join(str(p) for p in written))
     return 0

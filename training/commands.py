@@ -53,7 +53,7 @@ from training.engine import (
 )
 from training.metrics import classification_metrics
 from training.pack import decode_pack, load_pack
-from training.report import write_json, write_report
+from training.report import report_from_summary, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -499,6 +499,7 @@ def run_evaluate(args: argparse.Namespace, rt: Runtime, data: data_mod.ImageSet)
         out.mkdir(parents=True, exist_ok=True)
         prov = loaded.card.provenance
         payload = {
+            "title": f"cxr-triage evaluation: {Path(args.model).name}",
             "model": str(args.model),
             "model_sha256": loaded.sha256,
             "model_version": loaded.card.model_version,
@@ -506,20 +507,23 @@ def run_evaluate(args: argparse.Namespace, rt: Runtime, data: data_mod.ImageSet)
             "data": data.meta,
             "counts": data.counts(),
             "metrics": result.metrics,
+            "facts": {"model sha256": loaded.sha256, "spec": loaded.card.spec.to_dict(), "split": args.split},
+            "pretrain_history": prov.get("pretrain_history", []),
+            "finetune_history": prov.get("history", []),
+            "predictions": predictions_json(result),
         }
         write_json(out / "metrics.json", payload)
-        write_report(
-            out,
-            title=f"cxr-triage evaluation: {Path(args.model).name}",
-            metrics=result.metrics,
-            labels=result.labels,
-            probabilities=result.probabilities,
-            pretrain_history=prov.get("pretrain_history", []),
-            finetune_history=prov.get("history", []),
-            facts={"model sha256": loaded.sha256, "spec": loaded.card.spec.to_dict(), "split": args.split},
-        )
+        report_from_summary(out, payload)
         _print_metrics(result.metrics)
     return result
+
+
+def predictions_json(result: EvaluateResult) -> dict[str, Any]:
+    """Labels and probabilities as plain lists, so plots can be redrawn from metrics.json alone."""
+    return {
+        "labels": result.labels.tolist(),
+        "probabilities": [[round(p, 6) for p in row] for row in result.probabilities.tolist()],
+    }
 
 
 def _print_metrics(m: dict[str, Any]) -> None:
@@ -699,6 +703,7 @@ def run_oneshot(args: argparse.Namespace, rt: Runtime) -> dict[str, Any]:
             sha = save_classifier(out / "model.pt", ft.model, card, dtype=torch.float16)
             size_mib = (out / "model.pt").stat().st_size / (1 << 20)
             summary = {
+                "title": "cxr-triage one-shot training run",
                 "model": "model.pt",
                 "model_sha256": sha,
                 "model_mib": round(size_mib, 2),
@@ -713,18 +718,7 @@ def run_oneshot(args: argparse.Namespace, rt: Runtime) -> dict[str, Any]:
                 "seed": args.seed,
                 "budget_seconds": args.budget_seconds,
                 "config": plain_args(args),
-            }
-            write_json(out / "metrics.json", summary)
-            write_report(
-                out,
-                title="cxr-triage one-shot training run",
-                metrics=ev.metrics,
-                labels=ev.labels,
-                probabilities=ev.probabilities,
-                pretrain_history=pre.history,
-                finetune_history=ft.history,
-                ablation=rows,
-                facts={
+                "facts": {
                     "device": rt.device_name,
                     "budget seconds": args.budget_seconds,
                     "wall seconds": wall,
@@ -734,8 +728,13 @@ def run_oneshot(args: argparse.Namespace, rt: Runtime) -> dict[str, Any]:
                     "seed": args.seed,
                     "counts": data.counts(),
                 },
-                notes=oneshot_notes(args, pre),
-            )
+                "notes": oneshot_notes(args, pre),
+                "pretrain_history": pre.history,
+                "finetune_history": ft.history,
+                "predictions": predictions_json(ev),
+            }
+            write_json(out / "metrics.json", summary)
+            report_from_summary(out, summary)
             logger.info(
                 "oneshot done in %.1f s: test accuracy %.4f, macro AUC %.4f; outputs in %s",
                 wall["total"],

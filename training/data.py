@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from cxr_triage import CLASS_NAMES
 from cxr_triage.imaging import IMAGE_SIZE, to_model_batch, uint8_to_unit
+from training.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -285,10 +286,8 @@ def read_gray(path: str | os.PathLike[str]) -> torch.Tensor:
 
 def load_manifest_images(manifest: Manifest, split: Sequence[int], progress: bool = False) -> ImageSet:
     """Decode every image of a manifest (CPU) into an ImageSet; for small data without a pack."""
-    from tqdm import tqdm
-
     images = torch.empty((len(manifest), IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
-    for i, r in enumerate(tqdm(manifest.records, desc="decode", disable=not progress, mininterval=2.0)):
+    for i, r in enumerate(progress_bar(manifest.records, desc="decode", disable=not progress, mininterval=2.0)):
         images[i] = resize_to_uint8(read_gray(r.path))
     return ImageSet(
         images=images,

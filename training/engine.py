@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.data import ImageSet, epoch_batches, iterate_inputs
+from training.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -205,9 +206,7 @@ def _sync(rt: Runtime) -> None:
 
 
 def _progress(total: int, rt: Runtime, desc: str) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not rt.progress, leave=False, mininterval=1.0)
+    return progress_bar(total=total, desc=desc, disable=not rt.progress, leave=False, mininterval=1.0)
 
 
 def _run_epoch(

@@ -39,6 +39,7 @@ from training.data import (
     split_counts,
     split_records,
 )
+from training.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +140,6 @@ def build_pack(
     progress: bool = False,
 ) -> dict:
     """Build a pack from a manifest; write it to ``out`` (atomically) when given; return the pack dict."""
-    from tqdm import tqdm
-
     if not 1 <= min_quality <= max_quality <= 100:
         raise ValueError("JPEG qualities must satisfy 1 <= min_quality <= max_quality <= 100")
     records = manifest.records
@@ -149,7 +148,8 @@ def build_pack(
     labels = manifest.labels
     logger.info("split (seed %d) before any sampling:\n%s", seed, balance_table(labels, split, manifest.class_names))
     images = [
-        resize_to_uint8(read_gray(r.path)) for r in tqdm(records, desc="decode", disable=not progress, mininterval=2.0)
+        resize_to_uint8(read_gray(r.path))
+        for r in progress_bar(records, desc="decode", disable=not progress, mininterval=2.0)
     ]
 
     def assemble(encoded: Sequence[bytes], keep: Sequence[int], quality: int) -> dict:
@@ -203,7 +203,7 @@ def build_pack(
     logger.info("JPEG quality %d (estimated from %d images)", quality, len(probe))
 
     def encode_all(q: int) -> list[bytes]:
-        return [encode_gray_jpeg(img, q) for img in tqdm(images, desc=f"encode q{q}", disable=not progress)]
+        return [encode_gray_jpeg(img, q) for img in progress_bar(images, desc=f"encode q{q}", disable=not progress)]
 
     encoded = encode_all(quality)
     while sum(map(len, encoded)) > budget and quality > min_quality:

@@ -216,6 +216,33 @@ def ablation_markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def report_from_summary(out_dir: str | os.PathLike[str], summary: dict[str, Any]) -> list[Path]:
+    """Write report.md and plots from a metrics.json payload (``python -m training report`` redraws them)."""
+    pred = summary.get("predictions") or {}
+    labels = torch.tensor(pred["labels"], dtype=torch.int64) if pred else None
+    probs = torch.tensor(pred["probabilities"], dtype=torch.float32) if pred else None
+    return write_report(
+        out_dir,
+        title=summary.get("title", "cxr-triage training report"),
+        metrics=summary.get("metrics"),
+        labels=labels,
+        probabilities=probs,
+        pretrain_history=summary.get("pretrain_history") or (),
+        finetune_history=summary.get("finetune_history") or (),
+        ablation=summary.get("ablation") or summary.get("heads") or (),
+        facts=summary.get("facts"),
+        notes=summary.get("notes") or (),
+    )
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def write_report(
     out_dir: str | os.PathLike[str],
     *,
@@ -233,10 +260,17 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    if pretrain_history or finetune_history:
+    plots = have_matplotlib()
+    if not plots:
+        logger.warning(
+            "matplotlib is not installed: no PNG plots. metrics.json holds what they need; redraw them where "
+            "matplotlib is installed with `python -m training report --run %s`",
+            out,
+        )
+    if plots and (pretrain_history or finetune_history):
         plot_curves(out / "curves.png", pretrain_history, finetune_history)
         written.append(out / "curves.png")
-    if metrics is not None:
+    if plots and metrics is not None:
         plot_confusion(
             out / "confusion.png", metrics["confusion_matrix"], metrics["class_names"], metrics.get("split", "test")
         )
@@ -244,7 +278,7 @@ def write_report(
         if labels is not None and probabilities is not None:
             plot_roc(out / "roc.png", labels, probabilities, metrics)
             written.append(out / "roc.png")
-    if ablation:
+    if plots and ablation:
         plot_ablation(out / "ablation.png", ablation)
         written.append(out / "ablation.png")
     md = [f"# {title}", "", DATA_CAVEATS, ""]
