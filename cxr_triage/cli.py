@@ -24,7 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 """Subcommand -> (module, help). Each module defines ``add_arguments(parser)`` and ``run(args) -> int``."""
 
 
-def _setup_argparser() -> argparse.ArgumentParser:
+def _setup_argparser(args: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the chosen subcommand's module is imported (``classify`` alone loads torch)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    chosen = next((a for a in argv if a in COMMANDS), None)
     parser = argparse.ArgumentParser(
         prog="cxr-triage",
         description="Chest X-ray triage DICOM plugin. Research use only: not a medical device.",
@@ -33,6 +36,9 @@ def _setup_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
+        if name != chosen:
+            sub.add_parser(name, help=help_text)
+            continue
         module = importlib.import_module(module_name)
         command_parser = sub.add_parser(name, help=help_text, description=module.__doc__)
         module.add_arguments(command_parser)
@@ -41,7 +47,7 @@ def _setup_argparser() -> argparse.ArgumentParser:
 
 
 def main(args: Sequence[str] | None = None) -> int:
-    parsed = _setup_argparser().parse_args(args)
+    parsed = _setup_argparser(args).parse_args(args)
     logging.basicConfig(
         level=(parsed.log_level or "WARNING").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
