@@ -2,6 +2,7 @@
 
 import sys
 
-from training.cli import main
+from training import cli
 
-sys.exit(main())
+cli.COUNT_PROCESS_STARTUP = True
+sys.exit(cli.main())

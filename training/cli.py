@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -228,8 +229,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+COUNT_PROCESS_STARTUP = False
+"""Set by ``python -m training``: a time budget then counts the interpreter's and torch's start-up as well."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from training.engine import seconds_since_process_start
+
+    startup = seconds_since_process_start() if COUNT_PROCESS_STARTUP else 0.0
     args = parse_args(argv)
+    args._startup_seconds = startup
     from training.engine import setup_runtime
 
     rank = int(os.environ.get("RANK", "0"))
@@ -282,7 +291,9 @@ def _deadline(args: argparse.Namespace) -> Any:
     from training.engine import Deadline
 
     Deadline.install_signal_handlers()
-    return Deadline(args.budget_seconds) if getattr(args, "budget_seconds", None) else None
+    if not getattr(args, "budget_seconds", None):
+        return None
+    return Deadline(args.budget_seconds, start=time.monotonic() - getattr(args, "_startup_seconds", 0.0))
 
 
 def run_pack(args: argparse.Namespace) -> int:

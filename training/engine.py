@@ -146,6 +146,18 @@ def teardown_runtime(rt: Runtime) -> None:
         dist.destroy_process_group()
 
 
+def seconds_since_process_start() -> float:
+    """How long this process has existed (Linux /proc; 0 elsewhere): a budget counts Python and torch start-up too."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as fh:
+            uptime = float(fh.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 class Deadline:
     """A wall-clock limit (monotonic clock) plus a stop flag set by SIGTERM/SIGINT handlers."""
 
