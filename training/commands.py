@@ -775,7 +775,9 @@ def oneshot_notes(args: argparse.Namespace, pre: PretrainResult) -> list[str]:
         f"up to {args.phase1_epochs} epochs, patience {args.phase1_patience}.",
         f"Phase 2 (all layers): Adam lr {args.phase2_lr} (paper 1e-3), batch {args.phase2_batch_size} (paper 16), "
         f"up to {args.phase2_epochs} epochs, patience {args.phase2_patience}.",
+        "Convolutions He-initialised before pretraining (PyTorch's default starts in a flat region).",
         "Model kept: lowest validation loss over both phases. The test split was used only for this report.",
+        "Metrics are those of the fp16-rounded weights that model.pt holds.",
     ]
     return notes
 
