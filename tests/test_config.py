@@ -30,7 +30,7 @@ def test_defaults_load_without_file_or_environment() -> None:
     config = load_config(None, environ={})
     assert config.values == defaults()
     assert config.source is None
-    for section in ("listener", "storage", "database", "model", "worker", "triage", "sr", "forward", "scheduler"):
+    for section in ("listener", "storage", "database", "model", "worker", "triage", "sr", "forward", "logging"):
         assert config[section] == config.section(section) == defaults()[section]
 
 
@@ -75,8 +75,8 @@ def test_file_overrides_only_what_it_names(tmp_path: Path) -> None:
 
 
 def test_integer_is_accepted_for_a_float_key(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, "[scheduler]\npromotion_margin = 1\n"), environ={})
-    value = config["scheduler"]["promotion_margin"]
+    config = load_config(write(tmp_path, "[triage]\ncovid_threshold = 1\n"), environ={})
+    value = config["triage"]["covid_threshold"]
     assert value == 1.0 and isinstance(value, float)
 
 
@@ -87,7 +87,7 @@ def test_environment_overrides_with_typed_values(tmp_path: Path) -> None:
         "CXR_TRIAGE_LISTENER_TLS_ENABLED": "true",
         "CXR_TRIAGE_LISTENER_ALLOWED_CALLING_AES": '["PACS", "MODALITY1"]',
         "CXR_TRIAGE_LISTENER_AE_TITLE": "104",  # a string key keeps the text, even when it looks like a number
-        "CXR_TRIAGE_SCHEDULER_PROMOTION_MARGIN": "0.01",
+        "CXR_TRIAGE_TRIAGE_PNEUMONIA_THRESHOLD": "0.01",
         "CXR_TRIAGE_SR_SERIES_DESCRIPTION": "triage # with a hash",
         "CXR_TRIAGE_MODEL_DEVICE": "cpu",
         "HOME": "/root",  # not ours: ignored
@@ -98,7 +98,7 @@ def test_environment_overrides_with_typed_values(tmp_path: Path) -> None:
     assert listener["tls_enabled"] is True
     assert listener["allowed_calling_aes"] == ["PACS", "MODALITY1"]
     assert listener["ae_title"] == "104"
-    assert config["scheduler"]["promotion_margin"] == 0.01
+    assert config["triage"]["pneumonia_threshold"] == 0.01
     assert config["sr"]["series_description"] == "triage # with a hash"
     assert config["model"]["device"] == "cpu"
 
