@@ -326,8 +326,17 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+def missing_sqlite_file(engine: Engine) -> Path | None:
+    """The SQLite file of ``engine`` when it does not exist (connecting would fail or create an empty one)."""
+    sqlite_file = _sqlite_file(engine.url.render_as_string(hide_password=False))
+    return sqlite_file if sqlite_file is not None and not sqlite_file.exists() else None
+
+
 def schema_state(engine: Engine) -> str:
-    """``"empty"`` (no tables at all), ``"current"``, ``"behind"`` or ``"ahead"`` (unknown revision)."""
+    """``"missing"`` (an SQLite file that does not exist), ``"empty"`` (no tables at all), ``"current"``,
+    ``"behind"`` or ``"ahead"`` (unknown revision)."""
+    if missing_sqlite_file(engine) is not None:
+        return "missing"
     with engine.connect() as conn:
         tables = inspect(conn).get_table_names()
     if not tables:

@@ -21,6 +21,7 @@ import datetime as dt
 import logging
 import os
 import ssl
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.pixels.decoders.base import _PIXEL_DATA_DECODERS
 from pynetdicom import AE, evt
+from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
@@ -192,9 +194,38 @@ class Receiver:
         self.min_free_mb = float(min_free_mb)
         self.sessions = sessions
         self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self._handling: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def handling(self, assoc: Any) -> bool:
+        """Whether a C-STORE of ``assoc`` is being handled or answered right now."""
+        with self._lock:
+            return self._handling.get(id(assoc), 0) > 0
 
     def handle_store(self, event: Event) -> int:
         """EVT_C_STORE: spool, record, then answer (see the module docstring for the statuses)."""
+        key = id(event.assoc)
+        with self._lock:  # busy until the response has been sent (see handle_sent)
+            self._handling[key] = self._handling.get(key, 0) + 1
+        return self._handle_store(event)
+
+    def handle_sent(self, event: Event) -> None:
+        """EVT_DIMSE_SENT: a C-STORE response went out, so that request is finished."""
+        if not isinstance(event.message, C_STORE_RSP):
+            return
+        key = id(event.assoc)
+        with self._lock:
+            if self._handling.get(key, 0) <= 1:
+                self._handling.pop(key, None)
+            else:
+                self._handling[key] -= 1
+
+    def handle_closed(self, event: Event) -> None:
+        """EVT_CONN_CLOSE: nothing of this association is in progress any more."""
+        with self._lock:
+            self._handling.pop(id(event.assoc), None)
+
+    def _handle_store(self, event: Event) -> int:
         requested_uid = event.request.AffectedSOPInstanceUID
         free = spool.free_mb(self.spool_dir)
         if free < self.min_free_mb:
@@ -367,6 +398,8 @@ class Listener:
     def start(self) -> None:
         handlers = [
             (evt.EVT_C_STORE, self.receiver.handle_store),
+            (evt.EVT_DIMSE_SENT, self.receiver.handle_sent),
+            (evt.EVT_CONN_CLOSE, self.receiver.handle_closed),
             (evt.EVT_C_ECHO, _handle_echo),
             (evt.EVT_REJECTED, _handle_rejected),
             (evt.EVT_ACCEPTED, _handle_accepted),
@@ -387,18 +420,63 @@ class Listener:
         )
 
     def stop(self, wait: float = 30.0) -> None:
-        """Stop accepting associations; associations in progress get up to ``wait`` seconds to finish."""
+        """Stop accepting associations and drain the open ones.
+
+        An association with no C-STORE in progress (a bare TCP connection from a health check or port scanner
+        that never sent a request, one still negotiating, or one idle between requests) is aborted at once: the
+        sender has been answered for everything it sent, and a request it sends now is not acknowledged, so it
+        retries later. An association receiving or handling a C-STORE gets up to ``wait`` seconds to answer it
+        and is aborted as soon as it is idle.
+        """
         if self.server is None:
             return
         server, self.server = self.server, None
-        running = server.active_associations
         server.shutdown()
         deadline = time.monotonic() + wait
-        for assoc in running:
-            assoc.join(max(0.0, deadline - time.monotonic()))
-            if assoc.is_alive():
-                logger.warning("association with AE %r still open at shutdown: aborting it", assoc.requestor.ae_title)
-                assoc.abort()
+        running = [assoc for assoc in server.active_associations if assoc.is_alive()]
+        aborted: set[int] = set()
+        while running:
+            for assoc in running:
+                if id(assoc) not in aborted and (not self._busy(assoc) or time.monotonic() >= deadline):
+                    if self._busy(assoc):
+                        logger.warning("association with AE %r still busy at shutdown: aborting it", _ae(assoc))
+                    else:
+                        logger.info("aborting idle association with AE %r at shutdown", _ae(assoc))
+                    aborted.add(id(assoc))
+                    _drop(assoc)
+            time.sleep(0.05)
+            running = [assoc for assoc in running if assoc.is_alive()]
+            if running and time.monotonic() >= deadline + 5.0:
+                logger.error("%d association thread(s) did not end after the abort", len(running))
+                break
+
+    def _busy(self, assoc: Any) -> bool:
+        """Whether ``assoc`` is receiving a DIMSE message, has one queued, or is running our C-STORE handler."""
+        if not assoc.is_established:
+            return False
+        dimse = assoc.dimse
+        return dimse.message is not None or not dimse.msg_queue.empty() or self.receiver.handling(assoc)
+
+
+def _drop(assoc: Any) -> None:
+    """Abort ``assoc``. One still waiting for its A-ASSOCIATE-RQ (state 2, where A-ABORT is not a valid event)
+    gets what its timeouts would do: the ARTIM timer expires (the DUL closes the connection, back to state 1)
+    and the acceptor is woken with ``None``, which it takes as the ACSE timeout."""
+    try:
+        if assoc.dul.state_machine.current_state == "Sta2":
+            assoc.dul.artim_timer.timeout = 0
+            assoc.dul.to_user_queue.put(None)
+        else:
+            assoc.abort(block=False)
+    except Exception:
+        logger.exception("could not abort the association with AE %r", _ae(assoc))
+
+
+def _ae(assoc: Any) -> str:
+    try:
+        return str(assoc.requestor.ae_title or "") or "(none yet)"
+    except Exception:
+        return "(unknown)"
 
 
 def record_orphans(spool_dir: str | os.PathLike[str], sessions: sessionmaker[Session]) -> int:

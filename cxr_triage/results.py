@@ -15,7 +15,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from cxr_triage import db
@@ -41,44 +42,70 @@ def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
+def _latest(model: Any) -> Any:
+    """Subquery: the id of the newest row of ``model`` per instance."""
+    return (
+        select(model.instance_id.label("instance_id"), func.max(model.id).label("id"))
+        .group_by(model.instance_id)
+        .subquery()
+    )
+
+
 def records(session: Session, study: str | None = None, since: dt.datetime | None = None) -> Iterator[dict[str, Any]]:
-    query = select(db.Instance).order_by(db.Instance.received_at, db.Instance.id)
+    """One record per instance, in order of arrival; one query (the newest prediction, refusal and SR joined)."""
+    latest_prediction, latest_refusal, latest_sr = _latest(db.Prediction), _latest(db.Refusal), _latest(db.SRDocument)
+    instance = db.Instance
+    query = (
+        select(
+            instance.spool_path,
+            instance.sop_instance_uid,
+            instance.status,
+            instance.error,
+            instance.flagged,
+            instance.flag_reason,
+            instance.study_instance_uid,
+            instance.received_at,
+            instance.completed_at,
+            db.Prediction.label,
+            db.Prediction.probabilities,
+            db.Prediction.model_version,
+            db.Refusal.reason.label("refusal_reason"),
+            db.SRDocument.sop_instance_uid.label("sr_sop_instance_uid"),
+        )
+        .outerjoin(latest_prediction, latest_prediction.c.instance_id == instance.id)
+        .outerjoin(db.Prediction, db.Prediction.id == latest_prediction.c.id)
+        .outerjoin(latest_refusal, latest_refusal.c.instance_id == instance.id)
+        .outerjoin(db.Refusal, db.Refusal.id == latest_refusal.c.id)
+        .outerjoin(latest_sr, latest_sr.c.instance_id == instance.id)
+        .outerjoin(db.SRDocument, db.SRDocument.id == latest_sr.c.id)
+        .order_by(instance.received_at, instance.id)
+    )
     if study:
-        query = query.where(db.Instance.study_instance_uid == study)
+        query = query.where(instance.study_instance_uid == study)
     if since:
-        query = query.where(db.Instance.received_at >= since)
-    for instance in session.scalars(query).yield_per(500):
-        prediction = session.scalars(
-            select(db.Prediction).where(db.Prediction.instance_id == instance.id).order_by(db.Prediction.id.desc())
-        ).first()
-        refusal = session.scalars(
-            select(db.Refusal).where(db.Refusal.instance_id == instance.id).order_by(db.Refusal.id.desc())
-        ).first()
-        sr = session.scalars(
-            select(db.SRDocument).where(db.SRDocument.instance_id == instance.id).order_by(db.SRDocument.id.desc())
-        ).first()
+        query = query.where(instance.received_at >= since)
+    for row in session.execute(query.execution_options(yield_per=500)):
         reason = None
-        if instance.status == db.REFUSED and refusal is not None:
-            reason = refusal.reason
-        elif instance.error:
-            reason = instance.error
-        elif instance.flagged:
-            reason = instance.flag_reason
+        if row.status == db.REFUSED and row.refusal_reason is not None:
+            reason = row.refusal_reason
+        elif row.error:
+            reason = row.error
+        elif row.flagged:
+            reason = row.flag_reason
+        predicted = row.label is not None
         yield {
-            "path": instance.spool_path,
-            "sop_instance_uid": instance.sop_instance_uid,
-            "status": STATUS_NAMES.get(instance.status, instance.status),
-            "label": prediction.label if prediction else None,
-            "probabilities": {k: round(float(v), 6) for k, v in prediction.probabilities.items()}
-            if prediction
-            else None,
+            "path": row.spool_path,
+            "sop_instance_uid": row.sop_instance_uid,
+            "status": STATUS_NAMES.get(row.status, row.status),
+            "label": row.label if predicted else None,
+            "probabilities": {k: round(float(v), 6) for k, v in row.probabilities.items()} if predicted else None,
             "reason": reason,
-            "model_version": prediction.model_version if prediction else None,
-            "study_instance_uid": instance.study_instance_uid,
-            "received_at": _iso(instance.received_at),
-            "completed_at": _iso(instance.completed_at),
-            "sr_sop_instance_uid": sr.sop_instance_uid if sr else None,
-            "flagged": bool(instance.flagged),
+            "model_version": row.model_version if predicted else None,
+            "study_instance_uid": row.study_instance_uid,
+            "received_at": _iso(row.received_at),
+            "completed_at": _iso(row.completed_at),
+            "sr_sop_instance_uid": row.sr_sop_instance_uid,
+            "flagged": bool(row.flagged),
         }
 
 
@@ -116,11 +143,27 @@ def run(args: argparse.Namespace) -> int:
         return 2
     engine = db.make_engine(config["database"]["url"], create_dirs=False)
     try:
-        state = db.schema_state(engine)
-        if state != "current":
-            print(f"cxr-triage results: the database is {state}; run `{upgrade_command(args.config)}`", file=sys.stderr)
+        if db.missing_sqlite_file(engine) is not None:
+            print(
+                f"cxr-triage results: the database {db.describe_url(engine)} does not exist; create it with "
+                f"`{upgrade_command(args.config)}`",
+                file=sys.stderr,
+            )
             return 2
-        print_results(engine, args.json, args.study, since)
+        try:
+            state = db.schema_state(engine)
+            if state != "current":
+                print(
+                    f"cxr-triage results: the database {db.describe_url(engine)} is {state}; run "
+                    f"`{upgrade_command(args.config)}`",
+                    file=sys.stderr,
+                )
+                return 2
+            print_results(engine, args.json, args.study, since)
+        except SQLAlchemyError as exc:
+            detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            print(f"cxr-triage results: cannot read the database {db.describe_url(engine)}: {detail}", file=sys.stderr)
+            return 2
         return 0
     finally:
         engine.dispose()

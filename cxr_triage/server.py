@@ -36,6 +36,18 @@ HOUSEKEEPING_INTERVAL = 5.0
 """Seconds between study aggregation rounds in the server process."""
 
 
+QUIET_LIBRARIES = ("highdicom",)
+"""Loggers held at WARNING unless ``[logging] level`` is DEBUG (highdicom logs several INFO lines per SR)."""
+
+
+def apply_log_level(level: str) -> None:
+    """Set the root logger's level, and keep chatty libraries at WARNING unless the level is DEBUG."""
+    level = level.upper()
+    logging.getLogger().setLevel(level)
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.NOTSET if level == "DEBUG" else logging.WARNING)
+
+
 class StartupError(RuntimeError):
     """The server cannot start; the message says what to do."""
 
@@ -58,7 +70,7 @@ def open_database(config: Mapping[str, Mapping[str, Any]], config_path: str | No
     except Exception as exc:
         engine.dispose()
         raise StartupError(f"cannot open the database {config['database']['url']!r}: {exc}") from exc
-    if state == "empty":
+    if state in ("missing", "empty"):
         logger.warning("database %s has no tables: creating the schema (migrations to head)", db.describe_url(engine))
         db.upgrade(engine)
     elif state == "behind":
@@ -179,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"cxr-triage serve: {exc}", file=sys.stderr)
         return 2
     level = (getattr(args, "log_level", None) or config["logging"]["level"]).upper()
-    logging.getLogger().setLevel(level)
+    apply_log_level(level)
     try:
         engine = open_database(config.values, args.config)
         recover(config.values, engine)

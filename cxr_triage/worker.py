@@ -302,6 +302,7 @@ class Worker:
         self.predictor = Predictor(loaded, device=model_cfg["device"], batch_size=int(model_cfg["batch_size"]))
         self._model_key = key
         self._register_model(loaded)
+        self._warm_up()
         logger.info(
             "model %s (sha256 %s) loaded from %s on %s",
             loaded.card.model_version,
@@ -310,6 +311,39 @@ class Worker:
             self.predictor.device,
         )
         return True
+
+    def _warm_up(self) -> None:
+        """Pay the one-time costs now rather than on the first batch: the first forward pass, and highdicom's
+        import and standard tables (about 1.5 s on a CPU) by building one throw-away SR."""
+        import torch
+        from pydicom.dataset import Dataset
+        from pydicom.uid import generate_uid
+
+        try:
+            self.predictor.probabilities(torch.zeros(1, 3, 224, 224))
+            if self.config["sr"]["enabled"]:
+                from cxr_triage import sr as sr_module
+
+                evidence = Dataset()
+                evidence.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+                evidence.SOPInstanceUID = generate_uid()
+                evidence.StudyInstanceUID = generate_uid()
+                evidence.SeriesInstanceUID = generate_uid()
+                evidence.Modality = "CR"
+                evidence.Rows = evidence.Columns = 1
+                names = self.predictor.class_names
+                sr_module.sr_to_bytes(
+                    sr_module.build_triage_sr(
+                        evidence,
+                        label=names[0],
+                        probabilities={name: 1.0 if i == 0 else 0.0 for i, name in enumerate(names)},
+                        model_version=self.predictor.model_version,
+                        model_sha256=self.predictor.loaded.sha256,
+                        flagged=False,
+                    )
+                )
+        except Exception:  # a real batch reports the problem where it belongs
+            logger.warning("warm-up failed", exc_info=True)
 
     def _register_model(self, loaded: Any) -> None:
         with self.sessions() as session, session.begin():
@@ -391,12 +425,46 @@ class Worker:
     # --- processing ----------------------------------------------------------------------------------------
 
     def process(self, jobs: Sequence[ClaimedJob]) -> None:
-        from cxr_triage.preprocess import PreparedImage, Refusal, prepare_dataset, read_dicom
+        """Preprocess, classify, write the SRs (durable before the commit) and record the batch in one transaction.
 
-        prepared: list[tuple[ClaimedJob, PreparedImage, float]] = []
+        Each spool file is read once: the dataset that was classified, its pixel data dropped, is the SR's
+        evidence. Should the batch's transaction fail, the outcomes are recorded one by one, so that one bad row
+        does not cost the others their results.
+        """
+        outcomes, prepared = self._preprocess(jobs)
+        if prepared:
+            outcomes += self._classify(prepared)
+        predicted = [o for o in outcomes if o.prediction is not None]
+        if predicted and self.config["sr"]["enabled"]:
+            self._write_srs(predicted)
+        if not outcomes:
+            return
+        try:
+            self._commit(outcomes)
+        except Exception:
+            logger.exception("recording the batch of %d job(s) failed; recording them one by one", len(outcomes))
+            for outcome in outcomes:
+                try:
+                    self._commit([outcome])
+                except Exception as exc:
+                    logger.exception(
+                        "job %s (SOP instance %s): recording failed", outcome.job.id, outcome.job.sop_instance_uid
+                    )
+                    if outcome.sr is not None:
+                        outcome.sr.path.unlink(missing_ok=True)
+                    try:
+                        self._commit([_Outcome(outcome.job, error=exc)])
+                    except Exception:
+                        logger.exception("job %s: the error could not be recorded either", outcome.job.id)
+
+    def _preprocess(self, jobs: Sequence[ClaimedJob]) -> tuple[list[_Outcome], list[_Prepared]]:
+        from cxr_triage.preprocess import Refusal, prepare_dataset, read_dicom
+
+        outcomes: list[_Outcome] = []
+        prepared: list[_Prepared] = []
         for job in jobs:
             if self.stop.is_set():
-                break
+                break  # the rest stay claimed by us and are released when the loop ends
             started = time.perf_counter()
             try:
                 if not Path(job.spool_path).is_file():
@@ -405,38 +473,159 @@ class Worker:
                 outcome = ds if isinstance(ds, Refusal) else prepare_dataset(ds)
             except Exception as exc:
                 logger.exception("job %s (SOP instance %s): preprocessing failed", job.id, job.sop_instance_uid)
-                self._record_error(job, exc)
+                outcomes.append(_Outcome(job, error=exc))
                 continue
             elapsed = (time.perf_counter() - started) * 1000.0
             if isinstance(outcome, Refusal):
-                self._record_refusal(job, outcome)
-            else:
-                prepared.append((job, outcome, elapsed))
-        if not prepared:
-            return
+                outcomes.append(_Outcome(job, refusal=outcome))
+                continue
+            if "PixelData" in ds:
+                del ds.PixelData  # the header stays as the SR's evidence; the pixels are in the tensor now
+            prepared.append(_Prepared(job, outcome, ds, elapsed))
+        return outcomes, prepared
+
+    def _classify(self, prepared: Sequence[_Prepared]) -> list[_Outcome]:
         try:
             started = time.perf_counter()
-            predictions = self.predictor.predict([p.tensor for _, p, _ in prepared])
+            predictions = self.predictor.predict([p.image.tensor for p in prepared])
             inference_ms = (time.perf_counter() - started) * 1000.0 / len(prepared)
         except Exception as exc:
-            logger.exception("inference failed for jobs %s", [job.id for job, _, _ in prepared])
-            for job, _, _ in prepared:
-                self._record_error(job, exc)
-            return
-        for (job, image, preprocess_ms), prediction in zip(prepared, predictions, strict=True):
-            try:
-                self._record_prediction(job, image, prediction, preprocess_ms, inference_ms)
-            except Exception as exc:
-                logger.exception("job %s (SOP instance %s): recording failed", job.id, job.sop_instance_uid)
-                self._record_error(job, exc)
+            logger.exception("inference failed for jobs %s", [p.job.id for p in prepared])
+            return [_Outcome(p.job, error=exc) for p in prepared]
+        outcomes = []
+        for item, prediction in zip(prepared, predictions, strict=True):
+            flagged, flag_reason = flag_for(prediction.probabilities, self.config["triage"])
+            outcomes.append(
+                _Outcome(
+                    item.job,
+                    prediction=prediction,
+                    evidence=item.evidence,
+                    preprocess_ms=item.preprocess_ms,
+                    inference_ms=inference_ms,
+                    flagged=flagged,
+                    flag_reason=flag_reason,
+                )
+            )
+        return outcomes
 
-    def _owned(self, session: Session, job: ClaimedJob) -> db.Instance | None:
-        """The instance row if this worker still holds its lease (it may have expired and been re-claimed)."""
-        instance = session.get(db.Instance, job.id, with_for_update=True)
-        if instance is None or instance.status != db.PROCESSING or instance.claimed_by != self.worker_id:
-            logger.warning("job %s is no longer held by %s; result discarded", job.id, self.worker_id)
-            return None
-        return instance
+    # --- Structured Reports --------------------------------------------------------------------------------
+
+    def _sr_context(self, outcomes: Sequence[_Outcome]) -> tuple[dict[str, tuple[int, str]], dict[str, str]]:
+        """One read for the batch: the latest SR (id, path) of each SOP instance, and the SR series of each study
+        for this model version (one SR series per study and model version)."""
+        sop_uids = sorted({o.job.sop_instance_uid for o in outcomes})
+        study_uids = sorted({o.job.study_instance_uid for o in outcomes})
+        previous: dict[str, tuple[int, str]] = {}
+        series: dict[str, str] = {}
+        with self.sessions() as session:
+            db.read_only(session)
+            rows = session.execute(
+                select(db.Instance.sop_instance_uid, db.SRDocument.id, db.SRDocument.path)
+                .join(db.Instance, db.SRDocument.instance_id == db.Instance.id)
+                .where(db.Instance.sop_instance_uid.in_(sop_uids))
+                .order_by(db.SRDocument.id)
+            ).all()
+            for uid, sr_id, path in rows:
+                previous[uid] = (sr_id, path)  # ascending ids: the last one wins
+            rows = session.execute(
+                select(db.Instance.study_instance_uid, db.SRDocument.series_instance_uid)
+                .join(db.Instance, db.SRDocument.instance_id == db.Instance.id)
+                .where(
+                    db.Instance.study_instance_uid.in_(study_uids),
+                    db.SRDocument.model_version == self.predictor.model_version,
+                )
+                .order_by(db.SRDocument.id)
+            ).all()
+            for study_uid, series_uid in rows:
+                series.setdefault(study_uid, series_uid)
+            session.rollback()
+        return previous, series
+
+    def _write_srs(self, outcomes: Sequence[_Outcome]) -> None:
+        """Build and write the SR of each classified instance; a failure is recorded on its outcome.
+
+        One SR per instance, not per study: each classification is an image-level finding (TID 1501 group with
+        the image as its source), and a study can grow over several associations after its SRs were sent. The
+        study-level aggregate lives in the database (``studies.summary``). Each file is written and fsynced
+        under a temporary name and renamed; the folders are fsynced once per batch, before the commit.
+        """
+        import pydicom
+
+        from cxr_triage import spool
+        from cxr_triage import sr as sr_module
+
+        try:
+            previous, series = self._sr_context(outcomes)
+        except Exception as exc:
+            logger.exception("the SRs of jobs %s could not be prepared", [o.job.id for o in outcomes])
+            for outcome in outcomes:
+                outcome.sr_error = f"Structured Report not written: {type(exc).__name__}: {exc}"[:4000]
+            return
+        sr_cfg = self.config["sr"]
+        sr_root = Path(self.config["storage"]["sr_dir"]).resolve()
+        in_batch: dict[str, _WrittenSR] = {}
+        folders: set[Path] = set()
+        for outcome in outcomes:
+            job = outcome.job
+            try:
+                earlier = in_batch.get(job.sop_instance_uid)
+                previous_ds = earlier.document if earlier is not None else None
+                previous_id = None
+                if earlier is None and job.sop_instance_uid in previous:
+                    previous_id, previous_path = previous[job.sop_instance_uid]
+                    if Path(previous_path).is_file():
+                        previous_ds = pydicom.dcmread(previous_path, stop_before_pixels=True)
+                    else:
+                        previous_id = None
+                document = sr_module.build_triage_sr(
+                    outcome.evidence,
+                    label=outcome.prediction.label,
+                    probabilities=outcome.prediction.probabilities,
+                    model_version=self.predictor.model_version,
+                    model_sha256=self.predictor.loaded.sha256,
+                    flagged=outcome.flagged,
+                    previous_sr=previous_ds,
+                    series_instance_uid=series.get(job.study_instance_uid),
+                    institution_name=str(sr_cfg["institution_name"]),
+                    manufacturer=str(sr_cfg["manufacturer"]),
+                    series_description=str(sr_cfg["series_description"]),
+                )
+                folder = sr_root / spool.safe_uid(job.study_instance_uid)
+                if not folder.is_dir():
+                    folder.mkdir(parents=True, exist_ok=True)
+                    folders.add(folder.parent)  # the new folder's own entry
+                path = _write_file(folder / f"{document.SOPInstanceUID}.dcm", sr_module.sr_to_bytes(document))
+                folders.add(folder)
+            except Exception as exc:  # the classification stands; the missing SR is recorded as the error
+                logger.exception("SOP instance %s: the Structured Report could not be written", job.sop_instance_uid)
+                outcome.sr_error = f"Structured Report not written: {type(exc).__name__}: {exc}"[:4000]
+                continue
+            outcome.sr = _WrittenSR(path, document, previous_id, earlier)
+            in_batch[job.sop_instance_uid] = outcome.sr
+            series.setdefault(job.study_instance_uid, str(document.SeriesInstanceUID))
+        try:
+            for folder in sorted(folders):
+                spool.fsync_dir(folder)
+        except OSError as exc:
+            logger.exception("the SR folders could not be synced")
+            for outcome in outcomes:
+                if outcome.sr is not None:
+                    outcome.sr.path.unlink(missing_ok=True)
+                    outcome.sr = None
+                    outcome.sr_error = f"Structured Report not written: {type(exc).__name__}: {exc}"[:4000]
+
+    # --- recording -----------------------------------------------------------------------------------------
+
+    def _owned(self, session: Session, jobs: Sequence[ClaimedJob]) -> dict[int, db.Instance]:
+        """The instance rows this worker still holds the lease of (one may have expired and been re-claimed)."""
+        rows = session.scalars(
+            select(db.Instance).where(db.Instance.id.in_([job.id for job in jobs])).with_for_update()
+        ).all()
+        owned = {r.id: r for r in rows if r.status == db.PROCESSING and r.claimed_by == self.worker_id}
+        for job in jobs:
+            if job.id not in owned:
+                logger.warning("job %s is no longer held by %s; result discarded", job.id, self.worker_id)
+        return owned
 
     def _finish(self, instance: db.Instance, status: str, now: dt.datetime) -> None:
         instance.status = status
@@ -444,167 +633,169 @@ class Worker:
         instance.lease_until = None
         instance.claimed_by = None
 
-    def _record_error(self, job: ClaimedJob, exc: BaseException) -> None:
-        max_attempts = int(self.config["worker"]["max_attempts"])
-        with self.sessions() as session, session.begin():
-            instance = self._owned(session, job)
-            if instance is None:
-                return
-            instance.error = f"{type(exc).__name__}: {exc}"[:4000]
-            if instance.attempts >= max_attempts:
-                self._finish(instance, db.FAILED, db.utcnow())
-                logger.error("job %s failed after %d attempts: %s", job.id, instance.attempts, instance.error)
-            else:
-                instance.status = db.QUEUED
-                instance.lease_until = None
-                instance.claimed_by = None
-
-    def _record_refusal(self, job: ClaimedJob, refusal: Any) -> None:
-        now = db.utcnow()
-        with self.sessions() as session, session.begin():
-            instance = self._owned(session, job)
-            if instance is None:
-                return
-            session.add(
-                db.Refusal(
-                    instance_id=job.id,
-                    code=refusal.code,
-                    reason=refusal.reason,
-                    attribute=refusal.attribute,
-                    created_at=now,
-                )
-            )
-            instance.error = None
-            self._finish(instance, db.REFUSED, now)
-        logger.info("SOP instance %s refused: %s", job.sop_instance_uid, refusal.code)
-
-    def _record_prediction(
-        self, job: ClaimedJob, image: Any, prediction: Any, preprocess_ms: float, inference_ms: float
-    ) -> None:
-        predictor = self.predictor
-        sha = predictor.loaded.sha256
-        flagged, flag_reason = flag_for(prediction.probabilities, self.config["triage"])
-        sr_written = None
-        sr_error = None
-        if self.config["sr"]["enabled"]:
-            try:
-                sr_written = self._write_sr(job, prediction, flagged)
-            except Exception as exc:  # the classification stands; the missing SR is recorded as the error
-                logger.exception("SOP instance %s: the Structured Report could not be written", job.sop_instance_uid)
-                sr_error = f"Structured Report not written: {type(exc).__name__}: {exc}"[:4000]
-        now = db.utcnow()
-        with self.sessions() as session, session.begin():
-            instance = self._owned(session, job)
-            if instance is None:
-                if sr_written is not None:
-                    sr_written[0].unlink(missing_ok=True)
-                return
-            session.add(
-                db.Prediction(
-                    instance_id=job.id,
-                    label=prediction.label,
-                    probabilities={k: float(v) for k, v in prediction.probabilities.items()},
-                    model_version=predictor.model_version,
-                    model_sha256=sha,
-                    preprocess_ms=preprocess_ms,
-                    inference_ms=inference_ms,
-                    total_ms=preprocess_ms + inference_ms,
-                    device=str(predictor.device),
-                    created_at=now,
-                )
-            )
-            instance.flagged = flagged
-            instance.flag_reason = flag_reason
-            instance.error = sr_error
-            if sr_written is not None:
-                self._record_sr(session, job, sr_written, now)
-            self._finish(instance, db.DONE, now)
-        logger.info(
-            "SOP instance %s: %s (model %s)%s",
-            job.sop_instance_uid,
-            prediction.label,
-            predictor.model_version,
-            " FLAGGED" if flagged else "",
-        )
-
-    def _previous_sr(self, session: Session, sop_instance_uid: str) -> db.SRDocument | None:
-        return session.scalars(
-            select(db.SRDocument)
-            .join(db.Instance, db.SRDocument.instance_id == db.Instance.id)
-            .where(db.Instance.sop_instance_uid == sop_instance_uid)
-            .order_by(db.SRDocument.id.desc())
-        ).first()
-
-    def _write_sr(self, job: ClaimedJob, prediction: Any, flagged: bool) -> tuple[Path, Any, int | None]:
-        """Build and write the SR of one classified instance: (path, dataset, id of the SR it supersedes).
-
-        One SR per instance, not per study: each classification is an image-level finding (TID 1501 group with
-        the image as its source), and a study can grow over several associations after its SRs were sent. The
-        study-level aggregate lives in the database (``studies.summary``).
-        """
-        import pydicom
-
-        from cxr_triage import sr as sr_module
-
-        evidence = pydicom.dcmread(job.spool_path, stop_before_pixels=True, force=True)
-        previous_ds = None
-        previous_id = None
-        series_uid = None
-        with self.sessions() as session:
-            db.read_only(session)
-            previous = self._previous_sr(session, job.sop_instance_uid)
-            if previous is not None and Path(previous.path).is_file():
-                previous_ds = pydicom.dcmread(previous.path, stop_before_pixels=True)
-                previous_id = previous.id
-            same_series = session.scalars(
-                select(db.SRDocument.series_instance_uid)
-                .join(db.Instance, db.SRDocument.instance_id == db.Instance.id)
-                .where(
-                    db.Instance.study_instance_uid == job.study_instance_uid,
-                    db.SRDocument.model_version == self.predictor.model_version,
-                )
-                .limit(1)
-            ).first()
-            series_uid = same_series
-            session.rollback()
-        sr_cfg = self.config["sr"]
-        document = sr_module.build_triage_sr(
-            evidence,
-            label=prediction.label,
-            probabilities=prediction.probabilities,
-            model_version=self.predictor.model_version,
-            model_sha256=self.predictor.loaded.sha256,
-            flagged=flagged,
-            previous_sr=previous_ds,
-            series_instance_uid=series_uid,
-            institution_name=str(sr_cfg["institution_name"]),
-            manufacturer=str(sr_cfg["manufacturer"]),
-            series_description=str(sr_cfg["series_description"]),
-        )
-        from cxr_triage import spool
-
-        study_dir = Path(self.config["storage"]["sr_dir"]).resolve() / spool.safe_uid(job.study_instance_uid)
-        study_dir.mkdir(parents=True, exist_ok=True)
-        path = study_dir / f"{document.SOPInstanceUID}.dcm"
-        spool.write_atomic(path, sr_module.sr_to_bytes(document))
-        return path, document, previous_id
-
-    def _record_sr(self, session: Session, job: ClaimedJob, written: tuple[Path, Any, int | None], now: Any) -> None:
+    def _commit(self, outcomes: Sequence[_Outcome]) -> None:
+        """Record ``outcomes`` in one transaction; log them once it has committed."""
         from cxr_triage import forward
 
-        path, document, previous_id = written
-        record = db.SRDocument(
-            instance_id=job.id,
-            sop_instance_uid=str(document.SOPInstanceUID),
-            series_instance_uid=str(document.SeriesInstanceUID),
-            path=str(path),
+        max_attempts = int(self.config["worker"]["max_attempts"])
+        now = db.utcnow()
+        recorded: list[_Outcome] = []
+        discarded: list[_Outcome] = []
+        for outcome in outcomes:
+            if outcome.sr is not None:
+                outcome.sr.record = None  # from an earlier try that rolled back
+        with self.sessions() as session, session.begin():
+            owned = self._owned(session, [o.job for o in outcomes])
+            for outcome in outcomes:
+                job = outcome.job
+                instance = owned.get(job.id)
+                if instance is None:
+                    discarded.append(outcome)
+                    continue
+                recorded.append(outcome)
+                if outcome.error is not None:
+                    instance.error = f"{type(outcome.error).__name__}: {outcome.error}"[:4000]
+                    if instance.attempts >= max_attempts:
+                        self._finish(instance, db.FAILED, now)
+                    else:
+                        instance.status = db.QUEUED
+                        instance.lease_until = None
+                        instance.claimed_by = None
+                    outcome.final_attempt = instance.attempts >= max_attempts
+                elif outcome.refusal is not None:
+                    refusal = outcome.refusal
+                    session.add(
+                        db.Refusal(
+                            instance_id=job.id,
+                            code=refusal.code,
+                            reason=refusal.reason,
+                            attribute=refusal.attribute,
+                            created_at=now,
+                        )
+                    )
+                    instance.error = None
+                    self._finish(instance, db.REFUSED, now)
+                else:
+                    self._add_prediction(session, instance, outcome, now)
+                    if outcome.sr is not None:
+                        forward.enqueue(session, self._add_sr(session, outcome, now), self.config, now)
+                    self._finish(instance, db.DONE, now)
+        for outcome in discarded:
+            if outcome.sr is not None:
+                outcome.sr.path.unlink(missing_ok=True)
+        for outcome in recorded:
+            self._log(outcome)
+
+    def _add_prediction(self, session: Session, instance: db.Instance, outcome: _Outcome, now: dt.datetime) -> None:
+        predictor = self.predictor
+        prediction = outcome.prediction
+        session.add(
+            db.Prediction(
+                instance_id=instance.id,
+                label=prediction.label,
+                probabilities={k: float(v) for k, v in prediction.probabilities.items()},
+                model_version=predictor.model_version,
+                model_sha256=predictor.loaded.sha256,
+                preprocess_ms=outcome.preprocess_ms,
+                inference_ms=outcome.inference_ms,
+                total_ms=outcome.preprocess_ms + outcome.inference_ms,
+                device=str(predictor.device),
+                created_at=now,
+            )
+        )
+        instance.flagged = outcome.flagged
+        instance.flag_reason = outcome.flag_reason
+        instance.error = outcome.sr_error
+
+    def _add_sr(self, session: Session, outcome: _Outcome, now: dt.datetime) -> db.SRDocument:
+        written = outcome.sr
+        assert written is not None
+        previous_id = written.previous_id
+        earlier = written.previous_in_batch
+        if earlier is not None:  # it supersedes an SR written earlier in this batch
+            previous_id = earlier.record.id if earlier.record is not None else None
+        written.record = db.SRDocument(
+            instance_id=outcome.job.id,
+            sop_instance_uid=str(written.document.SOPInstanceUID),
+            series_instance_uid=str(written.document.SeriesInstanceUID),
+            path=str(written.path),
             model_version=self.predictor.model_version,
             previous_sr_id=previous_id,
             created_at=now,
         )
-        session.add(record)
+        session.add(written.record)
         session.flush()
-        forward.enqueue(session, record, self.config, now)
+        return written.record
+
+    def _log(self, outcome: _Outcome) -> None:
+        job = outcome.job
+        if outcome.error is not None:
+            if outcome.final_attempt:
+                logger.error("job %s failed after its last attempt: %s", job.id, outcome.error)
+        elif outcome.refusal is not None:
+            logger.info("SOP instance %s refused: %s", job.sop_instance_uid, outcome.refusal.code)
+        else:
+            logger.info(
+                "SOP instance %s: %s (model %s)%s",
+                job.sop_instance_uid,
+                outcome.prediction.label,
+                self.predictor.model_version,
+                " FLAGGED" if outcome.flagged else "",
+            )
+
+
+@dataclass
+class _Prepared:
+    job: ClaimedJob
+    image: Any  # preprocess.PreparedImage
+    evidence: Any  # the classified dataset without its pixel data
+    preprocess_ms: float
+
+
+@dataclass
+class _WrittenSR:
+    path: Path
+    document: Any
+    previous_id: int | None
+    previous_in_batch: _WrittenSR | None = None
+    record: Any = None  # the db.SRDocument once added
+
+
+@dataclass
+class _Outcome:
+    """What became of one job in a batch: an error, a refusal or a prediction (with its SR, or why not)."""
+
+    job: ClaimedJob
+    error: BaseException | None = None
+    refusal: Any = None
+    prediction: Any = None
+    evidence: Any = None
+    preprocess_ms: float = 0.0
+    inference_ms: float = 0.0
+    flagged: bool = False
+    flag_reason: str | None = None
+    sr: _WrittenSR | None = None
+    sr_error: str | None = None
+    final_attempt: bool = False
+
+
+def _write_file(path: Path, data: bytes) -> Path:
+    """Temporary file in the target folder, fsync, rename; the caller fsyncs the folder."""
+    import tempfile
+
+    from cxr_triage import spool
+
+    fd, tmp_name = tempfile.mkstemp(prefix=spool.TEMP_PREFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _install_signal_handlers(stop: threading.Event) -> None:
@@ -620,9 +811,12 @@ def worker_process_main(config: Mapping[str, Mapping[str, Any]], log_level: str)
     """Entry point of a worker process started by ``serve`` (multiprocessing, spawn)."""
     import logging as _logging
 
+    from cxr_triage.server import apply_log_level
+
     _logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
     )
+    apply_log_level(log_level)
     engine = db.make_engine(config["database"]["url"], echo=bool(config["database"]["echo"]))
     worker = Worker(config, engine)
     _install_signal_handlers(worker.stop)
@@ -645,14 +839,14 @@ def run(args: Any) -> int:
     import sys
 
     from cxr_triage.config import ConfigError, load_config
-    from cxr_triage.server import StartupError, open_database
+    from cxr_triage.server import StartupError, apply_log_level, open_database
 
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"cxr-triage worker: {exc}", file=sys.stderr)
         return 2
-    logging.getLogger().setLevel((getattr(args, "log_level", None) or config["logging"]["level"]).upper())
+    apply_log_level(getattr(args, "log_level", None) or config["logging"]["level"])
     try:
         engine = open_database(config.values, args.config)
     except StartupError as exc:

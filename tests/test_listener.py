@@ -307,3 +307,51 @@ def test_tls_listener(make_harness, tmp_path: Path) -> None:
     assert assoc.send_c_echo().Status == 0
     assoc.release()
     assert echo(harness.port) is None, "plain DICOM is not accepted on a TLS port"
+
+
+def test_stop_drops_idle_connections_and_lets_a_store_in_progress_finish(make_harness) -> None:
+    import socket
+    import threading
+    import time
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    harness = make_harness(listener={"acse_timeout": 30, "network_timeout": 60})
+    running = harness.listener
+    # A health check's bare TCP connection that never sends a request, and an association left idle.
+    bare = socket.create_connection(("127.0.0.1", harness.port))
+    bare.settimeout(20)
+    ae = AE(ae_title=CALLING_AE)
+    ae.add_requested_context(Verification)
+    idle = ae.associate("127.0.0.1", harness.port, ae_title="CXR_TRIAGE")
+    assert idle.is_established
+    # A C-STORE whose handling is still going on when the stop begins.
+    handling = threading.Event()
+    store = running.receiver.store
+
+    def slow_store(item, data):  # type: ignore[no-untyped-def]
+        handling.set()
+        time.sleep(1.0)
+        return store(item, data)
+
+    running.receiver.store = slow_store
+    statuses: list[int | None] = []
+    sender = threading.Thread(target=lambda: statuses.extend(harness.send([chest_dataset(seed=3)])))
+    sender.start()
+    assert handling.wait(20)
+    started = time.monotonic()
+    harness.stop()
+    stopped_after = time.monotonic() - started
+    sender.join(20)
+    assert stopped_after < 10, f"stop took {stopped_after:.1f} s: idle connections were waited for"
+    assert bare.recv(1) == b"", "the bare connection was closed"
+    assert statuses == [0x0000], "the C-STORE in progress was answered"
+    idle.release()
+    assert idle.is_aborted or not idle.is_established
+    engine = db.make_engine(harness.config["database"]["url"])
+    try:
+        with db.read_session(engine) as session:
+            assert session.scalar(select(func.count()).select_from(db.Instance)) == 1
+    finally:
+        engine.dispose()

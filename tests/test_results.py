@@ -69,3 +69,59 @@ def test_pending_instances_are_listed_as_queued(make_harness, capsys) -> None:
     assert main(["results", "--json", "--config", str(config)]) == 0
     (row,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert row["status"] == "queued" and row["completed_at"] is None and row["label"] is None
+
+
+def test_records_are_the_newest_prediction_refusal_and_sr_of_each_instance(harness) -> None:
+    from sqlalchemy import select, update
+
+    from cxr_triage import db
+    from cxr_triage.results import STATUS_NAMES
+
+    rerun = chest_dataset(seed=3)
+    harness.send([rerun, chest_dataset(seed=4, ViewPosition="LL"), chest_dataset(seed=5)])
+    harness.work()
+    with harness.sessions() as session, session.begin():  # classify one instance a second time
+        session.execute(
+            update(db.Instance).where(db.Instance.sop_instance_uid == rerun.SOPInstanceUID).values(status=db.QUEUED)
+        )
+    harness.work()
+    rows = harness.rows()
+    with harness.sessions() as session:
+        instances = session.scalars(select(db.Instance).order_by(db.Instance.received_at, db.Instance.id)).all()
+        assert len(instances[0].predictions) == 2 and len(instances[0].sr_documents) == 2
+        expected = []
+        for instance in instances:
+            prediction = instance.predictions[-1] if instance.predictions else None
+            refusal = instance.refusals[-1] if instance.refusals else None
+            sr = instance.sr_documents[-1] if instance.sr_documents else None
+            expected.append(
+                {
+                    "sop_instance_uid": instance.sop_instance_uid,
+                    "status": STATUS_NAMES.get(instance.status, instance.status),
+                    "label": prediction.label if prediction else None,
+                    "probabilities": {k: round(v, 6) for k, v in prediction.probabilities.items()}
+                    if prediction
+                    else None,
+                    "reason": refusal.reason if refusal else (instance.error or instance.flag_reason),
+                    "model_version": prediction.model_version if prediction else None,
+                    "sr_sop_instance_uid": sr.sop_instance_uid if sr else None,
+                }
+            )
+    assert [{k: row[k] for k in expected[0]} for row in rows] == expected
+
+
+def test_results_and_forward_on_a_database_that_does_not_exist(tmp_path, capsys) -> None:
+    from conftest import config_values
+
+    values = config_values(tmp_path, None)
+    missing = tmp_path / "nowhere" / "cxr.sqlite"
+    values["database"]["url"] = f"sqlite:///{missing}"
+    config = write_config(tmp_path / "cxr.toml", values)
+    assert main(["results", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert str(missing) in err and "does not exist" in err and f"cxr-triage db upgrade --config {config}" in err
+    assert main(["forward", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "cxr-triage db upgrade" in err
+    assert not missing.exists() and not missing.parent.exists(), "nothing was created"
