@@ -114,7 +114,9 @@ def test_epoch_batches_shard_equally_across_ranks() -> None:
     per_rank = [epoch_batches(idx, 4, shuffle=True, seed=1, epoch=2, rank=r, world_size=2) for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1])
     flat = [torch.cat(b) for b in per_rank]
-    assert len(flat[0]) == len(flat[1]) == 11
+    assert len(flat[0]) == len(flat[1]) == 8  # 11 per rank, last partial batch dropped
+    evaluation = epoch_batches(idx, 4, shuffle=False, rank=1, world_size=2)
+    assert torch.cat(evaluation).tolist() == list(range(1, 23, 2))  # evaluation keeps every sample
     assert not set(flat[0].tolist()) & set(flat[1].tolist())
     again = epoch_batches(idx, 4, shuffle=True, seed=1, epoch=2, rank=0, world_size=2)
     assert all(torch.equal(a, b) for a, b in zip(again, per_rank[0], strict=True))

@@ -312,7 +312,7 @@ def epoch_batches(
 
     The permutation depends only on (seed, epoch), so every rank agrees on it; each rank takes every
     ``world_size``-th index of a permutation truncated to a multiple of ``world_size``, so all ranks run the same
-    number of steps (DistributedDataParallel needs that).
+    number of steps (DistributedDataParallel needs that). Shuffled (training) epochs drop the last partial batch.
     """
     idx = indices.cpu()
     if shuffle:
@@ -321,6 +321,10 @@ def epoch_batches(
     if world_size > 1:
         usable = (len(idx) // world_size) * world_size if shuffle else len(idx)
         idx = idx[:usable][rank::world_size]
+    if shuffle and len(idx) > batch_size:
+        # training drops the last partial batch (a different random remainder each epoch): no tiny, noisy steps
+        # and one batch shape, so torch.compile does not recompile for the tail
+        idx = idx[: (len(idx) // batch_size) * batch_size]
     return [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
 
 
