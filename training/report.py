@@ -167,6 +167,15 @@ def plot_ablation(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) 
     plt.close(fig)
 
 
+def _fact(value: Any) -> str:
+    """A table cell: strings as they are, flat dicts as ``key value, ...``, anything else as JSON."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and all(isinstance(v, str | int | float) for v in value.values()):
+        return ", ".join(f"{k} {v:,}" if isinstance(v, int | float) else f"{k} {v}" for k, v in value.items())
+    return json.dumps(_json_safe(value))
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None or x != x else f"{100 * x:.2f}"
 
@@ -303,7 +312,7 @@ def write_report(
         md += ["## Ablation (Table 4 heads)", "", ablation_markdown(ablation), "", "![ablation](ablation.png)", ""]
     if facts:
         md += ["## Run", "", "| | |", "|---|---|"]
-        md += [f"| {k} | {json.dumps(_json_safe(v)) if not isinstance(v, str) else v} |" for k, v in facts.items()]
+        md += [f"| {k} | {_fact(v)} |" for k, v in facts.items()]
         md.append("")
     if notes:
         md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
