@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import socket
 import sys
@@ -317,3 +318,24 @@ def test_report_without_matplotlib_still_writes_markdown(tmp_path: Path, monkeyp
     written = report.write_report(tmp_path, title="t", metrics=metrics, labels=labels, probabilities=probs)
     assert [p.name for p in written] == ["report.md"]
     assert "| covid |" in (tmp_path / "report.md").read_text()
+
+
+def test_gpu_style_path_bf16_channels_last_on_cpu(
+    tiny_pack: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CUDA path's dtype and memory-format handling, exercised with CPU bf16 autocast and channels_last."""
+    from training.engine import Runtime
+
+    monkeypatch.setattr(Runtime, "autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
+    rt = Runtime(device=torch.device("cpu"), amp=True, channels_last=True, progress=False)
+    args = cli.parse_args(
+        ["oneshot", "--pack", str(tiny_pack), "--out", str(tmp_path), "--budget-seconds", "300", *TINY,
+         "--pretrain-epochs", "1", "--phase1-epochs", "1", "--phase2-epochs", "1", "--pretrain-batch-size", "8",
+         "--phase1-batch-size", "8", "--phase2-batch-size", "8"]
+    )  # fmt: skip
+    summary = commands.run_oneshot(args, rt)
+    assert all(math.isfinite(h["train_loss"]) for h in summary["finetune_history"])
+    assert math.isfinite(summary["pretrain_history"][0]["val_mse"])
+    loaded = load_classifier(tmp_path / "model.pt")
+    assert loaded.model.encoder[0].weight.is_contiguous()  # rebuilt contiguous whatever the training layout
+    assert 0.0 <= summary["metrics"]["accuracy"] <= 1.0
