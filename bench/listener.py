@@ -11,9 +11,12 @@ nowhere). Printed, from the database's own timestamps:
 - latency from acknowledgement to committed result (``completed_at - received_at``): p50, p95, max;
 - the workers' own per-image preprocessing and inference times (predictions table).
 
-Then, in this process with the server stopped, the same images are preprocessed (``prepare_path``) and the model
-alone runs on the prepared tensors (``Predictor``, the server's batch size), and the pipeline's overhead over
-the model is printed: (pipeline seconds per image - model seconds per image) / model seconds per image.
+The model alone runs in this process on the same images, preprocessed with ``prepare_path`` (``Predictor``, the
+server's batch size), twice: before the server starts and after it has stopped (the machine's load can change
+in between: both figures and the load averages are printed, and their mean is the reference). The pipeline's
+overhead over the model is (pipeline seconds per image - model seconds per image) / model seconds per image,
+and the workers' own per-batch log lines break the pipeline's time down: preprocessing + inference (the worker
+thread), SR building and writing and the database commit (the recorder thread, overlapping the next batch).
 Target on the CPU: overhead < 15 % of the model's time (meaningful with the full-size model; a tiny model makes
 the model's time small and the overhead ratio large).
 
@@ -26,6 +29,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -120,6 +125,57 @@ def pipeline_figures(url: str) -> dict[str, Any]:
     }
 
 
+BATCH_LINE = re.compile(
+    r"batch of (\d+) recorded; per image: preprocess \+ inference (\d+) ms, SR (\d+) ms, commit (\d+) ms"
+)
+
+
+def worker_batches(log: Path) -> list[tuple[int, float, float, float]]:
+    """(size, preprocess+inference ms, SR ms, commit ms per image) of each batch, from the server's log."""
+    return [
+        (int(m[1]), float(m[2]), float(m[3]), float(m[4])) for m in BATCH_LINE.finditer(log.read_text(errors="replace"))
+    ]
+
+
+def model_alone(files: list[Path], model_path: Path, batch_size: int) -> tuple[float, float, float, float]:
+    """Seconds per image in this process: (preprocessing wall, model wall, preprocessing CPU, model CPU)."""
+    started, cpu = time.perf_counter(), time.process_time()
+    prepared = [prepare_path(f) for f in files]
+    preprocess_s = (time.perf_counter() - started) / len(files)
+    preprocess_cpu = (time.process_time() - cpu) / len(files)
+    tensors = [p.tensor for p in prepared if isinstance(p, PreparedImage)]
+    predictor = Predictor(load_classifier(model_path), device="cpu", batch_size=batch_size)
+    predictor.probabilities(tensors[:batch_size])  # warm-up
+    started, cpu = time.perf_counter(), time.process_time()
+    predictor.probabilities(tensors)
+    n = len(tensors)
+    return preprocess_s, (time.perf_counter() - started) / n, preprocess_cpu, (time.process_time() - cpu) / n
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of the server process (listener) and of its worker processes (spawned children)."""
+    workers = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid and "spawn_main" in (
+                stat.parent / "cmdline"
+            ).read_text(errors="replace"):
+                workers += cpu_seconds(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return {"listener": cpu_seconds(pid), "workers": workers}
+
+
+def load_text() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def terminal_count(url: str) -> int:
     engine = db.make_engine(url, create_dirs=False)
     try:
@@ -203,6 +259,11 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         f"batch_size {batch_size}, poll_interval {cfg['worker']['poll_interval']} s, SR enabled, no forwarding; "
         f"{args.senders} concurrent storescu senders"
     )
+    before = model_alone(files, model_path, batch_size)
+    print(
+        f"model alone, before the server (load {load_text()}): {before[1] * 1000:.1f} ms per image, "
+        f"preprocessing {before[0] * 1000:.0f} ms per image"
+    )
     peers.cli("db", "upgrade", config=config)
     with peers.Server(config, port, log=workdir / "serve.log", ready_timeout=120) as server:
         # Measure the steady state: wait until every worker has its model loaded.
@@ -211,10 +272,17 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             300,
             "the workers to load the model",
         )
+        assert server.proc is not None
+        cpu_start = server_cpu(server.proc.pid)
+        senders_start = resource.getrusage(resource.RUSAGE_CHILDREN)
         send_s, codes = send(files, args.senders, port, ae_title)
+        senders_end = resource.getrusage(resource.RUSAGE_CHILDREN)
         peers.wait_until(
             lambda: terminal_count(url) >= len(files) or not server.alive(), args.timeout, "all results", 0.5
         )
+        cpu_end = server_cpu(server.proc.pid)
+    senders_cpu = (senders_end.ru_utime + senders_end.ru_stime) - (senders_start.ru_utime + senders_start.ru_stime)
+    cpu = {k: (cpu_end[k] - cpu_start[k]) / len(files) for k in cpu_start}
     figures = pipeline_figures(url)
     n = figures["count"]
     print(
@@ -240,34 +308,47 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             f" inference median {statistics.median(figures['inference_ms']):.1f} ms"
         )
 
-    # The model alone, on the same images, in this process (the server has stopped).
-    started = time.perf_counter()
-    prepared = [prepare_path(f) for f in files]
-    preprocess_s = time.perf_counter() - started
-    tensors = [p.tensor for p in prepared if isinstance(p, PreparedImage)]
-    predictor = Predictor(load_classifier(model_path), device="cpu", batch_size=batch_size)
-    predictor.probabilities(tensors[:batch_size])  # warm-up
-    started = time.perf_counter()
-    predictor.probabilities(tensors)
-    model_s = time.perf_counter() - started
-    model_per_image = model_s / len(tensors)
+    after = model_alone(files, model_path, batch_size)
     print(
-        f"alone: preprocessing {preprocess_s / len(files) * 1000:.0f} ms per image (prepare_path, "
-        f"{torch.get_num_threads()} torch threads); model {model_per_image * 1000:.1f} ms per image "
-        f"({len(tensors) / model_s:.2f} images/s, batch {batch_size})"
+        f"model alone, after the server (load {load_text()}): {after[1] * 1000:.1f} ms per image, "
+        f"preprocessing {after[0] * 1000:.0f} ms per image ({torch.get_num_threads()} torch threads, "
+        f"batch {batch_size})"
     )
+    model_per_image = (before[1] + after[1]) / 2
+    batches = worker_batches(workdir / "serve.log")
+    if batches:
+        total = sum(size for size, *_ in batches)
+        classify_ms, sr_ms, commit_ms = (sum(size * b[i] for size, *b in batches) / total for i in range(3))
+        print(
+            f"workers' batches: sizes {[size for size, *_ in batches]}; per image: preprocess + inference "
+            f"{classify_ms:.0f} ms (worker thread), SR build + write {sr_ms:.0f} ms and commit {commit_ms:.0f} ms "
+            "(recorder thread, overlapping the next batch's classification)"
+        )
     if figures["inference_ms"]:
         recorded = (statistics.mean(figures["preprocess_ms"]) + statistics.mean(figures["inference_ms"])) / 1000
-        rest_ms = (pipeline_per_image - recorded) * 1000
         print(
-            f"breakdown per image: workers' preprocess + inference {recorded * 1000:.0f} ms; the rest of the "
-            f"pipeline (SR building, database commits, fsyncs, queue polling) {rest_ms:.0f} ms"
+            f"breakdown per image: pipeline {pipeline_per_image * 1000:.0f} ms = model alone "
+            f"{model_per_image * 1000:.0f} ms + workers' preprocessing "
+            f"{statistics.mean(figures['preprocess_ms']):.0f} ms + inference slower than alone by "
+            f"{statistics.mean(figures['inference_ms']) - model_per_image * 1000:.0f} ms + the rest "
+            f"{(pipeline_per_image - recorded) * 1000:.0f} ms (ingest, SR and commit not hidden by the overlap, "
+            "queue polling, the first batch's wait)"
         )
+    model_cpu = (before[3] + after[3]) / 2
+    preprocess_cpu = (before[2] + after[2]) / 2
+    print(
+        f"CPU time per image (seconds of CPU, independent of other load): model alone {model_cpu * 1000:.0f} ms, "
+        f"preprocessing alone {preprocess_cpu * 1000:.0f} ms; server's worker process {cpu['workers'] * 1000:.0f} ms "
+        f"(model + preprocessing + SR + commits), its listener process {cpu['listener'] * 1000:.0f} ms (receive, "
+        f"sha256, spool fsync, insert), the storescu senders {senders_cpu / len(files) * 1000:.0f} ms; "
+        f"CPU beyond the model: {(cpu['workers'] + cpu['listener'] - model_cpu) / model_cpu * 100:.0f} % of the "
+        f"model's CPU (all of it shares the {os.cpu_count()} cores with the model)"
+    )
     overhead = (pipeline_per_image - model_per_image) / model_per_image
     caveat = "; not meaningful with the tiny model" if args.random == "tiny" and not args.model else ""
     print(
         f"overhead of the pipeline over the model alone: {overhead * 100:.0f} % of the model's time "
-        f"(target < 15 % on the CPU{caveat})"
+        f"(target < 15 % on the CPU{caveat}); load at the end {load_text()}"
     )
     return 0
 

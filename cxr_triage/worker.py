@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,6 +271,8 @@ class Worker:
         self.predictor: Any = None
         self._model_key: tuple[str, float] | None = None
         self._last_model_warning = 0.0
+        self._recorder: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
 
     # --- model ---------------------------------------------------------------------------------------------
 
@@ -408,37 +411,70 @@ class Worker:
                 if not busy:
                     self.stop.wait(interval)
         finally:
+            self.close()
             release_jobs(self.sessions, self.worker_id)
             logger.info("worker %s stopped", self.worker_id)
 
     def run_until_idle(self, max_rounds: int = 1000) -> int:
         """Process until the queue is empty (tests and one-shot use); the number of jobs processed."""
         total = 0
-        for _ in range(max_rounds):
-            done = self.run_once()
-            self.housekeeping()
-            total += done
-            if not done:
-                break
+        try:
+            for _ in range(max_rounds):
+                done = self.run_once()
+                if not done:
+                    self.flush()
+                self.housekeeping()
+                total += done
+                if not done:
+                    break
+        finally:
+            self.close()
         return total
 
     # --- processing ----------------------------------------------------------------------------------------
 
     def process(self, jobs: Sequence[ClaimedJob]) -> None:
-        """Preprocess, classify, write the SRs (durable before the commit) and record the batch in one transaction.
+        """Preprocess and classify a batch, then hand it to the recorder thread.
 
         Each spool file is read once: the dataset that was classified, its pixel data dropped, is the SR's
-        evidence. Should the batch's transaction fail, the outcomes are recorded one by one, so that one bad row
-        does not cost the others their results.
+        evidence. The recorder writes the batch's SRs (durable before the commit) and records the batch in one
+        transaction while this thread claims and classifies the next batch (torch, numpy and file I/O release
+        the GIL); batches are recorded one at a time, in order.
         """
+        started = time.perf_counter()
         outcomes, prepared = self._preprocess(jobs)
         if prepared:
             outcomes += self._classify(prepared)
+        if not outcomes:
+            return
+        self.flush()
+        if self._recorder is None:
+            self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-recorder")
+        self._pending = self._recorder.submit(self._record, outcomes, time.perf_counter() - started)
+
+    def flush(self) -> None:
+        """Wait until the batch handed to the recorder is recorded."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending.result()
+            except Exception:
+                logger.exception("recording a batch failed")
+
+    def close(self) -> None:
+        """Record what is pending and stop the recorder thread."""
+        self.flush()
+        if self._recorder is not None:
+            self._recorder.shutdown(wait=True)
+            self._recorder = None
+
+    def _record(self, outcomes: list[_Outcome], classify_s: float) -> None:
+        """Write the SRs and record ``outcomes`` in one transaction; one by one should that transaction fail."""
+        started = time.perf_counter()
         predicted = [o for o in outcomes if o.prediction is not None]
         if predicted and self.config["sr"]["enabled"]:
             self._write_srs(predicted)
-        if not outcomes:
-            return
+        written = time.perf_counter()
         try:
             self._commit(outcomes)
         except Exception:
@@ -456,6 +492,14 @@ class Worker:
                         self._commit([_Outcome(outcome.job, error=exc)])
                     except Exception:
                         logger.exception("job %s: the error could not be recorded either", outcome.job.id)
+        n = len(outcomes)
+        logger.info(
+            "batch of %d recorded; per image: preprocess + inference %.0f ms, SR %.0f ms, commit %.0f ms",
+            n,
+            classify_s * 1000.0 / n,
+            (written - started) * 1000.0 / n,
+            (time.perf_counter() - written) * 1000.0 / n,
+        )
 
     def _preprocess(self, jobs: Sequence[ClaimedJob]) -> tuple[list[_Outcome], list[_Prepared]]:
         from cxr_triage.preprocess import Refusal, prepare_dataset, read_dicom
@@ -485,9 +529,10 @@ class Worker:
         return outcomes, prepared
 
     def _classify(self, prepared: Sequence[_Prepared]) -> list[_Outcome]:
+        predictor = self.predictor  # the recorder names this model even if a new one is loaded meanwhile
         try:
             started = time.perf_counter()
-            predictions = self.predictor.predict([p.image.tensor for p in prepared])
+            predictions = predictor.predict([p.image.tensor for p in prepared])
             inference_ms = (time.perf_counter() - started) * 1000.0 / len(prepared)
         except Exception as exc:
             logger.exception("inference failed for jobs %s", [p.job.id for p in prepared])
@@ -504,6 +549,7 @@ class Worker:
                     inference_ms=inference_ms,
                     flagged=flagged,
                     flag_reason=flag_reason,
+                    model=predictor,
                 )
             )
         return outcomes
@@ -532,7 +578,7 @@ class Worker:
                 .join(db.Instance, db.SRDocument.instance_id == db.Instance.id)
                 .where(
                     db.Instance.study_instance_uid.in_(study_uids),
-                    db.SRDocument.model_version == self.predictor.model_version,
+                    db.SRDocument.model_version == outcomes[0].model.model_version,
                 )
                 .order_by(db.SRDocument.id)
             ).all()
@@ -581,8 +627,8 @@ class Worker:
                     outcome.evidence,
                     label=outcome.prediction.label,
                     probabilities=outcome.prediction.probabilities,
-                    model_version=self.predictor.model_version,
-                    model_sha256=self.predictor.loaded.sha256,
+                    model_version=outcome.model.model_version,
+                    model_sha256=outcome.model.loaded.sha256,
                     flagged=outcome.flagged,
                     previous_sr=previous_ds,
                     series_instance_uid=series.get(job.study_instance_uid),
@@ -687,7 +733,7 @@ class Worker:
             self._log(outcome)
 
     def _add_prediction(self, session: Session, instance: db.Instance, outcome: _Outcome, now: dt.datetime) -> None:
-        predictor = self.predictor
+        predictor = outcome.model
         prediction = outcome.prediction
         session.add(
             db.Prediction(
@@ -719,7 +765,7 @@ class Worker:
             sop_instance_uid=str(written.document.SOPInstanceUID),
             series_instance_uid=str(written.document.SeriesInstanceUID),
             path=str(written.path),
-            model_version=self.predictor.model_version,
+            model_version=outcome.model.model_version,
             previous_sr_id=previous_id,
             created_at=now,
         )
@@ -739,7 +785,7 @@ class Worker:
                 "SOP instance %s: %s (model %s)%s",
                 job.sop_instance_uid,
                 outcome.prediction.label,
-                self.predictor.model_version,
+                outcome.model.model_version,
                 " FLAGGED" if outcome.flagged else "",
             )
 
@@ -777,6 +823,7 @@ class _Outcome:
     sr: _WrittenSR | None = None
     sr_error: str | None = None
     final_attempt: bool = False
+    model: Any = None  # the inference.Predictor that classified it
 
 
 def _write_file(path: Path, data: bytes) -> Path:
