@@ -18,13 +18,14 @@ Files (all under ``--out``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -276,7 +277,6 @@ class FinetuneResult:
     phase_seconds: dict[str, float]
     phase_images_per_second: dict[str, float]
     epochs: int
-    card_extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _phases(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -627,13 +627,16 @@ class _FileLog:
 
     def __enter__(self) -> _FileLog:
         root = logging.getLogger()
+        self.level = root.level
         root.addHandler(self.handler)
         if root.level > logging.INFO or root.level == logging.NOTSET:
             root.setLevel(logging.INFO)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        logging.getLogger().removeHandler(self.handler)
+        root = logging.getLogger()
+        root.removeHandler(self.handler)
+        root.setLevel(self.level)
         self.handler.close()
 
 
@@ -653,7 +656,7 @@ def run_oneshot(args: argparse.Namespace, rt: Runtime) -> dict[str, Any]:
     out = Path(args.out)
     work = out / "work"
     out.mkdir(parents=True, exist_ok=True)
-    with _FileLog(out / "train.log") if rt.is_main else _nullctx():
+    with _FileLog(out / "train.log") if rt.is_main else contextlib.nullcontext():
         logger.info("process started %.1f s ago (imports, CUDA set-up): counted in the budget", started)
         logger.info(
             "oneshot: budget %.0f s on %s (%d process(es)); command: %s",
@@ -665,7 +668,6 @@ def run_oneshot(args: argparse.Namespace, rt: Runtime) -> dict[str, Any]:
         data = load_data(args, rt)
         reserve = max(args.reserve_seconds, 0.05 * args.budget_seconds)
         train_deadline = deadline.sub(deadline.remaining() - reserve)
-        ablation_deadline = None
         if args.ablation:
             main_deadline = train_deadline.sub((1 - args.ablation_share) * train_deadline.remaining())
         else:
@@ -703,9 +705,8 @@ def run_oneshot(args: argparse.Namespace, rt: Runtime) -> dict[str, Any]:
         rows: list[dict[str, Any]] = []
         if args.ablation and not Deadline.stop_requested:
             t0 = time.perf_counter()
-            ablation_deadline = train_deadline
             ab_args = argparse.Namespace(**{**vars(ft_args), "out": str(work / "ablation")})
-            rows = run_ablation(ab_args, rt, data, ablation_deadline)
+            rows = run_ablation(ab_args, rt, data, train_deadline)
             wall["ablation"] = round(time.perf_counter() - t0, 2)
         wall["total"] = round(time.perf_counter() - wall0, 2)
         summary: dict[str, Any] = {}
@@ -780,11 +781,3 @@ def oneshot_notes(args: argparse.Namespace, pre: PretrainResult) -> list[str]:
         "Metrics are those of the fp16-rounded weights that model.pt holds.",
     ]
     return notes
-
-
-class _nullctx:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -201,16 +201,6 @@ class EpochStats:
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
-    def as_dict(self) -> dict[str, float | int | bool | None]:
-        return {
-            "loss": self.loss,
-            "accuracy": self.accuracy,
-            "images": self.images,
-            "seconds": round(self.seconds, 3),
-            "images_per_second": round(self.images_per_second, 1),
-            "stopped_early": self.stopped_early,
-        }
-
 
 def _sync(rt: Runtime) -> None:
     if rt.device.type == "cuda":
