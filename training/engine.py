@@ -71,6 +71,9 @@ class Runtime:
         module = module.to(self.device)
         if self.channels_last:
             module = module.to(memory_format=torch.channels_last)
+        for m in module.modules():
+            if isinstance(m, nn.LSTM):
+                m.flatten_parameters()  # one contiguous weight chunk for cuDNN after the moves
         return module
 
     def wrap(self, module: nn.Module) -> nn.Module:
