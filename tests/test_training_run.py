@@ -329,13 +329,16 @@ def test_gpu_style_path_bf16_channels_last_on_cpu(
     monkeypatch.setattr(Runtime, "autocast", lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
     rt = Runtime(device=torch.device("cpu"), amp=True, channels_last=True, progress=False)
     args = cli.parse_args(
-        ["oneshot", "--pack", str(tiny_pack), "--out", str(tmp_path), "--budget-seconds", "300", *TINY,
+        ["oneshot", "--pack", str(tiny_pack), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+         "--budget-seconds", "300", *TINY,
          "--pretrain-epochs", "1", "--phase1-epochs", "1", "--phase2-epochs", "1", "--pretrain-batch-size", "8",
          "--phase1-batch-size", "8", "--phase2-batch-size", "8"]
     )  # fmt: skip
     summary = commands.run_oneshot(args, rt)
     assert all(math.isfinite(h["train_loss"]) for h in summary["finetune_history"])
+    assert (tmp_path / "work" / "finetune" / "finetune_state.pt").is_file()
+    assert not (tmp_path / "out" / "work").exists()
     assert math.isfinite(summary["pretrain_history"][0]["val_mse"])
-    loaded = load_classifier(tmp_path / "model.pt")
+    loaded = load_classifier(tmp_path / "out" / "model.pt")
     assert loaded.model.encoder[0].weight.is_contiguous()  # rebuilt contiguous whatever the training layout
     assert 0.0 <= summary["metrics"]["accuracy"] <= 1.0

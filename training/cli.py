@@ -170,6 +170,11 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
             _budget(p, required=True)
             p.add_argument("--ablation", action=BOOL, default=False, help="also run the Table 4 ablation")
             p.add_argument(
+                "--work",
+                default=None,
+                help="folder for intermediate state (default OUT/work); outside OUT keeps OUT small",
+            )
+            p.add_argument(
                 "--pretrain-share", type=float, default=0.3, help="share of the training time pretraining may use"
             )
             p.add_argument(

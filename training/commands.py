@@ -654,7 +654,7 @@ def run_oneshot(args: argparse.Namespace, rt: Runtime) -> dict[str, Any]:
     deadline = Deadline(args.budget_seconds, start=time.monotonic() - started)
     Deadline.install_signal_handlers()
     out = Path(args.out)
-    work = out / "work"
+    work = Path(args.work) if getattr(args, "work", None) else out / "work"
     out.mkdir(parents=True, exist_ok=True)
     with _FileLog(out / "train.log") if rt.is_main else contextlib.nullcontext():
         logger.info("process started %.1f s ago (imports, CUDA set-up): counted in the budget", started)
