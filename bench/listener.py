@@ -15,8 +15,8 @@ The model alone runs in this process on the same images, preprocessed with ``pre
 server's batch size), twice: before the server starts and after it has stopped (the machine's load can change
 in between: both figures and the load averages are printed, and their mean is the reference). The pipeline's
 overhead over the model is (pipeline seconds per image - model seconds per image) / model seconds per image,
-and the workers' own per-batch log lines break the pipeline's time down: preprocessing + inference (the worker
-thread), SR building and writing and the database commit (the recorder thread, overlapping the next batch).
+and the workers' own per-chunk log lines break the pipeline's time down: preprocessing + inference (the worker
+thread), SR building and writing and the database commit (the recorder thread, overlapping the next chunk).
 Target on the CPU: overhead < 15 % of the model's time (meaningful with the full-size model; a tiny model makes
 the model's time small and the overhead ratio large).
 
@@ -126,12 +126,12 @@ def pipeline_figures(url: str) -> dict[str, Any]:
 
 
 BATCH_LINE = re.compile(
-    r"batch of (\d+) recorded; per image: preprocess \+ inference (\d+) ms, SR (\d+) ms, commit (\d+) ms"
+    r"chunk of (\d+) recorded; per image: preprocess \+ inference (\d+) ms, SR (\d+) ms, commit (\d+) ms"
 )
 
 
 def worker_batches(log: Path) -> list[tuple[int, float, float, float]]:
-    """(size, preprocess+inference ms, SR ms, commit ms per image) of each batch, from the server's log."""
+    """(size, preprocess+inference ms, SR ms, commit ms per image) of each chunk, from the server's log."""
     return [
         (int(m[1]), float(m[2]), float(m[3]), float(m[4])) for m in BATCH_LINE.finditer(log.read_text(errors="replace"))
     ]
@@ -320,9 +320,9 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         total = sum(size for size, *_ in batches)
         classify_ms, sr_ms, commit_ms = (sum(size * b[i] for size, *b in batches) / total for i in range(3))
         print(
-            f"workers' batches: sizes {[size for size, *_ in batches]}; per image: preprocess + inference "
-            f"{classify_ms:.0f} ms (worker thread), SR build + write {sr_ms:.0f} ms and commit {commit_ms:.0f} ms "
-            "(recorder thread, overlapping the next batch's classification)"
+            f"workers' chunks (classified, then recorded): sizes {[size for size, *_ in batches]}; per image: "
+            f"preprocess + inference {classify_ms:.0f} ms (worker thread), SR build + write {sr_ms:.0f} ms and commit "
+            f"{commit_ms:.0f} ms (recorder thread, overlapping the next chunk's classification)"
         )
     if figures["inference_ms"]:
         recorded = (statistics.mean(figures["preprocess_ms"]) + statistics.mean(figures["inference_ms"])) / 1000

@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 MODEL_WARNING_INTERVAL = 300.0
 """Seconds between repeats of the loud no-model warning."""
+CPU_CHUNK = 4
+"""Images classified and then recorded together on the CPU: small, so that the first results of a claimed batch
+commit early (a CPU's images per second hardly depend on the forward batch size)."""
 LABEL_SEVERITY = {"covid": 2, "pneumonia": 1, "normal": 0}
 """Order used to pick a study's worst label."""
 
@@ -434,23 +437,32 @@ class Worker:
     # --- processing ----------------------------------------------------------------------------------------
 
     def process(self, jobs: Sequence[ClaimedJob]) -> None:
-        """Preprocess and classify a batch, then hand it to the recorder thread.
+        """Classify the claimed jobs chunk by chunk, handing each chunk to the recorder thread.
 
         Each spool file is read once: the dataset that was classified, its pixel data dropped, is the SR's
-        evidence. The recorder writes the batch's SRs (durable before the commit) and records the batch in one
-        transaction while this thread claims and classifies the next batch (torch, numpy and file I/O release
-        the GIL); batches are recorded one at a time, in order.
+        evidence. The recorder writes a chunk's SRs (durable before the commit) and records the chunk in one
+        transaction while this thread classifies the next chunk (torch, numpy and file I/O release the GIL);
+        chunks are recorded one at a time, in order. On the CPU a chunk is ``CPU_CHUNK`` images, so that results
+        commit sooner; on CUDA it is the whole claimed batch.
         """
+        size = len(jobs) if self.predictor.device.type == "cuda" else CPU_CHUNK
+        for start in range(0, len(jobs), size):
+            if self.stop.is_set():
+                break  # the rest stay claimed by us and are released when the loop ends
+            self._process_chunk(jobs[start : start + size])
+
+    def _process_chunk(self, jobs: Sequence[ClaimedJob]) -> None:
         started = time.perf_counter()
         outcomes, prepared = self._preprocess(jobs)
         if prepared:
             outcomes += self._classify(prepared)
         if not outcomes:
             return
+        classify_s = time.perf_counter() - started
         self.flush()
         if self._recorder is None:
             self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-recorder")
-        self._pending = self._recorder.submit(self._record, outcomes, time.perf_counter() - started)
+        self._pending = self._recorder.submit(self._record, outcomes, classify_s)
 
     def flush(self) -> None:
         """Wait until the batch handed to the recorder is recorded."""
@@ -494,7 +506,7 @@ class Worker:
                         logger.exception("job %s: the error could not be recorded either", outcome.job.id)
         n = len(outcomes)
         logger.info(
-            "batch of %d recorded; per image: preprocess + inference %.0f ms, SR %.0f ms, commit %.0f ms",
+            "chunk of %d recorded; per image: preprocess + inference %.0f ms, SR %.0f ms, commit %.0f ms",
             n,
             classify_s * 1000.0 / n,
             (written - started) * 1000.0 / n,

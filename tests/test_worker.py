@@ -205,3 +205,39 @@ def test_worker_command_processes_the_queue(make_harness) -> None:
     config = write_config(harness.tmp / "cxr.toml", harness.config)
     assert main(["worker", "--once", "--config", str(config)]) == 0
     assert sorted(r["status"] for r in harness.rows()) == ["ok", "rejected"]
+
+
+def test_two_versions_in_one_chunk_are_recorded_in_order_with_the_first_sr_superseded(harness) -> None:
+    ds = chest_dataset(seed=6)
+    changed = pydicom.dcmread(save_dataset(ds, harness.tmp / "v2.dcm"))
+    changed.InstanceNumber = 2
+    other = chest_dataset(seed=7, StudyInstanceUID=ds.StudyInstanceUID)
+    assert harness.send([ds, changed, other]) == [0, 0, 0]
+    assert harness.work() == 3
+    with harness.sessions() as session:
+        srs = session.scalars(select(db.SRDocument).order_by(db.SRDocument.id)).all()
+        owners = [session.get(db.Instance, s.instance_id).sop_instance_uid for s in srs]
+    assert owners == [ds.SOPInstanceUID, ds.SOPInstanceUID, other.SOPInstanceUID]
+    assert [s.previous_sr_id for s in srs] == [None, srs[0].id, None]
+    assert len({s.series_instance_uid for s in srs}) == 1, "one SR series per study and model version"
+    second = pydicom.dcmread(srs[1].path)
+    predecessor = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert predecessor.ReferencedSOPInstanceUID == srs[0].sop_instance_uid
+    assert all(Path(s.path).is_file() for s in srs)
+
+
+def test_a_result_for_a_job_no_longer_held_is_discarded_with_its_sr(harness) -> None:
+    from sqlalchemy import update
+
+    harness.send([chest_dataset(seed=8)])
+    w = harness.worker
+    assert w.ensure_model()
+    jobs = worker.claim_jobs(harness.sessions, w.worker_id, 5, 600, 3)
+    with harness.sessions() as session, session.begin():  # the lease expired and another worker took the job
+        session.execute(update(db.Instance).values(claimed_by="someone-else"))
+    w.process(jobs)
+    w.close()
+    with harness.sessions() as session:
+        assert session.scalars(select(db.Instance.status)).one() == db.PROCESSING
+        assert session.scalars(select(db.SRDocument)).all() == []
+    assert not list(Path(harness.config["storage"]["sr_dir"]).rglob("*.dcm")), "the discarded SR file is removed"
