@@ -7,7 +7,10 @@ UPDATE in the same transaction, so workers on several hosts never take the same 
 statements run inside ``BEGIN IMMEDIATE`` (see ``cxr_triage.db``), which makes the claim atomic across processes.
 
 Each classified instance gets a prediction row, a worklist flag and, when ``[sr] enabled``, one Structured
-Report (written atomically to ``[storage] sr_dir``) queued for forwarding. The worker loop also forwards due
+Report (written atomically to ``[storage] sr_dir``) queued for forwarding. A claimed batch is classified in
+chunks (``CPU_CHUNK`` images on the CPU); a recorder thread writes each chunk's SRs, fsyncs their folders and
+records the chunk in one transaction while the next chunk is classified, so a result is committed only once its
+SR file is durable. The worker loop also forwards due
 SRs (``cxr_triage.forward``) and aggregates studies that have been quiet for ``[worker] study_quiet_seconds``.
 
 Without a model the worker claims nothing: acknowledged instances stay queued until a model is configured.
