@@ -44,8 +44,11 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that a crash leaves either the whole file or none (temp, fsync, rename)."""
+def write_atomic(path: str | os.PathLike[str], data: bytes, sync_dir: bool = True) -> Path:
+    """Write ``data`` to ``path`` so that a crash leaves either the whole file or none (temp, fsync, rename).
+
+    With ``sync_dir=False`` the caller fsyncs the folder itself (once for many files) before relying on them.
+    """
     path = Path(path)
     if not path.parent.is_dir():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +63,8 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
     return path
 
 

@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -365,21 +364,6 @@ def sr_to_bytes(sr: Dataset) -> bytes:
 
 def write_sr(sr: Dataset, path: str | os.PathLike[str]) -> Path:
     """Write a report atomically: temporary file in the target folder, fsync, rename, fsync of the folder."""
-    target = Path(path)
-    data = sr_to_bytes(sr)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return target
+    from cxr_triage.spool import write_atomic
+
+    return write_atomic(path, sr_to_bytes(sr))

@@ -652,10 +652,9 @@ class Worker:
                     series_description=str(sr_cfg["series_description"]),
                 )
                 folder = sr_root / spool.safe_uid(job.study_instance_uid)
-                if not folder.is_dir():
-                    folder.mkdir(parents=True, exist_ok=True)
-                    folders.add(folder.parent)  # the new folder's own entry
-                path = _write_file(folder / f"{document.SOPInstanceUID}.dcm", sr_module.sr_to_bytes(document))
+                path = spool.write_atomic(
+                    folder / f"{document.SOPInstanceUID}.dcm", sr_module.sr_to_bytes(document), sync_dir=False
+                )
                 folders.add(folder)
             except Exception as exc:  # the classification stands; the missing SR is recorded as the error
                 logger.exception("SOP instance %s: the Structured Report could not be written", job.sop_instance_uid)
@@ -839,25 +838,6 @@ class _Outcome:
     sr_error: str | None = None
     final_attempt: bool = False
     model: Any = None  # the inference.Predictor that classified it
-
-
-def _write_file(path: Path, data: bytes) -> Path:
-    """Temporary file in the target folder, fsync, rename; the caller fsyncs the folder."""
-    import tempfile
-
-    from cxr_triage import spool
-
-    fd, tmp_name = tempfile.mkstemp(prefix=spool.TEMP_PREFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _install_signal_handlers(stop: threading.Event) -> None:

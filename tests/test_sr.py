@@ -291,6 +291,10 @@ def test_write_sr_is_atomic_and_replaces(tmp_path: Path) -> None:
     assert target.read_bytes() == sr_to_bytes(sr)
     assert [p.name for p in tmp_path.iterdir()] == ["report.dcm"]
     assert sr_to_bytes(sr)[128:132] == b"DICM"
-    with pytest.raises(FileNotFoundError):
-        write_sr(sr, tmp_path / "missing" / "report.dcm")
-    assert [p.name for p in tmp_path.iterdir()] == ["report.dcm"]
+    nested = write_sr(sr, tmp_path / "new-folder" / "report.dcm")
+    assert nested.read_bytes() == sr_to_bytes(sr)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "new-folder",
+        "new-folder/report.dcm",
+        "report.dcm",
+    ]
