@@ -14,6 +14,11 @@ Choices the paper leaves open (GUIDE §1), written down here:
   ``keras_parameter_count`` reports the paper's figure.
 - The hidden Dense layers use ReLU; the output layer returns logits (softmax is applied by the predictor and
   folded into the cross-entropy loss in training).
+- Convolutions start from He (Kaiming) normal weights and zero biases. PyTorch's default (Kaiming uniform,
+  a = sqrt(5)) shrinks the activations ~6x per ReLU layer, so after the encoder's six convolutions the features
+  are ~1 % of the input's scale and training starts in a flat region (a small classifier trained from scratch
+  stayed at chance in a CPU trial; with He initialisation it learned). Keras, which the paper used, defaults to
+  Glorot uniform.
 """
 
 from __future__ import annotations
@@ -71,6 +76,15 @@ def _conv(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
 
 
+def he_initialise(module: nn.Module) -> None:
+    """He normal weights and zero biases for every (transposed) convolution in ``module``."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 class Encoder(nn.Sequential):
     """Table 1: six 3x3 convolutions and five 2x2 max-pools, 224x224x3 -> 7x7x(8*width)."""
 
@@ -89,6 +103,7 @@ class Encoder(nn.Sequential):
             *_conv(c4, c5),
             nn.MaxPool2d(2),
         )
+        he_initialise(self)
 
 
 class Decoder(nn.Sequential):
@@ -107,6 +122,7 @@ class Decoder(nn.Sequential):
             nn.Sigmoid(),
         ]
         super().__init__(*layers)
+        he_initialise(self)
 
 
 class ConvAutoencoder(nn.Module):

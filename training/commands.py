@@ -128,7 +128,7 @@ def run_pretrain(
     out = Path(args.out)
     state_path, encoder_path = out / "pretrain_state.pt", out / "encoder.pt"
     seed_everything(args.seed, rt.rank)
-    model = rt.prepare(init_conv_weights(ConvAutoencoder(args.width)))
+    model = rt.prepare(ConvAutoencoder(args.width))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.pretrain_lr, fused=rt.device.type == "cuda")
     history: list[dict[str, Any]] = []
     start_epoch, best_mse, best_encoder = 0, math.inf, None
@@ -240,22 +240,6 @@ def _speed(stats: Any) -> dict[str, float]:
     }
 
 
-def init_conv_weights(module: nn.Module) -> nn.Module:
-    """He (Kaiming) normal initialisation of every (transposed) convolution, zero biases.
-
-    PyTorch's default (Kaiming uniform with a = sqrt(5)) shrinks the activation variance ~6x per ReLU layer, so
-    after the encoder's six convolutions the features are ~1 % of the input scale and training starts in a flat
-    region (a tiny classifier trained from scratch did not move off chance in a CPU trial; with He init it did,
-    and the autoencoder's MSE fell faster). Keras, which the paper used, defaults to Glorot uniform.
-    """
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    return module
-
-
 def load_encoder(model: CAEClassifier, path: str | os.PathLike[str]) -> None:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != ENCODER_FORMAT:
@@ -328,10 +312,8 @@ def run_finetune(
     model = CAEClassifier(spec)
     if args.encoder:
         load_encoder(model, args.encoder)
-    else:
-        init_conv_weights(model.encoder)
-        if rt.is_main:
-            logger.warning("no --encoder: fine-tuning from a randomly initialised encoder (no CAE pretraining)")
+    elif rt.is_main:
+        logger.warning("no --encoder: fine-tuning from a randomly initialised encoder (no CAE pretraining)")
     history: list[dict[str, Any]] = []
     best_loss, best_state = math.inf, None
     start_phase, start_epoch, bad_epochs, opt_state = 1, 0, 0, None
