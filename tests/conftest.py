@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from peers import write_config  # noqa: F401  (re-exported for the tests that import it from here)
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_context
@@ -62,29 +63,6 @@ def config_values(tmp: Path, model: Path | None, **overrides: dict[str, Any]) ->
     for section, table in overrides.items():
         base.setdefault(section, {}).update(table)
     return merge(values, base, "tests")
-
-
-def toml_value(value: Any) -> str:
-    import json
-
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    return "[" + ", ".join(toml_value(v) for v in value) + "]"
-
-
-def write_config(path: Path, values: dict[str, dict[str, Any]]) -> Path:
-    lines = []
-    for section, table in values.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in table.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 # --- datasets ------------------------------------------------------------------------------------------------
