@@ -65,6 +65,7 @@ def plot_curves(
         ax.plot(ep, [h["train_loss"] for h in pretrain_history], "o-", label="train")
         ax.plot(ep, [h["val_mse"] for h in pretrain_history], "s-", label="validation")
         ax.set_yscale("log")
+        ax.set_xlim(min(ep) - 0.5, max(ep) + 0.5)
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no pretraining history", ha="center", va="center", transform=ax.transAxes)
@@ -84,12 +85,13 @@ def plot_curves(
                 ax.text(b, ax.get_ylim()[1], " phase 2: all layers", va="top", fontsize=8, color="grey")
             best = min(range(len(finetune_history)), key=lambda i: finetune_history[i]["val_loss"])
             ax.plot(steps[best], finetune_history[best][f"val_{key}"], "*", ms=14, color="gold", label="kept")
+            ax.set_xlim(0.5, len(steps) + 0.5)
             ax.legend()
         ax.set(title=title, xlabel="epoch (phase 1 then phase 2)")
     from matplotlib.ticker import MaxNLocator
 
     for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
