@@ -23,7 +23,7 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,12 +187,23 @@ def _uid_ok(value: Any) -> bool:
 
 
 class Receiver:
-    """The state the C-STORE handler needs: where to spool, the reserve, and the database."""
+    """The state the C-STORE handler needs: where to spool, the reserve, and the database.
 
-    def __init__(self, spool_dir: str | os.PathLike[str], min_free_mb: float, sessions: sessionmaker[Session]) -> None:
+    ``on_queued`` is called (on the association's thread, so it must be quick) after an instance has been
+    recorded as a new job: ``serve`` uses it to wake its idle workers.
+    """
+
+    def __init__(
+        self,
+        spool_dir: str | os.PathLike[str],
+        min_free_mb: float,
+        sessions: sessionmaker[Session],
+        on_queued: Callable[[], None] | None = None,
+    ) -> None:
         self.spool_dir = Path(spool_dir).resolve()
         self.min_free_mb = float(min_free_mb)
         self.sessions = sessions
+        self.on_queued = on_queued
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self._handling: dict[int, int] = {}
         self._lock = threading.Lock()
@@ -313,6 +324,11 @@ class Receiver:
             logger.exception("cannot record SOP instance %s in the database", item.sop_instance_uid)
             return STATUS_NOT_RECORDED
         if not outcome.duplicate:
+            if self.on_queued is not None:
+                try:
+                    self.on_queued()
+                except Exception:  # the instance is safely queued; the workers' polling will find it
+                    logger.exception("could not notify the workers of job %s", outcome.instance_id)
             logger.info(
                 "received SOP instance %s (study %s, %s, %d bytes) from %s as job %s",
                 item.sop_instance_uid,
@@ -517,6 +533,8 @@ def record_orphans(spool_dir: str | os.PathLike[str], sessions: sessionmaker[Ses
     return enqueued
 
 
-def make_receiver(config: Mapping[str, Mapping[str, Any]], engine: Engine) -> Receiver:
+def make_receiver(
+    config: Mapping[str, Mapping[str, Any]], engine: Engine, on_queued: Callable[[], None] | None = None
+) -> Receiver:
     storage = config["storage"]
-    return Receiver(storage["spool_dir"], storage["min_free_mb"], db.session_factory(engine))
+    return Receiver(storage["spool_dir"], storage["min_free_mb"], db.session_factory(engine), on_queued)

@@ -118,14 +118,18 @@ class Server:
         self.engine = engine
         self.log_level = log_level
         self.stop = threading.Event()
-        self.listener = listener.Listener(self.config["listener"], listener.make_receiver(self.config, engine))
-        self.processes: list[BaseProcess] = []
         self._mp = multiprocessing.get_context("spawn")
+        self.wake = self._mp.Event()
+        """Set by the listener when it has queued an instance; wakes idle worker processes."""
+        self.listener = listener.Listener(
+            self.config["listener"], listener.make_receiver(self.config, engine, on_queued=self.wake.set)
+        )
+        self.processes: list[BaseProcess] = []
 
     def _start_worker(self, index: int) -> BaseProcess:
         process = self._mp.Process(
             target=worker.worker_process_main,
-            args=(self.config, self.log_level),
+            args=(self.config, self.log_level, self.wake),
             name=f"cxr-worker-{index}",
             daemon=False,
         )

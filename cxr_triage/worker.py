@@ -13,6 +13,14 @@ records the chunk in one transaction while the next chunk is classified, so a re
 SR file is durable. The worker loop also forwards due
 SRs (``cxr_triage.forward``) and aggregates studies that have been quiet for ``[worker] study_quiet_seconds``.
 
+Idle workers poll the queue every ``[worker] poll_interval`` seconds; the worker processes that ``serve`` starts
+are also woken by the listener as soon as it has recorded an instance (``wake``), so a lone image does not wait
+for the next poll. Workers on other hosts rely on polling.
+
+On the CPU, a worker process asks OpenMP (torch's intra-op thread pool) to let its idle threads sleep rather than
+spin (``OMP_WAIT_POLICY=PASSIVE``, unless the environment already sets it; see :func:`quiet_openmp_threads`):
+preprocessing, the SRs and the listener share the cores with the model, and spinning threads took their time.
+
 Without a model the worker claims nothing: acknowledged instances stay queued until a model is configured.
 """
 
@@ -44,8 +52,31 @@ MODEL_WARNING_INTERVAL = 300.0
 CPU_CHUNK = 4
 """Images classified and then recorded together on the CPU: small, so that the first results of a claimed batch
 commit early (a CPU's images per second hardly depend on the forward batch size)."""
+IDLE_SLICE = 0.25
+"""Longest single wait of an idle worker: how soon it notices ``stop``."""
 LABEL_SEVERITY = {"covid": 2, "pneumonia": 1, "normal": 0}
 """Order used to pick a study's worst label."""
+
+
+def quiet_openmp_threads() -> None:
+    """Let OpenMP's idle threads sleep instead of spinning, unless ``OMP_WAIT_POLICY`` is already set.
+
+    After each parallel region, OpenMP's worker threads busy-wait for the next one by default. In a worker that
+    is fine while the model runs back to back, but between batches (preprocessing, the recorder thread's SRs)
+    and beside the listener the spinning threads burn cores that the rest of the pipeline needs: measured on
+    the 2-core benchmark machine, the worker process used about a quarter less CPU per image with it (see
+    ``bench/listener.py``). OpenMP reads the variable once, when torch loads it, so this must run before torch
+    is imported in the process: the worker entry points call it first.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def chunk_sizes(count: int, limit: int) -> list[int]:
+    """Split ``count`` jobs into the fewest chunks of at most ``limit``, as even as possible (5, 4 -> 3, 2)."""
+    if count <= 0:
+        return []
+    chunks = -(-count // max(1, limit))
+    return [count // chunks + (1 if i < count % chunks else 0) for i in range(chunks)]
 
 
 def new_worker_id() -> str:
@@ -268,12 +299,21 @@ def study_summary(session: Session, instances: Sequence[db.Instance]) -> dict[st
 class Worker:
     """One worker: ``run_once`` claims and processes a batch; ``run`` loops until ``stop`` is set."""
 
-    def __init__(self, config: Mapping[str, Mapping[str, Any]], engine: Engine, worker_id: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Mapping[str, Mapping[str, Any]],
+        engine: Engine,
+        worker_id: str | None = None,
+        wake: Any = None,
+    ) -> None:
+        """``wake``: an event (``threading`` or ``multiprocessing``) set when new jobs were queued, so that an
+        idle worker claims them at once instead of at its next poll."""
         self.config = config
         self.engine = engine
         self.sessions = db.session_factory(engine)
         self.worker_id = worker_id or new_worker_id()
         self.stop = threading.Event()
+        self.wake = wake
         self.predictor: Any = None
         self._model_key: tuple[str, float] | None = None
         self._last_model_warning = 0.0
@@ -415,11 +455,25 @@ class Worker:
                     busy = 0
                 self.housekeeping()
                 if not busy:
-                    self.stop.wait(interval)
+                    self.idle(interval)
         finally:
             self.close()
             release_jobs(self.sessions, self.worker_id)
             logger.info("worker %s stopped", self.worker_id)
+
+    def idle(self, interval: float) -> None:
+        """Wait up to ``interval`` seconds for new jobs (the wake event), in short slices so that ``stop`` (set by
+        a signal handler, which must not touch the wake event's locks) ends the wait promptly."""
+        deadline = time.monotonic() + interval
+        while not self.stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if self.wake is None:
+                time.sleep(min(remaining, IDLE_SLICE))
+            elif self.wake.wait(min(remaining, IDLE_SLICE)):
+                self.wake.clear()  # then claim: jobs queued after this clear set it again, so none is missed
+                return
 
     def run_until_idle(self, max_rounds: int = 1000) -> int:
         """Process until the queue is empty (tests and one-shot use); the number of jobs processed."""
@@ -446,13 +500,15 @@ class Worker:
         evidence. The recorder writes a chunk's SRs (durable before the commit) and records the chunk in one
         transaction while this thread classifies the next chunk (torch, numpy and file I/O release the GIL);
         chunks are recorded one at a time, in order. On the CPU a chunk is ``CPU_CHUNK`` images, so that results
-        commit sooner; on CUDA it is the whole claimed batch.
+        commit sooner (split evenly: 5 jobs are 3 + 2, not 4 + 1); on CUDA it is the whole claimed batch.
         """
-        size = len(jobs) if self.predictor.device.type == "cuda" else CPU_CHUNK
-        for start in range(0, len(jobs), size):
+        limit = len(jobs) if self.predictor.device.type == "cuda" else CPU_CHUNK
+        start = 0
+        for size in chunk_sizes(len(jobs), limit):
             if self.stop.is_set():
                 break  # the rest stay claimed by us and are released when the loop ends
             self._process_chunk(jobs[start : start + size])
+            start += size
 
     def _process_chunk(self, jobs: Sequence[ClaimedJob]) -> None:
         started = time.perf_counter()
@@ -849,8 +905,10 @@ def _install_signal_handlers(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def worker_process_main(config: Mapping[str, Mapping[str, Any]], log_level: str) -> None:
-    """Entry point of a worker process started by ``serve`` (multiprocessing, spawn)."""
+def worker_process_main(config: Mapping[str, Mapping[str, Any]], log_level: str, wake: Any = None) -> None:
+    """Entry point of a worker process started by ``serve`` (multiprocessing, spawn); ``wake`` is set by the
+    listener when it has queued an instance."""
+    quiet_openmp_threads()
     import logging as _logging
 
     from cxr_triage.server import apply_log_level
@@ -860,7 +918,7 @@ def worker_process_main(config: Mapping[str, Mapping[str, Any]], log_level: str)
     )
     apply_log_level(log_level)
     engine = db.make_engine(config["database"]["url"], echo=bool(config["database"]["echo"]))
-    worker = Worker(config, engine)
+    worker = Worker(config, engine, wake=wake)
     _install_signal_handlers(worker.stop)
     try:
         worker.run()
@@ -880,6 +938,7 @@ def run(args: Any) -> int:
     """Run one worker in this process until SIGTERM/SIGINT (or, with ``--once``, until the queue is empty)."""
     import sys
 
+    quiet_openmp_threads()
     from cxr_triage.config import ConfigError, load_config
     from cxr_triage.server import StartupError, apply_log_level, open_database
 

@@ -241,3 +241,73 @@ def test_a_result_for_a_job_no_longer_held_is_discarded_with_its_sr(harness) -> 
         assert session.scalars(select(db.Instance.status)).one() == db.PROCESSING
         assert session.scalars(select(db.SRDocument)).all() == []
     assert not list(Path(harness.config["storage"]["sr_dir"]).rglob("*.dcm")), "the discarded SR file is removed"
+
+
+def test_chunks_are_as_even_as_the_limit_allows() -> None:
+    assert worker.chunk_sizes(0, 4) == []
+    assert worker.chunk_sizes(3, 4) == [3]
+    assert worker.chunk_sizes(5, 4) == [3, 2]
+    assert worker.chunk_sizes(8, 4) == [4, 4]
+    assert worker.chunk_sizes(9, 4) == [3, 3, 3]
+    assert worker.chunk_sizes(16, 1) == [1] * 16
+    for count in range(1, 40):
+        sizes = worker.chunk_sizes(count, 4)
+        assert sum(sizes) == count and max(sizes) <= 4 and max(sizes) - min(sizes) <= 1
+        assert len(sizes) == -(-count // 4)
+
+
+def test_an_idle_worker_is_woken_by_the_listener_instead_of_waiting_for_its_poll(make_harness) -> None:
+    harness = make_harness(worker={"poll_interval": 3600})
+    wake = threading.Event()
+    queued: list[int] = []
+    harness.listener.receiver.on_queued = lambda: (queued.append(1), wake.set())
+    runner = worker.Worker(harness.config, harness.engine, wake=wake)
+    idle = threading.Event()
+    waiting = runner.idle
+
+    def idle_and_tell(interval: float) -> None:
+        idle.set()
+        waiting(interval)
+
+    runner.idle = idle_and_tell  # type: ignore[method-assign]
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    try:
+        assert idle.wait(120), "the worker loaded its model, found nothing and went idle (for an hour)"
+        ds = chest_dataset(seed=31)
+        assert harness.send([ds, ds]) == [0, 0]
+        assert queued == [1], "woken once: the second copy is a duplicate, not a new job"
+        done = threading.Event()
+        for _ in range(600):  # up to a minute, against a poll interval of an hour
+            if harness.rows()[0]["status"] == "ok":
+                done.set()
+                break
+            done.wait(0.1)
+        assert done.is_set(), "the instance was classified without waiting for the next poll"
+    finally:
+        runner.stop.set()
+        wake.set()
+        thread.join(60)
+    assert not thread.is_alive()
+
+
+def test_worker_processes_let_idle_openmp_threads_sleep_unless_told_otherwise() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, os\n"
+        "import cxr_triage.worker as w\n"
+        "assert 'torch' not in sys.modules, 'the worker module must not load torch before the policy is set'\n"
+        "w.quiet_openmp_threads()\n"
+        "print(os.environ['OMP_WAIT_POLICY'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert plain.stdout.strip() == "PASSIVE"
+    chosen = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True, text=True
+    )
+    assert chosen.returncode == 0, chosen.stderr
+    assert chosen.stdout.strip() == "ACTIVE", "an operator's own setting is kept"
