@@ -15,8 +15,9 @@ The model alone runs in this process on the same images, preprocessed with ``pre
 server's batch size), twice: before the server starts and after it has stopped (the machine's load can change
 in between: both figures and the load averages are printed, and their mean is the reference). The pipeline's
 overhead over the model is (pipeline seconds per image - model seconds per image) / model seconds per image,
-and the workers' own per-chunk log lines break the pipeline's time down: preprocessing + inference (the worker
-thread), SR building and writing and the database commit (the recorder thread, overlapping the next chunk).
+and the workers' own per-chunk log lines break the pipeline's time down into its three overlapping stages:
+preprocessing (the preprocessor thread), inference (the model's thread), SR building and writing and the database
+commit (the recorder thread).
 Target on the CPU: overhead < 15 % of the model's time (meaningful with the full-size model; a tiny model makes
 the model's time small and the overhead ratio large).
 
@@ -378,19 +379,15 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         total = sum(size for size, *_ in batches)
         classify_ms, sr_ms, commit_ms = (sum(size * b[i] for size, *b in batches) / total for i in range(3))
         print(
-            f"workers' chunks (classified, then recorded): sizes {[size for size, *_ in batches]}; per image: "
-            f"preprocess + inference {classify_ms:.0f} ms (worker thread), SR build + write {sr_ms:.0f} ms and commit "
-            f"{commit_ms:.0f} ms (recorder thread, overlapping the next chunk's classification)"
+            f"workers' chunks: sizes {[size for size, *_ in batches]}; per image, in three overlapping stages: "
+            f"preprocessing + inference {classify_ms:.0f} ms (preprocessor thread, then the model's), SR build + "
+            f"write {sr_ms:.0f} ms and commit {commit_ms:.0f} ms (recorder thread)"
         )
     if figures["inference_ms"]:
-        recorded = (statistics.mean(figures["preprocess_ms"]) + statistics.mean(figures["inference_ms"])) / 1000
         print(
-            f"breakdown per image: pipeline {pipeline_per_image * 1000:.0f} ms = model alone "
-            f"{model_per_image * 1000:.0f} ms + workers' preprocessing "
-            f"{statistics.mean(figures['preprocess_ms']):.0f} ms + inference slower than alone by "
-            f"{statistics.mean(figures['inference_ms']) - model_per_image * 1000:.0f} ms + the rest "
-            f"{(pipeline_per_image - recorded) * 1000:.0f} ms (ingest, SR and commit not hidden by the overlap, "
-            "queue polling, the first batch's wait)"
+            f"stages under load, per image: preprocessing {statistics.mean(figures['preprocess_ms']):.0f} ms, "
+            f"inference {statistics.mean(figures['inference_ms']):.0f} ms (the model alone: "
+            f"{model_per_image * 1000:.0f} ms); they overlap, so they do not add up to the pipeline's time"
         )
     model_cpu = (before[3] + after[3]) / 2
     preprocess_cpu = (before[2] + after[2]) / 2
@@ -415,6 +412,8 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         f"{cores} cores that is at least {floor * 1000:.0f} ms per image, so the overhead cannot be below "
         f"{(floor - model_per_image) / model_per_image * 100:.0f} % on this machine with these libraries"
     )
+    busy = (cpu["workers"] + cpu["listener"] + senders_cpu / len(files)) / (cores * pipeline_per_image)
+    print(f"the {cores} cores were busy {busy * 100:.0f} % of the pipeline's time (server and senders)")
     overhead = (pipeline_per_image - model_per_image) / model_per_image
     caveat = "; not meaningful with the tiny model" if args.random == "tiny" and not args.model else ""
     print(

@@ -8,10 +8,11 @@ statements run inside ``BEGIN IMMEDIATE`` (see ``cxr_triage.db``), which makes t
 
 Each classified instance gets a prediction row, a worklist flag and, when ``[sr] enabled``, one Structured
 Report (written atomically to ``[storage] sr_dir``) queued for forwarding. A claimed batch is classified in
-chunks (``CPU_CHUNK`` images on the CPU); a recorder thread writes each chunk's SRs, fsyncs their folders and
-records the chunk in one transaction while the next chunk is classified, so a result is committed only once its
-SR file is durable. The worker loop also forwards due
-SRs (``cxr_triage.forward``) and aggregates studies that have been quiet for ``[worker] study_quiet_seconds``.
+chunks (``CPU_CHUNK`` images on the CPU) in a three-stage pipeline: a preprocessor thread prepares the next chunk
+while the model runs on the current one, and a recorder thread writes the previous chunk's SRs, fsyncs their
+folders and records the chunk in one transaction, so a result is committed only once its SR file is durable. The
+worker loop also forwards due SRs (``cxr_triage.forward``) and aggregates studies that have been quiet for
+``[worker] study_quiet_seconds``.
 
 Idle workers poll the queue every ``[worker] poll_interval`` seconds; the worker processes that ``serve`` starts
 are also woken by the listener as soon as it has recorded an instance (``wake``), so a lone image does not wait
@@ -318,6 +319,7 @@ class Worker:
         self._model_key: tuple[str, float] | None = None
         self._last_model_warning = 0.0
         self._recorder: ThreadPoolExecutor | None = None
+        self._preprocessor: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None
 
     # --- model ---------------------------------------------------------------------------------------------
@@ -494,34 +496,43 @@ class Worker:
     # --- processing ----------------------------------------------------------------------------------------
 
     def process(self, jobs: Sequence[ClaimedJob]) -> None:
-        """Classify the claimed jobs chunk by chunk, handing each chunk to the recorder thread.
+        """Classify the claimed jobs chunk by chunk: three threads, each on its own stage of a different chunk.
 
-        Each spool file is read once: the dataset that was classified, its pixel data dropped, is the SR's
-        evidence. The recorder writes a chunk's SRs (durable before the commit) and records the chunk in one
-        transaction while this thread classifies the next chunk (torch, numpy and file I/O release the GIL);
-        chunks are recorded one at a time, in order. On the CPU a chunk is ``CPU_CHUNK`` images, so that results
-        commit sooner (split evenly: 5 jobs are 3 + 2, not 4 + 1); on CUDA it is the whole claimed batch.
+        A preprocessor thread reads and prepares the next chunk while this thread runs the model on the current
+        one, and the recorder thread writes the previous chunk's SRs (durable before the commit) and records it
+        in one transaction (torch, numpy and file I/O release the GIL, so the stages fill each other's idle
+        cores). Chunks are recorded one at a time, in order. Each spool file is read once: the dataset that was
+        classified, its pixel data dropped, is the SR's evidence. On the CPU a chunk is ``CPU_CHUNK`` images, so
+        that results commit sooner (split evenly: 5 jobs are 3 + 2, not 4 + 1); on CUDA it is the whole batch.
         """
         limit = len(jobs) if self.predictor.device.type == "cuda" else CPU_CHUNK
+        chunks: list[Sequence[ClaimedJob]] = []
         start = 0
         for size in chunk_sizes(len(jobs), limit):
-            if self.stop.is_set():
-                break  # the rest stay claimed by us and are released when the loop ends
-            self._process_chunk(jobs[start : start + size])
+            chunks.append(jobs[start : start + size])
             start += size
+        if not chunks:
+            return
+        if self._preprocessor is None:
+            self._preprocessor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-preprocess")
+        ahead = self._preprocessor.submit(self._preprocess, chunks[0])
+        for index in range(len(chunks)):
+            outcomes, prepared = ahead.result()
+            if self.stop.is_set():
+                break  # what is not recorded stays claimed by us and is released when the loop ends
+            if index + 1 < len(chunks):
+                ahead = self._preprocessor.submit(self._preprocess, chunks[index + 1])
+            self._classify_chunk(outcomes, prepared)
 
-    def _process_chunk(self, jobs: Sequence[ClaimedJob]) -> None:
-        started = time.perf_counter()
-        outcomes, prepared = self._preprocess(jobs)
+    def _classify_chunk(self, outcomes: list[_Outcome], prepared: list[_Prepared]) -> None:
         if prepared:
             outcomes += self._classify(prepared)
         if not outcomes:
             return
-        classify_s = time.perf_counter() - started
         self.flush()
         if self._recorder is None:
             self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-recorder")
-        self._pending = self._recorder.submit(self._record, outcomes, classify_s)
+        self._pending = self._recorder.submit(self._record, outcomes)
 
     def flush(self) -> None:
         """Wait until the batch handed to the recorder is recorded."""
@@ -533,13 +544,14 @@ class Worker:
                 logger.exception("recording a batch failed")
 
     def close(self) -> None:
-        """Record what is pending and stop the recorder thread."""
+        """Record what is pending and stop the preprocessor and recorder threads."""
         self.flush()
-        if self._recorder is not None:
-            self._recorder.shutdown(wait=True)
-            self._recorder = None
+        for pool in (self._preprocessor, self._recorder):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._preprocessor = self._recorder = None
 
-    def _record(self, outcomes: list[_Outcome], classify_s: float) -> None:
+    def _record(self, outcomes: list[_Outcome]) -> None:
         """Write the SRs and record ``outcomes`` in one transaction; one by one should that transaction fail."""
         started = time.perf_counter()
         predicted = [o for o in outcomes if o.prediction is not None]
@@ -564,10 +576,11 @@ class Worker:
                     except Exception:
                         logger.exception("job %s: the error could not be recorded either", outcome.job.id)
         n = len(outcomes)
+        classify_ms = sum(o.preprocess_ms + o.inference_ms for o in outcomes)
         logger.info(
             "chunk of %d recorded; per image: preprocess + inference %.0f ms, SR %.0f ms, commit %.0f ms",
             n,
-            classify_s * 1000.0 / n,
+            classify_ms / n,
             (written - started) * 1000.0 / n,
             (time.perf_counter() - written) * 1000.0 / n,
         )

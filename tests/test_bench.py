@@ -1,0 +1,57 @@
+"""The benchmark scripts still run and print their figures (tiny sizes; no figure is checked against a target:
+timings belong to the scripts' own output, not to tests)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, *args: str, timeout: float = 600) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_listener_bench_reports_every_figure() -> None:
+    out = run_bench("listener.py", "--images", "3", "--size", "256", "--studies", "2", "--senders", "2")
+    for start in (
+        "machine: ",
+        "ingest: 3 instances acknowledged",
+        "pipeline: 3 results (states ['done'])",
+        "latency acknowledgement -> committed result: p50 ",
+        "model alone, before the server",
+        "model alone, after the server",
+        "CPU time per image",
+        "the same work alone, CPU per image: pynetdicom receiving with a no-op handler ",
+        "overhead of the pipeline over the model alone: ",
+    ):
+        assert any(line.startswith(start) for line in out.splitlines()), f"no line starting {start!r} in:\n{out}"
+
+
+def test_preprocess_bench_reports_both_encodings() -> None:
+    out = run_bench("preprocess.py", "--runs", "1", "--size", "256")
+    assert "ms" in out
+    assert "JPEG 2000" in out or "JPEG2000" in out or "J2K" in out, out
+
+
+def test_training_throughput_bench_runs_on_the_cpu() -> None:
+    out = run_bench(
+        "train_throughput.py",
+        *("--device", "cpu", "--width", "4", "--dense-units", "8", "--steps", "1", "--warmup", "0"),
+        *("--cae-batch", "2", "--cls-batch", "2"),
+    )
+    assert "CAE training, batch 2:" in out
+    assert out.count("classifier phase") == 2
