@@ -1,6 +1,7 @@
 """Benchmark the whole server: concurrent dcmtk storescu senders against one `cxr-triage serve`, then the model alone.
 
-Usage: ``python bench/listener.py [--images N] [--senders 4] [--size 2048] [--model FILE | --random tiny|full]``.
+Usage: ``python bench/listener.py [--images N] [--single 8] [--senders 4] [--size 2048]
+[--model FILE | --random tiny|full]``.
 
 N synthetic 2048x2048 16-bit chest CRs are generated in a temporary folder and sent by ``--senders`` concurrent
 ``storescu`` processes to one server (SQLite, CPU, the default worker settings, SRs written but forwarded
@@ -9,6 +10,8 @@ nowhere). Printed, from the database's own timestamps:
 - ingest rate (instances acknowledged per second, by the senders' wall clock);
 - throughput (instances per second from the first ``received_at`` to the last ``completed_at``);
 - latency from acknowledgement to committed result (``completed_at - received_at``): p50, p95, max;
+- then the same latency for ``--single`` further images sent one at a time to the idle server (the case of a lone
+  urgent image: no queue, the worker woken by the listener);
 - the workers' own per-image preprocessing and inference times (predictions table).
 
 The model alone runs in this process on the same images, preprocessed with ``prepare_path`` (``Predictor``, the
@@ -234,6 +237,27 @@ def load_text() -> str:
     return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+def one_at_a_time(files: list[Path], port: int, ae_title: str, url: str, timeout: float) -> list[float]:
+    """Send each file alone to the idle server and wait for its result: acknowledgement-to-result seconds."""
+    latencies = []
+    for path in files:
+        before = terminal_count(url)
+        _, codes = send([path], 1, port, ae_title)
+        if codes != [0]:
+            raise RuntimeError(f"storescu failed on {path}: exit status {codes}")
+        peers.wait_until(lambda before=before: terminal_count(url) > before, timeout, "the single result", 0.02)
+        engine = db.make_engine(url, create_dirs=False)
+        try:
+            with db.read_session(engine) as session:
+                row = session.execute(
+                    select(db.Instance.received_at, db.Instance.completed_at).order_by(db.Instance.id.desc()).limit(1)
+                ).one()
+        finally:
+            engine.dispose()
+        latencies.append((row.completed_at - row.received_at).total_seconds())
+    return latencies
+
+
 def terminal_count(url: str) -> int:
     engine = db.make_engine(url, create_dirs=False)
     try:
@@ -250,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--senders", type=int, default=4, help="concurrent storescu processes (default 4)")
     parser.add_argument("--size", type=int, default=2048, help="rows = columns of each image (default 2048)")
     parser.add_argument("--studies", type=int, default=8, help="studies the images are spread over (default 8)")
+    parser.add_argument(
+        "--single", type=int, default=8, help="images then sent one at a time to the idle server (default 8)"
+    )
     parser.add_argument("--workers", type=int, default=1, help="[worker] processes of the server (default 1)")
     parser.add_argument("--model", type=Path, help="a trained checkpoint (default: a random one, see --random)")
     parser.add_argument("--random", choices=["tiny", "full"], default="tiny", help="random model size")
@@ -290,6 +317,17 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             seed=i,
         )
         for i in range(args.images)
+    ]
+    singles = [
+        peers.generate_chest_cr(
+            images / f"single-{i:04d}.dcm",
+            rows=args.size,
+            columns=args.size,
+            study_uid=generate_uid(),
+            patient_id=f"BENCH-SINGLE-{i}",
+            seed=10_000 + i,
+        )
+        for i in range(args.single)
     ]
     size_mb = sum(f.stat().st_size for f in files) / 1e6
     print(
@@ -340,9 +378,10 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             lambda: terminal_count(url) >= len(files) or not server.alive(), args.timeout, "all results", 0.5
         )
         cpu_end = server_cpu(server.proc.pid)
+        figures = pipeline_figures(url)
+        single = one_at_a_time(singles, port, ae_title, url, args.timeout)
     senders_cpu = (senders_end.ru_utime + senders_end.ru_stime) - (senders_start.ru_utime + senders_start.ru_stime)
     cpu = {k: (cpu_end[k] - cpu_start[k]) / len(files) for k in cpu_start}
-    figures = pipeline_figures(url)
     n = figures["count"]
     print(
         f"ingest: {len(files)} instances acknowledged in {send_s:.2f} s = {len(files) / send_s:.2f} instances/s "
@@ -361,6 +400,12 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         f"latency acknowledgement -> committed result: p50 {percentile(lat, 50):.2f} s, "
         f"p95 {percentile(lat, 95):.2f} s, max {max(lat):.2f} s (queueing included: all sent at once)"
     )
+    if single:
+        print(
+            f"latency of one image sent alone to the idle server ({len(single)} in turn): p50 "
+            f"{percentile(single, 50) * 1000:.0f} ms, p95 {percentile(single, 95) * 1000:.0f} ms, max "
+            f"{max(single) * 1000:.0f} ms"
+        )
     if figures["inference_ms"]:
         print(
             f"workers' own timings per image: preprocess median {statistics.median(figures['preprocess_ms']):.0f} ms,"

@@ -26,12 +26,13 @@ def run_bench(script: str, *args: str, timeout: float = 600) -> str:
 
 
 def test_listener_bench_reports_every_figure() -> None:
-    out = run_bench("listener.py", "--images", "3", "--size", "256", "--studies", "2", "--senders", "2")
+    out = run_bench("listener.py", "--images", "3", "--size", "256", "--studies", "2", "--senders", "2", "--single", "1")
     for start in (
         "machine: ",
         "ingest: 3 instances acknowledged",
         "pipeline: 3 results (states ['done'])",
         "latency acknowledgement -> committed result: p50 ",
+        "latency of one image sent alone to the idle server (1 in turn): p50 ",
         "model alone, before the server",
         "model alone, after the server",
         "CPU time per image",
