@@ -26,7 +26,9 @@ def run_bench(script: str, *args: str, timeout: float = 600) -> str:
 
 
 def test_listener_bench_reports_every_figure() -> None:
-    out = run_bench("listener.py", "--images", "3", "--size", "256", "--studies", "2", "--senders", "2", "--single", "1")
+    out = run_bench(
+        "listener.py", "--images", "3", "--size", "256", "--studies", "2", "--senders", "2", "--single", "1"
+    )
     for start in (
         "machine: ",
         "ingest: 3 instances acknowledged",
