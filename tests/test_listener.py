@@ -169,6 +169,7 @@ def _raw_file(path: Path, sop_class: str, body: bytes) -> Path:
     return path
 
 
+@pytest.mark.filterwarnings("ignore:Expected explicit VR, but found implicit VR:UserWarning")  # the garbage input
 def test_bad_input_gets_a_recorded_reason_or_precise_status(harness, tmp_path: Path) -> None:
     from cxr_triage.preprocess import CR_IMAGE_STORAGE
 

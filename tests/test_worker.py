@@ -311,3 +311,28 @@ def test_worker_processes_let_idle_openmp_threads_sleep_unless_told_otherwise() 
     )
     assert chosen.returncode == 0, chosen.stderr
     assert chosen.stdout.strip() == "ACTIVE", "an operator's own setting is kept"
+
+
+def test_stop_between_chunks_records_the_classified_chunk_and_releases_the_prepared_one(harness) -> None:
+    assert harness.send([chest_dataset(seed=40 + i) for i in range(2 * worker.CPU_CHUNK)]) == [0] * 8
+    w = harness.worker
+    assert w.ensure_model()
+    jobs = worker.claim_jobs(harness.sessions, w.worker_id, 16, 600, 3)
+    classify = w._classify_chunk
+
+    def classify_then_stop(outcomes, prepared) -> None:  # type: ignore[no-untyped-def]
+        classify(outcomes, prepared)
+        w.stop.set()  # e.g. SIGTERM while the next chunk was being prepared
+
+    w._classify_chunk = classify_then_stop  # type: ignore[method-assign]
+    w.process(jobs)
+    w.close()
+    assert worker.release_jobs(harness.sessions, w.worker_id) == worker.CPU_CHUNK
+    with harness.sessions() as session:
+        rows = session.scalars(select(db.Instance).order_by(db.Instance.id)).all()
+    assert [r.status for r in rows] == [db.DONE] * 4 + [db.QUEUED] * 4
+    assert [r.attempts for r in rows[4:]] == [0] * 4, "the interrupted attempt is not counted"
+    w.stop.clear()
+    w._classify_chunk = classify  # type: ignore[method-assign]
+    assert harness.work() == 4
+    assert [r["status"] for r in harness.rows()] == ["ok"] * 8
