@@ -114,6 +114,7 @@ class Instance(Base):
         UniqueConstraint("sop_instance_uid", "sha256", name="uq_instances_sop_sha256"),
         Index("ix_instances_status_id", "status", "id"),
         Index("ix_instances_received_at", "received_at"),
+        Index("ix_instances_spool_purge", "spool_removed_at", "completed_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -136,6 +137,8 @@ class Instance(Base):
     completed_at: Mapped[dt.datetime | None]
     flagged: Mapped[bool] = mapped_column(Boolean, default=False)
     flag_reason: Mapped[str | None] = mapped_column(Text)
+    spool_removed_at: Mapped[dt.datetime | None]
+    """When the retention policy deleted the spool file (``[storage] spool_retention_days``); null while kept."""
 
     study: Mapped[Study] = relationship(back_populates="instances")
     predictions: Mapped[list[Prediction]] = relationship(back_populates="instance", order_by="Prediction.id")

@@ -2,8 +2,9 @@
 
 Keys (GUIDE §5): ``path`` (the spool file), ``sop_instance_uid``, ``status`` (``ok``, ``rejected``, ``error``, or
 ``queued`` / ``processing`` while pending), ``label``, ``probabilities`` {covid, normal, pneumonia}, ``reason``,
-``model_version``, plus ``study_instance_uid``, ``received_at``, ``completed_at``, ``sr_sop_instance_uid`` and
-``flagged``, in order of arrival.
+``model_version``, plus ``study_instance_uid``, ``received_at``, ``completed_at``, ``sr_sop_instance_uid``,
+``flagged`` and ``spool_removed_at`` (when the retention policy deleted the spool file ``path``; null while it is
+kept), in order of arrival.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def records(session: Session, study: str | None = None, since: dt.datetime | Non
             instance.study_instance_uid,
             instance.received_at,
             instance.completed_at,
+            instance.spool_removed_at,
             db.Prediction.label,
             db.Prediction.probabilities,
             db.Prediction.model_version,
@@ -106,6 +108,7 @@ def records(session: Session, study: str | None = None, since: dt.datetime | Non
             "completed_at": _iso(row.completed_at),
             "sr_sop_instance_uid": row.sr_sop_instance_uid,
             "flagged": bool(row.flagged),
+            "spool_removed_at": _iso(row.spool_removed_at),
         }
 
 

@@ -53,6 +53,10 @@ MODEL_WARNING_INTERVAL = 300.0
 CPU_CHUNK = 4
 """Images classified and then recorded together on the CPU: small, so that the first results of a claimed batch
 commit early (a CPU's images per second hardly depend on the forward batch size)."""
+SPOOL_PURGE_INTERVAL = 300.0
+"""Seconds between a worker's spool retention rounds."""
+SPOOL_PURGE_BATCH = 500
+"""Spool files deleted per transaction."""
 IDLE_SLICE = 0.25
 """Longest single wait of an idle worker: how soon it notices ``stop``."""
 LABEL_SEVERITY = {"covid": 2, "pneumonia": 1, "normal": 0}
@@ -266,6 +270,50 @@ def aggregate_studies(
     return completed
 
 
+def purge_spool(sessions: sessionmaker[Session], retention_days: float, now: dt.datetime | None = None) -> int:
+    """Delete the spool files of instances finished more than ``retention_days`` ago; the number deleted.
+
+    Only finished instances (classified, refused or failed) lose their file: one still queued or processing
+    keeps it, whatever its age. Each file is unlinked, then its row gets ``spool_removed_at`` in the same
+    transaction (a crash in between leaves a row whose file is already gone: the next round marks it). A file
+    that cannot be deleted is logged and left for the next round. Rows are taken with SKIP LOCKED, so workers
+    on several hosts sharing the spool do not collide. ``retention_days <= 0`` keeps every file.
+    """
+    if retention_days <= 0:
+        return 0
+    now = now or db.utcnow()
+    cutoff = now - dt.timedelta(days=retention_days)
+    removed = 0
+    while True:
+        with sessions() as session, session.begin():
+            rows = session.scalars(
+                select(db.Instance)
+                .where(
+                    db.Instance.spool_removed_at.is_(None),
+                    db.Instance.completed_at < cutoff,
+                    db.Instance.status.in_(db.TERMINAL_STATES),
+                )
+                .order_by(db.Instance.completed_at)
+                .limit(SPOOL_PURGE_BATCH)
+                .with_for_update(skip_locked=True)
+            ).all()
+            marked = 0
+            for row in rows:
+                try:
+                    Path(row.spool_path).unlink(missing_ok=True)
+                except OSError:
+                    logger.exception("spool file %s could not be deleted; retrying next round", row.spool_path)
+                    continue
+                row.spool_removed_at = now
+                marked += 1
+        removed += marked
+        if len(rows) < SPOOL_PURGE_BATCH or not marked:
+            break
+    if removed:
+        logger.info("spool retention: deleted %d file(s) finished before %s", removed, cutoff.isoformat())
+    return removed
+
+
 def study_summary(session: Session, instances: Sequence[db.Instance]) -> dict[str, Any]:
     """Counts, the worst label, the highest probability of each class and the flag over a study's instances."""
     counts = {status: 0 for status in db.TERMINAL_STATES}
@@ -318,6 +366,7 @@ class Worker:
         self.predictor: Any = None
         self._model_key: tuple[str, float] | None = None
         self._last_model_warning = 0.0
+        self._next_purge = 0.0
         self._recorder: ThreadPoolExecutor | None = None
         self._preprocessor: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None
@@ -432,7 +481,8 @@ class Worker:
         return len(jobs)
 
     def housekeeping(self) -> None:
-        """Forward due SRs and aggregate quiet studies (both safe to run in several processes at once)."""
+        """Forward due SRs, aggregate quiet studies and, every few minutes, apply the spool retention (all safe
+        to run in several processes at once)."""
         from cxr_triage import forward
 
         try:
@@ -443,6 +493,12 @@ class Worker:
             aggregate_studies(self.sessions, float(self.config["worker"]["study_quiet_seconds"]))
         except Exception:
             logger.exception("study aggregation failed")
+        if time.monotonic() >= self._next_purge:
+            self._next_purge = time.monotonic() + SPOOL_PURGE_INTERVAL
+            try:
+                purge_spool(self.sessions, float(self.config["storage"]["spool_retention_days"]))
+            except Exception:
+                logger.exception("spool retention round failed")
 
     def run(self) -> None:
         """Loop until ``self.stop`` is set; then release jobs claimed but not finished."""

@@ -26,7 +26,7 @@ def test_db_upgrade_creates_the_file_and_folders_and_reports_current(tmp_path: P
     values, path = _config(tmp_path)
     assert main(["db", "upgrade", "--config", str(path)]) == 0
     assert (tmp_path / "deep" / "dir" / "x.sqlite").is_file()
-    assert "-> 0001" in capsys.readouterr().out
+    assert "empty -> 0002" in capsys.readouterr().out, "every migration applied, the last being the head"
     assert main(["db", "current", "--config", str(path)]) == 0
     assert "current" in capsys.readouterr().out
     engine = db.make_engine(values["database"]["url"])
@@ -83,4 +83,34 @@ def test_timestamps_are_aware_utc(tmp_path: Path) -> None:
     with db.session_factory(engine)() as session, pytest.raises(StatementError, match="naive"):
         session.add(db.ModelVersion(version="w", sha256="b" * 64, path="p", registered_at=dt.datetime(2026, 1, 1)))
         session.commit()
+    engine.dispose()
+
+
+def test_upgrade_from_the_first_revision_keeps_the_rows(tmp_path: Path) -> None:
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'old.sqlite'}")
+    db.upgrade(engine, "0001")
+    now = "2026-01-01 00:00:00.000000"
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO studies (id, study_instance_uid, status, first_received_at, last_received_at, flagged) "
+                "VALUES (1, '1.2.3', 'open', :now, :now, 0)"
+            ),
+            {"now": now},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO instances (id, study_id, sop_instance_uid, sop_class_uid, study_instance_uid, "
+                "transfer_syntax_uid, spool_path, sha256, size_bytes, received_at, status, attempts, flagged) "
+                "VALUES (1, 1, '1.2.3.4', '1.2.840.10008.5.1.4.1.1.1', '1.2.3', '1.2.840.10008.1.2.1', '/s/x.dcm', "
+                "'ab', 10, :now, 'queued', 0, 0)"
+            ),
+            {"now": now},
+        )
+    assert db.schema_state(engine) == "behind"
+    db.upgrade(engine)
+    assert db.schema_state(engine) == "current"
+    with db.read_session(engine) as session:
+        instance = session.get(db.Instance, 1)
+        assert instance is not None and instance.sop_instance_uid == "1.2.3.4" and instance.spool_removed_at is None
     engine.dispose()

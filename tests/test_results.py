@@ -23,6 +23,7 @@ KEYS = {
     "completed_at",
     "sr_sop_instance_uid",
     "flagged",
+    "spool_removed_at",
 }
 
 

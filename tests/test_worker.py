@@ -336,3 +336,43 @@ def test_stop_between_chunks_records_the_classified_chunk_and_releases_the_prepa
     w._classify_chunk = classify  # type: ignore[method-assign]
     assert harness.work() == 4
     assert [r["status"] for r in harness.rows()] == ["ok"] * 8
+
+
+def test_spool_retention_deletes_only_files_of_instances_finished_long_enough_ago(harness) -> None:
+    ok, lateral, later = chest_dataset(seed=50), chest_dataset(seed=51, ViewPosition="LL"), chest_dataset(seed=52)
+    assert harness.send([ok, lateral]) == [0, 0]
+    assert harness.work() == 2
+    assert harness.send([later]) == [0]  # still queued: kept whatever its age
+    with harness.sessions() as session:
+        rows = session.scalars(select(db.Instance).order_by(db.Instance.id)).all()
+    paths = [Path(r.spool_path) for r in rows]
+    assert all(p.is_file() for p in paths)
+    now = db.utcnow()
+    assert worker.purge_spool(harness.sessions, 7, now=now + dt.timedelta(days=6)) == 0
+    assert worker.purge_spool(harness.sessions, 0, now=now + dt.timedelta(days=365)) == 0, "0 keeps every file"
+    assert worker.purge_spool(harness.sessions, 7, now=now + dt.timedelta(days=8)) == 2
+    assert [p.is_file() for p in paths] == [False, False, True]
+    results = harness.rows()
+    assert [r["spool_removed_at"] is not None for r in results] == [True, True, False]
+    assert [r["status"] for r in results] == ["ok", "rejected", "queued"], "the results stay"
+    assert worker.purge_spool(harness.sessions, 7, now=now + dt.timedelta(days=9)) == 0, "each file once"
+    assert harness.send([ok]) == [0], "the same bytes again are still a no-op"
+    assert len(harness.rows()) == 3
+    assert harness.work() == 1
+    assert [r["status"] for r in harness.rows()] == ["ok", "rejected", "ok"]
+
+
+def test_spool_retention_leaves_an_undeletable_file_for_the_next_round(harness, monkeypatch) -> None:
+    assert harness.send([chest_dataset(seed=53)]) == [0]
+    assert harness.work() == 1
+    later = db.utcnow() + dt.timedelta(days=30)
+
+    def refuse(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "unlink", refuse)
+        assert worker.purge_spool(harness.sessions, 7, now=later) == 0
+    assert harness.rows()[0]["spool_removed_at"] is None
+    assert worker.purge_spool(harness.sessions, 7, now=later) == 1
+    assert harness.rows()[0]["spool_removed_at"] is not None
