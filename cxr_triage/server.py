@@ -166,7 +166,9 @@ class Server:
                     worker.aggregate_studies(sessions, quiet)
                 except Exception:
                     logger.exception("study aggregation failed")
-            self.stop.wait(0.5)
+            # Not stop.wait(): the signal handler sets stop, and Event.set() from a handler deadlocks if the
+            # handler interrupts this thread while it holds the event's lock inside wait().
+            time.sleep(0.5)
 
     def shutdown(self) -> None:
         """Stop accepting associations, then stop the workers (they finish or release their jobs)."""
