@@ -1,11 +1,11 @@
 """Benchmark the whole server: concurrent dcmtk storescu senders against one `cxr-triage serve`, then the model alone.
 
-Usage: ``python bench/listener.py [--images N] [--single 8] [--senders 4] [--size 2048]
+Usage: ``python bench/listener.py [--images N] [--single 8] [--senders 4] [--size 2048] [--device auto|cpu|cuda]
 [--model FILE | --random tiny|full]``.
 
 N synthetic 2048x2048 16-bit chest CRs are generated in a temporary folder and sent by ``--senders`` concurrent
-``storescu`` processes to one server (SQLite, CPU, the default worker settings, SRs written but forwarded
-nowhere). Printed, from the database's own timestamps:
+``storescu`` processes to one server (SQLite, the model on ``--device``: CUDA when present unless ``cpu`` is
+asked for, the default worker settings, SRs written but forwarded nowhere). Printed, from the database's own timestamps:
 
 - ingest rate (instances acknowledged per second, by the senders' wall clock);
 - throughput (instances per second from the first ``received_at`` to the last ``completed_at``);
@@ -61,7 +61,7 @@ from sqlalchemy import select  # noqa: E402
 from cxr_triage import CLASS_NAMES, db  # noqa: E402
 from cxr_triage.checkpoint import ModelCard, load_classifier, save_classifier  # noqa: E402
 from cxr_triage.config import load_config  # noqa: E402
-from cxr_triage.inference import Predictor  # noqa: E402
+from cxr_triage.inference import Predictor, pick_device  # noqa: E402
 from cxr_triage.model import CAEClassifier, ModelSpec  # noqa: E402
 from cxr_triage.preprocess import PreparedImage, prepare_path  # noqa: E402
 
@@ -147,14 +147,14 @@ def worker_batches(log: Path) -> list[tuple[int, float, float, float]]:
     ]
 
 
-def model_alone(files: list[Path], model_path: Path, batch_size: int) -> tuple[float, float, float, float]:
+def model_alone(files: list[Path], model_path: Path, batch_size: int, device: str) -> tuple[float, float, float, float]:
     """Seconds per image in this process: (preprocessing wall, model wall, preprocessing CPU, model CPU)."""
     started, cpu = time.perf_counter(), time.process_time()
     prepared = [prepare_path(f) for f in files]
     preprocess_s = (time.perf_counter() - started) / len(files)
     preprocess_cpu = (time.process_time() - cpu) / len(files)
     tensors = [p.tensor for p in prepared if isinstance(p, PreparedImage)]
-    predictor = Predictor(load_classifier(model_path), device="cpu", batch_size=batch_size)
+    predictor = Predictor(load_classifier(model_path), device=device, batch_size=batch_size)
     predictor.probabilities(tensors[:batch_size])  # warm-up
     started, cpu = time.perf_counter(), time.process_time()
     predictor.probabilities(tensors)
@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         "--single", type=int, default=8, help="images then sent one at a time to the idle server (default 8)"
     )
     parser.add_argument("--workers", type=int, default=1, help="[worker] processes of the server (default 1)")
+    parser.add_argument(
+        "--device", default="auto", help="the model's device, server and model alone: auto (CUDA if present), cpu, cuda"
+    )
     parser.add_argument("--model", type=Path, help="a trained checkpoint (default: a random one, see --random)")
     parser.add_argument("--random", choices=["tiny", "full"], default="tiny", help="random model size")
     parser.add_argument("--timeout", type=float, default=1800, help="deadline for all results, seconds")
@@ -297,9 +300,11 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, workdir: Path) -> int:
     model_path, model_text = make_model(workdir, args)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    device = str(pick_device(args.device))
+    gpu = f"model on {torch.cuda.get_device_name(0)}" if device.startswith("cuda") else "model on the CPU, no GPU used"
     print(
         f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, load average {load} at start, "
-        f"torch {torch.__version__}, no GPU used"
+        f"torch {torch.__version__}, {gpu}"
     )
     print(f"model: {model_text}")
 
@@ -343,7 +348,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             "listener": {"host": "127.0.0.1", "port": port},
             "storage": {"spool_dir": str(workdir / "spool"), "sr_dir": str(workdir / "sr"), "min_free_mb": 1},
             "database": {"url": url},
-            "model": {"path": str(model_path), "device": "cpu"},
+            "model": {"path": str(model_path), "device": device},
             "worker": {"processes": args.workers},
         },
     )
@@ -355,7 +360,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         f"batch_size {batch_size}, poll_interval {cfg['worker']['poll_interval']} s, SR enabled, no forwarding; "
         f"{args.senders} concurrent storescu senders"
     )
-    before = model_alone(files, model_path, batch_size)
+    before = model_alone(files, model_path, batch_size, device)
     print(
         f"model alone, before the server (load {load_text()}): {before[1] * 1000:.1f} ms per image, "
         f"preprocessing {before[0] * 1000:.0f} ms per image"
@@ -412,7 +417,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             f" inference median {statistics.median(figures['inference_ms']):.1f} ms"
         )
 
-    after = model_alone(files, model_path, batch_size)
+    after = model_alone(files, model_path, batch_size, device)
     print(
         f"model alone, after the server (load {load_text()}): {after[1] * 1000:.1f} ms per image, "
         f"preprocessing {after[0] * 1000:.0f} ms per image ({torch.get_num_threads()} torch threads, "
