@@ -40,13 +40,25 @@ def destinations(config: Mapping[str, Mapping[str, Any]]) -> list[Any]:
     return [Destination.from_mapping(entry) for entry in config["forward"]["destinations"]]
 
 
-def parse_destination(text: str) -> Any:
-    """``AE@host:port`` (how a destination is stored) back to a ``scu.Destination``."""
+def parse_destination(text: str, configured: list[Any] | None = None) -> Any:
+    """``AE@host:port`` (how a destination is stored) back to a ``scu.Destination``: the configured one of that
+    name (with its ``tls`` setting) when there is one, else a plain one."""
     from cxr_triage.scu import Destination
 
+    for destination in configured or ():
+        if str(destination) == text:
+            return destination
     ae_title, _, rest = text.partition("@")
     host, _, port = rest.rpartition(":")
     return Destination(ae_title=ae_title, host=host, port=int(port))
+
+
+def tls_context(config: Mapping[str, Mapping[str, Any]]) -> Any:
+    """The client TLS context of ``[forward] tls_*`` (used for destinations with ``tls = true``)."""
+    from cxr_triage.scu import client_tls_context
+
+    fcfg = config["forward"]
+    return client_tls_context(str(fcfg["tls_ca_file"]), str(fcfg["tls_certificate"]), str(fcfg["tls_private_key"]))
 
 
 def enqueue(session: Session, sr: db.SRDocument, config: Mapping[str, Mapping[str, Any]], now: dt.datetime) -> int:
@@ -129,6 +141,12 @@ def process_due(
     for forward_id, destination, path, sr_uid in claimed:
         by_destination[destination].append((forward_id, path, sr_uid))
     outcomes: list[ForwardOutcome] = []
+    try:
+        configured = destinations(config)
+        context = tls_context(config) if any(d.tls for d in configured) else None
+    except Exception:  # reported per destination below, where the failure is recorded
+        logger.exception("[forward] destinations or TLS settings are invalid")
+        configured, context = [], None
     for destination_text, items in by_destination.items():
         results: dict[int, SendResult] = {}
         datasets = []
@@ -141,8 +159,12 @@ def process_due(
                 logger.exception("forward %s: cannot read SR file %s", forward_id, path)
                 results[forward_id] = SendResult(False, None, f"cannot read SR file: {type(exc).__name__}: {exc}")
         try:
-            destination = parse_destination(destination_text)
-            sent = send_datasets(datasets, destination, str(fcfg["calling_ae_title"]), timeout=timeout)
+            destination = parse_destination(destination_text, configured)
+            if destination.tls and context is None:
+                context = tls_context(config)  # raises the configuration error, recorded for these forwards
+            sent = send_datasets(
+                datasets, destination, str(fcfg["calling_ae_title"]), timeout=timeout, tls_context=context
+            )
         except Exception as exc:  # a malformed destination or calling AE title: a configuration error
             logger.exception("forwarding to %s failed", destination_text)
             sent = [SendResult(False, None, f"{type(exc).__name__}: {exc}")] * len(sendable)

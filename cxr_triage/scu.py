@@ -3,7 +3,9 @@
 :func:`send_datasets` sends a batch over one association and reports one :class:`SendResult` per dataset; network
 and association failures (refused connection, timeout, rejection, abort) come back as failed results with a clear
 detail and are never raised, so the worker can record them and schedule a retry with :func:`retry_delay`.
-:class:`Destination` is one entry of the ``[forward] destinations`` configuration, validated at construction.
+:class:`Destination` is one entry of the ``[forward] destinations`` configuration, validated at construction; a
+destination with ``tls`` is reached over TLS (DICOM PS3.15 B.1), the peer's certificate verified against
+:func:`client_tls_context`'s trust anchors and host name, with our own certificate for mutual TLS when configured.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -48,11 +51,12 @@ def validate_ae_title(value: object, what: str = "AE title") -> str:
 
 @dataclass(frozen=True)
 class Destination:
-    """A C-STORE destination: the peer's AE title, host and port."""
+    """A C-STORE destination: the peer's AE title, host and port, and whether it is reached over TLS."""
 
     ae_title: str
     host: str
     port: int
+    tls: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ae_title", validate_ae_title(self.ae_title, "destination AE title"))
@@ -61,24 +65,45 @@ class Destination:
         object.__setattr__(self, "host", self.host.strip())
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
             raise ValueError(f"destination port must be an integer within 1-65535, got {self.port!r}")
+        if not isinstance(self.tls, bool):
+            raise ValueError(f"destination tls must be true or false, got {self.tls!r}")
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, object]) -> Destination:
-        """Build a destination from a ``[forward] destinations`` entry ``{ae_title, host, port}``."""
+        """Build a destination from a ``[forward] destinations`` entry ``{ae_title, host, port}`` (+ ``tls``)."""
         if not isinstance(mapping, Mapping):
             raise ValueError(f"a destination must be a table {{ae_title, host, port}}, got {type(mapping).__name__}")
-        expected = {"ae_title", "host", "port"}
-        missing = sorted(expected - set(mapping))
-        unknown = sorted(set(mapping) - expected)
+        required, optional = {"ae_title", "host", "port"}, {"tls"}
+        missing = sorted(required - set(mapping))
+        unknown = sorted(set(mapping) - required - optional)
         if missing or unknown:
             raise ValueError(f"destination {dict(mapping)!r}: missing keys {missing}, unknown keys {unknown}")
         port = mapping["port"]
         if isinstance(port, str) and port.strip().isdigit():
             port = int(port.strip())
-        return cls(ae_title=mapping["ae_title"], host=mapping["host"], port=port)  # type: ignore[arg-type]
+        return cls(
+            ae_title=mapping["ae_title"],  # type: ignore[arg-type]
+            host=mapping["host"],  # type: ignore[arg-type]
+            port=port,  # type: ignore[arg-type]
+            tls=mapping.get("tls", False),  # type: ignore[arg-type]
+        )
 
     def __str__(self) -> str:
+        """``AE@host:port``: how forwards name their destination (the same with or without TLS)."""
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def client_tls_context(ca_file: str = "", certificate: str = "", private_key: str = "") -> ssl.SSLContext:
+    """The TLS context for destinations with ``tls``: peers verified against ``ca_file`` (PEM; the system's trust
+    store when empty) and their host name; ``certificate`` and ``private_key`` (PEM) are presented to peers that
+    require client certificates. Unreadable files raise OSError or ssl.SSLError (configuration errors)."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if certificate:
+        context.load_cert_chain(certfile=certificate, keyfile=private_key or None)
+    elif private_key:
+        raise ValueError("a TLS private key needs its certificate")
+    return context
 
 
 @dataclass(frozen=True)
@@ -106,11 +131,19 @@ def _transfer_syntax(dataset: Dataset) -> UID:
     return UID(uid) if uid else ExplicitVRLittleEndian
 
 
-def _probe_connection(destination: Destination, timeout: float) -> str:
-    """Say why a TCP connection to the destination fails (only called after pynetdicom failed to connect)."""
+def _probe_connection(destination: Destination, timeout: float, tls: ssl.SSLContext | None) -> str:
+    """Say why a connection to the destination fails (only called after pynetdicom failed to connect): TCP, then
+    the TLS handshake for a TLS destination."""
     try:
-        with socket.create_connection((destination.host, destination.port), timeout=min(timeout, PROBE_TIMEOUT)):
-            return "could not connect (the connection failed, but a later attempt succeeded)"
+        with socket.create_connection((destination.host, destination.port), timeout=min(timeout, PROBE_TIMEOUT)) as raw:
+            if tls is None:
+                return "could not connect (the connection failed, but a later attempt succeeded)"
+            try:
+                with tls.wrap_socket(raw, server_hostname=destination.host):
+                    return "could not connect over TLS (the handshake failed, but a later attempt succeeded)"
+            except ssl.SSLError as exc:
+                why = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+                return f"TLS handshake failed ({why})"
     except ConnectionRefusedError:
         return "connection refused"
     except TimeoutError:
@@ -120,7 +153,12 @@ def _probe_connection(destination: Destination, timeout: float) -> str:
 
 
 def _association_failure(
-    assoc: Association, connected: bool, destination: Destination, timeout: float, elapsed: float
+    assoc: Association,
+    connected: bool,
+    destination: Destination,
+    timeout: float,
+    elapsed: float,
+    tls: ssl.SSLContext | None,
 ) -> str:
     if assoc.is_rejected:
         primitive = assoc.acceptor.primitive
@@ -131,7 +169,7 @@ def _association_failure(
             )
         return f"association rejected by {destination}"
     if not connected:
-        return f"{_probe_connection(destination, timeout)}: {destination}"
+        return f"{_probe_connection(destination, timeout, tls)}: {destination}"
     if elapsed >= timeout:
         return f"association request to {destination} timed out after {timeout:g} s"
     if assoc.is_aborted:
@@ -144,8 +182,12 @@ def send_datasets(
     destination: Destination,
     calling_ae_title: str,
     timeout: float = 30,
+    tls_context: ssl.SSLContext | None = None,
 ) -> list[SendResult]:
     """Send ``datasets`` to ``destination`` over one association; one result per dataset, in order.
+
+    A destination with ``tls`` is reached over TLS with ``tls_context`` (default: :func:`client_tls_context` with
+    the system's trust store); ``tls_context`` is not used for other destinations.
 
     The association proposes, per SOP class in the batch, a presentation context with the datasets' own transfer
     syntax and Explicit VR Little Endian, and one with Implicit VR Little Endian as the fallback. Network and
@@ -187,6 +229,7 @@ def send_datasets(
         ae.add_requested_context(sop_class, transfer_syntaxes)
         ae.add_requested_context(sop_class, [ImplicitVRLittleEndian])
 
+    tls = (tls_context or client_tls_context()) if destination.tls else None
     connected = False
 
     def on_connection_open(event: evt.Event) -> None:
@@ -200,6 +243,7 @@ def send_datasets(
             destination.port,
             ae_title=destination.ae_title,
             evt_handlers=[(evt.EVT_CONN_OPEN, on_connection_open)],
+            tls_args=(tls, destination.host) if tls is not None else None,
         )
     except socket.gaierror as exc:
         ae.shutdown()
@@ -213,7 +257,7 @@ def send_datasets(
         return [result or SendResult(False, None, detail) for result in results]
     try:
         if not assoc.is_established:
-            detail = _association_failure(assoc, connected, destination, timeout, time.monotonic() - started)
+            detail = _association_failure(assoc, connected, destination, timeout, time.monotonic() - started, tls)
             logger.warning("forward to %s failed: %s", destination, detail)
             return [result or SendResult(False, None, detail) for result in results]
         for index, dataset in enumerate(datasets):

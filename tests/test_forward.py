@@ -7,6 +7,7 @@ import datetime as dt
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pydicom
 from conftest import chest_dataset, free_port, write_config
@@ -20,8 +21,8 @@ from cxr_triage.scu import retry_delay
 
 
 @contextmanager
-def receiver(port: int, ae_title: str = "PACS") -> Iterator[list[pydicom.Dataset]]:
-    """A pynetdicom Storage SCP on 127.0.0.1:``port`` collecting what it receives."""
+def receiver(port: int, ae_title: str = "PACS", ssl_context: Any = None) -> Iterator[list[pydicom.Dataset]]:
+    """A pynetdicom Storage SCP on 127.0.0.1:``port`` (over TLS with ``ssl_context``) collecting what it receives."""
     received: list[pydicom.Dataset] = []
 
     def on_store(event: evt.Event) -> int:
@@ -30,7 +31,9 @@ def receiver(port: int, ae_title: str = "PACS") -> Iterator[list[pydicom.Dataset
 
     ae = AE(ae_title=ae_title)
     ae.add_supported_context(ComprehensiveSRStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)], ssl_context=ssl_context
+    )
     try:
         yield received
     finally:
@@ -111,3 +114,30 @@ def test_bad_destination_is_a_configuration_error(make_harness, capsys) -> None:
     config = write_config(harness.tmp / "cxr.toml", harness.config)
     assert main(["forward", "--config", str(config)]) == 2
     assert "missing keys" in capsys.readouterr().err
+
+
+def test_sr_is_forwarded_over_tls_to_a_tls_destination(make_harness, tmp_path) -> None:
+    from test_scu import self_signed, server_tls
+
+    cert, key = self_signed(tmp_path, "pacs")
+    tls_port, plain_port = free_port(), free_port()
+    harness = make_harness(
+        forward={
+            "destinations": [
+                {"ae_title": "SECURE", "host": "127.0.0.1", "port": tls_port, "tls": True},
+                {"ae_title": "PLAIN", "host": "127.0.0.1", "port": plain_port},
+            ],
+            "tls_ca_file": str(cert),
+            "timeout": 5,
+        }
+    )
+    with receiver(tls_port, "SECURE", server_tls(cert, key)) as secure, receiver(plain_port, "PLAIN") as plain:
+        harness.send([chest_dataset(seed=3)])
+        harness.work()
+    (row,) = harness.rows()
+    assert [str(ds.SOPInstanceUID) for ds in secure] == [row["sr_sop_instance_uid"]]
+    assert [str(ds.SOPInstanceUID) for ds in plain] == [row["sr_sop_instance_uid"]]
+    assert {(f.destination, f.state) for f in _forwards(harness)} == {
+        (f"SECURE@127.0.0.1:{tls_port}", db.FORWARD_SENT),
+        (f"PLAIN@127.0.0.1:{plain_port}", db.FORWARD_SENT),
+    }

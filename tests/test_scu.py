@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage
 
-from cxr_triage.scu import Destination, SendResult, retry_delay, send_datasets
+from cxr_triage.scu import Destination, SendResult, client_tls_context, retry_delay, send_datasets
 from cxr_triage.sr import build_triage_sr, summarize_triage_sr, write_sr
 
 SHARED_DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
@@ -99,9 +100,13 @@ def run_scenario(name: str, workdir: Path) -> dict[str, Any]:
 
 @contextmanager
 def pynetdicom_scp(
-    handler: Callable[[evt.Event], int] | None = None, ae_title: str = "RIGHT", require_called_aet: bool = False
+    handler: Callable[[evt.Event], int] | None = None,
+    ae_title: str = "RIGHT",
+    require_called_aet: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Iterator[tuple[int, list[Dataset], list[int]]]:
-    """A pynetdicom storage SCP on 127.0.0.1 (only): yields (port, received datasets, associations seen)."""
+    """A pynetdicom storage SCP on 127.0.0.1 (only), over TLS with ``ssl_context``: yields (port, received
+    datasets, associations seen)."""
     received: list[Dataset] = []
     associations: list[int] = []
     lock = threading.Lock()
@@ -127,6 +132,7 @@ def pynetdicom_scp(
         ("127.0.0.1", 0),
         block=False,
         evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_ACCEPTED, on_accepted)],
+        ssl_context=ssl_context,
     )
     try:
         yield server.server_address[1], received, associations
@@ -348,3 +354,68 @@ def test_retry_delay_doubles_and_is_capped() -> None:
 
 if __name__ == "__main__":
     SCENARIOS[sys.argv[1]](Path(sys.argv[2]))
+
+
+def self_signed(folder: Path, name: str) -> tuple[Path, Path]:
+    """A throw-away self-signed certificate for 127.0.0.1 / localhost: (certificate, private key)."""
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+def server_tls(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile=cert, keyfile=key)
+    if client_ca is not None:
+        context.load_verify_locations(cafile=client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def test_tls_destination_is_verified_against_the_configured_trust_anchors(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path, "pacs")
+    with pynetdicom_scp(ssl_context=server_tls(cert, key)) as (port, received, _):
+        secure = Destination("RIGHT", "127.0.0.1", port, tls=True)
+        trusted = client_tls_context(ca_file=str(cert))
+        assert send_datasets([make_sr()], secure, CALLING, timeout=10, tls_context=trusted) == [
+            SendResult(True, 0, "success")
+        ]
+        (untrusted,) = send_datasets([make_sr()], secure, CALLING, timeout=10)  # the system's trust store
+        (plain,) = send_datasets([make_sr()], Destination("RIGHT", "127.0.0.1", port), CALLING, timeout=5)
+    assert len(received) == 1
+    assert untrusted.ok is False and untrusted.status is None
+    assert "TLS handshake failed" in untrusted.detail and "certificate" in untrusted.detail, untrusted.detail
+    assert plain.ok is False and plain.status is None, "plain DICOM to a TLS port fails as a result"
+
+
+def test_tls_destination_that_requires_client_certificates(tmp_path: Path) -> None:
+    server_cert, server_key = self_signed(tmp_path, "pacs")
+    client_cert, client_key = self_signed(tmp_path, "cxr")
+    context = server_tls(server_cert, server_key, client_ca=client_cert)
+    with pynetdicom_scp(ssl_context=context) as (port, received, _):
+        secure = Destination("RIGHT", "127.0.0.1", port, tls=True)
+        anonymous = client_tls_context(ca_file=str(server_cert))
+        (refused,) = send_datasets([make_sr()], secure, CALLING, timeout=5, tls_context=anonymous)
+        mutual = client_tls_context(str(server_cert), str(client_cert), str(client_key))
+        (accepted,) = send_datasets([make_sr()], secure, CALLING, timeout=10, tls_context=mutual)
+    assert refused.ok is False
+    assert accepted == SendResult(True, 0, "success")
+    assert len(received) == 1
+
+
+def test_tls_settings_are_validated() -> None:
+    assert Destination.from_mapping({"ae_title": "PACS", "host": "h", "port": 2762, "tls": True}).tls is True
+    assert Destination.from_mapping({"ae_title": "PACS", "host": "h", "port": 104}).tls is False
+    assert str(Destination("PACS", "h", 2762, tls=True)) == "PACS@h:2762", "forwards name it the same way"
+    with pytest.raises(ValueError, match="tls must be true or false"):
+        Destination.from_mapping({"ae_title": "PACS", "host": "h", "port": 2762, "tls": "yes"})
+    with pytest.raises(ValueError, match="needs its certificate"):
+        client_tls_context(private_key="/etc/key.pem")
+    with pytest.raises(OSError):
+        client_tls_context(ca_file="/nonexistent/ca.pem")
