@@ -10,6 +10,8 @@ import argparse
 import logging
 import sys
 
+from sqlalchemy import Engine
+
 from cxr_triage import db
 
 logger = logging.getLogger(__name__)
@@ -24,6 +26,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def upgrade_command(config_path: str | None) -> str:
     """The command line a user runs to bring the database up to date."""
     return "cxr-triage db upgrade" + (f" --config {config_path}" if config_path else "")
+
+
+class DatabaseNotReady(RuntimeError):
+    """The database a read-side command needs does not exist, cannot be read or is not at the code's revision;
+    the message says what to run."""
+
+
+def open_current(url: str, config_path: str | None) -> Engine:
+    """An engine on an existing database at the code's revision, creating nothing (for ``results``, ``forward``,
+    ``status``); :class:`DatabaseNotReady` otherwise."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    engine = db.make_engine(url, create_dirs=False)
+    try:
+        if db.missing_sqlite_file(engine) is not None:
+            raise DatabaseNotReady(
+                f"the database {db.describe_url(engine)} does not exist; create it with "
+                f"`{upgrade_command(config_path)}`"
+            )
+        try:
+            state = db.schema_state(engine)
+        except SQLAlchemyError as exc:
+            detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            raise DatabaseNotReady(f"cannot read the database {db.describe_url(engine)}: {detail}") from exc
+        if state != "current":
+            raise DatabaseNotReady(
+                f"the database {db.describe_url(engine)} is {state}; run `{upgrade_command(config_path)}`"
+            )
+    except DatabaseNotReady:
+        engine.dispose()
+        raise
+    return engine
 
 
 def run(args: argparse.Namespace) -> int:

@@ -250,23 +250,16 @@ def _print(records: list[dict[str, Any]], as_json: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cxr_triage.config import ConfigError, load_config
+    from cxr_triage.dbcli import DatabaseNotReady, open_current
 
     try:
         config = load_config(args.config)
         destinations(config.values)
-    except (ConfigError, ValueError) as exc:
+        engine = open_current(config["database"]["url"], args.config)
+    except (ConfigError, ValueError, DatabaseNotReady) as exc:
         print(f"cxr-triage forward: {exc}", file=sys.stderr)
         return 2
-    engine = db.make_engine(config["database"]["url"], create_dirs=False)
     try:
-        state = db.schema_state(engine)
-        if state != "current":
-            print(
-                f"cxr-triage forward: the database is {state}; run `cxr-triage db upgrade"
-                f"{' --config ' + str(args.config) if args.config else ''}`",
-                file=sys.stderr,
-            )
-            return 2
         sessions = db.session_factory(engine)
         if args.retry:
             requeued = requeue_dead(sessions)

@@ -136,37 +136,21 @@ def print_results(engine: Engine, as_json: bool, study: str | None, since: dt.da
 
 def run(args: argparse.Namespace) -> int:
     from cxr_triage.config import ConfigError, load_config
-    from cxr_triage.dbcli import upgrade_command
+    from cxr_triage.dbcli import DatabaseNotReady, open_current
 
     try:
         config = load_config(args.config)
         since = parse_since(args.since) if args.since else None
-    except (ConfigError, ValueError) as exc:
+        engine = open_current(config["database"]["url"], args.config)
+    except (ConfigError, ValueError, DatabaseNotReady) as exc:
         print(f"cxr-triage results: {exc}", file=sys.stderr)
         return 2
-    engine = db.make_engine(config["database"]["url"], create_dirs=False)
     try:
-        if db.missing_sqlite_file(engine) is not None:
-            print(
-                f"cxr-triage results: the database {db.describe_url(engine)} does not exist; create it with "
-                f"`{upgrade_command(args.config)}`",
-                file=sys.stderr,
-            )
-            return 2
-        try:
-            state = db.schema_state(engine)
-            if state != "current":
-                print(
-                    f"cxr-triage results: the database {db.describe_url(engine)} is {state}; run "
-                    f"`{upgrade_command(args.config)}`",
-                    file=sys.stderr,
-                )
-                return 2
-            print_results(engine, args.json, args.study, since)
-        except SQLAlchemyError as exc:
-            detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-            print(f"cxr-triage results: cannot read the database {db.describe_url(engine)}: {detail}", file=sys.stderr)
-            return 2
-        return 0
+        print_results(engine, args.json, args.study, since)
+    except SQLAlchemyError as exc:
+        detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        print(f"cxr-triage results: cannot read the database {db.describe_url(engine)}: {detail}", file=sys.stderr)
+        return 2
     finally:
         engine.dispose()
+    return 0
