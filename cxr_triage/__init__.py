@@ -7,7 +7,12 @@ The package root imports nothing heavy: ``cxr_triage.model`` and ``cxr_triage.im
 themselves.
 """
 
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "cae_lstm.pt"
+"""Where the shipped model lives (research use only); used when ``[model] path`` is empty."""
 
 CLASS_NAMES: tuple[str, ...] = ("covid", "normal", "pneumonia")
 """Class names in the order of the classifier's outputs."""

@@ -16,13 +16,11 @@ from typing import Any
 
 import torch
 
-from cxr_triage import CLASS_NAMES
+from cxr_triage import BUNDLED_MODEL, CLASS_NAMES
 from cxr_triage.imaging import PREPROCESSING_VERSION
 from cxr_triage.model import CAEClassifier, ModelSpec
 
 FORMAT = "cxr-triage-checkpoint/1"
-BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "cae_lstm.pt"
-"""Where the shipped model lives (research use only)."""
 
 
 class CheckpointError(ValueError):

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("cxr_triage.worker", "run one worker alone (for more hosts sharing the database)"),
     "results": ("cxr_triage.results", "print what the database holds, one line per instance"),
     "forward": ("cxr_triage.forward", "list SR forwards, or resend dead and pending ones now (--retry)"),
+    "status": ("cxr_triage.status", "the pipeline's health: queue, forwards, spool, model; exit 1 on problems"),
     "db": ("cxr_triage.dbcli", "apply database migrations (upgrade) or show the revision (current)"),
 }
 """Subcommand -> (module, help). Each module defines ``add_arguments(parser)`` and ``run(args) -> int``."""

@@ -1,0 +1,168 @@
+"""``cxr-triage status``: the pipeline's health at a glance, for the PACS team and for monitoring probes.
+
+Reads the database and the spool (never loads torch or the model): instances by state and the age of the oldest
+queued one, jobs whose worker vanished (lease expired), failures of the last 24 hours, SR forwards by state, the
+spool's free space against its reserve, and the model configured and the one the workers last loaded. Each
+condition that needs someone's attention is listed as a problem, with what to do.
+
+Exit status, as monitoring plugins expect: 0 nothing needs attention, 1 at least one problem, 2 the status cannot
+be read (no configuration, no database).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from cxr_triage import BUNDLED_MODEL, db, spool
+
+FAILURE_WINDOW = dt.timedelta(hours=24)
+"""How far back failed instances count as a problem."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="configuration file (TOML)")
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    parser.add_argument(
+        "--max-queue-age",
+        type=float,
+        default=300.0,
+        help="seconds an instance may wait in the queue before that is a problem (default 300)",
+    )
+
+
+def collect(
+    engine: Engine, config: Mapping[str, Mapping[str, Any]], max_queue_age: float, now: dt.datetime | None = None
+) -> dict[str, Any]:
+    """The status as a plain dict (the ``--json`` output); ``problems`` lists what needs attention."""
+    now = now or db.utcnow()
+    with db.read_session(engine) as session:
+        by_state = dict(session.execute(select(db.Instance.status, func.count()).group_by(db.Instance.status)).all())
+        oldest_queued = session.scalar(select(func.min(db.Instance.received_at)).where(db.Instance.status == db.QUEUED))
+        expired = session.scalar(
+            select(func.count()).where(db.Instance.status == db.PROCESSING, db.Instance.lease_until < now)
+        )
+        recent_failures = session.scalar(
+            select(func.count()).where(
+                db.Instance.status == db.FAILED, db.Instance.completed_at >= now - FAILURE_WINDOW
+            )
+        )
+        forwards = dict(session.execute(select(db.Forward.state, func.count()).group_by(db.Forward.state)).all())
+        loaded = session.execute(
+            select(db.ModelVersion.version, db.ModelVersion.sha256, db.ModelVersion.registered_at)
+            .order_by(db.ModelVersion.registered_at.desc(), db.ModelVersion.id.desc())
+            .limit(1)
+        ).first()
+    queued_for = (now - oldest_queued).total_seconds() if oldest_queued is not None else None
+    storage = config["storage"]
+    free = spool.free_mb(storage["spool_dir"])
+    reserve = float(storage["min_free_mb"])
+    configured = str(config["model"]["path"] or "")
+    model_path = Path(configured) if configured else BUNDLED_MODEL
+
+    problems = []
+    if not model_path.is_file():
+        problems.append(f"no model at {model_path}: images are received and queued but not classified ([model] path)")
+    if free < reserve:
+        problems.append(
+            f"spool below its reserve ({free:.0f} MiB free, reserve {reserve:.0f} MiB): the listener answers "
+            "0xA700 and the PACS retries later; free space or lower [storage] spool_retention_days"
+        )
+    elif free < 2 * reserve:
+        problems.append(f"spool nearly full ({free:.0f} MiB free, reserve {reserve:.0f} MiB)")
+    if queued_for is not None and queued_for > max_queue_age:
+        problems.append(
+            f"the oldest queued instance has waited {queued_for:.0f} s (more than {max_queue_age:g} s): are the "
+            "workers running, and do they have a model?"
+        )
+    if expired:
+        problems.append(f"{expired} job(s) held by a worker whose lease expired (worker died?); they are retried")
+    if recent_failures:
+        problems.append(
+            f"{recent_failures} instance(s) failed in the last 24 h after every attempt: `cxr-triage results` "
+            "gives the reasons"
+        )
+    dead = int(forwards.get(db.FORWARD_DEAD, 0))
+    if dead:
+        problems.append(f"{dead} SR forward(s) dead-lettered: fix the destination, then `cxr-triage forward --retry`")
+    return {
+        "instances": {state: int(by_state.get(state, 0)) for state in (db.QUEUED, db.PROCESSING, *db.TERMINAL_STATES)},
+        "oldest_queued_seconds": round(queued_for, 1) if queued_for is not None else None,
+        "expired_leases": int(expired or 0),
+        "failed_last_24h": int(recent_failures or 0),
+        "forwards": {
+            state: int(forwards.get(state, 0)) for state in (db.FORWARD_PENDING, db.FORWARD_SENT, db.FORWARD_DEAD)
+        },
+        "spool": {"path": str(Path(storage["spool_dir"]).resolve()), "free_mb": round(free), "reserve_mb": reserve},
+        "model": {
+            "path": str(model_path),
+            "present": model_path.is_file(),
+            "last_loaded": {
+                "version": loaded.version,
+                "sha256": loaded.sha256,
+                "registered_at": loaded.registered_at.isoformat(),
+            }
+            if loaded is not None
+            else None,
+        },
+        "problems": problems,
+    }
+
+
+def format_text(status: Mapping[str, Any]) -> str:
+    counts = status["instances"]
+    oldest = status["oldest_queued_seconds"]
+    forwards = status["forwards"]
+    spool_info = status["spool"]
+    model = status["model"]
+    loaded = model["last_loaded"]
+    lines = [
+        f"instances: {counts['queued']} queued"
+        + (f" (oldest {oldest:.0f} s)" if oldest is not None else "")
+        + f", {counts['processing']} processing, {counts['done']} classified, {counts['refused']} refused, "
+        f"{counts['failed']} failed ({status['failed_last_24h']} in the last 24 h)",
+        f"forwards: {forwards['pending']} pending, {forwards['sent']} sent, {forwards['dead']} dead",
+        f"spool: {spool_info['path']}, {spool_info['free_mb']} MiB free (reserve {spool_info['reserve_mb']:g} MiB)",
+        f"model: {model['path']}"
+        + ("" if model["present"] else " (missing)")
+        + (
+            f"; last loaded by a worker: {loaded['version']} (sha256 {loaded['sha256'][:12]}) at "
+            f"{loaded['registered_at']}"
+            if loaded
+            else "; no worker has loaded a model yet"
+        ),
+    ]
+    problems = status["problems"]
+    lines.append("problems: none" if not problems else "problems:")
+    lines += [f"  - {problem}" for problem in problems]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cxr_triage.config import ConfigError, load_config
+    from cxr_triage.dbcli import DatabaseNotReady, open_current
+
+    try:
+        config = load_config(args.config)
+        engine = open_current(config["database"]["url"], args.config)
+    except (ConfigError, DatabaseNotReady) as exc:
+        print(f"cxr-triage status: {exc}", file=sys.stderr)
+        return 2
+    try:
+        status = collect(engine, config.values, float(args.max_queue_age))
+    except SQLAlchemyError as exc:
+        detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        print(f"cxr-triage status: cannot read the database {db.describe_url(engine)}: {detail}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    print(json.dumps(status) if args.json else format_text(status))
+    return 1 if status["problems"] else 0
