@@ -87,3 +87,18 @@ def test_no_database_is_exit_status_2(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert "does not exist" in err and "cxr-triage db upgrade" in err
     assert not (tmp_path / "db").exists(), "nothing was created"
+
+
+def test_status_does_not_load_torch(harness) -> None:
+    import subprocess
+    import sys
+
+    config = write_config(harness.tmp / "cxr.toml", harness.config)
+    code = (
+        "import sys\n"
+        "from cxr_triage.cli import main\n"
+        f"status = main(['status', '--config', {str(config)!r}])\n"
+        "print('torch' in sys.modules, status)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "False 0", done.stdout + done.stderr
