@@ -143,10 +143,10 @@ def process_due(
     outcomes: list[ForwardOutcome] = []
     try:
         configured = destinations(config)
-        context = tls_context(config) if any(d.tls for d in configured) else None
-    except Exception:  # reported per destination below, where the failure is recorded
-        logger.exception("[forward] destinations or TLS settings are invalid")
-        configured, context = [], None
+    except ValueError:  # the rows still name their destinations; each send below records its own outcome
+        logger.exception("[forward] destinations are invalid")
+        configured = []
+    context = None  # built for the first TLS destination; a TLS settings error is recorded on its forwards
     for destination_text, items in by_destination.items():
         results: dict[int, SendResult] = {}
         datasets = []
@@ -161,7 +161,7 @@ def process_due(
         try:
             destination = parse_destination(destination_text, configured)
             if destination.tls and context is None:
-                context = tls_context(config)  # raises the configuration error, recorded for these forwards
+                context = tls_context(config)
             sent = send_datasets(
                 datasets, destination, str(fcfg["calling_ae_title"]), timeout=timeout, tls_context=context
             )
