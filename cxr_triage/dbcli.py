@@ -33,6 +33,12 @@ class DatabaseNotReady(RuntimeError):
     the message says what to run."""
 
 
+def unreadable(engine: Engine, exc: Exception) -> str:
+    """One line saying that ``engine``'s database cannot be read, with the driver's own first line of why."""
+    detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+    return f"cannot read the database {db.describe_url(engine)}: {detail}"
+
+
 def open_current(url: str, config_path: str | None) -> Engine:
     """An engine on an existing database at the code's revision, creating nothing (for ``results``, ``forward``,
     ``status``); :class:`DatabaseNotReady` otherwise."""
@@ -48,8 +54,7 @@ def open_current(url: str, config_path: str | None) -> Engine:
         try:
             state = db.schema_state(engine)
         except SQLAlchemyError as exc:
-            detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-            raise DatabaseNotReady(f"cannot read the database {db.describe_url(engine)}: {detail}") from exc
+            raise DatabaseNotReady(unreadable(engine, exc)) from exc
         if state != "current":
             raise DatabaseNotReady(
                 f"the database {db.describe_url(engine)} is {state}; run `{upgrade_command(config_path)}`"

@@ -136,7 +136,7 @@ def print_results(engine: Engine, as_json: bool, study: str | None, since: dt.da
 
 def run(args: argparse.Namespace) -> int:
     from cxr_triage.config import ConfigError, load_config
-    from cxr_triage.dbcli import DatabaseNotReady, open_current
+    from cxr_triage.dbcli import DatabaseNotReady, open_current, unreadable
 
     try:
         config = load_config(args.config)
@@ -148,8 +148,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         print_results(engine, args.json, args.study, since)
     except SQLAlchemyError as exc:
-        detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        print(f"cxr-triage results: cannot read the database {db.describe_url(engine)}: {detail}", file=sys.stderr)
+        print(f"cxr-triage results: {unreadable(engine, exc)}", file=sys.stderr)
         return 2
     finally:
         engine.dispose()

@@ -148,7 +148,7 @@ def format_text(status: Mapping[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from cxr_triage.config import ConfigError, load_config
-    from cxr_triage.dbcli import DatabaseNotReady, open_current
+    from cxr_triage.dbcli import DatabaseNotReady, open_current, unreadable
 
     try:
         config = load_config(args.config)
@@ -159,8 +159,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         status = collect(engine, config.values, float(args.max_queue_age))
     except SQLAlchemyError as exc:
-        detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        print(f"cxr-triage status: cannot read the database {db.describe_url(engine)}: {detail}", file=sys.stderr)
+        print(f"cxr-triage status: {unreadable(engine, exc)}", file=sys.stderr)
         return 2
     finally:
         engine.dispose()
