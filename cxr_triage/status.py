@@ -67,9 +67,10 @@ def collect(
     reserve = float(storage["min_free_mb"])
     configured = str(config["model"]["path"] or "")
     model_path = Path(configured) if configured else BUNDLED_MODEL
+    model_present = model_path.is_file()
 
     problems = []
-    if not model_path.is_file():
+    if not model_present:
         problems.append(f"no model at {model_path}: images are received and queued but not classified ([model] path)")
     if free < reserve:
         problems.append(
@@ -104,7 +105,7 @@ def collect(
         "spool": {"path": str(Path(storage["spool_dir"]).resolve()), "free_mb": round(free), "reserve_mb": reserve},
         "model": {
             "path": str(model_path),
-            "present": model_path.is_file(),
+            "present": model_present,
             "last_loaded": {
                 "version": loaded.version,
                 "sha256": loaded.sha256,
