@@ -34,8 +34,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and augmentation")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    g.add_argument("--amp", action=BOOL, default=True, help="bf16 autocast on CUDA (ignored on the CPU)")
-    g.add_argument("--channels-last", action=BOOL, default=True, help="channels_last memory format on CUDA")
+    g.add_argument(
+        "--amp",
+        action=BOOL,
+        default=None,
+        help="bf16 autocast (--no-amp: float32); default: bf16 on CUDA and on a CPU with bf16 in hardware "
+        "(AMX-BF16 or AVX512-BF16), float32 elsewhere, where emulated bf16 is slower",
+    )
+    g.add_argument("--channels-last", action=BOOL, default=True, help="channels_last memory format (CPU and CUDA)")
     g.add_argument("--compile", action=BOOL, default=False, help="torch.compile the model (pays a warm-up)")
     g.add_argument("--progress", action=BOOL, default=True, help="tqdm progress bars (rank 0)")
 
@@ -78,6 +84,19 @@ def _finetune(p: argparse.ArgumentParser) -> None:
             help=f"phase {phase} early-stopping patience on validation loss (paper 5)",
         )
     g.add_argument(
+        "--phase1-features",
+        action=BOOL,
+        default=True,
+        help="phase 1 computes the frozen encoder's features once and trains the head on them (no augmentation "
+        "in phase 1); --no-phase1-features runs the encoder on augmented images every epoch",
+    )
+    g.add_argument(
+        "--balance-sources",
+        action=BOOL,
+        default=True,
+        help="draw fine-tuning epochs with weights that make the label say less about the image's source data set",
+    )
+    g.add_argument(
         "--phase1-share",
         type=float,
         default=0.4,
@@ -88,6 +107,12 @@ def _finetune(p: argparse.ArgumentParser) -> None:
 def _shared(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("batches")
     g.add_argument("--augment", action=BOOL, default=True, help="mild augmentation of training batches")
+    g.add_argument(
+        "--source-cues",
+        action=BOOL,
+        default=True,
+        help="with --augment: also blur what tells the data sets apart (borders, contrast, resolution, markers)",
+    )
     g.add_argument("--eval-batch-size", type=int, default=256, help="batch size for validation and test")
     g.add_argument(
         "--checkpoint-seconds",
@@ -193,6 +218,9 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
         known |= dests
         if config:
             p.set_defaults(**{k: v for k, v in config.items() if k in dests})
+            for action in p._actions:  # a value in the config satisfies a required flag
+                if action.dest in config:
+                    action.required = False
     if config:
         unknown = sorted(set(config) - known)
         if unknown:

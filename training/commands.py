@@ -36,13 +36,16 @@ from cxr_triage import CLASS_NAMES
 from cxr_triage.checkpoint import ModelCard, load_classifier, save_classifier
 from cxr_triage.model import HEADS, CAEClassifier, ConvAutoencoder, ModelSpec, keras_parameter_count
 from training import data as data_mod
+from training.data import independence_weights
 from training.engine import (
     Deadline,
+    FeatureBank,
     Runtime,
     check_replicas_agree,
     cpu_state_dict,
     evaluate,
     evaluate_cae,
+    image_inputs,
     load_state,
     rng_state,
     save_state,
@@ -52,7 +55,7 @@ from training.engine import (
     train_one_epoch,
     unwrap,
 )
-from training.metrics import classification_metrics
+from training.metrics import classification_metrics, per_source_metrics
 from training.pack import decode_pack, load_pack
 from training.report import report_from_summary, write_json
 
@@ -100,10 +103,17 @@ def load_data(args: argparse.Namespace, rt: Runtime) -> data_mod.ImageSet:
     return data
 
 
+MIN_EPOCH_SHARE = 0.25
+"""Another epoch starts while at least this share of one still fits before the deadline; the deadline then cuts it
+short (checked every 20 steps), so on a slow machine the last partial epoch still trains instead of idling."""
+
+
 def _fits_another_epoch(deadline: Deadline | None, last_epoch_seconds: float, rt: Runtime) -> bool:
     if deadline is None:
         return not rt.any(Deadline.stop_requested)
-    too_late = deadline.expired() or (last_epoch_seconds > 0 and deadline.remaining() < 1.05 * last_epoch_seconds)
+    too_late = deadline.expired() or (
+        last_epoch_seconds > 0 and deadline.remaining() < MIN_EPOCH_SHARE * last_epoch_seconds
+    )
     return not rt.any(too_late)
 
 
@@ -178,6 +188,7 @@ def run_pretrain(
             seed=args.seed,
             epoch=epoch,
             augment=args.augment,
+            source_cues=args.augment and args.source_cues,
             deadline=deadline,
         )
         val_mse = evaluate_cae(unwrap(net), data, val_idx, rt, args.eval_batch_size)
@@ -330,6 +341,10 @@ def run_finetune(
         logger.info("resuming fine-tuning at phase %d after epoch %d from %s", start_phase, start_epoch, state_path)
     model = rt.prepare(model)
     train_idx, val_idx = data.indices("train"), data.indices("val")
+    train_weights = None
+    if args.balance_sources:
+        assert data.sources is not None
+        train_weights = independence_weights(data.labels[train_idx], data.sources[train_idx])
     base_provenance = dict(provenance or {})
 
     def save_best() -> None:
@@ -344,9 +359,9 @@ def run_finetune(
         }
         save_classifier(model_path, best_model, model_card(spec, prov, args.model_version), dtype=torch.float16)
 
-    def state_now(net: nn.Module, optimizer: torch.optim.Optimizer, phase: int, epoch: int, bad: int) -> dict:
+    def state_now(optimizer: torch.optim.Optimizer, phase: int, epoch: int, bad: int) -> dict:
         return {
-            "model": cpu_state_dict(net),
+            "model": cpu_state_dict(model),
             "optimizer": optimizer.state_dict(),
             "phase": phase,
             "epoch": epoch,
@@ -376,13 +391,29 @@ def run_finetune(
             optimizer.load_state_dict(opt_state)
         epoch = start_epoch if ph["phase"] == start_phase else 0
         bad = bad_epochs if ph["phase"] == start_phase else 0
+        key = f"phase{ph['phase']}"
+        val_inputs = None
+        if ph["phase"] == 1 and args.phase1_features:
+            bank = FeatureBank(unwrap(model).encoder, data, torch.cat([train_idx, val_idx]), rt, args.eval_batch_size)
+            phase_seconds["phase1_features"] = round(bank.seconds, 2)
+            phase_ips["phase1_features"] = round(bank.images / bank.seconds, 1) if bank.seconds else 0.0
+            if rt.is_main:
+                logger.info(
+                    "phase1: encoder features of %d images computed once in %.1f s; the head trains on them",
+                    bank.images,
+                    bank.seconds,
+                )
+            net = rt.wrap(unwrap(model).head)
+            train_inputs = val_inputs = bank.inputs
+        else:
+            net = rt.wrap(model)
+            train_inputs = image_inputs(data, rt, args.augment, args.augment and args.source_cues)
+        # phase 1's share is of the time left once its features exist, so that they are never computed in vain
         if ph["phase"] == 1 and deadline is not None:
             phase_deadline = deadline.sub(args.phase1_share * deadline.remaining())
         else:
             phase_deadline = deadline
-        net = rt.wrap(model)
         last_epoch_seconds, images, seconds = 0.0, 0, 0.0
-        key = f"phase{ph['phase']}"
         while epoch < ph["epochs"] and bad < ph["patience"]:
             if not _fits_another_epoch(phase_deadline, last_epoch_seconds, rt):
                 logger.info("%s: stopping before epoch %d to stay within the time budget", key, epoch + 1)
@@ -391,16 +422,16 @@ def run_finetune(
             stats = train_one_epoch(
                 net,
                 optimizer,
-                data,
+                train_inputs,
                 train_idx,
                 rt,
                 batch_size=ph["batch_size"],
                 seed=args.seed + 1000 * ph["phase"],
                 epoch=epoch,
-                augment=args.augment,
+                weights=train_weights,
                 deadline=phase_deadline,
             )
-            val = evaluate(unwrap(net), data, val_idx, rt, args.eval_batch_size)
+            val = evaluate(unwrap(net), data, val_idx, rt, args.eval_batch_size, inputs=val_inputs)
             epoch += 1
             last_epoch_seconds = time.perf_counter() - e0
             images += stats.images
@@ -410,7 +441,7 @@ def run_finetune(
             improved = val.loss < best_loss
             if improved:
                 best_loss, bad = val.loss, 0
-                best_state = cpu_state_dict(net)
+                best_state = cpu_state_dict(model)
             else:
                 bad += 1
             history.append(
@@ -442,14 +473,14 @@ def run_finetune(
                 if improved:
                     save_best()
                 if time.monotonic() - last_save >= args.checkpoint_seconds:
-                    save_state(state_path, state_now(net, optimizer, ph["phase"], epoch, bad))
+                    save_state(state_path, state_now(optimizer, ph["phase"], epoch, bad))
                     last_save = time.monotonic()
             if stats.stopped_early:
                 break
         if bad >= ph["patience"] and rt.is_main:
             logger.info("%s: early stop, validation loss did not improve for %d epochs", key, bad)
         if rt.is_main and epoch > (start_epoch if ph["phase"] == start_phase else 0):
-            save_state(state_path, state_now(net, optimizer, ph["phase"], epoch, bad))
+            save_state(state_path, state_now(optimizer, ph["phase"], epoch, bad))
             last_save = time.monotonic()
         start_phase, start_epoch, bad_epochs, opt_state = ph["phase"] + 1, 0, 0, None
         if Deadline.stop_requested:
@@ -481,8 +512,13 @@ def evaluate_classifier(
 ) -> EvaluateResult:
     """Metrics of ``model`` on one split, computed on this process (the whole split)."""
     module = rt.prepare(unwrap(model)).eval()
-    res = evaluate(module, data, data.indices(split), rt, batch_size, gather=False)
+    indices = data.indices(split)
+    res = evaluate(module, data, indices, rt, batch_size, gather=False)
     metrics = classification_metrics(res.labels, res.probabilities, data.class_names)
+    assert data.sources is not None
+    metrics["per_source"] = per_source_metrics(
+        res.labels, res.probabilities, data.sources[indices].cpu(), data.source_names, data.class_names
+    )
     metrics["split"] = split
     metrics["loss"] = res.loss
     metrics["images_per_second"] = round(len(res.labels) / res.seconds, 1) if res.seconds else 0.0

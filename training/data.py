@@ -1,7 +1,9 @@
 """Manifests, the group-aware split, and the device-resident image set used by every training command.
 
-A manifest lists labelled images: a CSV with ``path,label`` and optional ``group`` and ``patient_id`` columns
-(extra columns are ignored, so the shared ``labels.csv`` works as is), or a folder with one sub-folder per class.
+A manifest lists labelled images: a CSV with ``path,label`` and optional ``group``, ``patient_id`` and ``source``
+columns (extra columns are ignored, so the shared ``labels.csv`` works as is), or a folder with one sub-folder per
+class. The source (the public data set an image came from) is kept so that results can be broken down by it and
+training can keep the model from learning the source instead of the disease.
 
 The split (73 / 13.5 / 13.5 by default) is made once, seeded, over connected components of images that share a
 ``group`` or a ``patient_id``, so near-duplicates and one patient's images never straddle two sides. It is
@@ -17,6 +19,13 @@ Augmentation (training batches only; mild, on the batch with tensor ops, on what
 a random affine per image (rotation +-5 degrees, isotropic scale 0.95-1.05, translation +-4 % of the side, border
 filled by edge replication), then brightness +-10 % and contrast +-10 % around the image mean, clamped to [0, 1].
 No horizontal flip: the heart's side is anatomy, not noise.
+
+Source cues (``source_cues``, on by default): the public data sets differ in ways that have nothing to do with
+disease (borders and burned-in markers, contrast curves, resolution, noise), and each holds mostly one class, so a
+model can recognise the data set instead of the finding. On top of the mild augmentation: zoom in up to 20 %
+with aspect +-5 % (cuts borders and edge markers), gamma 0.7-1.4, contrast 0.8-1.25, a blur or sharpen of random
+strength (a 5-tap binomial kernel), Gaussian noise with sigma up to 0.02, and one patch of 5-15 % of the side per
+image filled with the image mean.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import math
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +67,7 @@ class Record:
     label: int
     group: str = ""
     patient_id: str = ""
+    source: str = ""
 
 
 @dataclass
@@ -72,6 +82,11 @@ class Manifest:
     @property
     def labels(self) -> list[int]:
         return [r.label for r in self.records]
+
+    def source_codes(self) -> tuple[list[int], tuple[str, ...]]:
+        """A source index per image and the sorted source names (one blank name when no source is given)."""
+        names = tuple(sorted({r.source for r in self.records}))
+        return [names.index(r.source) for r in self.records], names
 
 
 def read_manifest(
@@ -103,6 +118,7 @@ def read_manifest(
                     label=CLASS_NAMES.index(label),
                     group=(row.get("group") or "").strip(),
                     patient_id=(row.get("patient_id") or "").strip(),
+                    source=(row.get("source") or "").strip(),
                 )
             )
     if not records:
@@ -221,6 +237,8 @@ class ImageSet:
     split: torch.Tensor  # (N,) int64: 0 train, 1 val, 2 test
     class_names: tuple[str, ...] = CLASS_NAMES
     meta: dict = field(default_factory=dict)
+    sources: torch.Tensor | None = None  # (N,) int64 index into source_names; None: one unnamed source
+    source_names: tuple[str, ...] = ("",)
 
     def __post_init__(self) -> None:
         n = self.images.shape[0]
@@ -228,6 +246,12 @@ class ImageSet:
             raise ValueError(f"expected (N, {IMAGE_SIZE}, {IMAGE_SIZE}) uint8 images, got {self.images.shape}")
         if self.labels.shape != (n,) or self.split.shape != (n,):
             raise ValueError("labels and split must have one entry per image")
+        if self.sources is None:
+            self.sources = torch.zeros(n, dtype=torch.int64, device=self.images.device)
+        if self.sources.shape != (n,):
+            raise ValueError("sources must have one entry per image")
+        if n and int(self.sources.max()) >= len(self.source_names):
+            raise ValueError(f"source index {int(self.sources.max())} but only {len(self.source_names)} source names")
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -246,9 +270,51 @@ class ImageSet:
         return balance_table(self.labels.tolist(), self.split.tolist(), self.class_names)
 
     def to(self, device: torch.device | str) -> ImageSet:
+        assert self.sources is not None
         return ImageSet(
-            self.images.to(device), self.labels.to(device), self.split.to(device), self.class_names, self.meta
+            self.images.to(device),
+            self.labels.to(device),
+            self.split.to(device),
+            self.class_names,
+            self.meta,
+            self.sources.to(device),
+            self.source_names,
         )
+
+    def source_table(self) -> dict[str, dict[str, dict[str, int]]]:
+        """{source: {split: {class: count}}} as plain values."""
+        assert self.sources is not None
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        for s, name in enumerate(self.source_names):
+            keep = (self.sources == s).cpu()
+            out[name or "(unnamed)"] = split_counts(
+                self.labels.cpu()[keep].tolist(), self.split.cpu()[keep].tolist(), self.class_names
+            )
+        return out
+
+
+def independence_weights(
+    labels: torch.Tensor, sources: torch.Tensor, clip: tuple[float, float] = (0.25, 4.0)
+) -> torch.Tensor:
+    """Per-image sampling weights under which the label says as little as possible about the source.
+
+    An image of source ``s`` and class ``y`` gets ``P(s) P(y) / P(s, y)`` (importance weights that turn the
+    observed joint distribution into the product of its margins, where the cell exists), clipped to ``clip`` so
+    that a handful of images (15 normals of one source) cannot dominate an epoch, then scaled to mean 1. A source
+    that holds one class only keeps that link: weights cannot create images that do not exist.
+    """
+    labels, sources = labels.cpu(), sources.cpu()
+    n = float(len(labels))
+    if n == 0:
+        return torch.zeros(0)
+    n_classes, n_sources = int(labels.max()) + 1, int(sources.max()) + 1
+    joint = torch.zeros(n_sources, n_classes, dtype=torch.float64)
+    joint.index_put_((sources, labels), torch.ones(len(labels), dtype=torch.float64), accumulate=True)
+    p_joint = joint / n
+    p_s, p_y = p_joint.sum(1, keepdim=True), p_joint.sum(0, keepdim=True)
+    cell = (p_s * p_y / p_joint.clamp_min(1e-12)).clamp(*clip)
+    w = cell[sources, labels]
+    return (w / w.mean()).float()
 
 
 def resize_to_uint8(gray: torch.Tensor) -> torch.Tensor:
@@ -289,12 +355,15 @@ def load_manifest_images(manifest: Manifest, split: Sequence[int], progress: boo
     images = torch.empty((len(manifest), IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
     for i, r in enumerate(progress_bar(manifest.records, desc="decode", disable=not progress, mininterval=2.0)):
         images[i] = resize_to_uint8(read_gray(r.path))
+    codes, names = manifest.source_codes()
     return ImageSet(
         images=images,
         labels=torch.tensor(manifest.labels, dtype=torch.int64),
         split=torch.tensor(list(split), dtype=torch.int64),
         class_names=manifest.class_names,
         meta={"source": manifest.source},
+        sources=torch.tensor(codes, dtype=torch.int64),
+        source_names=names,
     )
 
 
@@ -307,8 +376,12 @@ def epoch_batches(
     epoch: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    weights: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """This rank's batches of ``indices`` for one epoch.
+
+    With ``weights`` (one per index; training only) the epoch is ``len(indices)`` draws with replacement in
+    proportion to them instead of a permutation.
 
     The permutation depends only on (seed, epoch), so every rank agrees on it; each rank takes every
     ``world_size``-th index of a permutation truncated to a multiple of ``world_size``, so all ranks run the same
@@ -317,7 +390,10 @@ def epoch_batches(
     idx = indices.cpu()
     if shuffle:
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        idx = idx[torch.randperm(len(idx), generator=gen)]
+        if weights is not None and len(idx):
+            idx = idx[torch.multinomial(weights.cpu().double(), len(idx), replacement=True, generator=gen)]
+        else:
+            idx = idx[torch.randperm(len(idx), generator=gen)]
     if world_size > 1:
         usable = (len(idx) // world_size) * world_size if shuffle else len(idx)
         idx = idx[:usable][rank::world_size]
@@ -329,40 +405,87 @@ def epoch_batches(
 
 
 def model_inputs(
-    images_u8: torch.Tensor, augment: bool = False, generator: torch.Generator | None = None
+    images_u8: torch.Tensor,
+    augment: bool = False,
+    generator: torch.Generator | None = None,
+    source_cues: bool = False,
 ) -> torch.Tensor:
     """(B, 224, 224) uint8 -> (B, 3, 224, 224) float in [0, 1], augmented when asked, on the images' device."""
     x = uint8_to_unit(images_u8)[:, None]  # (B, 1, H, W)
     if augment:
-        x = augment_batch(x, generator)
+        x = augment_batch(x, generator, source_cues=source_cues)
     return to_model_batch(x)
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The mild augmentation documented in the module docstring, on a (B, 1, H, W) [0, 1] batch."""
-    b = x.shape[0]
-    dev = x.device
+def _uniform(b: int, low: float, high: float, dev: torch.device, gen: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(b, generator=gen, device=dev) * (high - low) + low
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None, source_cues: bool = False) -> torch.Tensor:
+    """The augmentation documented in the module docstring, on a (B, 1, H, W) [0, 1] batch.
+
+    ``source_cues`` adds the transforms that blur what tells the public data sets apart (see the docstring).
+    """
+    b, dev = x.shape[0], x.device
 
     def uniform(low: float, high: float) -> torch.Tensor:
-        return torch.rand(b, generator=generator, device=dev) * (high - low) + low
+        return _uniform(b, low, high, dev, generator)
 
     angle = uniform(-5.0, 5.0) * (math.pi / 180.0)
-    scale = uniform(0.95, 1.05)
+    if source_cues:  # zoom in up to 20 % (cuts borders and edge markers), aspect +-5 %
+        scale = uniform(0.95, 1.2)
+        sx, sy = scale * uniform(0.95, 1.05), scale * uniform(0.95, 1.05)
+    else:
+        sx = sy = uniform(0.95, 1.05)
     tx, ty = uniform(-0.08, 0.08), uniform(-0.08, 0.08)  # +-4 % of the side in [-1, 1] coordinates
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos / sx, -sin / sy, tx], 1), torch.stack([sin / sx, cos / sy, ty], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    brightness = uniform(-0.1, 0.1).view(b, 1, 1, 1)
-    contrast = uniform(0.9, 1.1).view(b, 1, 1, 1)
+    if source_cues:
+        x = _source_cue_transforms(x, uniform, generator)
+        brightness, contrast = uniform(-0.1, 0.1), uniform(0.8, 1.25)
+    else:
+        brightness, contrast = uniform(-0.1, 0.1), uniform(0.9, 1.1)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return ((x - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)
+    return ((x - mean) * contrast.view(b, 1, 1, 1) + mean + brightness.view(b, 1, 1, 1)).clamp_(0.0, 1.0)
+
+
+_BLUR = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
+
+
+def _source_cue_transforms(
+    x: torch.Tensor, uniform: Callable[[float, float], torch.Tensor], generator: torch.Generator | None
+) -> torch.Tensor:
+    """Gamma, blur-or-sharpen, noise and one erased patch per image, on a (B, 1, H, W) [0, 1] batch."""
+    b, _, h, w = x.shape
+    gamma = torch.exp(uniform(math.log(0.7), math.log(1.4))).view(b, 1, 1, 1)
+    x = x.clamp(1e-4, 1.0).pow(gamma)
+    k = _BLUR.to(x.device, x.dtype)
+    blurred = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="replicate"), k.view(1, 1, 1, 5))
+    blurred = F.conv2d(F.pad(blurred, (0, 0, 2, 2), mode="replicate"), k.view(1, 1, 5, 1))
+    amount = uniform(-1.0, 1.0).view(b, 1, 1, 1)  # < 0 blurs, > 0 sharpens: sources differ in resolution
+    x = x + amount * (x - blurred)
+    noise = uniform(0.0, 0.02).view(b, 1, 1, 1)
+    x = x + noise * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    cy, cx, size = uniform(0.0, 1.0), uniform(0.0, 1.0), uniform(0.05, 0.15)
+    gy = torch.linspace(0.0, 1.0, h, device=x.device).view(1, h, 1)
+    gx = torch.linspace(0.0, 1.0, w, device=x.device).view(1, 1, w)
+    patch = ((gy - cy.view(b, 1, 1)).abs() < size.view(b, 1, 1) / 2) & (
+        (gx - cx.view(b, 1, 1)).abs() < size.view(b, 1, 1) / 2
+    )
+    fill = x.mean(dim=(1, 2, 3), keepdim=True)
+    return torch.where(patch[:, None], fill, x).clamp_(0.0, 1.0)
 
 
 def iterate_inputs(
-    data: ImageSet, batches: Sequence[torch.Tensor], augment: bool, generator: torch.Generator | None = None
+    data: ImageSet,
+    batches: Sequence[torch.Tensor],
+    augment: bool,
+    generator: torch.Generator | None = None,
+    source_cues: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs, labels) per batch, cut from the device-resident images."""
     for idx in batches:
         idx = idx.to(data.device, non_blocking=True)
-        yield model_inputs(data.images[idx], augment, generator), data.labels[idx]
+        yield model_inputs(data.images[idx], augment, generator, source_cues), data.labels[idx]

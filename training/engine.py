@@ -3,9 +3,10 @@
 ``train_one_epoch`` (classifier), ``train_cae_epoch`` (autoencoder) and ``evaluate`` are plain functions over a
 device-resident ``ImageSet``. ``Runtime`` holds the device, precision and distributed settings:
 
-- CUDA: bf16 autocast, channels_last, optional ``torch.compile``; images already on the GPU, so a step is a
-  gather, an augmentation and a forward/backward with no host round trip;
-- CPU: float32, eager (tests and small runs);
+- precision (``cxr_triage.precision``, ``--amp``): bf16 autocast on CUDA and on a CPU with bf16 in hardware
+  (AMX-BF16 / AVX512-BF16), float32 elsewhere; channels_last on both devices; optional ``torch.compile``;
+- images are held on the training device, so a step is a gather, an augmentation and a forward/backward with no
+  host round trip;
 - ``torchrun`` (``WORLD_SIZE`` > 1): DistributedDataParallel, NCCL on CUDA and gloo on the CPU; every rank holds
   all images and takes its share of each epoch's permutation; decisions (early stopping, time budget) are
   all-reduced so that ranks never disagree.
@@ -31,7 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from training.data import ImageSet, epoch_batches, iterate_inputs
+from cxr_triage.precision import autocast, resolve_precision
+from training.data import ImageSet, epoch_batches, iterate_inputs, model_inputs
 from training.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Runtime:
     device: torch.device
-    amp: bool = False
+    amp: bool = False  # bf16 autocast
     channels_last: bool = False
     compile: bool = False
     rank: int = 0
@@ -60,12 +62,14 @@ class Runtime:
     def device_name(self) -> str:
         if self.device.type == "cuda":
             return torch.cuda.get_device_name(self.device)
-        return f"cpu ({os.cpu_count()} cores)"
+        return f"cpu ({cpu_model_name()}, {torch.get_num_threads()} threads)"
+
+    @property
+    def precision(self) -> str:
+        return "bfloat16" if self.amp else "float32"
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.amp and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, self.precision)
 
     def prepare(self, module: nn.Module) -> nn.Module:
         module = module.to(self.device)
@@ -109,14 +113,30 @@ class Runtime:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
 
+def cpu_model_name() -> str:
+    """The processor's model name from /proc/cpuinfo ("unknown CPU" elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def setup_runtime(
     device: str = "auto",
-    amp: bool = True,
+    amp: bool | str | None = None,
     channels_last: bool = True,
     compile: bool = False,
     progress: bool = True,
 ) -> Runtime:
-    """The runtime for this process; joins the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    """The runtime for this process; joins the process group when launched by torchrun (WORLD_SIZE > 1).
+
+    ``amp``: True forces bf16 autocast, False float32, None or "auto" chooses by the hardware
+    (``cxr_triage.precision.resolve_precision``).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -131,11 +151,11 @@ def setup_runtime(
         torch.backends.cudnn.allow_tf32 = True
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    on_cuda = dev.type == "cuda"
+    requested = "auto" if amp is None or amp == "auto" else ("bfloat16" if amp else "float32")
     return Runtime(
         device=dev,
-        amp=amp and on_cuda,
-        channels_last=channels_last and on_cuda,
+        amp=resolve_precision(requested, dev) == "bfloat16",
+        channels_last=channels_last,
         compile=compile,
         rank=rank,
         world_size=world_size,
@@ -214,29 +234,44 @@ def _progress(total: int, rt: Runtime, desc: str) -> Any:
     return progress_bar(total=total, desc=desc, disable=not rt.progress, leave=False, mininterval=1.0)
 
 
+Inputs = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""Turns a batch of image indices into (model input, labels) on the training device."""
+
+
+def image_inputs(data: ImageSet, rt: Runtime, augment: bool, source_cues: bool = False) -> Inputs:
+    """Model inputs cut from the device-resident images, augmented when asked."""
+
+    def cut(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = idx.to(data.device, non_blocking=True)
+        x = model_inputs(data.images[idx], augment, source_cues=source_cues)
+        return rt.inputs(x), data.labels[idx]
+
+    return cut
+
+
 def _run_epoch(
     step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
-    data: ImageSet,
+    inputs: Inputs,
     batches: list[torch.Tensor],
     rt: Runtime,
-    augment: bool,
     deadline: Deadline | None,
     desc: str,
     check_every: int = 20,
 ) -> EpochStats:
     _sync(rt)
     t0 = time.perf_counter()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=data.device)
-    correct = torch.zeros((), dtype=torch.int64, device=data.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    correct = torch.zeros((), dtype=torch.int64, device=rt.device)
     seen = 0
     stopped = False
     has_logits = False
     pbar = _progress(len(batches), rt, desc)
-    for i, (x, y) in enumerate(iterate_inputs(data, batches, augment)):
+    for i, idx in enumerate(batches):
         if deadline is not None and i % check_every == 0 and i > 0 and rt.any(deadline.expired()):
             stopped = True
             break
-        loss, logits = step(rt.inputs(x), y)
+        x, y = inputs(idx)
+        loss, logits = step(x, y)
         loss_sum += loss.detach().double() * y.shape[0]
         if logits is not None:
             has_logits = True
@@ -267,6 +302,7 @@ def train_cae_epoch(
     seed: int,
     epoch: int,
     augment: bool = True,
+    source_cues: bool = False,
     deadline: Deadline | None = None,
 ) -> EpochStats:
     """One epoch of autoencoder training: MSE between the reconstruction and the (augmented) input."""
@@ -284,7 +320,7 @@ def train_cae_epoch(
         optimizer.step()
         return loss, None
 
-    return _run_epoch(step, data, batches, rt, augment, deadline, "train cae")
+    return _run_epoch(step, image_inputs(data, rt, augment, source_cues), batches, rt, deadline, "train cae")
 
 
 @torch.no_grad()
@@ -306,20 +342,32 @@ def evaluate_cae(module: nn.Module, data: ImageSet, indices: torch.Tensor, rt: R
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    data: ImageSet,
+    inputs: Inputs,
     indices: torch.Tensor,
     rt: Runtime,
     *,
     batch_size: int,
     seed: int,
     epoch: int,
-    augment: bool = True,
+    weights: torch.Tensor | None = None,
     deadline: Deadline | None = None,
 ) -> EpochStats:
-    """One epoch of classifier training with categorical cross-entropy."""
+    """One epoch of classifier training with categorical cross-entropy.
+
+    ``inputs`` turns index batches into model inputs: augmented images (``image_inputs``) for the whole
+    classifier, or cached encoder features (``FeatureBank.inputs``) for the head alone. ``weights`` (one per
+    index) draws the epoch with replacement in proportion to them.
+    """
     model.train()
     batches = epoch_batches(
-        indices, batch_size, shuffle=True, seed=seed, epoch=epoch, rank=rt.rank, world_size=rt.world_size
+        indices,
+        batch_size,
+        shuffle=True,
+        seed=seed,
+        epoch=epoch,
+        rank=rt.rank,
+        world_size=rt.world_size,
+        weights=weights,
     )
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,7 +379,46 @@ def train_one_epoch(
         optimizer.step()
         return loss, logits
 
-    return _run_epoch(step, data, batches, rt, augment, deadline, "train cls")
+    return _run_epoch(step, inputs, batches, rt, deadline, "train cls")
+
+
+class FeatureBank:
+    """The frozen encoder's output for a set of images, computed once: phase 1 trains the head on it.
+
+    With the encoder frozen, every epoch of phase 1 would recompute the same (49, C) sequence per image; on a CPU
+    that is most of the cost. Features are of unaugmented images (augmentation would change them every epoch).
+    """
+
+    def __init__(self, encoder: nn.Module, data: ImageSet, indices: torch.Tensor, rt: Runtime, batch_size: int) -> None:
+        t0 = time.perf_counter()
+        encoder.eval()
+        idx = indices.cpu()
+        self.position = torch.full((len(data),), -1, dtype=torch.int64)
+        self.position[idx] = torch.arange(len(idx))
+        chunks = []
+        pbar = _progress((len(idx) + batch_size - 1) // batch_size, rt, "features")
+        with torch.no_grad():
+            for start in range(0, len(idx), batch_size):
+                part = idx[start : start + batch_size].to(data.device)
+                with rt.autocast():
+                    f = encoder(rt.inputs(model_inputs(data.images[part])))
+                chunks.append(f.flatten(2).transpose(1, 2).to(torch.bfloat16 if rt.amp else torch.float32).contiguous())
+                pbar.update(1)
+        pbar.close()
+        # kept in the autocast dtype: the head then sees what CAEClassifier.forward gives it (and on the CPU, a
+        # float32 input to the LSTM under bf16 autocast makes oneDNN fail: "could not create a primitive descriptor")
+        c = chunks[0].shape[-1] if chunks else 0
+        self.features = torch.cat(chunks) if chunks else torch.zeros((0, 49, c), device=rt.device)
+        self.labels = data.labels
+        self.seconds = time.perf_counter() - t0
+        self.images = len(idx)
+
+    def inputs(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = self.position[idx.cpu()]
+        if bool((pos < 0).any()):
+            raise IndexError("an index without features in this bank")
+        pos = pos.to(self.features.device)
+        return self.features[pos], self.labels[idx.to(self.labels.device)]
 
 
 @dataclass
@@ -345,12 +432,19 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(
-    module: nn.Module, data: ImageSet, indices: torch.Tensor, rt: Runtime, batch_size: int = 256, gather: bool = True
+    module: nn.Module,
+    data: ImageSet,
+    indices: torch.Tensor,
+    rt: Runtime,
+    batch_size: int = 256,
+    gather: bool = True,
+    inputs: Inputs | None = None,
 ) -> EvalResult:
     """Loss, accuracy and probabilities over ``indices``.
 
     Distributed: each rank evaluates its shard; loss and accuracy are all-reduced. Probabilities are those of this
     rank's shard unless ``gather`` is false and the caller evaluates everything on one rank (evaluate command).
+    ``inputs`` (default: unaugmented images) may feed cached features to a head instead.
     """
     module.eval()
     _sync(rt)
@@ -360,9 +454,11 @@ def evaluate(
         indices, batch_size, shuffle=False, rank=rt.rank if shard else 0, world_size=rt.world_size if shard else 1
     )
     probs, labels = [], []
-    for x, y in iterate_inputs(data, batches, augment=False):
+    cut = inputs or image_inputs(data, rt, augment=False)
+    for idx in batches:
+        x, y = cut(idx)
         with rt.autocast():
-            logits = module(rt.inputs(x))
+            logits = module(x)
         probs.append(torch.softmax(logits.float(), 1))
         labels.append(y)
     p = torch.cat(probs) if probs else torch.zeros((0, len(data.class_names)), device=data.device)

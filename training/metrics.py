@@ -95,3 +95,39 @@ def classification_metrics(labels: torch.Tensor, probabilities: torch.Tensor, cl
         "confusion_matrix": cm.tolist(),
         "class_names": list(class_names),
     }
+
+
+def per_source_metrics(
+    labels: torch.Tensor,
+    probabilities: torch.Tensor,
+    sources: torch.Tensor,
+    source_names: Sequence[str],
+    class_names: Sequence[str],
+) -> dict[str, dict]:
+    """Accuracy and what each true class was called, per source data set.
+
+    ``called`` is ``{true class: {predicted class: share}}`` over that source's images of the true class: for
+    adult normal images from one hospital, ``called["normal"]["covid"]`` is the share wrongly called COVID-19.
+    """
+    predictions = probabilities.argmax(1)
+    out: dict[str, dict] = {}
+    for s, name in enumerate(source_names):
+        keep = sources == s
+        n = int(keep.sum())
+        if n == 0:
+            continue
+        y, p = labels[keep], predictions[keep]
+        called: dict[str, dict[str, float]] = {}
+        for c, cname in enumerate(class_names):
+            of_class = p[y == c]
+            if len(of_class):
+                called[cname] = {
+                    k: round(float((of_class == j).sum()) / len(of_class), 4) for j, k in enumerate(class_names)
+                }
+        out[name or "(unnamed)"] = {
+            "images": n,
+            "accuracy": float((y == p).float().mean()),
+            "counts": {cname: int((y == c).sum()) for c, cname in enumerate(class_names)},
+            "called": called,
+        }
+    return out

@@ -1,9 +1,9 @@
 """Packs: a whole labelled, split data set in one compact file that a GPU host can decode by itself.
 
 A pack is one ``torch.save`` file (read back with ``weights_only=True``) holding every image as a 224x224 grey
-baseline JPEG, concatenated into one uint8 tensor with offsets, plus labels, split, component (group/patient) ids
-and a ``meta`` dict of plain values. ``torchvision.io.decode_jpeg`` decodes it in batches, on the GPU
-(``device="cuda"``, nvJPEG) or on the CPU.
+baseline JPEG, concatenated into one uint8 tensor with offsets, plus labels, split, component (group/patient) ids,
+source ids with their names (the manifest's ``source`` column) and a ``meta`` dict of plain values.
+``torchvision.io.decode_jpeg`` decodes it in batches, on the GPU (``device="cuda"``, nvJPEG) or on the CPU.
 
 Building a pack:
 
@@ -146,6 +146,7 @@ def build_pack(
     split = split_records(records, seed=seed, fractions=fractions)
     comp = components(records)
     labels = manifest.labels
+    source_codes, source_names = manifest.source_codes()
     logger.info("split (seed %d) before any sampling:\n%s", seed, balance_table(labels, split, manifest.class_names))
     images = [
         resize_to_uint8(read_gray(r.path))
@@ -165,6 +166,8 @@ def build_pack(
             "labels": torch.tensor(kept_labels, dtype=torch.int64),
             "split": torch.tensor(kept_split, dtype=torch.int64),
             "components": torch.tensor([comp[i] for i in keep], dtype=torch.int64),
+            "sources": torch.tensor([source_codes[i] for i in keep], dtype=torch.int64),
+            "source_names": list(source_names),
             "class_names": list(manifest.class_names),
             "meta": {
                 "source": manifest.source,
@@ -278,12 +281,15 @@ def decode_pack(pack: dict, device: torch.device | str = "cpu", batch_size: int 
             images[start + j] = img[0].to(device, non_blocking=True)  # channel 0 (grey, even if replicated)
     meta = dict(pack["meta"])
     meta.pop("paths", None)
+    sources = pack.get("sources")  # packs written before sources were recorded have none
     return ImageSet(
         images=images,
         labels=pack["labels"].to(device),
         split=pack["split"].to(device),
         class_names=tuple(pack["class_names"]),
         meta=meta,
+        sources=sources.to(device) if sources is not None else None,
+        source_names=tuple(pack.get("source_names", ("",))),
     )
 
 
