@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxr_triage import CLASS_NAMES, db
@@ -399,18 +400,29 @@ class Worker:
                 )
             return False
         from cxr_triage.inference import Predictor
+        from cxr_triage.registry import register_model
 
+        try:
+            register_model(self.sessions, loaded)
+        except SQLAlchemyError as exc:  # the database is unreachable or broken: classify nothing until it is back
+            logger.error("cannot register model %s in the database (%s); retrying", loaded.sha256[:12], exc)
+            return False
         model_cfg = self.config["model"]
-        self.predictor = Predictor(loaded, device=model_cfg["device"], batch_size=int(model_cfg["batch_size"]))
+        self.predictor = Predictor(
+            loaded,
+            device=model_cfg["device"],
+            batch_size=int(model_cfg["batch_size"]),
+            precision=str(model_cfg["precision"]),
+        )
         self._model_key = key
-        self._register_model(loaded)
         self._warm_up()
         logger.info(
-            "model %s (sha256 %s) loaded from %s on %s",
+            "model %s (sha256 %s) loaded from %s on %s in %s",
             loaded.card.model_version,
             loaded.sha256[:12],
             path,
             self.predictor.device,
+            self.predictor.precision,
         )
         return True
 
@@ -446,23 +458,6 @@ class Worker:
                 )
         except Exception:  # a real batch reports the problem where it belongs
             logger.warning("warm-up failed", exc_info=True)
-
-    def _register_model(self, loaded: Any) -> None:
-        with self.sessions() as session, session.begin():
-            known = session.scalars(select(db.ModelVersion).where(db.ModelVersion.sha256 == loaded.sha256)).first()
-            if known is not None:
-                return
-            any_active = session.scalar(select(db.ModelVersion.id).where(db.ModelVersion.active.is_(True)))
-            session.add(
-                db.ModelVersion(
-                    version=loaded.card.model_version,
-                    sha256=loaded.sha256,
-                    path=str(loaded.path),
-                    registered_at=db.utcnow(),
-                    metrics=dict(loaded.card.provenance.get("metrics") or {}) or None,
-                    active=any_active is None,
-                )
-            )
 
     # --- the loop ------------------------------------------------------------------------------------------
 
@@ -887,6 +882,7 @@ class Worker:
                 inference_ms=outcome.inference_ms,
                 total_ms=outcome.preprocess_ms + outcome.inference_ms,
                 device=str(predictor.device),
+                precision=predictor.precision,
                 created_at=now,
             )
         )
