@@ -124,13 +124,24 @@ def load_classifier(path: str | os.PathLike[str], map_location: str | torch.devi
     return LoadedModel(model=model, card=card, sha256=file_sha256(path), path=path)
 
 
-def resolve_model_path(path: str | os.PathLike[str] | None) -> Path:
-    """The checkpoint to use: the given path, else the bundled model; explains how to get one if neither exists."""
+def resolve_model_path(
+    path: str | os.PathLike[str] | None, how: str = "set [model] path in the configuration (--config FILE)"
+) -> Path:
+    """The checkpoint to use: the given path, else the bundled model; explains how to get one if neither exists.
+
+    ``how`` tells the user how the calling command takes a model path.
+    """
     candidate = Path(path) if path else BUNDLED_MODEL
     if not candidate.is_file():
-        where = f"{candidate}" if path else f"the bundled model ({BUNDLED_MODEL})"
+        if path:
+            where = f"{candidate.resolve()} does not exist"
+        else:
+            where = (
+                f"the bundled model {BUNDLED_MODEL} is missing (it ships with the repository: is this a complete "
+                "clone, and was the package installed from it with `pip install -e .`?)"
+            )
         raise CheckpointError(
-            f"no model: {where} does not exist. Train one with `python -m training oneshot` "
-            "(docs/TRAINING.md) and pass it with --model, or set [model] path in the configuration."
+            f"no model: {where}. Use the bundled model, or train one with `python -m training oneshot` "
+            f"(docs/TRAINING.md) and {how}."
         )
     return candidate

@@ -1,6 +1,7 @@
 """``cxr-triage classify``: classify DICOM, PNG or JPEG files (or folders of them) from the command line.
 
-One line per input, in input order, JSON with ``--json`` (GUIDE §5). Refusals and per-file errors are lines
+One line per input, in input order, JSON with ``--json`` (keys ``path``, ``sop_instance_uid``, ``status``,
+``label``, ``probabilities``, ``reason``, ``model_version``, ``precision``). Refusals and per-file errors are lines
 too, so the exit status is 0 whenever every input got a line; it is non-zero only when the command itself
 cannot run (no model, a path on the command line that does not exist).
 """
@@ -17,6 +18,7 @@ from typing import Any, TextIO
 
 from cxr_triage.checkpoint import CheckpointError, load_classifier, resolve_model_path
 from cxr_triage.inference import Predictor
+from cxr_triage.precision import PRECISIONS
 from cxr_triage.preprocess import PreparedImage, Refusal, prepare_path
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None, help="classifier checkpoint (default: the bundled model)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto (default): bf16 on CUDA and on CPUs with bf16 in hardware, float32 elsewhere",
+    )
 
 
 def iter_inputs(paths: Iterable[Path]) -> Iterator[Path]:
@@ -43,7 +51,7 @@ def iter_inputs(paths: Iterable[Path]) -> Iterator[Path]:
 
 
 def result_record(
-    path: Path, outcome: PreparedImage | Refusal | Exception, prediction: Any, model_version: str
+    path: Path, outcome: PreparedImage | Refusal | Exception, prediction: Any, model_version: str, precision: str
 ) -> dict[str, Any]:
     record: dict[str, Any] = {
         "path": str(path),
@@ -53,8 +61,10 @@ def result_record(
         "probabilities": None,
         "reason": None,
         "model_version": model_version,
+        "precision": None,
     }
     if isinstance(outcome, PreparedImage):
+        record["precision"] = precision
         record["sop_instance_uid"] = outcome.sop_instance_uid
         record["status"] = "ok"
         record["label"] = prediction.label
@@ -97,7 +107,8 @@ def classify_paths(paths: list[Path], predictor: Predictor, out: TextIO, as_json
         predictions = iter(predictor.predict([o.tensor for o in ready]) if ready else [])
         for path, outcome in pending:
             prediction = next(predictions) if isinstance(outcome, PreparedImage) else None
-            print(format_line(result_record(path, outcome, prediction, predictor.model_version), as_json), file=out)
+            record = result_record(path, outcome, prediction, predictor.model_version, predictor.precision)
+            print(format_line(record, as_json), file=out)
             written += 1
         out.flush()
         pending.clear()
@@ -116,10 +127,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"cxr-triage classify: no such file or folder: {', '.join(missing)}", file=sys.stderr)
         return 2
     try:
-        loaded = load_classifier(resolve_model_path(args.model))
+        loaded = load_classifier(resolve_model_path(args.model, how="pass one with --model PATH"))
     except CheckpointError as exc:
         print(f"cxr-triage classify: {exc}", file=sys.stderr)
         return 2
-    predictor = Predictor(loaded, device=args.device, batch_size=args.batch_size)
+    predictor = Predictor(loaded, device=args.device, batch_size=args.batch_size, precision=args.precision)
     classify_paths(list(args.paths), predictor, sys.stdout, args.json)
     return 0

@@ -159,6 +159,8 @@ class Prediction(Base):
     inference_ms: Mapped[float] = mapped_column(Float)
     total_ms: Mapped[float] = mapped_column(Float)
     device: Mapped[str] = mapped_column(String(32))
+    precision: Mapped[str | None] = mapped_column(String(16))
+    """``float32`` or ``bfloat16`` (``cxr_triage.precision``); null for predictions made before it was recorded."""
     created_at: Mapped[dt.datetime]
 
     instance: Mapped[Instance] = relationship(back_populates="predictions")

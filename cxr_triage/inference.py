@@ -1,14 +1,18 @@
-"""Batched inference: softmax probabilities keyed by class name, on CUDA when present, else on the CPU."""
+"""Batched inference: softmax probabilities keyed by class name, on CUDA when present, else on the CPU.
+
+The precision (``cxr_triage.precision``) is bf16 autocast where the hardware computes bf16, float32 elsewhere,
+channels-last on both devices; ``Predictor.precision`` says which one ran.
+"""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from cxr_triage.checkpoint import LoadedModel
+from cxr_triage.precision import autocast, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -24,18 +28,24 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 class Predictor:
-    """Runs a loaded classifier on batches of (3, 224, 224) tensors.
+    """Runs a loaded classifier on batches of (3, 224, 224) tensors, channels-last, in ``precision``.
 
-    On CUDA the model runs channels_last under bf16 autocast; on the CPU in float32.
+    ``precision`` is ``auto`` (bf16 where the hardware computes it), ``float32`` or ``bfloat16``; the resolved
+    value is ``self.precision``.
     """
 
-    def __init__(self, loaded: LoadedModel, device: str | torch.device = "auto", batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        device: str | torch.device = "auto",
+        batch_size: int = 16,
+        precision: str = "auto",
+    ) -> None:
         self.loaded = loaded
         self.device = pick_device(device) if isinstance(device, str) else device
         self.batch_size = batch_size
-        self.model = loaded.model.to(self.device).eval()
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.precision = resolve_precision(precision, self.device)
+        self.model = loaded.model.to(self.device).eval().to(memory_format=torch.channels_last)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -44,11 +54,6 @@ class Predictor:
     @property
     def model_version(self) -> str:
         return self.loaded.card.model_version
-
-    def _autocast(self) -> contextlib.AbstractContextManager[object]:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -59,9 +64,8 @@ class Predictor:
         outputs = []
         for start in range(0, batch.shape[0], self.batch_size):
             x = batch[start : start + self.batch_size].to(self.device, non_blocking=True)
-            if self.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
+            x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(self.device, self.precision):
                 logits = self.model(x)
             outputs.append(torch.softmax(logits.float(), dim=1).cpu())
         return torch.cat(outputs) if outputs else torch.empty(0, len(self.class_names))

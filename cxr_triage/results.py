@@ -1,10 +1,11 @@
 """``cxr-triage results``: what the database holds, one line (or JSON object) per received instance.
 
-Keys (GUIDE §5): ``path`` (the spool file), ``sop_instance_uid``, ``status`` (``ok``, ``rejected``, ``error``, or
-``queued`` / ``processing`` while pending), ``label``, ``probabilities`` {covid, normal, pneumonia}, ``reason``,
-``model_version``, plus ``study_instance_uid``, ``received_at``, ``completed_at``, ``sr_sop_instance_uid``,
-``flagged`` and ``spool_removed_at`` (when the retention policy deleted the spool file ``path``; null while it is
-kept), in order of arrival.
+Keys: ``path`` (the spool file), ``sop_instance_uid``, ``status`` (``ok``, ``rejected``, ``error``, or ``queued``
+/ ``processing`` while pending), ``label``, ``probabilities`` {covid, normal, pneumonia}, ``reason``,
+``model_version`` and ``precision`` (``float32`` or ``bfloat16``), as ``classify --json`` has them; plus
+``study_instance_uid``, ``received_at``, ``completed_at``, ``sr_sop_instance_uid``, ``flagged`` and
+``spool_removed_at`` (when the retention policy deleted the spool file ``path``; null while it is kept), in order
+of arrival.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import datetime as dt
 import json
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--study", default=None, metavar="UID", help="only this Study Instance UID")
     parser.add_argument("--since", default=None, metavar="ISO8601", help="only instances received at or after this")
+    parser.add_argument(
+        "--wait",
+        type=float,
+        nargs="?",
+        const=120.0,
+        default=None,
+        metavar="SECONDS",
+        help="first wait until no instance is queued or processing (at most SECONDS, default 120)",
+    )
 
 
 def parse_since(text: str) -> dt.datetime:
@@ -71,6 +82,7 @@ def records(session: Session, study: str | None = None, since: dt.datetime | Non
             db.Prediction.label,
             db.Prediction.probabilities,
             db.Prediction.model_version,
+            db.Prediction.precision,
             db.Refusal.reason.label("refusal_reason"),
             db.SRDocument.sop_instance_uid.label("sr_sop_instance_uid"),
         )
@@ -103,6 +115,7 @@ def records(session: Session, study: str | None = None, since: dt.datetime | Non
             "probabilities": {k: round(float(v), 6) for k, v in row.probabilities.items()} if predicted else None,
             "reason": reason,
             "model_version": row.model_version if predicted else None,
+            "precision": row.precision if predicted else None,
             "study_instance_uid": row.study_instance_uid,
             "received_at": _iso(row.received_at),
             "completed_at": _iso(row.completed_at),
@@ -122,6 +135,28 @@ def format_line(record: dict[str, Any], as_json: bool) -> str:
     else:
         fields.append(record["reason"] or "")
     return "\t".join(str(f) for f in fields).rstrip("\t")
+
+
+def pending(session: Session, study: str | None = None, since: dt.datetime | None = None) -> int:
+    """How many instances (of ``study``, received since ``since``) are queued or being processed."""
+    query = select(func.count()).where(db.Instance.status.in_((db.QUEUED, db.PROCESSING)))
+    if study:
+        query = query.where(db.Instance.study_instance_uid == study)
+    if since:
+        query = query.where(db.Instance.received_at >= since)
+    return int(session.scalar(query) or 0)
+
+
+def wait_until_finished(engine: Engine, seconds: float, study: str | None, since: dt.datetime | None) -> bool:
+    """Poll until nothing is pending; False when ``seconds`` passed first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        with db.read_session(engine) as session:
+            if pending(session, study, since) == 0:
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
 
 
 def print_results(engine: Engine, as_json: bool, study: str | None, since: dt.datetime | None) -> int:
@@ -146,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"cxr-triage results: {exc}", file=sys.stderr)
         return 2
     try:
+        if args.wait is not None and not wait_until_finished(engine, args.wait, args.study, since):
+            print(f"cxr-triage results: instances still pending after {args.wait:g} s", file=sys.stderr)
         print_results(engine, args.json, args.study, since)
     except SQLAlchemyError as exc:
         print(f"cxr-triage results: {unreadable(engine, exc)}", file=sys.stderr)

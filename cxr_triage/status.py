@@ -61,6 +61,7 @@ def collect(
             .order_by(db.ModelVersion.registered_at.desc(), db.ModelVersion.id.desc())
             .limit(1)
         ).first()
+        last_precision = session.scalar(select(db.Prediction.precision).order_by(db.Prediction.id.desc()).limit(1))
     queued_for = (now - oldest_queued).total_seconds() if oldest_queued is not None else None
     storage = config["storage"]
     free = spool.free_mb(storage["spool_dir"])
@@ -113,6 +114,7 @@ def collect(
             }
             if loaded is not None
             else None,
+            "precision": {"configured": str(config["model"]["precision"]), "last_used": last_precision},
         },
         "problems": problems,
     }
@@ -140,6 +142,8 @@ def format_text(status: Mapping[str, Any]) -> str:
             if loaded
             else "; no worker has loaded a model yet"
         ),
+        f"precision: {model['precision']['configured']} configured"
+        + (f", last prediction in {model['precision']['last_used']}" if model["precision"]["last_used"] else ""),
     ]
     problems = status["problems"]
     lines.append("problems: none" if not problems else "problems:")

@@ -1,4 +1,4 @@
-"""Inference and ``cxr-triage classify`` (GUIDE §5): one line per input, refusals included, real files.
+"""Inference and ``cxr-triage classify`` : one line per input, refusals included, real files.
 
 Models are tiny checkpoints with random weights (``ModelSpec(width=4, dense_units=8)``): the tests check the
 plumbing and the contract of the output, not medical performance.
@@ -29,7 +29,7 @@ from cxr_triage.inference import Predictor
 from cxr_triage.model import CAEClassifier, ModelSpec
 from cxr_triage.preprocess import PreparedImage, prepare_path
 
-KEYS = ["path", "sop_instance_uid", "status", "label", "probabilities", "reason", "model_version"]
+KEYS = ["path", "sop_instance_uid", "status", "label", "probabilities", "reason", "model_version", "precision"]
 
 
 def make_model(path: Path, version: str, seed: int) -> Path:
@@ -138,7 +138,7 @@ def test_classify_json_one_line_per_input(
 def test_same_picture_same_probabilities_through_every_door(
     inputs: Path, models: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """PNG, MONOCHROME1 DICOM and JPEG-LS DICOM of one picture: probabilities within 0.01 (GUIDE §2), while the
+    """PNG, MONOCHROME1 DICOM and JPEG-LS DICOM of one picture: probabilities within 0.01, while the
     same model tells the photographic negative of the picture apart (so the agreement is not for free)."""
     files = [inputs / "b_chest.png", inputs / "d_synthetic.dcm", inputs / "g_more" / "jpegls_dcmcjpls.dcm"]
     code, lines, _ = run_cli(capsys, "--json", "--model", models["beta"], *files, inputs / "h_negative.png")
@@ -153,7 +153,7 @@ def test_same_picture_same_probabilities_through_every_door(
 
 
 def test_every_encoding_gives_the_same_probabilities(models: dict[str, Path], tmp_path: Path) -> None:
-    """GUIDE §2: the real encodings of one image give the same probabilities to within 0.01."""
+    """The real encodings of one image give the same probabilities to within 0.01."""
     display = factory.phantom(96, 80)
     tensors = []
     for variant in factory.VARIANTS:

@@ -1,4 +1,4 @@
-"""`cxr-triage results`: one line or JSON object per instance with the GUIDE §5 keys, filtered by study and time."""
+"""`cxr-triage results`: one line or JSON object per instance with the documented keys, filtered by study and time."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ KEYS = {
     "probabilities",
     "reason",
     "model_version",
+    "precision",
     "study_instance_uid",
     "received_at",
     "completed_at",
