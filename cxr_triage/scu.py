@@ -189,8 +189,8 @@ def send_datasets(
     A destination with ``tls`` is reached over TLS with ``tls_context`` (default: :func:`client_tls_context` with
     the system's trust store); ``tls_context`` is not used for other destinations.
 
-    The association proposes, per SOP class in the batch, a presentation context with the datasets' own transfer
-    syntax and Explicit VR Little Endian, and one with Implicit VR Little Endian as the fallback. Network and
+    The association proposes one presentation context per SOP class and transfer syntax the datasets are stored in,
+    plus Explicit and Implicit VR Little Endian per SOP class as fallbacks. Network and
     association errors never raise: every dataset not acknowledged gets ``ok=False`` and a detail naming the failure
     (refused connection, timeout, rejection with its reason, abort, or the DIMSE status). An invalid
     ``calling_ae_title`` raises ValueError (a configuration error).
@@ -202,19 +202,22 @@ def send_datasets(
         return []
 
     results: list[SendResult | None] = [None] * len(datasets)
-    syntaxes: dict[str, list[str]] = {}
+    contexts: dict[tuple[str, str], None] = {}  # (SOP class, transfer syntax), in order of first use
     for index, dataset in enumerate(datasets):
         sop_class = dataset.get("SOPClassUID")
         if not sop_class or not dataset.get("SOPInstanceUID"):
             results[index] = SendResult(False, None, "dataset lacks SOP Class UID or SOP Instance UID; not sent")
             continue
-        wanted = syntaxes.setdefault(str(sop_class), [])
-        for uid in (_transfer_syntax(dataset), ExplicitVRLittleEndian):
-            if uid not in wanted:
-                wanted.append(uid)
-    if 2 * len(syntaxes) > MAX_PRESENTATION_CONTEXTS:
-        raise ValueError(f"a batch may hold at most {MAX_PRESENTATION_CONTEXTS // 2} SOP classes, got {len(syntaxes)}")
-    if not syntaxes:
+        contexts[(str(sop_class), str(_transfer_syntax(dataset)))] = None
+    for sop_class in dict.fromkeys(sop_class for sop_class, _ in contexts):
+        for fallback in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            contexts[(sop_class, str(fallback))] = None
+    if len(contexts) > MAX_PRESENTATION_CONTEXTS:
+        raise ValueError(
+            f"a batch needs {len(contexts)} presentation contexts (SOP class x transfer syntax), at most "
+            f"{MAX_PRESENTATION_CONTEXTS} fit in one association"
+        )
+    if not contexts:
         return [result for result in results if result is not None]
 
     ae = AE(ae_title=calling)
@@ -222,12 +225,11 @@ def send_datasets(
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
     ae.connection_timeout = timeout
-    for sop_class, transfer_syntaxes in syntaxes.items():
-        # Two contexts per SOP class: an SCP that prefers Implicit VR (pynetdicom's default order) still accepts the
-        # first one with the datasets' own syntax, and Implicit VR Little Endian (supported by every SCP) remains
-        # as the fallback.
-        ae.add_requested_context(sop_class, transfer_syntaxes)
-        ae.add_requested_context(sop_class, [ImplicitVRLittleEndian])
+    # One transfer syntax per presentation context: an SCP accepts at most one syntax per context, so files of one
+    # SOP class stored in different syntaxes (JPEG 2000 lossy and lossless, say) each need their own context.
+    # Explicit and Implicit VR Little Endian (every SCP takes the latter) follow as fallbacks per SOP class.
+    for sop_class, syntax in contexts:
+        ae.add_requested_context(sop_class, [syntax])
 
     tls = (tls_context or client_tls_context()) if destination.tls else None
     connected = False
