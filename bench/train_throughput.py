@@ -4,7 +4,7 @@
     python bench/train_throughput.py --compile --cae-batch 128
     python bench/train_throughput.py --device cpu --width 4 --steps 3 --cae-batch 4 --cls-batch 4   # quick CPU run
 
-Prints images/s per configuration (bf16 autocast + channels_last on CUDA, fp32 on the CPU; GUIDE §6 lists
+Prints images/s per configuration (bf16 autocast + channels_last on CUDA, fp32 on the CPU; the docs list
 reference figures for an H200). Input goes through the same uint8 -> model-input path as training (augmentation on).
 """
 

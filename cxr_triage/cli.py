@@ -14,15 +14,62 @@ from collections.abc import Sequence
 from cxr_triage import __version__
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "classify": ("cxr_triage.classify", "classify DICOM/PNG/JPEG files or folders"),
-    "serve": ("cxr_triage.server", "run the DICOM listener, workers and study aggregation"),
-    "worker": ("cxr_triage.worker", "run one worker alone (for more hosts sharing the database)"),
-    "results": ("cxr_triage.results", "print what the database holds, one line per instance"),
-    "forward": ("cxr_triage.forward", "list SR forwards, or resend dead and pending ones now (--retry)"),
+    "serve": ("cxr_triage.server", "run the DICOM listener with its workers (the service itself)"),
+    "send": ("cxr_triage.send", "send DICOM files to the listener (or another DICOM node) with C-STORE"),
+    "results": ("cxr_triage.results", "print what became of each received image, one line per instance"),
     "status": ("cxr_triage.status", "the pipeline's health: queue, forwards, spool, model; exit 1 on problems"),
-    "db": ("cxr_triage.dbcli", "apply database migrations (upgrade) or show the revision (current)"),
+    "classify": ("cxr_triage.classify", "classify DICOM/PNG/JPEG files or folders directly, without the listener"),
+    "forward": ("cxr_triage.forward", "list the Structured Reports sent to the PACS, or resend failed ones (--retry)"),
+    "worker": ("cxr_triage.worker", "run one worker alone (more hosts sharing one PostgreSQL database)"),
+    "db": ("cxr_triage.dbcli", "create or upgrade the database schema (upgrade), or show its revision (current)"),
 }
-"""Subcommand -> (module, help). Each module defines ``add_arguments(parser)`` and ``run(args) -> int``."""
+"""Subcommand -> (module, one-line help). Each module defines ``add_arguments(parser)`` and ``run(args) -> int``."""
+
+DESCRIPTIONS: dict[str, str] = {
+    "serve": """\
+Receive chest radiographs over DICOM (C-STORE) and classify them as COVID-19, normal or pneumonia.
+
+Every image the listener acknowledges is first written to the spool and recorded in the database, so nothing
+acknowledged is lost if the service stops. Images that are not frontal chest radiographs are refused with a
+reason. Results go to the database (see `cxr-triage results`), into a DICOM Structured Report filed in the
+image's study, and to the configured PACS destinations. Without --config the built-in defaults apply: AE title
+CXR_TRIAGE on 127.0.0.1:11112, a SQLite database and spool under ./var/, the bundled model. A new database is
+created on first start. Stop with Ctrl-C or SIGTERM: images in progress are finished or handed back.
+
+Research use only: not a medical device.""",
+    "send": """\
+Send DICOM files with C-STORE, each in the transfer syntax it is stored in (compressed files are sent as they
+are). Without --host/--port/--called-ae the files go to the listener of the configuration (by default
+CXR_TRIAGE on 127.0.0.1:11112), so `cxr-triage send FILES` then `cxr-triage results` is a complete test.
+One line per file with what the receiver answered; exit 1 if any file was not stored.""",
+    "results": """\
+What became of each received image: classified (label and probabilities), refused (with the reason), failed,
+or still queued. Run it in the folder `serve` runs in, or pass the same --config. --json prints one object per
+line with the keys path, sop_instance_uid, status, label, probabilities, reason, model_version, precision,
+study_instance_uid, received_at, completed_at, sr_sop_instance_uid, flagged, spool_removed_at.""",
+    "status": """\
+The pipeline's health at a glance: images by state and how long the oldest has waited, failures of the last
+24 hours, Structured Reports waiting or dead-lettered, free spool space against its reserve, the model and its
+precision. Each problem is named with what to do. Exit status 0 healthy, 1 problems, 2 no database: usable as
+a monitoring probe. Never loads the model.""",
+    "classify": """\
+Classify DICOM, PNG or JPEG files (or folders of them, searched recursively) without the listener or a database.
+One line per input, refusals and unreadable files included; --json prints one object per line with path,
+sop_instance_uid, status (ok, rejected, error), label, probabilities, reason, model_version and precision.
+Exit 0 when every input got a line; 2 when it cannot run (no model, a path that does not exist).""",
+    "forward": """\
+List every Structured Report sent (or to be sent) to the PACS destinations of [forward] destinations, with its
+state (pending, sent, dead) and the last error. --retry puts dead-lettered reports back and sends everything
+due now; exit 1 if any still failed.""",
+    "worker": """\
+Run one worker without a listener: it takes received images from the shared database, classifies them and
+records the results. For more hosts sharing one PostgreSQL database with a `serve` elsewhere.""",
+    "db": """\
+upgrade: create the database schema or bring it up to this version (run it after installing a new release;
+`serve` refuses a database that is behind). current: show the database's schema revision; exit 1 when it is
+not current.""",
+}
+"""What ``cxr-triage COMMAND --help`` says, written for the people who run the command."""
 
 
 def _setup_argparser(args: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -41,7 +88,12 @@ def _setup_argparser(args: Sequence[str] | None = None) -> argparse.ArgumentPars
             sub.add_parser(name, help=help_text)
             continue
         module = importlib.import_module(module_name)
-        command_parser = sub.add_parser(name, help=help_text, description=module.__doc__)
+        command_parser = sub.add_parser(
+            name,
+            help=help_text,
+            description=DESCRIPTIONS[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         module.add_arguments(command_parser)
         command_parser.set_defaults(_module=module)
     return parser

@@ -84,8 +84,9 @@ class Config:
     values: Mapping[str, Mapping[str, Any]]
     source: Path | None = None
 
-    def section(self, name: str) -> Mapping[str, Any]:
-        return self.values[name]
+    def with_values(self, **sections: Mapping[str, Any]) -> Config:
+        """A copy with some keys replaced (``with_values(model={"path": p})``), checked like a file's keys."""
+        return Config(values=merge(dict(self.values), sections, "command line"), source=self.source)
 
     def __getitem__(self, name: str) -> Mapping[str, Any]:
         return self.values[name]

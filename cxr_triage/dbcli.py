@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from sqlalchemy import Engine
 
@@ -39,6 +40,22 @@ def unreadable(engine: Engine, exc: Exception) -> str:
     return f"cannot read the database {db.describe_url(engine)}: {detail}"
 
 
+def missing_database_message(path: Path, config_path: str | None) -> str:
+    """Why an SQLite file may be missing, and what to do: a relative path resolves against the current folder."""
+    where = path.resolve()
+    if path.is_absolute():
+        return (
+            f"the database {where} does not exist: no server has run with this configuration yet (`cxr-triage "
+            f"serve` creates it), or the configuration names another file; a new one: `{upgrade_command(config_path)}`"
+        )
+    return (
+        f"the database {where} does not exist. The configured path {path} is relative, so it is resolved against "
+        f"the current folder ({Path.cwd()}): run this command in the folder `cxr-triage serve` runs in, or give the "
+        "server's configuration an absolute [database] url and pass it with --config. (A new, empty database "
+        f"would be made by `{upgrade_command(config_path)}`.)"
+    )
+
+
 def open_current(url: str, config_path: str | None) -> Engine:
     """An engine on an existing database at the code's revision, creating nothing (for ``results``, ``forward``,
     ``status``); :class:`DatabaseNotReady` otherwise."""
@@ -46,11 +63,9 @@ def open_current(url: str, config_path: str | None) -> Engine:
 
     engine = db.make_engine(url, create_dirs=False)
     try:
-        if db.missing_sqlite_file(engine) is not None:
-            raise DatabaseNotReady(
-                f"the database {db.describe_url(engine)} does not exist; create it with "
-                f"`{upgrade_command(config_path)}`"
-            )
+        missing = db.missing_sqlite_file(engine)
+        if missing is not None:
+            raise DatabaseNotReady(missing_database_message(missing, config_path))
         try:
             state = db.schema_state(engine)
         except SQLAlchemyError as exc:

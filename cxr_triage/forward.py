@@ -235,7 +235,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
-def _print(records: list[dict[str, Any]], as_json: bool) -> None:
+def _print(records: list[dict[str, Any]], as_json: bool, empty: str = "") -> None:
+    """One line per forward; ``empty`` goes to stderr when there is none (JSON output stays empty then)."""
+    if not records and empty:
+        print(empty, file=sys.stderr)
     for record in records:
         if as_json:
             print(json.dumps(record))
@@ -278,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
                     for o in outcomes
                 ],
                 args.json,
+                empty=f"nothing to send: no forward was pending or dead ({requeued} requeued)",
             )
             return 0 if all(o.state == db.FORWARD_SENT for o in outcomes) else 1
         with db.read_session(engine) as session:
@@ -300,6 +304,8 @@ def run(args: argparse.Namespace) -> int:
                     for f, uid in rows
                 ],
                 args.json,
+                empty="no SR forwards recorded"
+                + ("" if destinations(config.values) else " ([forward] destinations is empty)"),
             )
         return 0
     finally:

@@ -1,4 +1,4 @@
-"""The last steps of the pixel pipeline (GUIDE §2, steps 6-7), shared by inference and training.
+"""The last steps of the pixel pipeline (scaling to [0, 1] and the resize to 224x224), shared by inference and training.
 
 Everything that reaches the model passes through ``to_model_input`` (one image) or ``to_model_batch`` (a batch,
 on any device), so a model sees identical inputs whichever door the pixels came in by: a DICOM file decoded by

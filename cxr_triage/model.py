@@ -3,7 +3,7 @@
 Shared by the runtime and the ``training`` package. ``ModelSpec`` names an architecture completely, so a
 checkpoint that stores it can rebuild the exact network.
 
-Choices the paper leaves open (GUIDE §1), written down here:
+Choices the paper leaves open, written down here:
 
 - The decoder's last transposed convolution is followed by a sigmoid, not a ReLU: the targets lie in [0, 1].
 - "same" padding for the stride-2 transposed convolutions is ``padding=1, output_padding=1`` (7 -> 14 -> ... -> 224).

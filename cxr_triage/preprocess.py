@@ -1,4 +1,4 @@
-"""The pixel pipeline of GUIDE §2: from a DICOM file (or a PNG/JPEG) to the model's 3x224x224 input.
+"""The pixel pipeline: from a DICOM file (or a PNG/JPEG) to the model's 3x224x224 input.
 
 ``prepare_path`` and ``prepare_dataset`` return either a ``PreparedImage`` or a ``Refusal`` whose reason names
 the attribute and value that made the image unsuitable. Order of operations, which decides correctness:

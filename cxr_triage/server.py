@@ -36,8 +36,9 @@ HOUSEKEEPING_INTERVAL = 5.0
 """Seconds between study aggregation rounds in the server process."""
 
 
-QUIET_LIBRARIES = ("highdicom",)
-"""Loggers held at WARNING unless ``[logging] level`` is DEBUG (highdicom logs several INFO lines per SR)."""
+QUIET_LIBRARIES = ("highdicom", "alembic")
+"""Loggers held at WARNING unless ``[logging] level`` is DEBUG (highdicom logs several INFO lines per SR, Alembic
+seven on every start)."""
 
 
 def apply_log_level(level: str) -> None:
@@ -54,6 +55,9 @@ class StartupError(RuntimeError):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="configuration file (TOML); default: built-in defaults")
+    parser.add_argument(
+        "--model", default=None, metavar="PATH", help="classifier checkpoint (overrides [model] path; default: bundled)"
+    )
 
 
 def _plain(config: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -193,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config)
+        if getattr(args, "model", None):
+            config = config.with_values(model={"path": str(Path(args.model).resolve())})
     except ConfigError as exc:
         print(f"cxr-triage serve: {exc}", file=sys.stderr)
         return 2

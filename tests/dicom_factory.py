@@ -2,9 +2,9 @@
 
 The idea: a test chooses what the radiologist should *see* (a "display" image, float in [0, 1], 0 black,
 1 white), and the helpers here compute the stored values that make a correct viewer show exactly that picture
-through the modality LUT, the VOI window or LUT and the MONOCHROME1 inversion. Every encoding of GUIDE §2 then
-has a known right answer, and a pipeline that gets one step wrong (forgets to invert, scales by the data max,
-ignores the rescale) is caught because its output stops matching the other encodings.
+through the modality LUT, the VOI window or LUT and the MONOCHROME1 inversion. Every encoding the pipeline
+accepts then has a known right answer, and a pipeline that gets one step wrong (forgets to invert, scales by the
+data max, ignores the rescale) is caught because its output stops matching the other encodings.
 
 Public helpers (other test modules may import them):
 

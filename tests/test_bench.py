@@ -58,3 +58,14 @@ def test_training_throughput_bench_runs_on_the_cpu() -> None:
     )
     assert "CAE training, batch 2:" in out
     assert out.count("classifier phase") == 2
+
+
+def test_inference_bench_reports_every_configuration() -> None:
+    out = run_bench(
+        "inference.py",
+        *("--width", "4", "--batch", "2", "--seconds", "0.1", "--warmup", "1"),
+        "--configs",
+        "fp32,bf16-cl",
+    )
+    assert out.startswith("machine: ") and "GFLOP per image" in out
+    assert "fp32: " in out and "bf16-cl: " in out and out.count("TFLOP/s achieved") == 2

@@ -1,4 +1,4 @@
-"""Configuration (GUIDE §5): documented defaults, file and environment overrides, typed values, loud errors."""
+"""Configuration: documented defaults, file and environment overrides, typed values, loud errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The paper's networks (GUIDE §1, PAPER.md Tables 1-4): parameter counts, shapes, heads, freezing.
+"""The paper's networks (the paper's Tables 1-4): parameter counts, shapes, heads, freezing.
 
 Full-width shapes are checked on the ``meta`` device (shapes without arithmetic); forward passes with real numbers
 use tiny widths so the whole module runs in seconds on a CPU.

@@ -1,4 +1,4 @@
-"""The pixel pipeline (GUIDE §2): real chest files, one picture in every encoding, and every refusal.
+"""The pixel pipeline: real chest files, one picture in every encoding, and every refusal.
 
 The encodings are written by real encoders (pydicom + pylibjpeg-openjpeg, dcmtk's dcmcjpls, dcmcrle, dcmcjpeg and
 dcmconv); the reference for each is the picture a correct viewer shows, computed by ``tests/dicom_factory.py``
@@ -49,7 +49,7 @@ from cxr_triage.preprocess import (
 )
 
 ONE_LEVEL = 1.0 / 255.0
-"""One 8-bit grey level: the tolerance GUIDE §2 allows between encodings of the same image."""
+"""One 8-bit grey level: the tolerance allowed between encodings of the same image."""
 
 LOSSY_MAX = 2.0 / 255.0
 LOSSY_MEAN = 0.5 / 255.0
@@ -223,7 +223,7 @@ def test_dicom_and_png_doors_give_identical_tensors(
 
 
 def test_monochrome1_equals_inverted_monochrome2(display: np.ndarray) -> None:
-    """GUIDE §2's "get this right" case: pydicom's presentation step ignores PhotometricInterpretation."""
+    """The MONOCHROME1 trap: pydicom's presentation step ignores PhotometricInterpretation."""
     stored = np.round(display * 4095).astype(np.uint16)
     mono2 = factory.new_dataset(stored, bits_stored=12)
     mono1 = factory.new_dataset(4095 - stored, bits_stored=12, photometric="MONOCHROME1")

@@ -38,12 +38,12 @@ def tiny_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with open(SHARED / "labels.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     with open(folder / "labels.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["path", "label", "group", "patient_id"])
+        w = csv.DictWriter(fh, fieldnames=["path", "label", "group", "patient_id", "source"])
         w.writeheader()
         for name in CLASS_NAMES:
             in_class = [r for r in rows if r["label"] == name]
             for r in in_class[7 :: len(in_class) // 10][:10]:
-                w.writerow({k: r[k] for k in ("path", "label", "group", "patient_id")})
+                w.writerow({k: r[k] for k in ("path", "label", "group", "patient_id", "source")})
     pack = folder / "tiny.pack"
     assert (
         cli.main(
@@ -342,3 +342,22 @@ def test_gpu_style_path_bf16_channels_last_on_cpu(
     loaded = load_classifier(tmp_path / "out" / "model.pt")
     assert loaded.model.encoder[0].weight.is_contiguous()  # rebuilt contiguous whatever the training layout
     assert 0.0 <= summary["metrics"]["accuracy"] <= 1.0
+
+
+def test_sources_holds_each_source_out_of_training(tiny_pack: Path, tmp_path: Path) -> None:
+    _encoder_file(tmp_path / "encoder.pt")
+    out = tmp_path / "sources"
+    argv = ["sources", "--pack", str(tiny_pack), "--encoder", str(tmp_path / "encoder.pt"), "--out", str(out), *TINY,
+            "--phase1-epochs", "1", "--phase1-batch-size", "4", "--min-held-out", "2"]  # fmt: skip
+    assert cli.main(argv) == 0
+    summary = json.loads((out / "sources.json").read_text())
+    assert summary["rows"], summary
+    names = {row["source"] for row in summary["rows"]}
+    assert names <= set(summary["sources"]) and len(names) >= 2
+    for row in summary["rows"]:
+        counts = summary["sources"][row["source"]]
+        assert row["images"] == sum(counts["val"].values()) + sum(counts["test"].values())
+        for mode in ("left_out", "reference"):
+            assert 0.0 <= row[mode]["accuracy"] <= 1.0 and row[mode]["images"] == row["images"]
+    assert {row["balanced"] for row in summary["rows"]} == {False, True}
+    assert "| held-out source |" in (out / "sources.md").read_text()
