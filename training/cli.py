@@ -169,6 +169,10 @@ COMMAND_ARGS: dict[str, tuple[str, list[Callable[[argparse.ArgumentParser], None
         "the four Table 4 heads on the same split and budget",
         [_data, _model, _finetune, _shared, _heads, _out],
     ),
+    "sources": (
+        "leave-one-source-out heads on the frozen pretrained encoder: the data-set shortcut, measured",
+        [_data, _model, _finetune, _shared, _out],
+    ),
     "oneshot": (
         "pretrain + finetune + evaluate (+ ablation) within a time budget",
         [_data, _model, _pretrain, _finetune, _shared, _heads, _out],
@@ -191,6 +195,13 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
             p.add_argument("--out", required=True, help="output folder for metrics.json, report.md, plots")
         if name == "ablation":
             _budget(p, required=False)
+        if name == "sources":
+            p.add_argument(
+                "--min-held-out",
+                type=int,
+                default=20,
+                help="hold out only sources with at least this many validation + test images",
+            )
         if name == "oneshot":
             _budget(p, required=True)
             p.add_argument("--ablation", action=BOOL, default=False, help="also run the Table 4 ablation")
@@ -301,6 +312,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             commands.run_finetune(args, rt, data, _deadline(args), provenance=commands.base_provenance(args, rt, data))
         elif args.command == "evaluate":
             commands.run_evaluate(args, rt, data)
+        elif args.command == "sources":
+            from training.sources import run_sources
+
+            if not args.encoder:
+                raise SystemExit("sources needs --encoder ENCODER.pt (written by pretrain, or oneshot's work folder)")
+            run_sources(args, rt, data)
         elif args.command == "ablation":
             rows = commands.run_ablation(args, rt, data, _deadline(args))
             if rt.is_main:

@@ -410,6 +410,7 @@ class FeatureBank:
         c = chunks[0].shape[-1] if chunks else 0
         self.features = torch.cat(chunks) if chunks else torch.zeros((0, 49, c), device=rt.device)
         self.labels = data.labels
+        self.data = data
         self.seconds = time.perf_counter() - t0
         self.images = len(idx)
 

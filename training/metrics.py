@@ -1,6 +1,6 @@
 """Classification metrics, written out with torch only (no scikit-learn).
 
-Conventions (the paper does not say how it averages; GUIDE §1):
+Conventions (the paper does not say how it averages its specificity):
 
 - per class, one-vs-rest: precision = TP / (TP + FP), recall (sensitivity) = TP / (TP + FN),
   specificity = TN / (TN + FP), F1 = 2PR / (P + R); a ratio with a zero denominator is 0;
