@@ -24,9 +24,12 @@ from pathlib import Path
 
 import torch
 
-from cxr_triage import BUNDLED_MODEL
-from cxr_triage.model import CAEClassifier, ModelSpec
-from cxr_triage.precision import cpu_has_bf16
+# A GPU host runs this from a bare checkout (torch only, the package not installed): find it next to bench/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cxr_triage import BUNDLED_MODEL  # noqa: E402
+from cxr_triage.model import CAEClassifier, ModelSpec  # noqa: E402
+from cxr_triage.precision import cpu_has_bf16  # noqa: E402
 
 CONFIGS = ("fp32", "fp32-cl", "bf16-cl", "bf16-cl-compile")
 

@@ -51,9 +51,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 
-import peers  # noqa: E402
 import torch  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 from sqlalchemy import select  # noqa: E402
@@ -64,6 +62,7 @@ from cxr_triage.config import load_config  # noqa: E402
 from cxr_triage.inference import Predictor, pick_device  # noqa: E402
 from cxr_triage.model import CAEClassifier, ModelSpec  # noqa: E402
 from cxr_triage.preprocess import PreparedImage, prepare_path  # noqa: E402
+from cxr_triage.testing import peers, synthetic  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -119,7 +118,9 @@ def pipeline_figures(url: str) -> dict[str, Any]:
             instances = session.execute(
                 select(db.Instance.received_at, db.Instance.completed_at, db.Instance.status)
             ).all()
-            predictions = session.execute(select(db.Prediction.preprocess_ms, db.Prediction.inference_ms)).all()
+            predictions = session.execute(
+                select(db.PredictionRecord.preprocess_ms, db.PredictionRecord.inference_ms)
+            ).all()
     finally:
         engine.dispose()
     done = [(r.received_at, r.completed_at) for r in instances if r.completed_at is not None]
@@ -313,7 +314,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
     images = workdir / "images"
     images.mkdir()
     files = [
-        peers.generate_chest_cr(
+        synthetic.chest_file(
             images / f"{i:04d}.dcm",
             rows=args.size,
             columns=args.size,
@@ -324,7 +325,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         for i in range(args.images)
     ]
     singles = [
-        peers.generate_chest_cr(
+        synthetic.chest_file(
             images / f"single-{i:04d}.dcm",
             rows=args.size,
             columns=args.size,

@@ -30,44 +30,14 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 import torch  # noqa: E402
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid  # noqa: E402
+from pydicom.uid import JPEG2000Lossless  # noqa: E402
 
 from cxr_triage import preprocess  # noqa: E402
 from cxr_triage.imaging import to_model_input  # noqa: E402
 from cxr_triage.preprocess import PreparedImage, check_header, prepare_path  # noqa: E402
+from cxr_triage.testing import synthetic  # noqa: E402
 
 torch.set_num_threads(1)
-
-
-def synthetic_dx(size: int) -> Dataset:
-    """A size x size 16-bit DX for presentation: smooth chest-like picture, rescale and window."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    display = 0.6 + 0.1 * y
-    for cx in (0.3, 0.7):
-        display -= 0.35 * np.sqrt(np.clip(1 - ((x - cx) / 0.17) ** 2 - ((y - 0.45) / 0.3) ** 2, 0, 1))
-    display += 0.3 * np.exp(-(((x - 0.5) / 0.07) ** 2)) + 0.01 * np.sin(y * 900)
-    display = np.clip(display, 0, 1)
-    slope, intercept, center, width = 0.25, -1024.0, 6000.0, 12000.0
-    value = (display - 0.5) * (width - 1) + center - 0.5
-    stored = np.round((value - intercept) / slope).astype(np.uint16)
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "PA"
-    ds.PresentationIntentType, ds.PresentationLUTShape = "FOR PRESENTATION", "IDENTITY"
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows = ds.Columns = size
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = slope, intercept, "US"
-    ds.WindowCenter, ds.WindowWidth = center, width
-    ds.PixelData = stored.tobytes()
-    return ds
 
 
 def median_ms(fn: Callable[[], Any], runs: int, clock: Callable[[], float] = time.process_time) -> float:
@@ -95,11 +65,11 @@ def bench_file(label: str, path: Path, runs: int) -> None:
     header = pydicom.dcmread(path)
     if check_header(header)[0] is not None:
         raise SystemExit(f"{label}: header refused")
-    table, code_dtype = preprocess._build_grey_lut(header)
-    decode = median_ms(lambda: preprocess._container_codes(next(datasets), code_dtype), runs)
-    codes = preprocess._container_codes(header, code_dtype)
-    lut = median_ms(lambda: preprocess._apply_table(preprocess._build_grey_lut(header)[0], codes), runs)
-    unit = preprocess._apply_table(table, codes)
+    table, code_dtype = preprocess.build_grey_lut(header)
+    decode = median_ms(lambda: preprocess.container_codes(next(datasets), code_dtype), runs)
+    codes = preprocess.container_codes(header, code_dtype)
+    lut = median_ms(lambda: preprocess.apply_table(preprocess.build_grey_lut(header)[0], codes), runs)
+    unit = preprocess.apply_table(table, codes)
     resize = median_ms(lambda: to_model_input(unit), runs)
     print(
         f"{label:<30} total {total:6.1f} ms (wall {wall:6.1f}) | read {read:5.1f} | decode {decode:6.1f} "
@@ -118,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible)"
     )
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
-        ds = synthetic_dx(args.size)
+        ds = synthetic.rescaled_dx(args.size)
         native = Path(tmp) / "dx_native.dcm"
         ds.save_as(native, enforce_file_format=True)
         ds.compress(JPEG2000Lossless)

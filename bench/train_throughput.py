@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+# A GPU host runs this from a bare checkout (torch only, the package not installed): find it next to bench/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxr_triage.model import HEADS, CAEClassifier, ConvAutoencoder, ModelSpec  # noqa: E402

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from cxr_triage import BUNDLED_MODEL, CLASS_NAMES
+from cxr_triage.files import write_atomic
 from cxr_triage.imaging import PREPROCESSING_VERSION
 from cxr_triage.model import CAEClassifier, ModelSpec
 
@@ -81,16 +82,9 @@ def save_classifier(
         "provenance": card.provenance,
         "state_dict": state,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(payload, buf)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(buf.getvalue())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, buf.getvalue())
     return hashlib.sha256(buf.getvalue()).hexdigest()
 
 

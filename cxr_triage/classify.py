@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from cxr_triage.bootstrap import CommandError, Context, run_command
 from cxr_triage.checkpoint import CheckpointError, load_classifier, resolve_model_path
 from cxr_triage.inference import Predictor
 from cxr_triage.precision import PRECISIONS
@@ -27,14 +28,19 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", type=Path, help="DICOM/PNG/JPEG files or folders (searched recursively)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    parser.add_argument("--model", type=Path, default=None, help="classifier checkpoint (default: the bundled model)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    parser.add_argument(
+        "--config", default=None, help="configuration file whose [model] settings apply (the flags override them)"
+    )
+    parser.add_argument(
+        "--model", type=Path, default=None, help="classifier checkpoint (default: [model] path, else the bundled one)"
+    )
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: [model] device, auto)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: 16)")
     parser.add_argument(
         "--precision",
-        default="auto",
+        default=None,
         choices=PRECISIONS,
-        help="auto (default): bf16 on CUDA and on CPUs with bf16 in hardware, float32 elsewhere",
+        help="auto (the default): bf16 on CUDA and on CPUs with bf16 in hardware, float32 elsewhere",
     )
 
 
@@ -79,7 +85,7 @@ def result_record(
     return record
 
 
-def format_line(record: dict[str, Any], as_json: bool) -> str:
+def format_result(record: dict[str, Any], as_json: bool) -> str:
     if as_json:
         return json.dumps(record, sort_keys=False)
     if record["status"] == "ok":
@@ -108,7 +114,7 @@ def classify_paths(paths: list[Path], predictor: Predictor, out: TextIO, as_json
         for path, outcome in pending:
             prediction = next(predictions) if isinstance(outcome, PreparedImage) else None
             record = result_record(path, outcome, prediction, predictor.model_version, predictor.precision)
-            print(format_line(record, as_json), file=out)
+            print(format_result(record, as_json), file=out)
             written += 1
         out.flush()
         pending.clear()
@@ -121,16 +127,25 @@ def classify_paths(paths: list[Path], predictor: Predictor, out: TextIO, as_json
     return written
 
 
-def run(args: argparse.Namespace) -> int:
+def _classify(args: argparse.Namespace, context: Context) -> int:
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
-        print(f"cxr-triage classify: no such file or folder: {', '.join(missing)}", file=sys.stderr)
-        return 2
+        raise CommandError(f"no such file or folder: {', '.join(missing)}")
+    model = context.settings.model
     try:
-        loaded = load_classifier(resolve_model_path(args.model, how="pass one with --model PATH"))
+        path = resolve_model_path(args.model or model.path or None, how="pass one with --model PATH")
+        loaded = load_classifier(path)
     except CheckpointError as exc:
-        print(f"cxr-triage classify: {exc}", file=sys.stderr)
-        return 2
-    predictor = Predictor(loaded, device=args.device, batch_size=args.batch_size, precision=args.precision)
+        raise CommandError(str(exc)) from exc
+    predictor = Predictor(
+        loaded,
+        device=args.device or model.device,
+        batch_size=args.batch_size or model.batch_size,
+        precision=args.precision or model.precision,
+    )
     classify_paths(list(args.paths), predictor, sys.stdout, args.json)
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_command(args, "classify", lambda context: _classify(args, context))

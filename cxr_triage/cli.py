@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -100,12 +99,8 @@ def _setup_argparser(args: Sequence[str] | None = None) -> argparse.ArgumentPars
 
 
 def main(args: Sequence[str] | None = None) -> int:
+    """Run ``cxr-triage ARGS``; each subcommand sets up logging and the rest in ``cxr_triage.bootstrap``."""
     parsed = _setup_argparser(args).parse_args(args)
-    logging.basicConfig(
-        level=(parsed.log_level or "WARNING").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     return int(parsed._module.run(parsed))
 
 

@@ -79,14 +79,10 @@ def env_overrides(environ: Mapping[str, str], sections: Mapping[str, Mapping[str
 
 @dataclass(frozen=True)
 class Config:
-    """The effective configuration; ``section(name)`` returns one table."""
+    """The effective configuration as plain tables; ``cxr_triage.settings`` turns it into typed sections."""
 
     values: Mapping[str, Mapping[str, Any]]
     source: Path | None = None
-
-    def with_values(self, **sections: Mapping[str, Any]) -> Config:
-        """A copy with some keys replaced (``with_values(model={"path": p})``), checked like a file's keys."""
-        return Config(values=merge(dict(self.values), sections, "command line"), source=self.source)
 
     def __getitem__(self, name: str) -> Mapping[str, Any]:
         return self.values[name]

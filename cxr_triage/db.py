@@ -141,12 +141,16 @@ class Instance(Base):
     """When the retention policy deleted the spool file (``[storage] spool_retention_days``); null while kept."""
 
     study: Mapped[Study] = relationship(back_populates="instances")
-    predictions: Mapped[list[Prediction]] = relationship(back_populates="instance", order_by="Prediction.id")
-    refusals: Mapped[list[Refusal]] = relationship(back_populates="instance", order_by="Refusal.id")
+    predictions: Mapped[list[PredictionRecord]] = relationship(
+        back_populates="instance", order_by="PredictionRecord.id"
+    )
+    refusals: Mapped[list[RefusalRecord]] = relationship(back_populates="instance", order_by="RefusalRecord.id")
     sr_documents: Mapped[list[SRDocument]] = relationship(back_populates="instance", order_by="SRDocument.id")
 
 
-class Prediction(Base):
+class PredictionRecord(Base):
+    """One classification of an instance: the label, the probabilities and the model that made them."""
+
     __tablename__ = "predictions"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -166,8 +170,8 @@ class Prediction(Base):
     instance: Mapped[Instance] = relationship(back_populates="predictions")
 
 
-class Refusal(Base):
-    """Why an instance was not classified (``cxr_triage.preprocess.Refusal``)."""
+class RefusalRecord(Base):
+    """Why an instance was not classified (a ``cxr_triage.preprocess.Refusal``, as stored)."""
 
     __tablename__ = "refusals"
 

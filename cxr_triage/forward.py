@@ -1,6 +1,6 @@
 """``cxr-triage forward``: forwarding of Structured Reports to the PACS, and the command to list or resend them.
 
-Each SR gets one ``forwards`` row per ``[forward] destinations`` entry, state ``pending``. The worker loop sends
+Each SR gets one ``forwards`` row per ``[forward] destinations`` entry, state ``pending``. The housekeeping sends
 due rows (``process_due``), one association per destination per round: success -> ``sent``; failure -> retried
 after ``scu.retry_delay(attempt, backoff_seconds, backoff_max_seconds)``, and after ``max_attempts`` attempts the
 row goes to the dead-letter state ``dead`` with its last error. ``cxr-triage forward --retry`` puts dead rows
@@ -18,14 +18,18 @@ import json
 import logging
 import sys
 from collections import defaultdict
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxr_triage import db
+from cxr_triage.scu import SendResult, retry_delay, send_datasets
+from cxr_triage.settings import ForwardSettings
+
+if TYPE_CHECKING:
+    from cxr_triage.bootstrap import Context
 
 logger = logging.getLogger(__name__)
 
@@ -33,38 +37,9 @@ MAX_PER_ROUND = 100
 """Most forwards sent by one worker in one round."""
 
 
-def destinations(config: Mapping[str, Mapping[str, Any]]) -> list[Any]:
-    """The configured destinations as validated ``scu.Destination`` objects (a bad entry raises ValueError)."""
-    from cxr_triage.scu import Destination
-
-    return [Destination.from_mapping(entry) for entry in config["forward"]["destinations"]]
-
-
-def parse_destination(text: str, configured: list[Any] | None = None) -> Any:
-    """``AE@host:port`` (how a destination is stored) back to a ``scu.Destination``: the configured one of that
-    name (with its ``tls`` setting) when there is one, else a plain one."""
-    from cxr_triage.scu import Destination
-
-    for destination in configured or ():
-        if str(destination) == text:
-            return destination
-    ae_title, _, rest = text.partition("@")
-    host, _, port = rest.rpartition(":")
-    return Destination(ae_title=ae_title, host=host, port=int(port))
-
-
-def tls_context(config: Mapping[str, Mapping[str, Any]]) -> Any:
-    """The client TLS context of ``[forward] tls_*`` (used for destinations with ``tls = true``)."""
-    from cxr_triage.scu import client_tls_context
-
-    fcfg = config["forward"]
-    return client_tls_context(str(fcfg["tls_ca_file"]), str(fcfg["tls_certificate"]), str(fcfg["tls_private_key"]))
-
-
-def enqueue(session: Session, sr: db.SRDocument, config: Mapping[str, Mapping[str, Any]], now: dt.datetime) -> int:
+def enqueue(session: Session, sr: db.SRDocument, forwarding: ForwardSettings, now: dt.datetime) -> int:
     """Add a pending forward of ``sr`` to every configured destination; the number added."""
-    added = 0
-    for destination in destinations(config):
+    for destination in forwarding.destinations:
         session.add(
             db.Forward(
                 sr_id=sr.id,
@@ -76,8 +51,7 @@ def enqueue(session: Session, sr: db.SRDocument, config: Mapping[str, Mapping[st
                 updated_at=now,
             )
         )
-        added += 1
-    return added
+    return len(forwarding.destinations)
 
 
 @dataclass(frozen=True)
@@ -122,17 +96,14 @@ def _claim_due(
 
 def process_due(
     sessions: sessionmaker[Session],
-    config: Mapping[str, Mapping[str, Any]],
+    forwarding: ForwardSettings,
     now: dt.datetime | None = None,
     force: bool = False,
 ) -> list[ForwardOutcome]:
     """Send the forwards that are due (all pending ones when ``force``), one association per destination."""
     import pydicom
 
-    from cxr_triage.scu import SendResult, retry_delay, send_datasets
-
-    fcfg = config["forward"]
-    timeout = float(fcfg["timeout"])
+    timeout = forwarding.timeout
     now = now or db.utcnow()
     claimed = _claim_due(sessions, now, dt.timedelta(seconds=4 * timeout + 60), force)
     if not claimed:
@@ -141,12 +112,7 @@ def process_due(
     for forward_id, destination, path, sr_uid in claimed:
         by_destination[destination].append((forward_id, path, sr_uid))
     outcomes: list[ForwardOutcome] = []
-    try:
-        configured = destinations(config)
-    except ValueError:  # the rows still name their destinations; each send below records its own outcome
-        logger.exception("[forward] destinations are invalid")
-        configured = []
-    context = None  # built for the first TLS destination; a TLS settings error is recorded on its forwards
+    context = None  # built for the first TLS destination; a TLS error is recorded on its forwards
     for destination_text, items in by_destination.items():
         results: dict[int, SendResult] = {}
         datasets = []
@@ -159,11 +125,11 @@ def process_due(
                 logger.exception("forward %s: cannot read SR file %s", forward_id, path)
                 results[forward_id] = SendResult(False, None, f"cannot read SR file: {type(exc).__name__}: {exc}")
         try:
-            destination = parse_destination(destination_text, configured)
+            destination = forwarding.destination(destination_text)
             if destination.tls and context is None:
-                context = tls_context(config)
+                context = forwarding.client_tls_context()
             sent = send_datasets(
-                datasets, destination, str(fcfg["calling_ae_title"]), timeout=timeout, tls_context=context
+                datasets, destination, forwarding.calling_ae_title, timeout=timeout, tls_context=context
             )
         except Exception as exc:  # a malformed destination or calling AE title: a configuration error
             logger.exception("forwarding to %s failed", destination_text)
@@ -184,7 +150,7 @@ def process_due(
                     row.next_attempt_at = None
                     row.last_error = None
                     logger.info("SR %s forwarded to %s", sr_uid, destination_text)
-                elif row.attempts >= int(fcfg["max_attempts"]):
+                elif row.attempts >= forwarding.max_attempts:
                     row.state = db.FORWARD_DEAD
                     row.next_attempt_at = None
                     row.last_error = result.detail
@@ -192,9 +158,7 @@ def process_due(
                         "SR %s to %s: dead after %d attempts: %s", sr_uid, destination_text, row.attempts, result.detail
                     )
                 else:
-                    delay = retry_delay(
-                        row.attempts, float(fcfg["backoff_seconds"]), float(fcfg["backoff_max_seconds"])
-                    )
+                    delay = retry_delay(row.attempts, forwarding.backoff_seconds, forwarding.backoff_max_seconds)
                     row.next_attempt_at = finished + dt.timedelta(seconds=delay)
                     row.last_error = result.detail
                     logger.warning(
@@ -251,62 +215,52 @@ def _print(records: list[dict[str, Any]], as_json: bool, empty: str = "") -> Non
             )
 
 
-def run(args: argparse.Namespace) -> int:
-    from cxr_triage.config import ConfigError, load_config
-    from cxr_triage.dbcli import DatabaseNotReady, open_current
+def _retry(args: argparse.Namespace, context: Context) -> int:
+    sessions = db.session_factory(context.db)
+    requeued = requeue_dead(sessions)
+    outcomes = process_due(sessions, context.settings.forward, force=True)
+    logger.info("requeued %d dead forward(s); sent %d", requeued, len(outcomes))
+    records = [
+        {
+            "sr_sop_instance_uid": o.sr_sop_instance_uid,
+            "destination": o.destination,
+            "state": o.state,
+            "attempts": o.attempts,
+            "status": o.status,
+            "detail": o.detail,
+        }
+        for o in outcomes
+    ]
+    _print(records, args.json, empty=f"nothing to send: no forward was pending or dead ({requeued} requeued)")
+    return 0 if all(o.state == db.FORWARD_SENT for o in outcomes) else 1
 
-    try:
-        config = load_config(args.config)
-        destinations(config.values)
-        engine = open_current(config["database"]["url"], args.config)
-    except (ConfigError, ValueError, DatabaseNotReady) as exc:
-        print(f"cxr-triage forward: {exc}", file=sys.stderr)
-        return 2
-    try:
-        sessions = db.session_factory(engine)
-        if args.retry:
-            requeued = requeue_dead(sessions)
-            outcomes = process_due(sessions, config.values, force=True)
-            logger.info("requeued %d dead forward(s); sent %d", requeued, len(outcomes))
-            _print(
-                [
-                    {
-                        "sr_sop_instance_uid": o.sr_sop_instance_uid,
-                        "destination": o.destination,
-                        "state": o.state,
-                        "attempts": o.attempts,
-                        "status": o.status,
-                        "detail": o.detail,
-                    }
-                    for o in outcomes
-                ],
-                args.json,
-                empty=f"nothing to send: no forward was pending or dead ({requeued} requeued)",
-            )
-            return 0 if all(o.state == db.FORWARD_SENT for o in outcomes) else 1
-        with db.read_session(engine) as session:
-            rows = session.execute(
-                select(db.Forward, db.SRDocument.sop_instance_uid)
-                .join(db.SRDocument, db.Forward.sr_id == db.SRDocument.id)
-                .order_by(db.Forward.id)
-            ).all()
-            _print(
-                [
-                    {
-                        "sr_sop_instance_uid": uid,
-                        "destination": f.destination,
-                        "state": f.state,
-                        "attempts": f.attempts,
-                        "status": f.status,
-                        "detail": f.last_error,
-                        "next_attempt_at": f.next_attempt_at.isoformat() if f.next_attempt_at else None,
-                    }
-                    for f, uid in rows
-                ],
-                args.json,
-                empty="no SR forwards recorded"
-                + ("" if destinations(config.values) else " ([forward] destinations is empty)"),
-            )
-        return 0
-    finally:
-        engine.dispose()
+
+def _list(args: argparse.Namespace, context: Context) -> int:
+    with db.read_session(context.db) as session:
+        rows = session.execute(
+            select(db.Forward, db.SRDocument.sop_instance_uid)
+            .join(db.SRDocument, db.Forward.sr_id == db.SRDocument.id)
+            .order_by(db.Forward.id)
+        ).all()
+        records = [
+            {
+                "sr_sop_instance_uid": uid,
+                "destination": f.destination,
+                "state": f.state,
+                "attempts": f.attempts,
+                "status": f.status,
+                "detail": f.last_error,
+                "next_attempt_at": f.next_attempt_at.isoformat() if f.next_attempt_at else None,
+            }
+            for f, uid in rows
+        ]
+    configured = "" if context.settings.forward.destinations else " ([forward] destinations is empty)"
+    _print(records, args.json, empty=f"no SR forwards recorded{configured}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from cxr_triage.bootstrap import CURRENT, run_command
+
+    body = _retry if args.retry else _list
+    return run_command(args, "forward", lambda context: body(args, context), database=CURRENT)

@@ -17,24 +17,20 @@ success: the worker records why, and the sender does not retry them forever.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
-import os
-import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
-from pydicom.pixels.decoders.base import _PIXEL_DATA_DECODERS
 from pynetdicom import AE, evt
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.events import Event
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
@@ -43,11 +39,12 @@ from pynetdicom.sop_class import (
     Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from cxr_triage import db, spool
+from cxr_triage import db, files, jobqueue, spool
+from cxr_triage.jobqueue import ReceivedInstance
+from cxr_triage.settings import ListenerSettings, StorageSettings
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +75,7 @@ def decodable_transfer_syntaxes() -> list[str]:
         pydicom.uid.ExplicitVRBigEndian,
     ]
     compressed = []
-    for uid in sorted(_PIXEL_DATA_DECODERS):
+    for uid in sorted(pydicom.uid.AllTransferSyntaxes):
         if uid in native:
             continue
         try:
@@ -87,99 +84,6 @@ def decodable_transfer_syntaxes() -> list[str]:
         except (NotImplementedError, ValueError):
             continue
     return [str(u) for u in native + compressed]
-
-
-@dataclass(frozen=True)
-class ReceivedInstance:
-    """What the handler learnt from the header and the bytes."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    study_instance_uid: str
-    series_instance_uid: str | None
-    transfer_syntax_uid: str
-    calling_ae: str | None
-    sha256: str
-    size_bytes: int
-
-
-@dataclass(frozen=True)
-class RecordOutcome:
-    instance_id: int | None
-    duplicate: bool
-    conflict_with: int | None = None
-
-
-def _get_or_create_study(session: Session, study_uid: str, now: dt.datetime) -> db.Study:
-    study = session.scalars(select(db.Study).where(db.Study.study_instance_uid == study_uid)).one_or_none()
-    if study is None:
-        try:
-            with session.begin_nested():
-                study = db.Study(
-                    study_instance_uid=study_uid, status="open", first_received_at=now, last_received_at=now
-                )
-                session.add(study)
-        except IntegrityError:  # another association created it first (PostgreSQL; SQLite writers are serial)
-            study = session.scalars(select(db.Study).where(db.Study.study_instance_uid == study_uid)).one()
-    if study.status != "open":
-        study.status = "open"
-        study.completed_at = None
-    study.last_received_at = max(study.last_received_at, now)
-    return study
-
-
-def record_instance(
-    session: Session, item: ReceivedInstance, path: Path, now: dt.datetime | None = None
-) -> RecordOutcome:
-    """Insert ``item`` as a queued job (unless the same UID and bytes exist), recording a conflict if the UID
-    exists with other bytes. The caller commits."""
-    now = now or db.utcnow()
-    existing = session.scalars(
-        select(db.Instance).where(db.Instance.sop_instance_uid == item.sop_instance_uid).order_by(db.Instance.id)
-    ).all()
-    for other in existing:
-        if other.sha256 == item.sha256:
-            return RecordOutcome(instance_id=other.id, duplicate=True)
-    study = _get_or_create_study(session, item.study_instance_uid, now)
-    instance = db.Instance(
-        study_id=study.id,
-        sop_instance_uid=item.sop_instance_uid,
-        sop_class_uid=item.sop_class_uid,
-        study_instance_uid=item.study_instance_uid,
-        series_instance_uid=item.series_instance_uid,
-        transfer_syntax_uid=item.transfer_syntax_uid,
-        calling_ae=item.calling_ae,
-        spool_path=str(path),
-        sha256=item.sha256,
-        size_bytes=item.size_bytes,
-        received_at=now,
-        status=db.QUEUED,
-        attempts=0,
-        flagged=False,
-    )
-    session.add(instance)
-    session.flush()
-    conflict_with = None
-    if existing:
-        previous = existing[-1]
-        conflict_with = previous.id
-        session.add(
-            db.Conflict(
-                sop_instance_uid=item.sop_instance_uid,
-                existing_instance_id=previous.id,
-                new_instance_id=instance.id,
-                existing_sha256=previous.sha256,
-                new_sha256=item.sha256,
-                detected_at=now,
-            )
-        )
-        logger.warning(
-            "conflict: SOP instance %s arrived again with different bytes (sha256 %s, earlier %s); both kept",
-            item.sop_instance_uid,
-            item.sha256[:12],
-            previous.sha256[:12],
-        )
-    return RecordOutcome(instance_id=instance.id, duplicate=False, conflict_with=conflict_with)
 
 
 def _uid_ok(value: Any) -> bool:
@@ -191,27 +95,41 @@ class Receiver:
 
     ``on_queued`` is called (on the association's thread, so it must be quick) after an instance has been
     recorded as a new job: ``serve`` uses it to wake its idle workers.
+
+    It also tracks, through pynetdicom's public events, whether an association is in the middle of a request
+    (``busy``): from the first P-DATA PDU of a request until our response has been sent.
     """
 
     def __init__(
         self,
-        spool_dir: str | os.PathLike[str],
-        min_free_mb: float,
+        storage: StorageSettings,
         sessions: sessionmaker[Session],
         on_queued: Callable[[], None] | None = None,
     ) -> None:
-        self.spool_dir = Path(spool_dir).resolve()
-        self.min_free_mb = float(min_free_mb)
+        self.spool_dir = Path(storage.spool_dir).resolve()
+        self.min_free_mb = float(storage.min_free_mb)
         self.sessions = sessions
         self.on_queued = on_queued
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         self._handling: dict[int, int] = {}
+        self._receiving: set[int] = set()
         self._lock = threading.Lock()
 
     def handling(self, assoc: Any) -> bool:
         """Whether a C-STORE of ``assoc`` is being handled or answered right now."""
         with self._lock:
             return self._handling.get(id(assoc), 0) > 0
+
+    def busy(self, assoc: Any) -> bool:
+        """Whether ``assoc`` is receiving a request or has one being handled."""
+        with self._lock:
+            return id(assoc) in self._receiving or self._handling.get(id(assoc), 0) > 0
+
+    def handle_pdu(self, event: Event) -> None:
+        """EVT_PDU_RECV: a P-DATA PDU means a request (or part of one) is arriving."""
+        if isinstance(event.pdu, P_DATA_TF):
+            with self._lock:
+                self._receiving.add(id(event.assoc))
 
     def handle_store(self, event: Event) -> int:
         """EVT_C_STORE: spool, record, then answer (see the module docstring for the statuses)."""
@@ -221,11 +139,12 @@ class Receiver:
         return self._handle_store(event)
 
     def handle_sent(self, event: Event) -> None:
-        """EVT_DIMSE_SENT: a C-STORE response went out, so that request is finished."""
-        if not isinstance(event.message, C_STORE_RSP):
-            return
+        """EVT_DIMSE_SENT: a response went out, so that request is finished."""
         key = id(event.assoc)
         with self._lock:
+            self._receiving.discard(key)
+            if not isinstance(event.message, C_STORE_RSP):
+                return
             if self._handling.get(key, 0) <= 1:
                 self._handling.pop(key, None)
             else:
@@ -235,6 +154,7 @@ class Receiver:
         """EVT_CONN_CLOSE: nothing of this association is in progress any more."""
         with self._lock:
             self._handling.pop(id(event.assoc), None)
+            self._receiving.discard(id(event.assoc))
 
     def _handle_store(self, event: Event) -> int:
         requested_uid = event.request.AffectedSOPInstanceUID
@@ -295,12 +215,8 @@ class Receiver:
         try:
             with self.sessions() as session:
                 db.read_only(session)
-                same = session.scalar(
-                    select(db.Instance.id).where(
-                        db.Instance.sop_instance_uid == item.sop_instance_uid, db.Instance.sha256 == item.sha256
-                    )
-                )
-            if same is not None:
+                same = jobqueue.is_queued(session, item.sop_instance_uid, item.sha256)
+            if same:
                 logger.info("SOP instance %s received again with the same bytes: nothing to do", item.sop_instance_uid)
                 return STATUS_SUCCESS
         except SQLAlchemyError:
@@ -308,13 +224,13 @@ class Receiver:
             return STATUS_NOT_RECORDED
         path = spool.spool_path(self.spool_dir, item.sop_instance_uid, item.sha256)
         try:
-            spool.write_atomic(path, data)
+            files.write_atomic(path, data)
         except OSError:
             logger.exception("cannot write SOP instance %s to the spool %s", item.sop_instance_uid, self.spool_dir)
             return STATUS_OUT_OF_RESOURCES
         try:
             with self.sessions() as session, session.begin():
-                outcome = record_instance(session, item, path)
+                outcome = jobqueue.enqueue(session, item, path)
         except IntegrityError:
             # The same UID and bytes recorded by a concurrent association between our check and our insert.
             logger.info("SOP instance %s recorded concurrently by another association", item.sop_instance_uid)
@@ -364,30 +280,16 @@ def _handle_echo(event: Event) -> int:
     return STATUS_SUCCESS
 
 
-def tls_context(listener: Mapping[str, Any]) -> ssl.SSLContext | None:
-    """The server-side TLS context from ``[listener] tls_*``, or ``None`` when TLS is off."""
-    if not listener["tls_enabled"]:
-        return None
-    if not listener["tls_certificate"] or not listener["tls_private_key"]:
-        raise ValueError("[listener] tls_enabled needs tls_certificate and tls_private_key")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(certfile=listener["tls_certificate"], keyfile=listener["tls_private_key"])
-    if listener["tls_ca_file"]:
-        context.load_verify_locations(cafile=listener["tls_ca_file"])
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
-def build_ae(listener: Mapping[str, Any]) -> AE:
+def build_ae(listener: ListenerSettings) -> AE:
     """An AE configured from ``[listener]`` with the CR/DX/SC storage and Verification contexts."""
-    ae = AE(ae_title=listener["ae_title"])
-    ae.maximum_associations = int(listener["max_associations"])
-    ae.maximum_pdu_size = int(listener["max_pdu"])
-    ae.acse_timeout = float(listener["acse_timeout"])
-    ae.dimse_timeout = float(listener["dimse_timeout"])
-    ae.network_timeout = float(listener["network_timeout"])
-    ae.require_calling_aet = [str(a) for a in listener["allowed_calling_aes"]]
-    ae.require_called_aet = bool(listener["require_called_ae"])
+    ae = AE(ae_title=listener.ae_title)
+    ae.maximum_associations = listener.max_associations
+    ae.maximum_pdu_size = listener.max_pdu
+    ae.acse_timeout = listener.acse_timeout
+    ae.dimse_timeout = listener.dimse_timeout
+    ae.network_timeout = listener.network_timeout
+    ae.require_calling_aet = list(listener.allowed_calling_aes)
+    ae.require_called_aet = listener.require_called_ae
     syntaxes = decodable_transfer_syntaxes()
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, syntaxes)
@@ -398,7 +300,7 @@ def build_ae(listener: Mapping[str, Any]) -> AE:
 class Listener:
     """The running SCP: ``start()`` returns once the port is bound; ``stop()`` stops accepting associations."""
 
-    def __init__(self, listener: Mapping[str, Any], receiver: Receiver) -> None:
+    def __init__(self, listener: ListenerSettings, receiver: Receiver) -> None:
         self.settings = listener
         self.receiver = receiver
         self.ae = build_ae(listener)
@@ -414,6 +316,7 @@ class Listener:
     def start(self) -> None:
         handlers = [
             (evt.EVT_C_STORE, self.receiver.handle_store),
+            (evt.EVT_PDU_RECV, self.receiver.handle_pdu),
             (evt.EVT_DIMSE_SENT, self.receiver.handle_sent),
             (evt.EVT_CONN_CLOSE, self.receiver.handle_closed),
             (evt.EVT_C_ECHO, _handle_echo),
@@ -421,18 +324,18 @@ class Listener:
             (evt.EVT_ACCEPTED, _handle_accepted),
         ]
         self.server = self.ae.start_server(
-            (self.settings["host"], int(self.settings["port"])),
+            (self.settings.host, self.settings.port),
             block=False,
             evt_handlers=handlers,
-            ssl_context=tls_context(self.settings),
+            ssl_context=self.settings.server_tls_context(),
         )
         host, port = self.address
         logger.info(
             "listening as AE %r on %s:%d%s",
-            self.settings["ae_title"],
+            self.settings.ae_title,
             host,
             port,
-            " (TLS)" if self.settings["tls_enabled"] else "",
+            " (TLS)" if self.settings.tls_enabled else "",
         )
 
     def stop(self, wait: float = 30.0) -> None:
@@ -467,21 +370,23 @@ class Listener:
                 break
 
     def _busy(self, assoc: Any) -> bool:
-        """Whether ``assoc`` is receiving a DIMSE message, has one queued, or is running our C-STORE handler."""
-        if not assoc.is_established:
-            return False
-        dimse = assoc.dimse
-        return dimse.message is not None or not dimse.msg_queue.empty() or self.receiver.handling(assoc)
+        """Whether ``assoc`` is receiving a request or running our handler for one."""
+        return bool(assoc.is_established) and self.receiver.busy(assoc)
 
 
 def _drop(assoc: Any) -> None:
-    """Abort ``assoc``. One still waiting for its A-ASSOCIATE-RQ (state 2, where A-ABORT is not a valid event)
-    gets what its timeouts would do: the ARTIM timer expires (the DUL closes the connection, back to state 1)
-    and the acceptor is woken with ``None``, which it takes as the ACSE timeout."""
+    """Abort ``assoc``, including a connection that has not sent its A-ASSOCIATE-RQ yet.
+
+    The one use of pynetdicom internals (checked with pynetdicom 3.0): a connection still waiting for its
+    A-ASSOCIATE-RQ is in DUL state 2, where A-ABORT is not a valid event and ``Association.abort`` does nothing;
+    the public API has no way to end it before its ACSE timeout. So it gets what that timeout would do: the ARTIM
+    timer expires (the DUL closes the connection, back to state 1) and the acceptor is woken with ``None``.
+    """
     try:
-        if assoc.dul.state_machine.current_state == "Sta2":
-            assoc.dul.artim_timer.timeout = 0
-            assoc.dul.to_user_queue.put(None)
+        dul = assoc.dul
+        if dul.state_machine.current_state == "Sta2":
+            dul.artim_timer.timeout = 0
+            dul.to_user_queue.put(None)
         else:
             assoc.abort(block=False)
     except Exception:
@@ -495,46 +400,5 @@ def _ae(assoc: Any) -> str:
         return "(unknown)"
 
 
-def record_orphans(spool_dir: str | os.PathLike[str], sessions: sessionmaker[Session]) -> int:
-    """Enqueue spool files that have no database row (a crash between the rename and the insert).
-
-    Their senders were never answered success and will usually send again, which is then a no-op.
-    """
-    root = Path(spool_dir).resolve()
-    with sessions() as session, session.begin():
-        known = set(session.scalars(select(db.Instance.spool_path)).all())
-    enqueued = 0
-    for path in spool.iter_spool_files(root):
-        if str(path) in known:
-            continue
-        try:
-            data = path.read_bytes()
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            item = ReceivedInstance(
-                sop_instance_uid=str(ds.SOPInstanceUID),
-                sop_class_uid=str(ds.SOPClassUID),
-                study_instance_uid=str(ds.StudyInstanceUID),
-                series_instance_uid=str(ds.get("SeriesInstanceUID") or "") or None,
-                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                calling_ae=None,
-                sha256=spool.sha256_bytes(data),
-                size_bytes=len(data),
-            )
-        except Exception:
-            logger.exception("spool file %s has no database row and cannot be read; left in place", path)
-            continue
-        with sessions() as session, session.begin():
-            outcome = record_instance(session, item, path)
-        if not outcome.duplicate:
-            enqueued += 1
-            logger.warning(
-                "recovered spool file %s (SOP instance %s) with no database row", path, item.sop_instance_uid
-            )
-    return enqueued
-
-
-def make_receiver(
-    config: Mapping[str, Mapping[str, Any]], engine: Engine, on_queued: Callable[[], None] | None = None
-) -> Receiver:
-    storage = config["storage"]
-    return Receiver(storage["spool_dir"], storage["min_free_mb"], db.session_factory(engine), on_queued)
+def make_receiver(storage: StorageSettings, engine: Any, on_queued: Callable[[], None] | None = None) -> Receiver:
+    return Receiver(storage, db.session_factory(engine), on_queued)

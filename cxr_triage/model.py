@@ -32,7 +32,6 @@ HEADS: tuple[str, ...] = ("lstm1_dense2", "lstm3_dense2", "lstm1_dense3", "dense
 """Classification heads of Table 4. ``lstm1_dense2`` is the paper's proposed head."""
 
 DEFAULT_HEAD = "lstm1_dense2"
-INPUT_SIZE = 224
 
 
 @dataclass(frozen=True)

@@ -60,9 +60,6 @@ MAX_SIDE = 8192
 MAX_PIXELS = 40_000_000
 """Largest accepted Rows x Columns, checked before decoding so that a lying header cannot exhaust memory."""
 
-DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ""})
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
-
 
 @dataclass(frozen=True)
 class Refusal:
@@ -87,7 +84,6 @@ class PreparedImage:
 
     tensor: torch.Tensor
     sop_instance_uid: str | None = None
-    study_instance_uid: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -352,18 +348,20 @@ def grey_lut(ds: Dataset) -> tuple[np.ndarray, np.dtype]:
     (naming the attribute) when a LUT or window in the header cannot be applied.
     """
     if ds.get("ModalityLUTSequence") or ds.get("VOILUTSequence"):
-        return _build_grey_lut(ds)
+        return build_grey_lut(ds)
     key = tuple(str(ds.get(keyword, "")) for keyword in _LUT_KEYWORDS)
     cached = _LUT_CACHE.get(key)
     if cached is None:
-        cached = _build_grey_lut(ds)
+        cached = build_grey_lut(ds)
         if len(_LUT_CACHE) >= _LUT_CACHE_SIZE:
             _LUT_CACHE.clear()
         _LUT_CACHE[key] = cached
     return cached
 
 
-def _build_grey_lut(ds: Dataset) -> tuple[np.ndarray, np.dtype]:
+def build_grey_lut(ds: Dataset) -> tuple[np.ndarray, np.dtype]:
+    """Steps 3-6 as one table over every stored value of ``ds``'s header: modality LUT or rescale, VOI LUT or
+    window, MONOCHROME1 inversion, scaling to [0, 1]; with the dtype of the codes that index it."""
     stored, code_dtype = _value_domain(ds)
     try:
         modality_values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
@@ -399,7 +397,8 @@ _GATHER_CHUNK = 1 << 15
 """Pixels per table look-up: small enough that numpy's index conversion stays in cache (about 2x faster)."""
 
 
-def _apply_table(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
+def apply_table(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Look every pixel's code up in ``table`` (in chunks, so that no large index array is made)."""
     flat_codes = codes.reshape(-1)
     out = np.empty(flat_codes.shape, dtype=table.dtype)
     for start in range(0, flat_codes.size, _GATHER_CHUNK):
@@ -410,7 +409,7 @@ def _apply_table(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
 _NATIVE_LITTLE_ENDIAN = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian})
 
 
-def _container_codes(ds: Dataset, code_dtype: np.dtype) -> np.ndarray:
+def container_codes(ds: Dataset, code_dtype: np.dtype) -> np.ndarray:
     """Step 2: the decoded pixels as raw container codes (the table masks and sign-extends them).
 
     Native little-endian data are used in place (they already are the codes); everything else is decoded by
@@ -428,7 +427,7 @@ def _container_codes(ds: Dataset, code_dtype: np.dtype) -> np.ndarray:
 def decode_unit_image(ds: Dataset) -> np.ndarray:
     """Steps 2-6: decoded pixels as a (rows, cols) float32 array in [0, 1]. The header must have passed checks."""
     lut, code_dtype = grey_lut(ds)
-    return _apply_table(lut, _container_codes(ds, code_dtype))
+    return apply_table(lut, container_codes(ds, code_dtype))
 
 
 def prepare_dataset(ds: Dataset) -> PreparedImage | Refusal:
@@ -448,7 +447,6 @@ def prepare_dataset(ds: Dataset) -> PreparedImage | Refusal:
     return PreparedImage(
         tensor=to_model_input(unit),
         sop_instance_uid=sop_instance_uid,
-        study_instance_uid=str(ds.get("StudyInstanceUID") or "") or None,
         notes=notes,
     )
 

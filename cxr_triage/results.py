@@ -16,13 +16,15 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, func, select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from cxr_triage import db
+
+if TYPE_CHECKING:
+    from cxr_triage.bootstrap import Context
 
 STATUS_NAMES = {db.DONE: "ok", db.REFUSED: "rejected", db.FAILED: "error"}
 """Database job states as ``classify`` names them; pending states keep their own names."""
@@ -65,7 +67,11 @@ def _latest(model: Any) -> Any:
 
 def records(session: Session, study: str | None = None, since: dt.datetime | None = None) -> Iterator[dict[str, Any]]:
     """One record per instance, in order of arrival; one query (the newest prediction, refusal and SR joined)."""
-    latest_prediction, latest_refusal, latest_sr = _latest(db.Prediction), _latest(db.Refusal), _latest(db.SRDocument)
+    latest_prediction, latest_refusal, latest_sr = (
+        _latest(db.PredictionRecord),
+        _latest(db.RefusalRecord),
+        _latest(db.SRDocument),
+    )
     instance = db.Instance
     query = (
         select(
@@ -79,17 +85,17 @@ def records(session: Session, study: str | None = None, since: dt.datetime | Non
             instance.received_at,
             instance.completed_at,
             instance.spool_removed_at,
-            db.Prediction.label,
-            db.Prediction.probabilities,
-            db.Prediction.model_version,
-            db.Prediction.precision,
-            db.Refusal.reason.label("refusal_reason"),
+            db.PredictionRecord.label,
+            db.PredictionRecord.probabilities,
+            db.PredictionRecord.model_version,
+            db.PredictionRecord.precision,
+            db.RefusalRecord.reason.label("refusal_reason"),
             db.SRDocument.sop_instance_uid.label("sr_sop_instance_uid"),
         )
         .outerjoin(latest_prediction, latest_prediction.c.instance_id == instance.id)
-        .outerjoin(db.Prediction, db.Prediction.id == latest_prediction.c.id)
+        .outerjoin(db.PredictionRecord, db.PredictionRecord.id == latest_prediction.c.id)
         .outerjoin(latest_refusal, latest_refusal.c.instance_id == instance.id)
-        .outerjoin(db.Refusal, db.Refusal.id == latest_refusal.c.id)
+        .outerjoin(db.RefusalRecord, db.RefusalRecord.id == latest_refusal.c.id)
         .outerjoin(latest_sr, latest_sr.c.instance_id == instance.id)
         .outerjoin(db.SRDocument, db.SRDocument.id == latest_sr.c.id)
         .order_by(instance.received_at, instance.id)
@@ -125,7 +131,7 @@ def records(session: Session, study: str | None = None, since: dt.datetime | Non
         }
 
 
-def format_line(record: dict[str, Any], as_json: bool) -> str:
+def format_record(record: dict[str, Any], as_json: bool) -> str:
     if as_json:
         return json.dumps(record)
     fields = [record["received_at"], record["sop_instance_uid"], record["status"]]
@@ -163,30 +169,27 @@ def print_results(engine: Engine, as_json: bool, study: str | None, since: dt.da
     count = 0
     with db.read_session(engine) as session:
         for record in records(session, study, since):
-            print(format_line(record, as_json))
+            print(format_record(record, as_json))
             count += 1
     sys.stdout.flush()
     return count
 
 
-def run(args: argparse.Namespace) -> int:
-    from cxr_triage.config import ConfigError, load_config
-    from cxr_triage.dbcli import DatabaseNotReady, open_current, unreadable
-
-    try:
-        config = load_config(args.config)
-        since = parse_since(args.since) if args.since else None
-        engine = open_current(config["database"]["url"], args.config)
-    except (ConfigError, ValueError, DatabaseNotReady) as exc:
-        print(f"cxr-triage results: {exc}", file=sys.stderr)
-        return 2
-    try:
-        if args.wait is not None and not wait_until_finished(engine, args.wait, args.study, since):
-            print(f"cxr-triage results: instances still pending after {args.wait:g} s", file=sys.stderr)
-        print_results(engine, args.json, args.study, since)
-    except SQLAlchemyError as exc:
-        print(f"cxr-triage results: {unreadable(engine, exc)}", file=sys.stderr)
-        return 2
-    finally:
-        engine.dispose()
+def _results(args: argparse.Namespace, context: Context) -> int:
+    since = parse_since(args.since) if args.since else None
+    if args.wait is not None and not wait_until_finished(context.db, args.wait, args.study, since):
+        print(f"cxr-triage results: instances still pending after {args.wait:g} s", file=sys.stderr)
+    print_results(context.db, args.json, args.study, since)
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from cxr_triage.bootstrap import CURRENT, CommandError, run_command
+
+    def body(context: Context) -> int:
+        try:
+            return _results(args, context)
+        except ValueError as exc:  # --since that is not ISO 8601
+            raise CommandError(str(exc)) from exc
+
+    return run_command(args, "results", body, database=CURRENT)

@@ -25,6 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from cxr_triage.bootstrap import CommandError, Context, run_command
 from cxr_triage.scu import Destination, SendResult, send_datasets
 
 BATCH = 16
@@ -112,24 +113,24 @@ def send_paths(paths: Sequence[Path], destination: Destination, calling_ae: str,
     return stored, failed
 
 
-def run(args: argparse.Namespace) -> int:
-    from cxr_triage.config import ConfigError, load_config
-
+def _send(args: argparse.Namespace, context: Context) -> int:
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
-        print(f"cxr-triage send: no such file or folder: {', '.join(missing)}", file=sys.stderr)
-        return 2
+        raise CommandError(f"no such file or folder: {', '.join(missing)}")
+    listener = context.settings.listener
+    host = args.host or listener.host
     try:
-        listener = load_config(args.config)["listener"]
-        host = args.host or str(listener["host"])
         destination = Destination(
-            ae_title=args.called_ae or str(listener["ae_title"]),
+            ae_title=args.called_ae or listener.ae_title,
             host="127.0.0.1" if host in ("0.0.0.0", "::") else host,
-            port=args.port or int(listener["port"]),
+            port=args.port or listener.port,
         )
         stored, failed = send_paths(args.paths, destination, args.calling_ae, args.timeout)
-    except (ConfigError, ValueError) as exc:
-        print(f"cxr-triage send: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
     print(f"{stored} stored, {failed} not stored, to {destination}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_command(args, "send", lambda context: _send(args, context))

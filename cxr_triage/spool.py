@@ -1,9 +1,8 @@
 """The spool: received instances written atomically to disk before the sender is told they are safe.
 
-``write_atomic`` writes a temporary file in the destination folder, fsyncs it, renames it into place and fsyncs
-the folder, so after a crash a spool file is either complete or absent (a stray ``.tmp-*`` file is removed by
-``remove_stale_temporaries`` at start-up). Spool names hold the SOP Instance UID and the sha256 of the bytes,
-so the same UID with different bytes gets its own file.
+Files are written with ``cxr_triage.files.write_atomic``, so after a crash a spool file is either complete or
+absent (a stray temporary file is removed by ``remove_stale_temporaries`` at start-up). Spool names hold the SOP
+Instance UID and the sha256 of the bytes, so the same UID with different bytes gets its own file.
 """
 
 from __future__ import annotations
@@ -13,13 +12,13 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from cxr_triage.files import TEMP_PREFIX
+
 logger = logging.getLogger(__name__)
 
-TEMP_PREFIX = ".tmp-"
 SPOOL_SUFFIX = ".dcm"
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -34,38 +33,6 @@ def free_mb(directory: str | os.PathLike[str]) -> float:
     while not path.exists():
         path = path.parent
     return shutil.disk_usage(path).free / (1024 * 1024)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes, sync_dir: bool = True) -> Path:
-    """Write ``data`` to ``path`` so that a crash leaves either the whole file or none (temp, fsync, rename).
-
-    With ``sync_dir=False`` the caller fsyncs the folder itself (once for many files) before relying on them.
-    """
-    path = Path(path)
-    if not path.parent.is_dir():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fsync_dir(path.parent.parent)  # the new folder's own entry must survive a crash too
-    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    if sync_dir:
-        fsync_dir(path.parent)
-    return path
 
 
 def safe_uid(uid: str | None) -> str:

@@ -17,12 +17,10 @@ import copy
 import io
 import logging
 import math
-import os
 import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -362,8 +360,15 @@ def sr_to_bytes(sr: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def write_sr(sr: Dataset, path: str | os.PathLike[str]) -> Path:
-    """Write a report atomically: temporary file in the target folder, fsync, rename, fsync of the folder."""
-    from cxr_triage.spool import write_atomic
+def placeholder_evidence() -> Dataset:
+    """A header-only CR dataset with fresh UIDs and no patient data: builds a throw-away report (warm-up)."""
+    from pydicom.uid import generate_uid
 
-    return write_atomic(path, sr_to_bytes(sr))
+    evidence = Dataset()
+    evidence.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    evidence.SOPInstanceUID = generate_uid()
+    evidence.StudyInstanceUID = generate_uid()
+    evidence.SeriesInstanceUID = generate_uid()
+    evidence.Modality = "CR"
+    evidence.Rows = evidence.Columns = 1
+    return evidence

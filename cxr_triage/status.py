@@ -14,15 +14,17 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, func, select
-from sqlalchemy.exc import SQLAlchemyError
 
 from cxr_triage import BUNDLED_MODEL, db, spool
+from cxr_triage.settings import Settings
+
+if TYPE_CHECKING:
+    from cxr_triage.bootstrap import Context
 
 FAILURE_WINDOW = dt.timedelta(hours=24)
 """How far back failed instances count as a problem."""
@@ -39,9 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def collect(
-    engine: Engine, config: Mapping[str, Mapping[str, Any]], max_queue_age: float, now: dt.datetime | None = None
-) -> dict[str, Any]:
+def collect(engine: Engine, settings: Settings, max_queue_age: float, now: dt.datetime | None = None) -> dict[str, Any]:
     """The status as a plain dict (the ``--json`` output); ``problems`` lists what needs attention."""
     now = now or db.utcnow()
     with db.read_session(engine) as session:
@@ -61,18 +61,24 @@ def collect(
             .order_by(db.ModelVersion.registered_at.desc(), db.ModelVersion.id.desc())
             .limit(1)
         ).first()
-        last_precision = session.scalar(select(db.Prediction.precision).order_by(db.Prediction.id.desc()).limit(1))
+        last_precision = session.scalar(
+            select(db.PredictionRecord.precision).order_by(db.PredictionRecord.id.desc()).limit(1)
+        )
     queued_for = (now - oldest_queued).total_seconds() if oldest_queued is not None else None
-    storage = config["storage"]
-    free = spool.free_mb(storage["spool_dir"])
-    reserve = float(storage["min_free_mb"])
-    configured = str(config["model"]["path"] or "")
+    storage = settings.storage
+    free = spool.free_mb(storage.spool_dir)
+    reserve = storage.min_free_mb
+    configured = settings.model.path
     model_path = Path(configured) if configured else BUNDLED_MODEL
     model_present = model_path.is_file()
 
     problems = []
     if not model_present:
-        problems.append(f"no model at {model_path}: images are received and queued but not classified ([model] path)")
+        problems.append(
+            f"no model at {model_path}: images are received and queued but not classified. The bundled model ships "
+            "with the repository (cxr_triage/models/cae_lstm.pt): reinstall from a complete clone, or train one "
+            "(`python -m training oneshot`, docs/TRAINING.md) and set [model] path"
+        )
     if free < reserve:
         problems.append(
             f"spool below its reserve ({free:.0f} MiB free, reserve {reserve:.0f} MiB): the listener answers "
@@ -103,7 +109,7 @@ def collect(
         "forwards": {
             state: int(forwards.get(state, 0)) for state in (db.FORWARD_PENDING, db.FORWARD_SENT, db.FORWARD_DEAD)
         },
-        "spool": {"path": str(Path(storage["spool_dir"]).resolve()), "free_mb": round(free), "reserve_mb": reserve},
+        "spool": {"path": str(Path(storage.spool_dir).resolve()), "free_mb": round(free), "reserve_mb": reserve},
         "model": {
             "path": str(model_path),
             "present": model_present,
@@ -114,7 +120,7 @@ def collect(
             }
             if loaded is not None
             else None,
-            "precision": {"configured": str(config["model"]["precision"]), "last_used": last_precision},
+            "precision": {"configured": settings.model.precision, "last_used": last_precision},
         },
         "problems": problems,
     }
@@ -152,21 +158,11 @@ def format_text(status: Mapping[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cxr_triage.config import ConfigError, load_config
-    from cxr_triage.dbcli import DatabaseNotReady, open_current, unreadable
+    from cxr_triage.bootstrap import CURRENT, run_command
 
-    try:
-        config = load_config(args.config)
-        engine = open_current(config["database"]["url"], args.config)
-    except (ConfigError, DatabaseNotReady) as exc:
-        print(f"cxr-triage status: {exc}", file=sys.stderr)
-        return 2
-    try:
-        status = collect(engine, config.values, float(args.max_queue_age))
-    except SQLAlchemyError as exc:
-        print(f"cxr-triage status: {unreadable(engine, exc)}", file=sys.stderr)
-        return 2
-    finally:
-        engine.dispose()
-    print(json.dumps(status) if args.json else format_text(status))
-    return 1 if status["problems"] else 0
+    def body(context: Context) -> int:
+        status = collect(context.db, context.settings, float(args.max_queue_age))
+        print(json.dumps(status) if args.json else format_text(status))
+        return 1 if status["problems"] else 0
+
+    return run_command(args, "status", body, database=CURRENT)

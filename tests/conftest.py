@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from peers import write_config  # noqa: F401  (re-exported for the tests that import it from here)
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification
 from sqlalchemy import Engine
+
+from cxr_triage.testing.peers import write_config as write_config  # re-exported for the tests
+from cxr_triage.testing.synthetic import chest_dataset as chest_dataset  # re-exported for the tests
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_DICOM = SHARED / "data" / "dicom"
@@ -66,20 +67,6 @@ def config_values(tmp: Path, model: Path | None, **overrides: dict[str, Any]) ->
 
 
 # --- datasets ------------------------------------------------------------------------------------------------
-
-
-def chest_dataset(rows: int = 64, cols: int = 64, seed: int = 0, **attributes: Any) -> Dataset:
-    """A small frontal chest CR (12 bits stored, explicit VR LE); ``attributes`` override (None deletes)."""
-    from dicom_factory import new_dataset, phantom
-
-    display = phantom(rows, cols)
-    rng = np.random.default_rng(seed)
-    stored = np.clip(np.round(display * 4095) + rng.integers(0, 3, display.shape), 0, 4095).astype(np.uint16)
-    ds = new_dataset(stored, bits_stored=12, **attributes)
-    if "SOPClassUID" in attributes:
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    return ds
 
 
 def save_dataset(ds: Dataset, path: Path) -> Path:
@@ -151,6 +138,7 @@ class Harness:
     """A migrated database, the running listener and a worker (not running: call ``work``)."""
 
     config: dict[str, dict[str, Any]]
+    settings: Any  # cxr_triage.settings.Settings of ``config``
     engine: Engine
     listener: Any
     worker: Any
@@ -171,7 +159,12 @@ class Harness:
         return send(self.port, items, **kw)
 
     def work(self) -> int:
-        return int(self.worker.run_until_idle())
+        """Process the queue, then run the housekeeping once (forwarding, aggregation), as ``serve`` would."""
+        from cxr_triage.housekeeping import Housekeeping
+
+        done = int(self.worker.run_until_idle())
+        Housekeeping(self.settings, self.sessions).run_once()
+        return done
 
     def rows(self, **filters: Any) -> list[dict[str, Any]]:
         from cxr_triage import db
@@ -189,13 +182,16 @@ class Harness:
 
 def start_harness(tmp: Path, model: Path | None, **overrides: dict[str, Any]) -> Harness:
     from cxr_triage import db, listener, worker
+    from cxr_triage.settings import Settings
 
     config = config_values(tmp, model, **overrides)
-    engine = db.make_engine(config["database"]["url"])
+    settings = Settings.from_values(config)
+    engine = db.make_engine(settings.database.url)
     db.upgrade(engine)
-    running = listener.Listener(config["listener"], listener.make_receiver(config, engine))
+    running = listener.Listener(settings.listener, listener.make_receiver(settings.storage, engine))
     running.start()
-    return Harness(config=config, engine=engine, listener=running, worker=worker.Worker(config, engine), tmp=tmp)
+    runner = worker.Worker(settings, engine)
+    return Harness(config=config, settings=settings, engine=engine, listener=running, worker=runner, tmp=tmp)
 
 
 @pytest.fixture
@@ -222,6 +218,14 @@ def harness(make_harness: Callable[..., Harness]) -> Harness:
 
 def dcmtk(name: str) -> str:
     """dcmtk's tool, not a same-named pynetdicom app that may come first on PATH."""
-    from peers import dcmtk_tool
+    from cxr_triage.testing.peers import dcmtk_tool
 
     return dcmtk_tool(name)
+
+
+def write_sr(sr: Dataset, path: Path) -> Path:
+    """Write a report the way the recorder does (atomically, as a Part 10 file)."""
+    from cxr_triage.files import write_atomic
+    from cxr_triage.sr import sr_to_bytes
+
+    return write_atomic(path, sr_to_bytes(sr))

@@ -9,9 +9,7 @@ data max, ignores the rescale) is caught because its output stops matching the o
 Public helpers (other test modules may import them):
 
 - ``SHARED_DICOM``: the folder of real chest DICOM files (``../shared/data/dicom`` next to the repo).
-- ``phantom(rows, cols)``: a smooth synthetic frontal chest (dark lungs, bright mediastinum, spine and ribs),
-  quantised to 8-bit levels so that the 8-bit encoding represents it exactly.
-- ``new_dataset(stored, ...)``: a complete single-frame CR (or other) dataset around an array of stored values.
+- ``phantom`` and ``new_dataset``: from ``cxr_triage.testing.synthetic`` (the one synthetic-image factory).
 - ``encode(display, variant, tmp_dir)``: the display image in one of ``VARIANTS`` (real encoders: pydicom,
   pylibjpeg-openjpeg, and the dcmtk command-line tools), returned as the path of the written file.
 - ``mono2_12bit``, ``rescale_16bit``, ``mono1_window``, ... (one function per native variant): the display image
@@ -33,42 +31,21 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
     UID,
-    ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     RLELossless,
-    generate_uid,
 )
 
 SHARED_DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
 """The five real chest DICOM files (read-only; see catalog.csv there)."""
 
-CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-
-
-def phantom(rows: int = 192, cols: int = 160) -> np.ndarray:
-    """A smooth frontal chest phantom as displayed (MONOCHROME2 sense), float64 in [0, 1] on 8-bit levels.
-
-    Lungs are dark ellipses, the mediastinum and spine a bright central column, ribs faint bright arcs, the
-    diaphragm bright at the bottom. Smooth on the scale of a few pixels so that resizing behaves like it does
-    on radiographs.
-    """
-    y, x = np.mgrid[0:rows, 0:cols].astype(np.float64)
-    u, v = (x + 0.5) / cols, (y + 0.5) / rows
-    img = 0.55 + 0.1 * v
-    for cx in (0.3, 0.7):
-        lung = ((u - cx) / 0.17) ** 2 + ((v - 0.45) / 0.3) ** 2
-        img -= 0.35 * np.clip(1.0 - lung, 0.0, 1.0) ** 0.5
-    img += 0.3 * np.exp(-(((u - 0.5) / 0.07) ** 2))
-    img += 0.06 * np.clip(np.sin(v * 40.0 + 6.0 * np.abs(u - 0.5)), 0.0, 1.0) ** 3
-    img += 0.25 * np.clip((v - 0.78) / 0.22, 0.0, 1.0)
-    img = np.clip(img, 0.0, 1.0)
-    return np.round(img * 255.0) / 255.0
+from cxr_triage.testing.synthetic import CR_IMAGE_STORAGE as CR_IMAGE_STORAGE  # noqa: E402 (re-exported)
+from cxr_triage.testing.synthetic import CT_IMAGE_STORAGE as CT_IMAGE_STORAGE  # noqa: E402
+from cxr_triage.testing.synthetic import DX_FOR_PRESENTATION as DX_FOR_PRESENTATION  # noqa: E402
+from cxr_triage.testing.synthetic import DX_FOR_PROCESSING as DX_FOR_PROCESSING  # noqa: E402
+from cxr_triage.testing.synthetic import new_dataset as new_dataset  # noqa: E402
+from cxr_triage.testing.synthetic import phantom as phantom  # noqa: E402
 
 
 def lung_and_mediastinum(image: np.ndarray) -> tuple[float, float]:
@@ -88,69 +65,6 @@ def lung_and_mediastinum(image: np.ndarray) -> tuple[float, float]:
 def window_input(display: np.ndarray, center: float, width: float) -> np.ndarray:
     """Values that PS3.3 C.11.2.1.2.1's LINEAR window (center, width) maps onto ``display`` (not rounded)."""
     return (display - 0.5) * (width - 1.0) + center - 0.5
-
-
-def new_dataset(
-    stored: np.ndarray,
-    *,
-    bits_stored: int | None = None,
-    photometric: str = "MONOCHROME2",
-    signed: bool = False,
-    transfer_syntax: str = ExplicitVRLittleEndian,
-    **attributes: Any,
-) -> Dataset:
-    """A single-frame frontal chest CR dataset holding ``stored`` (2-D integer array) as native pixel data.
-
-    ``bits_stored`` defaults to 8 for uint8/int8 arrays, else 16; BitsAllocated follows the array's itemsize.
-    Keyword ``attributes`` are set on the dataset afterwards (``None`` deletes the attribute), so a test can
-    turn the image into a lateral view, a hand, a CT or a DX for processing with one argument.
-    """
-    stored = np.asarray(stored)
-    if stored.ndim != 2 or stored.dtype.kind not in "iu":
-        raise ValueError(f"expected a 2-D integer array, got {stored.dtype} {stored.shape}")
-    bits_allocated = 8 * stored.dtype.itemsize
-    if bits_allocated not in (8, 16):
-        raise ValueError("stored values must be 8- or 16-bit")
-    bits_stored = bits_stored or bits_allocated
-    container = stored.astype(f"{'i' if signed else 'u'}{stored.dtype.itemsize}")
-    if container.min() < (-(2 ** (bits_stored - 1)) if signed else 0) or container.max() > (
-        2 ** (bits_stored - 1) - 1 if signed else 2**bits_stored - 1
-    ):
-        raise ValueError(f"stored values {container.min()}..{container.max()} do not fit {bits_stored} bits")
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
-    ds.file_meta.MediaStorageSOPClassUID = CR_IMAGE_STORAGE
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.SOPClassUID = CR_IMAGE_STORAGE
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientID = "TEST0001"
-    ds.PatientName = "Test^Phantom"
-    ds.StudyDate = "20260101"
-    ds.Modality = "CR"
-    ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = "PA"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.Rows, ds.Columns = stored.shape
-    ds.BitsAllocated = bits_allocated
-    ds.BitsStored = bits_stored
-    ds.HighBit = bits_stored - 1
-    ds.PixelRepresentation = 1 if signed else 0
-    ds.PixelData = np.ascontiguousarray(container, dtype=container.dtype.newbyteorder("<")).tobytes()
-    for keyword, value in attributes.items():
-        if value is None:
-            if keyword in ds:
-                del ds[keyword]
-        else:
-            setattr(ds, keyword, value)
-    ds.file_meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", CR_IMAGE_STORAGE)
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    return ds
 
 
 def save(ds: Dataset, path: Path, *, file_meta: bool = True) -> Path:

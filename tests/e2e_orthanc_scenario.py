@@ -30,8 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import peers
 import pydicom
+
+from cxr_triage.testing import peers, synthetic
 
 DEPLOY = peers.REPO / "deploy" / "orthanc"
 LISTENER_AET = "CXR_TRIAGE"
@@ -65,12 +66,12 @@ def routing(workdir: Path, timeout: float) -> dict[str, Any]:
     images.mkdir(parents=True)
     study = pydicom.uid.generate_uid()
     cases = {
-        "cr": peers.generate_chest_cr(images / "cr.dcm", study_uid=study, seed=1, modality="CR"),
-        "dx": peers.generate_chest_cr(images / "dx.dcm", study_uid=study, seed=2, modality="DX"),
-        "dx_for_processing": peers.generate_chest_cr(
+        "cr": synthetic.chest_file(images / "cr.dcm", study_uid=study, seed=1, modality="CR"),
+        "dx": synthetic.chest_file(images / "dx.dcm", study_uid=study, seed=2, modality="DX"),
+        "dx_for_processing": synthetic.chest_file(
             images / "dxp.dcm", study_uid=study, seed=3, modality="DX", for_processing=True
         ),
-        "secondary_capture": peers.generate_chest_cr(images / "ot.dcm", study_uid=study, seed=4, modality="OT"),
+        "secondary_capture": synthetic.chest_file(images / "ot.dcm", study_uid=study, seed=4, modality="OT"),
     }
     uids = {name: str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for name, path in cases.items()}
     with (
@@ -78,7 +79,7 @@ def routing(workdir: Path, timeout: float) -> dict[str, Any]:
         production_orthanc(workdir / "orthanc", dicom_port, http_port, scp_port) as orthanc,
     ):
         sent = peers.storescu(dicom_port, list(cases.values()), called_ae=ORTHANC_AET, calling_ae="MODALITY")
-        rest_cr = peers.generate_chest_cr(images / "cr-rest.dcm", study_uid=study, seed=5, modality="CR")
+        rest_cr = synthetic.chest_file(images / "cr-rest.dcm", study_uid=study, seed=5, modality="CR")
         orthanc.upload(rest_cr)
         uids["cr_uploaded_by_rest"] = str(pydicom.dcmread(rest_cr, stop_before_pixels=True).SOPInstanceUID)
         stored = {name: lookup_instance(orthanc, uid) is not None for name, uid in uids.items()}
@@ -157,7 +158,7 @@ def pipeline(workdir: Path, image: Path, timeout: float) -> dict[str, Any]:
             },
         ),
     )
-    rest_image = peers.generate_chest_cr(workdir / "rest-upload.dcm", patient_id="E2E-REST", seed=7)
+    rest_image = synthetic.chest_file(workdir / "rest-upload.dcm", patient_id="E2E-REST", seed=7)
     uids = {
         route: str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
         for route, path in (("lua", image), ("rest", rest_image))

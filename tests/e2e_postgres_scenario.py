@@ -25,9 +25,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import peers
 import pydicom
 import sqlalchemy as sa
+
+from cxr_triage.testing import peers, synthetic
 
 LISTENER_AET = "CXR_TRIAGE"
 RECEIVER_AET = "PACS"
@@ -71,7 +72,7 @@ def run(workdir: Path, count: int, studies: int, timeout: float) -> dict[str, An
     images.mkdir()
     study_uids = [pydicom.uid.generate_uid() for _ in range(studies)]
     files = [
-        peers.generate_chest_cr(
+        synthetic.chest_file(
             images / f"{i:03d}.dcm", study_uid=study_uids[i % studies], patient_id=f"E2E-{i % studies}", seed=i
         )
         for i in range(count)
@@ -131,7 +132,7 @@ def run(workdir: Path, count: int, studies: int, timeout: float) -> dict[str, An
                 for sender in senders:
                     sender.communicate(timeout=timeout)
                 # A calling AE title not on the allow-list is rejected at association: nothing stored.
-                intruder_file = peers.generate_chest_cr(workdir / "intruder.dcm", patient_id="E2E-X", seed=99)
+                intruder_file = synthetic.chest_file(workdir / "intruder.dcm", patient_id="E2E-X", seed=99)
                 intruder_uid = str(pydicom.dcmread(intruder_file, stop_before_pixels=True).SOPInstanceUID)
                 intruder = peers.storescu(listener_port, [intruder_file], called_ae=LISTENER_AET, calling_ae="INTRUDER")
 

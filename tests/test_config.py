@@ -31,7 +31,7 @@ def test_defaults_load_without_file_or_environment() -> None:
     assert config.values == defaults()
     assert config.source is None
     for section in ("listener", "storage", "database", "model", "worker", "triage", "sr", "forward", "logging"):
-        assert config[section] == config.section(section) == defaults()[section]
+        assert config[section] == defaults()[section]
 
 
 def test_config_default_toml_is_the_packaged_default() -> None:

@@ -13,8 +13,9 @@ from sqlalchemy import inspect, text
 from sqlalchemy.exc import StatementError
 
 from cxr_triage import db
+from cxr_triage.bootstrap import SERVICE, CommandError, open_database
 from cxr_triage.cli import main
-from cxr_triage.server import StartupError, open_database
+from cxr_triage.settings import Settings
 
 
 def _config(tmp_path: Path) -> tuple[dict, Path]:
@@ -49,13 +50,13 @@ def test_migrations_match_the_models(tmp_path: Path) -> None:
 
 def test_empty_database_is_created_on_start_and_old_revision_is_refused(tmp_path: Path, capsys) -> None:
     values, path = _config(tmp_path)
-    engine = open_database(values, str(path))
+    engine = open_database(Settings.from_values(values), SERVICE, str(path))
     assert db.schema_state(engine) == "current"
     command.stamp(db.alembic_config(engine), "base")  # tables present, revision behind the code's
     assert db.schema_state(engine) == "behind"
     engine.dispose()
-    with pytest.raises(StartupError, match=f"cxr-triage db upgrade --config {path}"):
-        open_database(values, str(path))
+    with pytest.raises(CommandError, match=f"cxr-triage db upgrade --config {path}"):
+        open_database(Settings.from_values(values), SERVICE, str(path))
     assert main(["serve", "--config", str(path)]) == 2
     assert f"cxr-triage db upgrade --config {path}" in capsys.readouterr().err
     assert main(["results", "--config", str(path)]) == 2
@@ -63,12 +64,12 @@ def test_empty_database_is_created_on_start_and_old_revision_is_refused(tmp_path
 
 def test_unknown_revision_is_refused(tmp_path: Path) -> None:
     values, path = _config(tmp_path)
-    engine = open_database(values, str(path))
+    engine = open_database(Settings.from_values(values), SERVICE, str(path))
     with engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = 'ffff'"))
     engine.dispose()
-    with pytest.raises(StartupError, match="newer cxr-triage"):
-        open_database(values, str(path))
+    with pytest.raises(CommandError, match="newer cxr-triage"):
+        open_database(Settings.from_values(values), SERVICE, str(path))
 
 
 def test_timestamps_are_aware_utc(tmp_path: Path) -> None:

@@ -81,17 +81,19 @@ def test_closed_port_backs_off_then_dead_letters_and_forward_retry_resends(make_
     assert delay == retry_delay(1, 10, 15) == 10
     assert "refused" in row.last_error.lower() or "not established" in row.last_error.lower()
 
-    assert forward.process_due(harness.sessions, harness.config) == [], "not due before the backoff has passed"
+    assert forward.process_due(harness.sessions, harness.settings.forward) == [], (
+        "not due before the backoff has passed"
+    )
     later = db.utcnow() + dt.timedelta(seconds=11)
-    (outcome,) = forward.process_due(harness.sessions, harness.config, now=later)
+    (outcome,) = forward.process_due(harness.sessions, harness.settings.forward, now=later)
     assert (outcome.state, outcome.attempts) == (db.FORWARD_PENDING, 2)
     (row,) = _forwards(harness)
     assert (row.next_attempt_at - row.updated_at).total_seconds() == retry_delay(2, 10, 15) == 15
-    (outcome,) = forward.process_due(harness.sessions, harness.config, now=later + dt.timedelta(seconds=20))
+    (outcome,) = forward.process_due(harness.sessions, harness.settings.forward, now=later + dt.timedelta(seconds=20))
     assert (outcome.state, outcome.attempts) == (db.FORWARD_DEAD, 3)
     (row,) = _forwards(harness)
     assert row.state == db.FORWARD_DEAD and row.next_attempt_at is None and row.last_error
-    assert forward.process_due(harness.sessions, harness.config, now=later + dt.timedelta(days=1)) == []
+    assert forward.process_due(harness.sessions, harness.settings.forward, now=later + dt.timedelta(days=1)) == []
 
     config = write_config(harness.tmp / "cxr.toml", harness.config)
     assert main(["forward", "--json", "--config", str(config)]) == 0

@@ -232,8 +232,8 @@ def test_bad_input_gets_a_recorded_reason_or_precise_status(harness, tmp_path: P
         assert attribute in row["reason"], (name, row["reason"])
         assert row["probabilities"] is None and row["label"] is None
     with harness.sessions() as session:
-        assert session.scalar(select(func.count()).select_from(db.Prediction)) == 0
-        codes = {r.code for r in session.scalars(select(db.Refusal)).all()}
+        assert session.scalar(select(func.count()).select_from(db.PredictionRecord)) == 0
+        codes = {r.code for r in session.scalars(select(db.RefusalRecord)).all()}
     assert {"not_frontal", "not_chest", "modality", "colour", "multiframe", "no_pixels", "for_processing"} <= codes
 
 

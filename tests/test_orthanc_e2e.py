@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import peers
 import pytest
+
+from cxr_triage.testing import peers
 
 pytestmark = pytest.mark.peers
 

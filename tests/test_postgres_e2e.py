@@ -9,9 +9,10 @@ import json
 import sys
 from pathlib import Path
 
-import peers
 import pytest
 import sqlalchemy as sa
+
+from cxr_triage.testing import peers
 
 pytestmark = [pytest.mark.postgres, pytest.mark.peers]
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import peers
+from cxr_triage.testing import peers
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

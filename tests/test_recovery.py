@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 from conftest import chest_dataset, config_values, echo, save_dataset, send, write_config
-from peers import tail, terminate, wait_until
 
-from cxr_triage import db, spool
+from cxr_triage import db, files, spool
 from cxr_triage.results import records
+from cxr_triage.testing.peers import tail, terminate, wait_until
 
 
 def _start(config: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -63,10 +63,10 @@ def test_acknowledged_instances_survive_sigkill(tmp_path: Path, tiny_model: Path
     # and a crash during the write leaves a temporary file.
     orphan = chest_dataset(seed=99)
     data = save_dataset(orphan, tmp_path / "orphan.dcm").read_bytes()
-    spool.write_atomic(
+    files.write_atomic(
         spool.spool_path(values["storage"]["spool_dir"], orphan.SOPInstanceUID, spool.sha256_bytes(data)), data
     )
-    stale = Path(values["storage"]["spool_dir"]) / "ab" / f"{spool.TEMP_PREFIX}crashed"
+    stale = Path(values["storage"]["spool_dir"]) / "ab" / f"{files.TEMP_PREFIX}crashed"
     stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_bytes(b"partial")
 

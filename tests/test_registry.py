@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import peers
 import pytest
 from conftest import chest_dataset
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from cxr_triage import db, registry
+from cxr_triage.testing import peers
 
 RACERS = 6
 
@@ -100,7 +100,7 @@ def test_a_worker_whose_registration_fails_classifies_nothing_until_it_succeeds(
         return real(sessions, loaded)
 
     monkeypatch.setattr(registry, "register_model", flaky)
-    harness.worker.predictor = None
+    harness.worker.models.predictor = None
     assert harness.work() == 0
     assert harness.worker.predictor is None
     assert [r["status"] for r in harness.rows()] == ["queued"]

@@ -21,13 +21,14 @@ from typing import Any
 
 import pydicom
 import pytest
-from peers import Storescp, dcmtk_tool, free_port, netns_command, terminate, wait_until
+from conftest import write_sr
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage
 
 from cxr_triage.scu import Destination, SendResult, client_tls_context, retry_delay, send_datasets
-from cxr_triage.sr import build_triage_sr, summarize_triage_sr, write_sr
+from cxr_triage.sr import build_triage_sr, summarize_triage_sr
+from cxr_triage.testing.peers import Storescp, dcmtk_tool, free_port, netns_command, terminate, wait_until
 
 SHARED_DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
 SHA = "00112233445566778899aabbccddeeff" * 2

@@ -14,8 +14,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from conftest import write_sr
 from highdicom.valuerep import check_person_name
-from peers import dcmtk_tool
 from pydicom.dataset import Dataset
 
 from cxr_triage import CLASS_NAMES, codes
@@ -25,8 +25,8 @@ from cxr_triage.sr import (
     device_observer_uid,
     sr_to_bytes,
     summarize_triage_sr,
-    write_sr,
 )
+from cxr_triage.testing.peers import dcmtk_tool
 
 SHARED_DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
 EVIDENCE_FILES = (

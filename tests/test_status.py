@@ -9,7 +9,7 @@ import json
 
 from conftest import chest_dataset, free_port, write_config
 
-from cxr_triage import db, worker
+from cxr_triage import db, jobqueue
 from cxr_triage.cli import main
 
 
@@ -50,10 +50,10 @@ def test_each_problem_is_named_with_what_to_do(make_harness, capsys) -> None:
     # A worker that died holding a job, then that job failing on its last attempt.
     sessions = harness.sessions
     long_ago = db.utcnow() - dt.timedelta(hours=1)
-    assert len(worker.claim_jobs(sessions, "gone", 1, 60, 1, now=long_ago)) == 1
+    assert len(jobqueue.claim(sessions, "gone", 1, 60, 1, now=long_ago)) == 1
     code, report = status(capsys, config)
     assert report["expired_leases"] == 1 and any("lease expired" in p for p in report["problems"])
-    worker.claim_jobs(sessions, "next", 1, 60, 1)  # fails the expired job (its only attempt), claims the other
+    jobqueue.claim(sessions, "next", 1, 60, 1)  # fails the expired job (its only attempt), claims the other
     code, report = status(capsys, config)
     assert report["instances"]["failed"] == 1 and report["failed_last_24h"] == 1
     assert any("failed in the last 24 h" in p for p in report["problems"])

@@ -285,3 +285,15 @@ def test_pack_command_on_shared_images(tmp_path: Path, capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     assert "9 of 9 images" in out and "train" in out
     assert decode_pack(load_pack(tmp_path / "t.pack")).images.shape == (9, 224, 224)
+
+
+def test_the_training_config_mirrors_the_flag_defaults() -> None:
+    """config/train.toml holds the real run's values; each is the default of its flag, so the two cannot drift."""
+    parser = cli.build_parser(None)
+    defaults: dict[str, object] = {}
+    for action in parser._subparsers._group_actions[0].choices.values():  # type: ignore[union-attr]
+        for a in action._actions:
+            defaults.setdefault(a.dest, a.default)
+    configured = cli.load_train_config(cli.DEFAULT_TRAIN_CONFIG)
+    differing = {k: (v, defaults.get(k, "no such flag")) for k, v in configured.items() if defaults.get(k) != v}
+    assert differing == {}

@@ -12,7 +12,7 @@ import pydicom
 from conftest import chest_dataset, save_dataset
 from sqlalchemy import select
 
-from cxr_triage import db, worker
+from cxr_triage import db, jobqueue, pipeline, retention, studies, worker
 
 
 def test_claims_are_exclusive_across_concurrent_connections(harness) -> None:
@@ -25,7 +25,7 @@ def test_claims_are_exclusive_across_concurrent_connections(harness) -> None:
         engine = db.make_engine(url)  # its own pool, as another process would have
         sessions = db.session_factory(engine)
         mine: list[int] = []
-        while jobs := worker.claim_jobs(sessions, name, 2, 600, 3):
+        while jobs := jobqueue.claim(sessions, name, 2, 600, 3):
             mine += [job.id for job in jobs]
         claimed[name] = mine
         engine.dispose()
@@ -47,12 +47,12 @@ def test_expired_lease_is_retried_then_failed_after_max_attempts(harness) -> Non
     harness.send([chest_dataset()])
     sessions = harness.sessions
     now = db.utcnow()
-    first = worker.claim_jobs(sessions, "dead-1", 5, lease_seconds=60, max_attempts=2, now=now)
+    first = jobqueue.claim(sessions, "dead-1", 5, lease_seconds=60, max_attempts=2, now=now)
     assert [j.attempts for j in first] == [1]
-    assert worker.claim_jobs(sessions, "other", 5, 60, 2, now=now + dt.timedelta(seconds=30)) == [], "lease held"
-    second = worker.claim_jobs(sessions, "dead-2", 5, 60, 2, now=now + dt.timedelta(seconds=61))
+    assert jobqueue.claim(sessions, "other", 5, 60, 2, now=now + dt.timedelta(seconds=30)) == [], "lease held"
+    second = jobqueue.claim(sessions, "dead-2", 5, 60, 2, now=now + dt.timedelta(seconds=61))
     assert [j.attempts for j in second] == [2]
-    assert worker.claim_jobs(sessions, "dead-3", 5, 60, 2, now=now + dt.timedelta(seconds=200)) == []
+    assert jobqueue.claim(sessions, "dead-3", 5, 60, 2, now=now + dt.timedelta(seconds=200)) == []
     row = harness.rows()[0]
     assert row["status"] == "error"
     assert "lease expired" in row["reason"]
@@ -95,7 +95,7 @@ def test_prediction_record_flags_and_timings(make_harness) -> None:
     assert row["flagged"] is True
     assert row["reason"].startswith("P(covid)=")
     with harness.sessions() as session:
-        prediction = session.scalars(select(db.Prediction)).one()
+        prediction = session.scalars(select(db.PredictionRecord)).one()
     assert prediction.device == "cpu"
     assert prediction.total_ms >= prediction.inference_ms > 0
     assert len(prediction.model_sha256) == 64
@@ -138,7 +138,7 @@ def test_study_is_aggregated_after_the_quiet_period(make_harness) -> None:
     with harness.sessions() as session:
         row = session.scalars(select(db.Study)).one()
     assert row.status == "open", "still inside the quiet period"
-    completed = worker.aggregate_studies(harness.sessions, 3600, now=db.utcnow() + dt.timedelta(hours=2))
+    completed = studies.aggregate_studies(harness.sessions, 3600, now=db.utcnow() + dt.timedelta(hours=2))
     assert completed == [study]
     with harness.sessions() as session:
         row = session.scalars(select(db.Study)).one()
@@ -157,14 +157,14 @@ def test_study_is_aggregated_after_the_quiet_period(make_harness) -> None:
 def test_study_waits_for_unfinished_instances(make_harness) -> None:
     harness = make_harness(model=None)
     harness.send([chest_dataset()])
-    assert worker.aggregate_studies(harness.sessions, 0, now=db.utcnow() + dt.timedelta(hours=1)) == []
+    assert studies.aggregate_studies(harness.sessions, 0, now=db.utcnow() + dt.timedelta(hours=1)) == []
 
 
 def test_stopping_releases_claimed_jobs_without_counting_the_attempt(harness) -> None:
     harness.send([chest_dataset(seed=1), chest_dataset(seed=2)])
-    jobs = worker.claim_jobs(harness.sessions, harness.worker.worker_id, 5, 600, 3)
+    jobs = jobqueue.claim(harness.sessions, harness.worker.worker_id, 5, 600, 3)
     assert len(jobs) == 2
-    assert worker.release_jobs(harness.sessions, harness.worker.worker_id) == 2
+    assert jobqueue.release(harness.sessions, harness.worker.worker_id) == 2
     with harness.sessions() as session:
         rows = session.scalars(select(db.Instance)).all()
     assert [(r.status, r.attempts, r.claimed_by) for r in rows] == [(db.QUEUED, 0, None)] * 2
@@ -175,8 +175,8 @@ def test_jobs_of_dead_local_worker_processes_are_released(harness) -> None:
     import socket
 
     dead_owner = f"{socket.gethostname()}:999999999:deadbeef"
-    assert len(worker.claim_jobs(harness.sessions, dead_owner, 5, 600, 3)) == 1
-    assert worker.release_dead_local_workers(harness.sessions) == 1
+    assert len(jobqueue.claim(harness.sessions, dead_owner, 5, 600, 3)) == 1
+    assert jobqueue.release_dead_local_workers(harness.sessions) == 1
     assert harness.rows()[0]["status"] == "queued"
     assert harness.work() == 1
 
@@ -232,10 +232,10 @@ def test_a_result_for_a_job_no_longer_held_is_discarded_with_its_sr(harness) -> 
     harness.send([chest_dataset(seed=8)])
     w = harness.worker
     assert w.ensure_model()
-    jobs = worker.claim_jobs(harness.sessions, w.worker_id, 5, 600, 3)
+    jobs = jobqueue.claim(harness.sessions, w.worker_id, 5, 600, 3)
     with harness.sessions() as session, session.begin():  # the lease expired and another worker took the job
         session.execute(update(db.Instance).values(claimed_by="someone-else"))
-    w.process(jobs)
+    w.process(jobs, w.predictor)
     w.close()
     with harness.sessions() as session:
         assert session.scalars(select(db.Instance.status)).one() == db.PROCESSING
@@ -244,14 +244,14 @@ def test_a_result_for_a_job_no_longer_held_is_discarded_with_its_sr(harness) -> 
 
 
 def test_chunks_are_as_even_as_the_limit_allows() -> None:
-    assert worker.chunk_sizes(0, 4) == []
-    assert worker.chunk_sizes(3, 4) == [3]
-    assert worker.chunk_sizes(5, 4) == [3, 2]
-    assert worker.chunk_sizes(8, 4) == [4, 4]
-    assert worker.chunk_sizes(9, 4) == [3, 3, 3]
-    assert worker.chunk_sizes(16, 1) == [1] * 16
+    assert pipeline.chunk_sizes(0, 4) == []
+    assert pipeline.chunk_sizes(3, 4) == [3]
+    assert pipeline.chunk_sizes(5, 4) == [3, 2]
+    assert pipeline.chunk_sizes(8, 4) == [4, 4]
+    assert pipeline.chunk_sizes(9, 4) == [3, 3, 3]
+    assert pipeline.chunk_sizes(16, 1) == [1] * 16
     for count in range(1, 40):
-        sizes = worker.chunk_sizes(count, 4)
+        sizes = pipeline.chunk_sizes(count, 4)
         assert sum(sizes) == count and max(sizes) <= 4 and max(sizes) - min(sizes) <= 1
         assert len(sizes) == -(-count // 4)
 
@@ -261,7 +261,7 @@ def test_an_idle_worker_is_woken_by_the_listener_instead_of_waiting_for_its_poll
     wake = threading.Event()
     queued: list[int] = []
     harness.listener.receiver.on_queued = lambda: (queued.append(1), wake.set())
-    runner = worker.Worker(harness.config, harness.engine, wake=wake)
+    runner = worker.Worker(harness.settings, harness.engine, wake=wake)
     idle = threading.Event()
     waiting = runner.idle
 
@@ -317,23 +317,23 @@ def test_stop_between_chunks_records_the_classified_chunk_and_releases_the_prepa
     assert harness.send([chest_dataset(seed=40 + i) for i in range(2 * worker.CPU_CHUNK)]) == [0] * 8
     w = harness.worker
     assert w.ensure_model()
-    jobs = worker.claim_jobs(harness.sessions, w.worker_id, 16, 600, 3)
-    classify = w._classify_chunk
+    jobs = jobqueue.claim(harness.sessions, w.worker_id, 16, 600, 3)
+    hand_over = w._hand_to_recorder
 
-    def classify_then_stop(outcomes, prepared) -> None:  # type: ignore[no-untyped-def]
-        classify(outcomes, prepared)
+    def classify_then_stop(outcomes) -> None:  # type: ignore[no-untyped-def]
+        hand_over(outcomes)
         w.stop.set()  # e.g. SIGTERM while the next chunk was being prepared
 
-    w._classify_chunk = classify_then_stop  # type: ignore[method-assign]
-    w.process(jobs)
+    w._hand_to_recorder = classify_then_stop  # type: ignore[method-assign]
+    w.process(jobs, w.predictor)
     w.close()
-    assert worker.release_jobs(harness.sessions, w.worker_id) == worker.CPU_CHUNK
+    assert jobqueue.release(harness.sessions, w.worker_id) == worker.CPU_CHUNK
     with harness.sessions() as session:
         rows = session.scalars(select(db.Instance).order_by(db.Instance.id)).all()
     assert [r.status for r in rows] == [db.DONE] * 4 + [db.QUEUED] * 4
     assert [r.attempts for r in rows[4:]] == [0] * 4, "the interrupted attempt is not counted"
     w.stop.clear()
-    w._classify_chunk = classify  # type: ignore[method-assign]
+    w._hand_to_recorder = hand_over  # type: ignore[method-assign]
     assert harness.work() == 4
     assert [r["status"] for r in harness.rows()] == ["ok"] * 8
 
@@ -348,14 +348,14 @@ def test_spool_retention_deletes_only_files_of_instances_finished_long_enough_ag
     paths = [Path(r.spool_path) for r in rows]
     assert all(p.is_file() for p in paths)
     now = db.utcnow()
-    assert worker.purge_spool(harness.sessions, 7, now=now + dt.timedelta(days=6)) == 0
-    assert worker.purge_spool(harness.sessions, 0, now=now + dt.timedelta(days=365)) == 0, "0 keeps every file"
-    assert worker.purge_spool(harness.sessions, 7, now=now + dt.timedelta(days=8)) == 2
+    assert retention.purge_spool(harness.sessions, 7, now=now + dt.timedelta(days=6)) == 0
+    assert retention.purge_spool(harness.sessions, 0, now=now + dt.timedelta(days=365)) == 0, "0 keeps every file"
+    assert retention.purge_spool(harness.sessions, 7, now=now + dt.timedelta(days=8)) == 2
     assert [p.is_file() for p in paths] == [False, False, True]
     results = harness.rows()
     assert [r["spool_removed_at"] is not None for r in results] == [True, True, False]
     assert [r["status"] for r in results] == ["ok", "rejected", "queued"], "the results stay"
-    assert worker.purge_spool(harness.sessions, 7, now=now + dt.timedelta(days=9)) == 0, "each file once"
+    assert retention.purge_spool(harness.sessions, 7, now=now + dt.timedelta(days=9)) == 0, "each file once"
     assert harness.send([ok]) == [0], "the same bytes again are still a no-op"
     assert len(harness.rows()) == 3
     assert harness.work() == 1
@@ -372,7 +372,7 @@ def test_spool_retention_leaves_an_undeletable_file_for_the_next_round(harness, 
 
     with monkeypatch.context() as patch:
         patch.setattr(Path, "unlink", refuse)
-        assert worker.purge_spool(harness.sessions, 7, now=later) == 0
+        assert retention.purge_spool(harness.sessions, 7, now=later) == 0
     assert harness.rows()[0]["spool_removed_at"] is None
-    assert worker.purge_spool(harness.sessions, 7, now=later) == 1
+    assert retention.purge_spool(harness.sessions, 7, now=later) == 1
     assert harness.rows()[0]["spool_removed_at"] is not None

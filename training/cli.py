@@ -19,25 +19,26 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cxr_triage.model import HEADS
+from cxr_triage.model import DEFAULT_HEAD, HEADS
+from training.pack import DEFAULT_MAX_MIB
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "train.toml"
+DEFAULT_TRAIN_CONFIG = Path(__file__).resolve().parents[1] / "config" / "train.toml"
 PREFIXED_TABLES = ("pretrain", "phase1", "phase2")
 BOOL = argparse.BooleanOptionalAction
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--config", default=None, help=f"TOML config (default {DEFAULT_CONFIG} when it exists)")
+    g.add_argument("--config", default=None, help=f"TOML config (default {DEFAULT_TRAIN_CONFIG} when it exists)")
     g.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and augmentation")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     g.add_argument(
         "--amp",
         action=BOOL,
-        default=None,
+        default="auto",
         help="bf16 autocast (--no-amp: float32); default: bf16 on CUDA and on a CPU with bf16 in hardware "
         "(AMX-BF16 or AVX512-BF16), float32 elsewhere, where emulated bf16 is slower",
     )
@@ -58,7 +59,7 @@ def _model(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--width", type=int, default=64, help="filters of the first convolution (paper 64)")
     g.add_argument("--dense-units", type=int, default=64, help="units of the hidden Dense layer(s) (paper 64)")
-    g.add_argument("--head", default="lstm1_dense2", choices=HEADS, help="Table 4 head (paper: lstm1_dense2)")
+    g.add_argument("--head", default=DEFAULT_HEAD, choices=HEADS, help=f"Table 4 head (paper: {DEFAULT_HEAD})")
     g.add_argument("--model-version", default="cae-lstm-dev", help="model_version written into the checkpoint")
 
 
@@ -132,7 +133,7 @@ def _pack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", required=True, help="CSV (path,label[,group,patient_id]) or folder of class folders")
     p.add_argument("--root", default=None, help="folder the manifest's paths are relative to (default: its folder)")
     p.add_argument("--out", required=True, help="pack file to write (e.g. packs/cxr.pack; packs/ is git-ignored)")
-    p.add_argument("--max-mib", type=float, default=58.0, help="maximum pack size in MiB")
+    p.add_argument("--max-mib", type=float, default=DEFAULT_MAX_MIB, help="maximum pack size in MiB")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the group-aware 73/13.5/13.5 split")
     p.add_argument("--max-quality", type=int, default=95, help="highest JPEG quality tried")
     p.add_argument("--min-quality", type=int, default=70, help="lowest JPEG quality before images are dropped")
@@ -239,7 +240,7 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
     return parser
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
+def load_train_config(path: str | Path) -> dict[str, Any]:
     """Flatten a training TOML file into parser destinations (see the module docstring)."""
     try:
         with open(path, "rb") as fh:
@@ -262,13 +263,13 @@ def _config_path(argv: Sequence[str]) -> Path | None:
     known, _ = pre.parse_known_args(argv)
     if known.config:
         return Path(known.config)
-    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+    return DEFAULT_TRAIN_CONFIG if DEFAULT_TRAIN_CONFIG.is_file() else None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     path = _config_path(argv)
-    args = build_parser(load_config(path) if path else None).parse_args(argv)
+    args = build_parser(load_train_config(path) if path else None).parse_args(argv)
     args.config = str(path) if path else None
     return args
 

@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -39,7 +38,9 @@ from training import data as data_mod
 from training.data import independence_weights
 from training.engine import (
     Deadline,
+    EpochStats,
     FeatureBank,
+    Inputs,
     Runtime,
     check_replicas_agree,
     cpu_state_dict,
@@ -47,14 +48,15 @@ from training.engine import (
     evaluate_cae,
     image_inputs,
     load_state,
+    reconstruction_loss,
     rng_state,
     save_state,
     seed_everything,
     set_rng_state,
-    train_cae_epoch,
     train_one_epoch,
     unwrap,
 )
+from training.loop import FitState, Phase, Validation, fit
 from training.metrics import classification_metrics, per_source_metrics
 from training.pack import decode_pack, load_pack
 from training.report import report_from_summary, write_json
@@ -103,20 +105,6 @@ def load_data(args: argparse.Namespace, rt: Runtime) -> data_mod.ImageSet:
     return data
 
 
-MIN_EPOCH_SHARE = 0.25
-"""Another epoch starts while at least this share of one still fits before the deadline; the deadline then cuts it
-short (checked every 20 steps), so on a slow machine the last partial epoch still trains instead of idling."""
-
-
-def _fits_another_epoch(deadline: Deadline | None, last_epoch_seconds: float, rt: Runtime) -> bool:
-    if deadline is None:
-        return not rt.any(Deadline.stop_requested)
-    too_late = deadline.expired() or (
-        last_epoch_seconds > 0 and deadline.remaining() < MIN_EPOCH_SHARE * last_epoch_seconds
-    )
-    return not rt.any(too_late)
-
-
 # ------------------------------------------------------------------------------------------------- pretrain
 
 
@@ -131,6 +119,32 @@ class PretrainResult:
     complete: bool
 
 
+def _fit_state(state: dict[str, Any], score_key: str, best_key: str) -> FitState:
+    """The FitState kept in a state file (``_state_fields`` wrote it)."""
+    return FitState(
+        epoch=state["epoch"],
+        bad_epochs=state.get("bad_epochs", 0),
+        best_score=state[score_key],
+        best=state.get(best_key),
+        history=list(state["history"]),
+        seconds=state.get("fit_seconds", 0.0),
+        images=state.get("fit_images", 0),
+    )
+
+
+def _state_fields(fit_state: FitState, score_key: str, best_key: str) -> dict[str, Any]:
+    """A FitState as the documented keys of a state file (epoch, bad_epochs, the best score and weights)."""
+    return {
+        "epoch": fit_state.epoch,
+        "bad_epochs": fit_state.bad_epochs,
+        score_key: fit_state.best_score,
+        best_key: fit_state.best,
+        "history": fit_state.history,
+        "fit_seconds": fit_state.seconds,
+        "fit_images": fit_state.images,
+    }
+
+
 def run_pretrain(
     args: argparse.Namespace, rt: Runtime, data: data_mod.ImageSet, deadline: Deadline | None = None
 ) -> PretrainResult:
@@ -140,115 +154,57 @@ def run_pretrain(
     seed_everything(args.seed, rt.rank)
     model = rt.prepare(ConvAutoencoder(args.width))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.pretrain_lr, fused=rt.device.type == "cuda")
-    history: list[dict[str, Any]] = []
-    start_epoch, best_mse, best_encoder = 0, math.inf, None
+    resume = None
     if args.resume and state_path.is_file():
         state = load_state(state_path)
-        if state["epoch"] >= args.pretrain_epochs and encoder_path.is_file():
-            logger.info("pretraining already ran %d epochs in %s; keeping %s", state["epoch"], state_path, encoder_path)
-            return PretrainResult(
-                encoder_path, list(state["history"]), 0.0, 0.0, state["best_mse"], state["epoch"], True
-            )
+        resume = _fit_state(state, "best_mse", "best_encoder")
+        if resume.epoch >= args.pretrain_epochs and encoder_path.is_file():
+            logger.info("pretraining already ran %d epochs in %s; keeping %s", resume.epoch, state_path, encoder_path)
+            return PretrainResult(encoder_path, resume.history, 0.0, 0.0, resume.best_score, resume.epoch, True)
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best_mse, history = state["epoch"], state["best_mse"], list(state["history"])
-        best_encoder = state.get("best_encoder")
         set_rng_state(state["rng"])
-        logger.info("resuming pretraining after epoch %d from %s", start_epoch, state_path)
+        logger.info("resuming pretraining after epoch %d from %s", resume.epoch, state_path)
     train_idx, val_idx = data.indices("train"), data.indices("val")
     if len(val_idx) > VAL_CAE_IMAGES:  # a fixed, seeded subset: the curve stays comparable across epochs
         pick = torch.randperm(len(val_idx), generator=torch.Generator().manual_seed(args.seed))[:VAL_CAE_IMAGES]
         val_idx = val_idx[pick.to(val_idx.device)]
     net = rt.wrap(model)
-    t0, last_save = time.perf_counter(), time.monotonic()
-    images, train_seconds, last_epoch_seconds = 0, 0.0, 0.0
-    epoch = start_epoch
+    inputs = image_inputs(data, rt, args.augment, args.augment and args.source_cues)
+    t0 = time.perf_counter()
 
-    def state_now() -> dict[str, Any]:
-        return {
-            "model": cpu_state_dict(net),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "best_mse": best_mse,
-            "best_encoder": best_encoder,
-            "history": history,
-            "args": plain_args(args),
-            "rng": rng_state(),
-        }
+    def train_epoch(epoch: int, limit: Deadline | None) -> EpochStats:
+        return train_one_epoch(
+            net, optimizer, inputs, train_idx, rt, criterion=reconstruction_loss,
+            batch_size=args.pretrain_batch_size, seed=args.seed, epoch=epoch, deadline=limit,
+        )  # fmt: skip
 
-    while epoch < args.pretrain_epochs and _fits_another_epoch(deadline, last_epoch_seconds, rt):
-        e0 = time.perf_counter()
-        stats = train_cae_epoch(
-            net,
-            optimizer,
-            data,
-            train_idx,
-            rt,
-            batch_size=args.pretrain_batch_size,
-            seed=args.seed,
-            epoch=epoch,
-            augment=args.augment,
-            source_cues=args.augment and args.source_cues,
-            deadline=deadline,
-        )
-        val_mse = evaluate_cae(unwrap(net), data, val_idx, rt, args.eval_batch_size)
-        epoch += 1
-        last_epoch_seconds = time.perf_counter() - e0
-        images += stats.images
-        train_seconds += stats.seconds
-        if not math.isfinite(stats.loss):
-            logger.error("pretraining diverged at epoch %d (loss %s); lower --pretrain-lr", epoch, stats.loss)
-            break
-        if val_mse < best_mse:
-            best_mse = val_mse
-            best_encoder = {k: v.detach().cpu().clone() for k, v in unwrap(net).encoder.state_dict().items()}
-        history.append({"epoch": epoch, "train_loss": stats.loss, "val_mse": val_mse, **_speed(stats)})
-        if rt.is_main:
-            logger.info(
-                "pretrain epoch %d/%d: train MSE %.5f, val MSE %.5f, %.1f s, %s images/s",
-                epoch,
-                args.pretrain_epochs,
-                stats.loss,
-                val_mse,
-                stats.seconds,
-                f"{stats.images_per_second:,.0f}",
-            )
-            if time.monotonic() - last_save >= args.checkpoint_seconds:
-                save_state(state_path, state_now())
-                last_save = time.monotonic()
-        if stats.stopped_early:
-            logger.warning("pretraining stopped inside epoch %d by the time budget", epoch)
-            break
-    complete = epoch >= args.pretrain_epochs
+    def validate() -> Validation:
+        mse = evaluate_cae(unwrap(net), data, val_idx, rt, args.eval_batch_size)
+        return Validation(mse, {"val_mse": mse})
+
+    def save(fit_state: FitState) -> None:
+        save_state(state_path, {"model": cpu_state_dict(net), "optimizer": optimizer.state_dict(),
+                                **_state_fields(fit_state, "best_mse", "best_encoder"), "args": plain_args(args),
+                                "rng": rng_state()})  # fmt: skip
+
+    phase = Phase("pretrain", args.pretrain_epochs, checkpoint_seconds=args.checkpoint_seconds)
+    result = fit(phase, rt, train_epoch, validate, lambda: cpu_state_dict(unwrap(net).encoder), save, deadline, resume)
     check_replicas_agree(net, rt, "pretrain")
-    if best_encoder is None:
-        best_encoder = cpu_state_dict(unwrap(net).encoder)
-    seconds = time.perf_counter() - t0
+    state = result.state
+    best_encoder = state.best if state.best is not None else cpu_state_dict(unwrap(net).encoder)
     if rt.is_main:
-        save_state(
-            encoder_path,
-            {
-                "format": ENCODER_FORMAT,
-                "width": args.width,
-                "state_dict": best_encoder,
-                "history": history,
-                "best_val_mse": best_mse,
-                "args": plain_args(args),
-            },
-        )
-        save_state(state_path, state_now())
-        logger.info("encoder (val MSE %.5f after %d epochs) saved to %s", best_mse, epoch, encoder_path)
+        encoder = {"format": ENCODER_FORMAT, "width": args.width, "state_dict": best_encoder,
+                   "history": state.history, "best_val_mse": state.best_score, "args": plain_args(args)}  # fmt: skip
+        save_state(encoder_path, encoder)
+        save(state)
+        logger.info("encoder (val MSE %.5f after %d epochs) saved to %s", state.best_score, state.epoch, encoder_path)
     rt.barrier()
-    ips = images / train_seconds if train_seconds else 0.0
-    return PretrainResult(encoder_path, history, seconds, ips, best_mse, epoch, complete)
-
-
-def _speed(stats: Any) -> dict[str, float]:
-    return {
-        "images": stats.images,
-        "seconds": round(stats.seconds, 3),
-        "images_per_second": round(stats.images_per_second, 1),
-    }
+    complete = state.epoch >= args.pretrain_epochs
+    seconds = time.perf_counter() - t0
+    return PretrainResult(
+        encoder_path, state.history, seconds, state.images_per_second, state.best_score, state.epoch, complete
+    )
 
 
 def load_encoder(model: CAEClassifier, path: str | os.PathLike[str]) -> None:
@@ -301,6 +257,10 @@ def model_card(spec: ModelSpec, provenance: dict[str, Any], version: str) -> Mod
     return ModelCard(spec=spec, class_names=CLASS_NAMES, model_version=version, provenance=plain)
 
 
+def _phase_done(phase: dict[str, Any], fit_state: FitState) -> bool:
+    return fit_state.epoch >= phase["epochs"] or fit_state.bad_epochs >= phase["patience"]
+
+
 def run_finetune(
     args: argparse.Namespace,
     rt: Runtime,
@@ -313,8 +273,8 @@ def run_finetune(
     """Gradual unfreezing: phase 1 trains the head on the frozen encoder, phase 2 trains every layer.
 
     Early stopping per phase on validation loss; the weights with the lowest validation loss over both phases are
-    kept (phase 2 starts from phase 1's best). ``deadline`` is shared by the two phases: phase 1 may use
-    ``args.phase1_share`` of what remains when it starts.
+    kept (phase 2 starts from phase 1's best, and counts patience against it). ``deadline`` is shared by the two
+    phases: phase 1 may use ``args.phase1_share`` of what remains once its features exist.
     """
     out = Path(out or args.out)
     spec = ModelSpec(head=head or args.head, width=args.width, dense_units=args.dense_units)
@@ -325,175 +285,147 @@ def run_finetune(
         load_encoder(model, args.encoder)
     elif rt.is_main:
         logger.warning("no --encoder: fine-tuning from a randomly initialised encoder (no CAE pretraining)")
-    history: list[dict[str, Any]] = []
-    best_loss, best_state = math.inf, None
-    start_phase, start_epoch, bad_epochs, opt_state = 1, 0, 0, None
+    start_phase, progress, opt_state = 1, FitState(), None
     phase_seconds: dict[str, float] = {}
     phase_ips: dict[str, float] = {}
     if args.resume and state_path.is_file():
         state = load_state(state_path)
         model.load_state_dict(state["model"])
-        start_phase, start_epoch, bad_epochs = state["phase"], state["epoch"], state["bad_epochs"]
-        best_loss, best_state, history = state["best_loss"], state["best_state"], list(state["history"])
+        start_phase, progress = state["phase"], _fit_state(state, "best_loss", "best_state")
         phase_seconds, phase_ips = dict(state["phase_seconds"]), dict(state["phase_images_per_second"])
         opt_state = state["optimizer"]
         set_rng_state(state["rng"])
-        logger.info("resuming fine-tuning at phase %d after epoch %d from %s", start_phase, start_epoch, state_path)
+        logger.info("resuming fine-tuning at phase %d after epoch %d from %s", start_phase, progress.epoch, state_path)
     model = rt.prepare(model)
-    train_idx, val_idx = data.indices("train"), data.indices("val")
-    train_weights = None
-    if args.balance_sources:
-        assert data.sources is not None
-        train_weights = independence_weights(data.labels[train_idx], data.sources[train_idx])
-    base_provenance = dict(provenance or {})
-
-    def save_best() -> None:
-        best_model = CAEClassifier(spec)
-        best_model.load_state_dict(best_state)
-        prov = {
-            **base_provenance,
-            "history": history,
-            "best_val_loss": best_loss,
-            "phase_seconds": phase_seconds,
-            "phase_images_per_second": phase_ips,
-        }
-        save_classifier(model_path, best_model, model_card(spec, prov, args.model_version), dtype=torch.float16)
-
-    def state_now(optimizer: torch.optim.Optimizer, phase: int, epoch: int, bad: int) -> dict:
-        return {
-            "model": cpu_state_dict(model),
-            "optimizer": optimizer.state_dict(),
-            "phase": phase,
-            "epoch": epoch,
-            "bad_epochs": bad,
-            "best_loss": best_loss,
-            "best_state": best_state,
-            "history": history,
-            "phase_seconds": phase_seconds,
-            "phase_images_per_second": phase_ips,
-            "args": plain_args(args),
-            "rng": rng_state(),
-            "spec": spec.to_dict(),
-        }
-
-    last_save = time.monotonic()
+    run = _FinetuneRun(args, rt, data, model, spec, state_path, model_path, dict(provenance or {}))
+    run.phase_seconds, run.phase_ips = phase_seconds, phase_ips
     for ph in _phases(args):
         if ph["phase"] < start_phase:
             continue
-        # a resumed state belongs to the phase it was saved in; that phase goes on while epochs and patience last
-        resumed_here = ph["phase"] == start_phase and opt_state is not None
-        if ph["phase"] == 2 and best_state is not None and not resumed_here:
-            unwrap(model).load_state_dict(best_state)  # phase 2 starts from phase 1's best weights
-        unwrap(model).set_encoder_trainable(ph["encoder_trainable"])
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=ph["lr"], fused=rt.device.type == "cuda")
-        if resumed_here and opt_state is not None:
-            optimizer.load_state_dict(opt_state)
-        epoch = start_epoch if ph["phase"] == start_phase else 0
-        bad = bad_epochs if ph["phase"] == start_phase else 0
-        key = f"phase{ph['phase']}"
-        val_inputs = None
+        resumed = ph["phase"] == start_phase and opt_state is not None
+        if resumed and _phase_done(ph, progress):
+            continue
+        if not resumed:  # a new phase: patience and epochs from zero, the best so far carried over
+            if ph["phase"] == 2 and progress.best is not None:
+                unwrap(model).load_state_dict(progress.best)  # phase 2 starts from phase 1's best weights
+            progress = FitState(best_score=progress.best_score, best=progress.best, history=progress.history)
+        progress = run.phase(ph, progress, opt_state if resumed else None, deadline)
+        if Deadline.stop_requested:
+            break
+    check_replicas_agree(model, rt, "finetune")
+    best_state = progress.best if progress.best is not None else cpu_state_dict(model)
+    final = CAEClassifier(spec)
+    final.load_state_dict(best_state)
+    if rt.is_main and progress.history:
+        run.save_best(progress)
+    rt.barrier()
+    return FinetuneResult(
+        final, model_path, progress.history, progress.best_score, phase_seconds, phase_ips, len(progress.history)
+    )
+
+
+class _FinetuneRun:
+    """The parts of one fine-tuning run that both phases share: data, weights, files."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        rt: Runtime,
+        data: data_mod.ImageSet,
+        model: CAEClassifier,
+        spec: ModelSpec,
+        state_path: Path,
+        model_path: Path,
+        provenance: dict[str, Any],
+    ) -> None:
+        self.args, self.rt, self.data, self.model, self.spec = args, rt, data, model, spec
+        self.state_path, self.model_path, self.provenance = state_path, model_path, provenance
+        self.train_idx, self.val_idx = data.indices("train"), data.indices("val")
+        self.weights = None
+        if args.balance_sources:
+            assert data.sources is not None
+            self.weights = independence_weights(data.labels[self.train_idx], data.sources[self.train_idx])
+        self.phase_seconds: dict[str, float] = {}
+        self.phase_ips: dict[str, float] = {}
+
+    def save_best(self, progress: FitState) -> None:
+        best_model = CAEClassifier(self.spec)
+        best_model.load_state_dict(progress.best)
+        prov = {
+            **self.provenance,
+            "history": progress.history,
+            "best_val_loss": progress.best_score,
+            "phase_seconds": self.phase_seconds,
+            "phase_images_per_second": self.phase_ips,
+        }
+        card = model_card(self.spec, prov, self.args.model_version)
+        save_classifier(self.model_path, best_model, card, dtype=torch.float16)
+
+    def _inputs(self, ph: dict[str, Any]) -> tuple[nn.Module, Inputs, Inputs | None]:
+        """The module to train and its training and validation inputs (cached features for phase 1)."""
+        args, rt, data = self.args, self.rt, self.data
         if ph["phase"] == 1 and args.phase1_features:
-            bank = FeatureBank(unwrap(model).encoder, data, torch.cat([train_idx, val_idx]), rt, args.eval_batch_size)
-            phase_seconds["phase1_features"] = round(bank.seconds, 2)
-            phase_ips["phase1_features"] = round(bank.images / bank.seconds, 1) if bank.seconds else 0.0
+            encoder = unwrap(self.model).encoder
+            bank = FeatureBank(encoder, data, torch.cat([self.train_idx, self.val_idx]), rt, args.eval_batch_size)
+            self.phase_seconds["phase1_features"] = round(bank.seconds, 2)
+            self.phase_ips["phase1_features"] = round(bank.images / bank.seconds, 1) if bank.seconds else 0.0
             if rt.is_main:
                 logger.info(
                     "phase1: encoder features of %d images computed once in %.1f s; the head trains on them",
                     bank.images,
                     bank.seconds,
                 )
-            net = rt.wrap(unwrap(model).head)
-            train_inputs = val_inputs = bank.inputs
-        else:
-            net = rt.wrap(model)
-            train_inputs = image_inputs(data, rt, args.augment, args.augment and args.source_cues)
+            return rt.wrap(unwrap(self.model).head), bank.inputs, bank.inputs
+        return rt.wrap(self.model), image_inputs(data, rt, args.augment, args.augment and args.source_cues), None
+
+    def phase(
+        self, ph: dict[str, Any], progress: FitState, opt_state: dict[str, Any] | None, deadline: Deadline | None
+    ) -> FitState:
+        """Run one phase with ``training.loop.fit``; the state after it."""
+        args, rt, model = self.args, self.rt, self.model
+        key = f"phase{ph['phase']}"
+        unwrap(model).set_encoder_trainable(ph["encoder_trainable"])
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=ph["lr"], fused=rt.device.type == "cuda")
+        if opt_state is not None:
+            optimizer.load_state_dict(opt_state)
+        started = time.perf_counter()
+        net, train_inputs, val_inputs = self._inputs(ph)
         # phase 1's share is of the time left once its features exist, so that they are never computed in vain
-        if ph["phase"] == 1 and deadline is not None:
-            phase_deadline = deadline.sub(args.phase1_share * deadline.remaining())
-        else:
-            phase_deadline = deadline
-        last_epoch_seconds, images, seconds = 0.0, 0, 0.0
-        while epoch < ph["epochs"] and bad < ph["patience"]:
-            if not _fits_another_epoch(phase_deadline, last_epoch_seconds, rt):
-                logger.info("%s: stopping before epoch %d to stay within the time budget", key, epoch + 1)
-                break
-            e0 = time.perf_counter()
-            stats = train_one_epoch(
-                net,
-                optimizer,
-                train_inputs,
-                train_idx,
-                rt,
-                batch_size=ph["batch_size"],
-                seed=args.seed + 1000 * ph["phase"],
-                epoch=epoch,
-                weights=train_weights,
-                deadline=phase_deadline,
-            )
-            val = evaluate(unwrap(net), data, val_idx, rt, args.eval_batch_size, inputs=val_inputs)
-            epoch += 1
-            last_epoch_seconds = time.perf_counter() - e0
-            images += stats.images
-            seconds += stats.seconds
-            phase_seconds[key] = round(phase_seconds.get(key, 0.0) + last_epoch_seconds, 3)
-            phase_ips[key] = round(images / seconds, 1) if seconds else 0.0
-            improved = val.loss < best_loss
-            if improved:
-                best_loss, bad = val.loss, 0
-                best_state = cpu_state_dict(model)
-            else:
-                bad += 1
-            history.append(
-                {
-                    "phase": ph["phase"],
-                    "epoch": epoch,
-                    "train_loss": stats.loss,
-                    "train_accuracy": stats.accuracy,
-                    "val_loss": val.loss,
-                    "val_accuracy": val.accuracy,
-                    "best": improved,
-                    **_speed(stats),
-                }
-            )
-            if rt.is_main:
-                logger.info(
-                    "%s epoch %d/%d: train loss %.4f acc %.4f, val loss %.4f acc %.4f%s, %.1f s, %s images/s",
-                    key,
-                    epoch,
-                    ph["epochs"],
-                    stats.loss,
-                    stats.accuracy or 0.0,
-                    val.loss,
-                    val.accuracy,
-                    " (best)" if improved else "",
-                    stats.seconds,
-                    f"{stats.images_per_second:,.0f}",
-                )
-                if improved:
-                    save_best()
-                if time.monotonic() - last_save >= args.checkpoint_seconds:
-                    save_state(state_path, state_now(optimizer, ph["phase"], epoch, bad))
-                    last_save = time.monotonic()
-            if stats.stopped_early:
-                break
-        if bad >= ph["patience"] and rt.is_main:
-            logger.info("%s: early stop, validation loss did not improve for %d epochs", key, bad)
-        if rt.is_main and epoch > (start_epoch if ph["phase"] == start_phase else 0):
-            save_state(state_path, state_now(optimizer, ph["phase"], epoch, bad))
-            last_save = time.monotonic()
-        start_phase, start_epoch, bad_epochs, opt_state = ph["phase"] + 1, 0, 0, None
-        if Deadline.stop_requested:
-            break
-    check_replicas_agree(model, rt, "finetune")
-    if best_state is None:
-        best_state = cpu_state_dict(model)
-    final = CAEClassifier(spec)
-    final.load_state_dict(best_state)
-    if rt.is_main and history:
-        save_best()
-    rt.barrier()
-    return FinetuneResult(final, model_path, history, best_loss, phase_seconds, phase_ips, len(history))
+        limit = deadline.sub(args.phase1_share * deadline.remaining()) if ph["phase"] == 1 and deadline else deadline
+
+        def train_epoch(epoch: int, until: Deadline | None) -> EpochStats:
+            return train_one_epoch(
+                net, optimizer, train_inputs, self.train_idx, rt, batch_size=ph["batch_size"],
+                seed=args.seed + 1000 * ph["phase"], epoch=epoch, weights=self.weights, deadline=until,
+            )  # fmt: skip
+
+        def validate() -> Validation:
+            val = evaluate(unwrap(net), self.data, self.val_idx, rt, args.eval_batch_size, inputs=val_inputs)
+            return Validation(val.loss, {"val_loss": val.loss, "val_accuracy": val.accuracy})
+
+        def save(state: FitState) -> None:
+            save_state(self.state_path, {
+                "model": cpu_state_dict(model), "optimizer": optimizer.state_dict(), "phase": ph["phase"],
+                **_state_fields(state, "best_loss", "best_state"), "phase_seconds": self.phase_seconds,
+                "phase_images_per_second": self.phase_ips, "args": plain_args(args), "rng": rng_state(),
+                "spec": self.spec.to_dict(),
+            })  # fmt: skip
+
+        phase = Phase(key, ph["epochs"], ph["patience"], args.checkpoint_seconds, tags={"phase": ph["phase"]})
+        before = (self.phase_seconds.get(key, 0.0), progress.images, progress.seconds)
+        result = fit(
+            phase, rt, train_epoch, validate, lambda: cpu_state_dict(model), save, limit, progress,
+            on_improve=self.save_best,
+        )  # fmt: skip
+        state = result.state
+        self.phase_seconds[key] = round(before[0] + time.perf_counter() - started, 3)
+        images, seconds = state.images - before[1], state.seconds - before[2]
+        if images:
+            self.phase_ips[key] = round(images / seconds, 1) if seconds else 0.0
+        if rt.is_main and state.epoch > 0:  # a phase that ran no epoch leaves the previous phase's state
+            save(state)
+        return state
 
 
 # ------------------------------------------------------------------------------------------------- evaluate

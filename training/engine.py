@@ -1,7 +1,8 @@
 """Training and evaluation loops in the manner of torchvision's classification references.
 
-``train_one_epoch`` (classifier), ``train_cae_epoch`` (autoencoder) and ``evaluate`` are plain functions over a
-device-resident ``ImageSet``. ``Runtime`` holds the device, precision and distributed settings:
+``train_one_epoch`` (the autoencoder or the classifier, by its criterion) and ``evaluate`` are plain functions over
+a device-resident ``ImageSet``; ``training.loop.fit`` runs the epochs around them. ``Runtime`` holds the device,
+precision and distributed settings:
 
 - precision (``cxr_triage.precision``, ``--amp``): bf16 autocast on CUDA and on a CPU with bf16 in hardware
   (AMX-BF16 / AVX512-BF16), float32 elsewhere; channels_last on both devices; optional ``torch.compile``;
@@ -24,7 +25,6 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from cxr_triage.files import write_atomic
 from cxr_triage.precision import autocast, resolve_precision
 from training.data import ImageSet, epoch_batches, iterate_inputs, model_inputs
 from training.progress import progress_bar
@@ -291,36 +292,18 @@ def _run_epoch(
     )
 
 
-def train_cae_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    data: ImageSet,
-    indices: torch.Tensor,
-    rt: Runtime,
-    *,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    augment: bool = True,
-    source_cues: bool = False,
-    deadline: Deadline | None = None,
-) -> EpochStats:
-    """One epoch of autoencoder training: MSE between the reconstruction and the (augmented) input."""
-    model.train()
-    batches = epoch_batches(
-        indices, batch_size, shuffle=True, seed=seed, epoch=epoch, rank=rt.rank, world_size=rt.world_size
-    )
+Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+"""(model output, input, labels) -> (loss, logits for the accuracy, or None)."""
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, None]:
-        with rt.autocast():
-            recon = model(x)
-        loss = F.mse_loss(recon.float(), x)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss, None
 
-    return _run_epoch(step, image_inputs(data, rt, augment, source_cues), batches, rt, deadline, "train cae")
+def reconstruction_loss(output: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """The autoencoder's loss: MSE between the reconstruction and the (augmented) input; labels unused."""
+    return F.mse_loss(output.float(), x), None
+
+
+def classification_loss(output: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier's loss: categorical cross-entropy of the logits."""
+    return F.cross_entropy(output.float(), y), output
 
 
 @torch.no_grad()
@@ -346,17 +329,18 @@ def train_one_epoch(
     indices: torch.Tensor,
     rt: Runtime,
     *,
+    criterion: Criterion = classification_loss,
     batch_size: int,
     seed: int,
     epoch: int,
     weights: torch.Tensor | None = None,
     deadline: Deadline | None = None,
 ) -> EpochStats:
-    """One epoch of classifier training with categorical cross-entropy.
+    """One training epoch: the autoencoder (``reconstruction_loss``) or the classifier (``classification_loss``).
 
-    ``inputs`` turns index batches into model inputs: augmented images (``image_inputs``) for the whole
-    classifier, or cached encoder features (``FeatureBank.inputs``) for the head alone. ``weights`` (one per
-    index) draws the epoch with replacement in proportion to them.
+    ``inputs`` turns index batches into model inputs: augmented images (``image_inputs``), or cached encoder
+    features (``FeatureBank.inputs``) for the head alone. ``weights`` (one per index) draws the epoch with
+    replacement in proportion to them.
     """
     model.train()
     batches = epoch_batches(
@@ -370,16 +354,17 @@ def train_one_epoch(
         weights=weights,
     )
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         with rt.autocast():
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
+            output = model(x)
+        loss, logits = criterion(output, x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         return loss, logits
 
-    return _run_epoch(step, inputs, batches, rt, deadline, "train cls")
+    desc = "train cae" if criterion is reconstruction_loss else "train cls"
+    return _run_epoch(step, inputs, batches, rt, deadline, desc)
 
 
 class FeatureBank:
@@ -503,11 +488,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_state(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
     """Atomic ``torch.save`` of a training state (tensors and plain values only)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda fh: torch.save(state, fh))
 
 
 def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from cxr_triage import CLASS_NAMES
+from cxr_triage.files import write_atomic
 from cxr_triage.imaging import IMAGE_SIZE
 from training.data import (
     ImageSet,
@@ -44,6 +45,8 @@ from training.progress import progress_bar
 logger = logging.getLogger(__name__)
 
 FORMAT = "cxr-triage-pack/1"
+DEFAULT_MAX_MIB = 58.0
+"""Default pack size: a GPU host is reached with at most about 64 MiB beside the repository."""
 MIB = 1 << 20
 _OVERHEAD_BYTES = 16 * 1024  # margin for the size difference of the numbers in meta
 
@@ -132,7 +135,7 @@ def sample_to_fit(
 def build_pack(
     manifest: Manifest,
     out: str | os.PathLike[str] | None,
-    max_mib: float = 58.0,
+    max_mib: float = DEFAULT_MAX_MIB,
     seed: int = 0,
     fractions: Sequence[float] = (0.73, 0.135, 0.135),
     max_quality: int = 95,
@@ -232,11 +235,7 @@ def build_pack(
 
 
 def save_pack(pack: dict, out: str | os.PathLike[str]) -> int:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(pack, tmp)
-    os.replace(tmp, out)
+    out = write_atomic(out, lambda fh: torch.save(pack, fh))
     return out.stat().st_size
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from cxr_triage.files import write_atomic
 from training.metrics import roc_curve
 
 logger = logging.getLogger(__name__)
@@ -38,10 +39,7 @@ def _pyplot() -> Any:
 
 
 def write_json(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(payload), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(_json_safe(payload), indent=2) + "\n").encode("utf-8"))
 
 
 def _json_safe(value: Any) -> Any:

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 SAMPLE_CR = SHARED / "data" / "dicom" / "pydicom-data_RG1_UNCR.dcm"
 ORTHANC_BIN = Path("/usr/sbin/Orthanc")
@@ -516,75 +516,6 @@ def make_tiny_checkpoint(path: Path, version: str = "test-tiny") -> Path:
 
     model = CAEClassifier(ModelSpec(width=4, dense_units=8))
     save_classifier(path, model, ModelCard(spec=model.spec, model_version=version))
-    return path
-
-
-def generate_chest_cr(
-    path: Path,
-    *,
-    rows: int = 512,
-    columns: int = 512,
-    study_uid: str | None = None,
-    patient_id: str = "E2E-0001",
-    seed: int = 0,
-    modality: str = "CR",
-    for_processing: bool = False,
-) -> Path:
-    """Write a synthetic 16-bit (12 stored) frontal chest image, explicit VR little endian, to ``path``.
-
-    ``modality`` "CR" (CR Image Storage), "DX" (DX for presentation, or for processing) or "OT" (Secondary
-    Capture, a modality cxr-triage is not meant to receive).
-    """
-    import numpy as np
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
-
-    sop_class = {
-        "CR": "1.2.840.10008.5.1.4.1.1.1",
-        "DX": "1.2.840.10008.5.1.4.1.1.1.1.1" if for_processing else "1.2.840.10008.5.1.4.1.1.1.1",
-        "OT": "1.2.840.10008.5.1.4.1.1.7",
-    }[modality]
-    sop_uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientName = "E2E^Synthetic"
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "O"
-    ds.StudyDate = "20260101"
-    ds.StudyTime = "120000"
-    ds.StudyID = "1"
-    ds.AccessionNumber = f"E2E{seed:05d}"
-    ds.ReferringPhysicianName = ""
-    ds.Modality = modality
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = seed + 1
-    ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = "PA"
-    ds.PatientOrientation = ["L", "F"]
-    ds.Manufacturer = "cxr-triage tests"
-    if modality == "DX":
-        ds.PresentationIntentType = "FOR PROCESSING" if for_processing else "FOR PRESENTATION"
-        ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = rows, columns
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:rows, 0:columns].astype(np.float32)
-    lungs = np.exp(-(((xx - columns * 0.3) / (columns * 0.15)) ** 2 + ((yy - rows * 0.5) / (rows * 0.3)) ** 2))
-    lungs += np.exp(-(((xx - columns * 0.7) / (columns * 0.15)) ** 2 + ((yy - rows * 0.5) / (rows * 0.3)) ** 2))
-    image = 3000 - 2000 * lungs + rng.normal(0, 60, size=(rows, columns))
-    ds.PixelData = np.clip(image, 0, 4095).astype("<u2").tobytes()
-    ds.save_as(path, enforce_file_format=True)
     return path
 
 

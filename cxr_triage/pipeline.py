@@ -1,0 +1,136 @@
+"""The processing stages of a claimed job, and what can become of it: ``Classified``, ``Refused`` or ``Failed``.
+
+``preprocess`` reads a spool file and prepares the model input (``cxr_triage.preprocess``): a refusal (a lateral
+view, not a chest) or an error ends the job there; otherwise the prepared image goes on with the dataset, its
+pixel data dropped, kept as the SR's evidence. ``classify`` runs the model on prepared images and sets each
+one's worklist flag. Outcomes are frozen: the recorder (``cxr_triage.recorder``) turns them into rows, SRs and
+forwards in one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cxr_triage.jobqueue import ClaimedJob
+from cxr_triage.settings import TriageSettings
+from cxr_triage.studies import flag_for
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from cxr_triage.inference import Prediction, Predictor
+    from cxr_triage.preprocess import PreparedImage, Refusal
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A job whose image is ready for the model."""
+
+    job: ClaimedJob
+    image: PreparedImage
+    evidence: Dataset  # the classified dataset without its pixel data
+    preprocess_ms: float
+
+
+@dataclass(frozen=True)
+class Classified:
+    """The model's finding for one instance, with the flag it raised."""
+
+    job: ClaimedJob
+    prediction: Prediction
+    evidence: Dataset
+    preprocess_ms: float
+    inference_ms: float
+    flagged: bool
+    flag_reason: str | None
+    model: Predictor  # the predictor that ran, even if a new model was loaded meanwhile
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Not a frontal chest radiograph (or not decodable as one): the reason names the attribute."""
+
+    job: ClaimedJob
+    refusal: Refusal
+
+
+@dataclass(frozen=True)
+class Failed:
+    """An attempt that raised; the job is retried until ``[worker] max_attempts``."""
+
+    job: ClaimedJob
+    error: str
+
+    @classmethod
+    def of(cls, job: ClaimedJob, exc: BaseException) -> Failed:
+        return cls(job, f"{type(exc).__name__}: {exc}"[:4000])
+
+
+Outcome = Classified | Refused | Failed
+
+
+def preprocess(jobs: Sequence[ClaimedJob], stop: threading.Event) -> tuple[list[Outcome], list[Prepared]]:
+    """Read and prepare each job's spool file; jobs left when ``stop`` is set stay claimed (released later)."""
+    from cxr_triage.preprocess import Refusal, prepare_dataset, read_dicom
+
+    outcomes: list[Outcome] = []
+    prepared: list[Prepared] = []
+    for job in jobs:
+        if stop.is_set():
+            break
+        started = time.perf_counter()
+        try:
+            if not Path(job.spool_path).is_file():
+                raise FileNotFoundError(f"spool file {job.spool_path} is missing")
+            ds = read_dicom(job.spool_path)
+            result: Any = ds if isinstance(ds, Refusal) else prepare_dataset(ds)
+        except Exception as exc:
+            logger.exception("job %s (SOP instance %s): preprocessing failed", job.id, job.sop_instance_uid)
+            outcomes.append(Failed.of(job, exc))
+            continue
+        elapsed = (time.perf_counter() - started) * 1000.0
+        if isinstance(result, Refusal):
+            outcomes.append(Refused(job, result))
+            continue
+        if "PixelData" in ds:
+            del ds.PixelData  # the header stays as the SR's evidence; the pixels are in the tensor now
+        prepared.append(Prepared(job, result, ds, elapsed))
+    return outcomes, prepared
+
+
+def classify(prepared: Sequence[Prepared], predictor: Predictor, triage: TriageSettings) -> list[Outcome]:
+    """Run the model on ``prepared`` in one call; an inference error fails every job of the call."""
+    if not prepared:
+        return []
+    try:
+        started = time.perf_counter()
+        predictions = predictor.predict([p.image.tensor for p in prepared])
+        inference_ms = (time.perf_counter() - started) * 1000.0 / len(prepared)
+    except Exception as exc:
+        logger.exception("inference failed for jobs %s", [p.job.id for p in prepared])
+        return [Failed.of(p.job, exc) for p in prepared]
+    outcomes: list[Outcome] = []
+    for item, prediction in zip(prepared, predictions, strict=True):
+        flagged, reason = flag_for(prediction.probabilities, triage)
+        outcomes.append(
+            Classified(
+                item.job, prediction, item.evidence, item.preprocess_ms, inference_ms, flagged, reason, predictor
+            )
+        )
+    return outcomes
+
+
+def chunk_sizes(count: int, limit: int) -> list[int]:
+    """Split ``count`` jobs into the fewest chunks of at most ``limit``, as even as possible (5, 4 -> 3, 2)."""
+    if count <= 0:
+        return []
+    chunks = -(-count // max(1, limit))
+    return [count // chunks + (1 if i < count % chunks else 0) for i in range(chunks)]

@@ -1,0 +1,329 @@
+"""The recorder: a chunk of outcomes becomes Structured Reports, database rows and forwards, in one transaction.
+
+For each ``Classified`` outcome an SR is built (``cxr_triage.sr``) and written atomically under
+``[storage] sr_dir``; the folders are fsynced once per chunk, before the commit, so a committed result always has
+its SR on disk. Then one transaction: the jobs still leased to this worker (``jobqueue.held``) get their
+prediction (with the SR's row and one pending forward per destination), refusal or error, and leave the queue
+(``jobqueue.finish`` / ``retry_or_fail``). If that transaction fails the outcomes are recorded one by one, and one
+that still cannot be recorded is recorded as a failed attempt.
+
+One SR per instance, not per study: each classification is an image-level finding (a TID 1501 group with the
+image as its source), and a study can grow over several associations after its SRs were sent. A re-run (a new
+model, a resend after a conflict) references the instance's previous SR. SRs of one study and model version
+share one series.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from cxr_triage import db, files, forward, jobqueue, spool
+from cxr_triage.pipeline import Classified, Failed, Outcome, Refused
+from cxr_triage.settings import ForwardSettings, SRSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WrittenSR:
+    """An SR file written for one outcome; ``previous_id`` is the SR row it supersedes (None: the first), or
+    ``previous_job`` the job of this chunk whose SR it supersedes."""
+
+    path: Path
+    document: Any
+    previous_id: int | None
+    previous_job: int | None = None
+
+
+SRResult = WrittenSR | str
+"""What became of one outcome's SR: the file, or why it was not written."""
+
+
+class Recorder:
+    """Records the outcomes of one worker (module docstring)."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        worker_id: str,
+        sr: SRSettings,
+        sr_dir: Path,
+        forwarding: ForwardSettings,
+        max_attempts: int,
+    ) -> None:
+        self.sessions = sessions
+        self.worker_id = worker_id
+        self.sr = sr
+        self.sr_dir = Path(sr_dir).resolve()
+        self.forwarding = forwarding
+        self.max_attempts = max_attempts
+
+    def record(self, outcomes: Sequence[Outcome]) -> None:
+        """Write the SRs and record ``outcomes`` in one transaction; one by one should that transaction fail."""
+        started = time.perf_counter()
+        classified = [o for o in outcomes if isinstance(o, Classified)]
+        srs = self.write_srs(classified) if classified and self.sr.enabled else {}
+        written = time.perf_counter()
+        try:
+            self.commit(outcomes, srs)
+        except Exception:
+            logger.exception("recording the batch of %d job(s) failed; recording them one by one", len(outcomes))
+            for outcome in outcomes:
+                self._record_alone(outcome, srs)
+        n = max(1, len(outcomes))
+        classify_ms = sum(o.preprocess_ms + o.inference_ms for o in classified)
+        logger.info(
+            "chunk of %d recorded; per image: preprocess + inference %.0f ms, SR %.0f ms, commit %.0f ms",
+            len(outcomes),
+            classify_ms / n,
+            (written - started) * 1000.0 / n,
+            (time.perf_counter() - written) * 1000.0 / n,
+        )
+
+    def _record_alone(self, outcome: Outcome, srs: dict[int, SRResult]) -> None:
+        own = {outcome.job.id: srs[outcome.job.id]} if outcome.job.id in srs else {}
+        written = own.get(outcome.job.id)
+        if isinstance(written, WrittenSR) and written.previous_job is not None:  # its predecessor may be gone
+            own[outcome.job.id] = WrittenSR(written.path, written.document, written.previous_id)
+        try:
+            self.commit([outcome], own)
+        except Exception as exc:
+            logger.exception("job %s (SOP instance %s): recording failed", outcome.job.id, outcome.job.sop_instance_uid)
+            if isinstance(written, WrittenSR):
+                written.path.unlink(missing_ok=True)
+            try:
+                self.commit([Failed.of(outcome.job, exc)], {})
+            except Exception:
+                logger.exception("job %s: the error could not be recorded either", outcome.job.id)
+
+    # --- Structured Reports ----------------------------------------------------------------------------------
+
+    def _sr_context(self, outcomes: Sequence[Classified]) -> tuple[dict[str, tuple[int, str]], dict[str, str]]:
+        """One read for the chunk: the latest SR (id, path) of each SOP instance, and the SR series of each study
+        for this model version."""
+        sop_uids = sorted({o.job.sop_instance_uid for o in outcomes})
+        study_uids = sorted({o.job.study_instance_uid for o in outcomes})
+        previous: dict[str, tuple[int, str]] = {}
+        series: dict[str, str] = {}
+        with self.sessions() as session:
+            db.read_only(session)
+            rows = session.execute(
+                select(db.Instance.sop_instance_uid, db.SRDocument.id, db.SRDocument.path)
+                .join(db.Instance, db.SRDocument.instance_id == db.Instance.id)
+                .where(db.Instance.sop_instance_uid.in_(sop_uids))
+                .order_by(db.SRDocument.id)
+            ).all()
+            for uid, sr_id, path in rows:
+                previous[uid] = (sr_id, path)  # ascending ids: the last one wins
+            rows = session.execute(
+                select(db.Instance.study_instance_uid, db.SRDocument.series_instance_uid)
+                .join(db.Instance, db.SRDocument.instance_id == db.Instance.id)
+                .where(
+                    db.Instance.study_instance_uid.in_(study_uids),
+                    db.SRDocument.model_version == outcomes[0].model.model_version,
+                )
+                .order_by(db.SRDocument.id)
+            ).all()
+            for study_uid, series_uid in rows:
+                series.setdefault(study_uid, series_uid)
+            session.rollback()
+        return previous, series
+
+    def write_srs(self, outcomes: Sequence[Classified]) -> dict[int, SRResult]:
+        """Build and write the SR of each classified instance, by job id; a failure is the error's text."""
+        try:
+            previous, series = self._sr_context(outcomes)
+        except Exception as exc:
+            logger.exception("the SRs of jobs %s could not be prepared", [o.job.id for o in outcomes])
+            return {o.job.id: _not_written(exc) for o in outcomes}
+        results: dict[int, SRResult] = {}
+        latest: dict[str, tuple[int, Any]] = {}  # SOP instance -> (job, document) written earlier in this chunk
+        folders: set[Path] = set()
+        for outcome in outcomes:
+            job = outcome.job
+            try:
+                written = self._write_one(outcome, previous, series, latest.get(job.sop_instance_uid))
+            except Exception as exc:  # the classification stands; the missing SR is recorded as the error
+                logger.exception("SOP instance %s: the Structured Report could not be written", job.sop_instance_uid)
+                results[job.id] = _not_written(exc)
+                continue
+            results[job.id] = written
+            folders.add(written.path.parent)
+            latest[job.sop_instance_uid] = (job.id, written.document)
+            series.setdefault(job.study_instance_uid, str(written.document.SeriesInstanceUID))
+        try:
+            for folder in sorted(folders):
+                files.fsync_dir(folder)
+        except OSError as exc:
+            logger.exception("the SR folders could not be synced")
+            for job_id, written in list(results.items()):
+                if isinstance(written, WrittenSR):
+                    written.path.unlink(missing_ok=True)
+                    results[job_id] = _not_written(exc)
+        return results
+
+    def _write_one(
+        self,
+        outcome: Classified,
+        previous: dict[str, tuple[int, str]],
+        series: dict[str, str],
+        earlier: tuple[int, Any] | None,
+    ) -> WrittenSR:
+        import pydicom
+
+        from cxr_triage import sr as sr_module
+
+        job = outcome.job
+        previous_ds, previous_id = (earlier[1], None) if earlier is not None else (None, None)
+        if earlier is None and job.sop_instance_uid in previous:
+            previous_id, previous_path = previous[job.sop_instance_uid]
+            if Path(previous_path).is_file():
+                previous_ds = pydicom.dcmread(previous_path, stop_before_pixels=True)
+            else:
+                previous_id = None
+        document = sr_module.build_triage_sr(
+            outcome.evidence,
+            label=outcome.prediction.label,
+            probabilities=outcome.prediction.probabilities,
+            model_version=outcome.model.model_version,
+            model_sha256=outcome.model.loaded.sha256,
+            flagged=outcome.flagged,
+            previous_sr=previous_ds,
+            series_instance_uid=series.get(job.study_instance_uid),
+            institution_name=self.sr.institution_name,
+            manufacturer=self.sr.manufacturer,
+            series_description=self.sr.series_description,
+        )
+        folder = self.sr_dir / spool.safe_uid(job.study_instance_uid)
+        path = files.write_atomic(
+            folder / f"{document.SOPInstanceUID}.dcm", sr_module.sr_to_bytes(document), sync_dir=False
+        )
+        return WrittenSR(path, document, previous_id, earlier[0] if earlier is not None else None)
+
+    # --- the transaction -------------------------------------------------------------------------------------
+
+    def commit(self, outcomes: Sequence[Outcome], srs: dict[int, SRResult]) -> None:
+        """Record ``outcomes`` in one transaction; log them once it has committed."""
+        now = db.utcnow()
+        recorded: list[tuple[Outcome, bool]] = []
+        discarded: list[Outcome] = []
+        sr_rows: dict[int, db.SRDocument] = {}
+        with self.sessions() as session, session.begin():
+            owned = jobqueue.held(session, [o.job for o in outcomes], self.worker_id)
+            for outcome in outcomes:
+                instance = owned.get(outcome.job.id)
+                if instance is None:
+                    discarded.append(outcome)
+                    continue
+                final = False
+                if isinstance(outcome, Failed):
+                    final = jobqueue.retry_or_fail(instance, outcome.error, self.max_attempts, now)
+                elif isinstance(outcome, Refused):
+                    self._add_refusal(session, instance, outcome, now)
+                else:
+                    self._add_prediction(session, instance, outcome, srs.get(outcome.job.id), sr_rows, now)
+                recorded.append((outcome, final))
+        for outcome in discarded:
+            written = srs.get(outcome.job.id)
+            if isinstance(written, WrittenSR):
+                written.path.unlink(missing_ok=True)
+        for outcome, final in recorded:
+            _log(outcome, final)
+
+    def _add_refusal(self, session: Session, instance: db.Instance, outcome: Refused, now: dt.datetime) -> None:
+        refusal = outcome.refusal
+        session.add(
+            db.RefusalRecord(
+                instance_id=instance.id,
+                code=refusal.code,
+                reason=refusal.reason,
+                attribute=refusal.attribute,
+                created_at=now,
+            )
+        )
+        instance.error = None
+        jobqueue.finish(instance, db.REFUSED, now)
+
+    def _add_prediction(
+        self,
+        session: Session,
+        instance: db.Instance,
+        outcome: Classified,
+        written: SRResult | None,
+        sr_rows: dict[int, db.SRDocument],
+        now: dt.datetime,
+    ) -> None:
+        predictor, prediction = outcome.model, outcome.prediction
+        session.add(
+            db.PredictionRecord(
+                instance_id=instance.id,
+                label=prediction.label,
+                probabilities={k: float(v) for k, v in prediction.probabilities.items()},
+                model_version=predictor.model_version,
+                model_sha256=predictor.loaded.sha256,
+                preprocess_ms=outcome.preprocess_ms,
+                inference_ms=outcome.inference_ms,
+                total_ms=outcome.preprocess_ms + outcome.inference_ms,
+                device=str(predictor.device),
+                precision=predictor.precision,
+                created_at=now,
+            )
+        )
+        instance.flagged = outcome.flagged
+        instance.flag_reason = outcome.flag_reason
+        instance.error = written if isinstance(written, str) else None
+        if isinstance(written, WrittenSR):
+            row = self._add_sr(session, outcome, written, sr_rows, now)
+            forward.enqueue(session, row, self.forwarding, now)
+        jobqueue.finish(instance, db.DONE, now)
+
+    def _add_sr(
+        self, session: Session, outcome: Classified, written: WrittenSR, sr_rows: dict[int, db.SRDocument], now: Any
+    ) -> db.SRDocument:
+        previous_id = written.previous_id
+        if written.previous_job is not None:  # it supersedes an SR written earlier in this chunk
+            earlier = sr_rows.get(written.previous_job)
+            previous_id = earlier.id if earlier is not None else None
+        row = db.SRDocument(
+            instance_id=outcome.job.id,
+            sop_instance_uid=str(written.document.SOPInstanceUID),
+            series_instance_uid=str(written.document.SeriesInstanceUID),
+            path=str(written.path),
+            model_version=outcome.model.model_version,
+            previous_sr_id=previous_id,
+            created_at=now,
+        )
+        session.add(row)
+        session.flush()
+        sr_rows[outcome.job.id] = row
+        return row
+
+
+def _not_written(exc: BaseException) -> str:
+    return f"Structured Report not written: {type(exc).__name__}: {exc}"[:4000]
+
+
+def _log(outcome: Outcome, final_attempt: bool) -> None:
+    job = outcome.job
+    if isinstance(outcome, Failed):
+        if final_attempt:
+            logger.error("job %s failed after its last attempt: %s", job.id, outcome.error)
+    elif isinstance(outcome, Refused):
+        logger.info("SOP instance %s refused: %s", job.sop_instance_uid, outcome.refusal.code)
+    else:
+        logger.info(
+            "SOP instance %s: %s (model %s)%s",
+            job.sop_instance_uid,
+            outcome.prediction.label,
+            outcome.model.model_version,
+            " FLAGGED" if outcome.flagged else "",
+        )

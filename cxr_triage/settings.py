@@ -1,0 +1,300 @@
+"""Typed settings: the configuration (``cxr_triage.config``) as one frozen dataclass per section, checked once.
+
+``load_settings`` reads the TOML defaults, the file and the environment (``cxr_triage.config``), then builds
+``Settings``; every section validates its values at construction and a bad value raises ``ConfigError`` naming
+the key (``[forward] destinations[1]: destination port must be ...``). The forwarding destinations are parsed and
+the TLS files of the listener and of forwarding are loaded here too, so that a mistake stops ``serve`` at start-up
+instead of failing the first report hours later. Components take the section they need (the listener its
+``ListenerSettings``, the recorder ``SRSettings`` and ``ForwardSettings``, ...).
+
+Settings are plain values (picklable): ``serve`` hands them to its worker processes. TLS contexts are therefore
+not stored but built on demand by ``server_tls_context`` / ``client_tls_context``.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Self
+
+from cxr_triage.config import ConfigError, load_config, merge
+from cxr_triage.precision import PRECISIONS
+from cxr_triage.scu import Destination, client_tls_context, validate_ae_title
+
+LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _positive(section: str, name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"[{section}] {name} = {value!r}: must be {bound}")
+
+
+def _from_table(cls: type[Any], section: str, table: Mapping[str, Any], **converted: Any) -> Any:
+    known = {f.name for f in fields(cls)}
+    values = {k: v for k, v in table.items() if k in known}
+    values.update(converted)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[{section}] {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    """``[listener]``: the DICOM SCP."""
+
+    ae_title: str = "CXR_TRIAGE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    max_associations: int = 8
+    max_pdu: int = 262144
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 30.0
+    network_timeout: float = 60.0
+    allowed_calling_aes: tuple[str, ...] = ()
+    require_called_ae: bool = True
+    tls_enabled: bool = False
+    tls_certificate: str = ""
+    tls_private_key: str = ""
+    tls_ca_file: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ae_title", validate_ae_title(self.ae_title, "ae_title"))
+        object.__setattr__(
+            self,
+            "allowed_calling_aes",
+            tuple(validate_ae_title(a, "allowed_calling_aes entry") for a in self.allowed_calling_aes),
+        )
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port = {self.port}: must be within 0-65535 (0: any free port)")
+        if self.max_associations < 1:
+            raise ValueError(f"max_associations = {self.max_associations}: must be >= 1")
+        if self.max_pdu < 0:
+            raise ValueError(f"max_pdu = {self.max_pdu}: must be >= 0 (0 = unlimited)")
+        for name in ("acse_timeout", "dimse_timeout", "network_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} = {getattr(self, name)}: must be > 0")
+        if self.tls_enabled and (not self.tls_certificate or not self.tls_private_key):
+            raise ValueError("tls_enabled needs tls_certificate and tls_private_key")
+
+    def server_tls_context(self) -> ssl.SSLContext | None:
+        """The server-side TLS context, or None when TLS is off (client certificates required with a CA file)."""
+        if not self.tls_enabled:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(certfile=self.tls_certificate, keyfile=self.tls_private_key)
+        if self.tls_ca_file:
+            context.load_verify_locations(cafile=self.tls_ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """``[storage]``: the spool of received instances and the folder of Structured Reports."""
+
+    spool_dir: Path = Path("var/spool")
+    sr_dir: Path = Path("var/sr")
+    min_free_mb: float = 512.0
+    spool_retention_days: float = 7.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "spool_dir", Path(self.spool_dir))
+        object.__setattr__(self, "sr_dir", Path(self.sr_dir))
+        if self.min_free_mb < 0 or self.spool_retention_days < 0:
+            raise ValueError("min_free_mb and spool_retention_days must be >= 0")
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """``[database]``: the SQLAlchemy URL."""
+
+    url: str = "sqlite:///var/cxr-triage.sqlite"
+    echo: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.url.strip():
+            raise ValueError("url is empty")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """``[model]``: which classifier runs where, and how."""
+
+    path: str = ""
+    device: str = "auto"
+    batch_size: int = 16
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size = {self.batch_size}: must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision = {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        base = self.device.split(":", 1)[0]
+        if base not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device = {self.device!r}: expected auto, cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """``[worker]``: queue claims, leases, retries and the study quiet period."""
+
+    processes: int = 1
+    poll_interval: float = 0.5
+    claim_batch: int = 16
+    lease_seconds: float = 600.0
+    max_attempts: int = 3
+    study_quiet_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.processes < 0 or self.claim_batch < 1 or self.max_attempts < 1:
+            raise ValueError("processes must be >= 0, claim_batch and max_attempts >= 1")
+        if self.poll_interval <= 0 or self.lease_seconds <= 0 or self.study_quiet_seconds < 0:
+            raise ValueError("poll_interval and lease_seconds must be > 0, study_quiet_seconds >= 0")
+
+
+@dataclass(frozen=True)
+class TriageSettings:
+    """``[triage]``: the probability thresholds that flag a study on the worklist."""
+
+    covid_threshold: float = 0.5
+    pneumonia_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("covid_threshold", "pneumonia_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} = {getattr(self, name)}: must be within 0-1")
+
+
+@dataclass(frozen=True)
+class SRSettings:
+    """``[sr]``: the Structured Report written for each classified instance."""
+
+    enabled: bool = True
+    institution_name: str = ""
+    manufacturer: str = "cxr-triage project"
+    series_description: str = "cxr-triage AI triage (research use only)"
+
+
+@dataclass(frozen=True)
+class ForwardSettings:
+    """``[forward]``: where the Structured Reports go, and how failures are retried."""
+
+    destinations: tuple[Destination, ...] = ()
+    calling_ae_title: str = "CXR_TRIAGE"
+    max_attempts: int = 5
+    backoff_seconds: float = 30.0
+    backoff_max_seconds: float = 3600.0
+    timeout: float = 30.0
+    tls_ca_file: str = ""
+    tls_certificate: str = ""
+    tls_private_key: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "calling_ae_title", validate_ae_title(self.calling_ae_title, "calling_ae_title"))
+        if self.max_attempts < 1 or self.timeout <= 0 or self.backoff_seconds < 0 or self.backoff_max_seconds < 0:
+            raise ValueError("max_attempts must be >= 1, timeout > 0, backoff_seconds and backoff_max_seconds >= 0")
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any]) -> Self:
+        parsed = []
+        for index, entry in enumerate(table.get("destinations", ())):
+            try:
+                parsed.append(Destination.from_mapping(entry))
+            except ValueError as exc:
+                raise ConfigError(f"[forward] destinations[{index}]: {exc}") from exc
+        settings: Self = _from_table(cls, "forward", table, destinations=tuple(parsed))
+        if any(d.tls for d in settings.destinations):
+            try:
+                settings.client_tls_context()
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise ConfigError(f"[forward] tls_*: cannot load the TLS files: {exc}") from exc
+        return settings
+
+    def client_tls_context(self) -> ssl.SSLContext:
+        """The client TLS context for destinations with ``tls = true``."""
+        return client_tls_context(self.tls_ca_file, self.tls_certificate, self.tls_private_key)
+
+    def destination(self, text: str) -> Destination:
+        """``AE@host:port`` (how a forward row names its destination) back to a Destination: the configured one of
+        that name, with its ``tls`` setting, else a plain one (a destination removed from the configuration)."""
+        for destination in self.destinations:
+            if str(destination) == text:
+                return destination
+        ae_title, _, rest = text.partition("@")
+        host, _, port = rest.rpartition(":")
+        return Destination(ae_title=ae_title, host=host, port=int(port))
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    """``[logging]``."""
+
+    level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "level", self.level.upper())
+        if self.level not in LOG_LEVELS:
+            raise ValueError(f"level = {self.level!r}: expected one of {', '.join(LOG_LEVELS)}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole configuration, typed; ``values`` keeps the plain tables (what ``status --json`` reports)."""
+
+    listener: ListenerSettings = field(default_factory=ListenerSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    triage: TriageSettings = field(default_factory=TriageSettings)
+    sr: SRSettings = field(default_factory=SRSettings)
+    forward: ForwardSettings = field(default_factory=ForwardSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    source: Path | None = None
+    values: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Mapping[str, Any]], source: Path | None = None) -> Self:
+        """Typed settings from configuration tables (``cxr_triage.config``'s output, or a test's dict)."""
+        listener = dict(values["listener"])
+        listener["allowed_calling_aes"] = tuple(listener.get("allowed_calling_aes", ()))
+        for name in ("acse_timeout", "dimse_timeout", "network_timeout"):
+            listener[name] = float(listener[name])
+        settings = cls(
+            listener=_from_table(ListenerSettings, "listener", listener),
+            storage=_from_table(StorageSettings, "storage", values["storage"]),
+            database=_from_table(DatabaseSettings, "database", values["database"]),
+            model=_from_table(ModelSettings, "model", values["model"]),
+            worker=_from_table(WorkerSettings, "worker", values["worker"]),
+            triage=_from_table(TriageSettings, "triage", values["triage"]),
+            sr=_from_table(SRSettings, "sr", values["sr"]),
+            forward=ForwardSettings.from_table(values["forward"]),
+            logging=_from_table(LoggingSettings, "logging", values["logging"]),
+            source=source,
+            values={k: dict(v) for k, v in values.items()},
+        )
+        if settings.listener.tls_enabled:
+            try:
+                settings.listener.server_tls_context()
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"[listener] tls_*: cannot load the TLS files: {exc}") from exc
+        return settings
+
+    def with_values(self, **sections: Mapping[str, Any]) -> Settings:
+        """A copy with some keys replaced (``with_values(model={"path": p})``), checked like a file's keys."""
+        return Settings.from_values(merge(dict(self.values), sections, "command line"), self.source)
+
+    def replace(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Defaults, then the file at ``path`` (if any), then the environment, as checked ``Settings``."""
+    config = load_config(path, environ)
+    return Settings.from_values(config.values, config.source)

@@ -1,0 +1,102 @@
+"""Studies: an instance's worklist flag, and a study's aggregate once it has been quiet long enough.
+
+A study can arrive over several associations, so each instance is classified on its own and the study is
+aggregated after ``[worker] study_quiet_seconds`` without new instances, like Orthanc's StableAge or dcmtk's
+``--eostudy-timeout``: counts, the worst label, the highest probability of each class and the flag. A study that
+gets another instance later is opened again (``cxr_triage.jobqueue.enqueue``) and aggregated again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from cxr_triage import CLASS_NAMES, db
+from cxr_triage.settings import TriageSettings
+
+logger = logging.getLogger(__name__)
+
+LABEL_SEVERITY = {"covid": 2, "pneumonia": 1, "normal": 0}
+"""Order used to pick a study's worst label."""
+AGGREGATE_BATCH = 500
+"""Studies aggregated per round."""
+
+
+def flag_for(probabilities: Mapping[str, float], triage: TriageSettings) -> tuple[bool, str | None]:
+    """The worklist flag: P(covid) or P(pneumonia) at or above its configured threshold."""
+    reasons = []
+    for name, threshold in (("covid", triage.covid_threshold), ("pneumonia", triage.pneumonia_threshold)):
+        p = float(probabilities.get(name, 0.0))
+        if p >= threshold:
+            reasons.append(f"P({name})={p:.3f} >= {threshold:.3f}")
+    return bool(reasons), "; ".join(reasons) or None
+
+
+def study_summary(session: Session, instances: Sequence[db.Instance]) -> dict[str, Any]:
+    """Counts, the worst label, the highest probability of each class and the flag over a study's instances."""
+    counts = {status: 0 for status in db.TERMINAL_STATES}
+    max_probs = {name: 0.0 for name in CLASS_NAMES}
+    label: str | None = None
+    reasons = []
+    for instance in instances:
+        counts[instance.status] = counts.get(instance.status, 0) + 1
+        prediction = session.scalars(
+            select(db.PredictionRecord)
+            .where(db.PredictionRecord.instance_id == instance.id)
+            .order_by(db.PredictionRecord.id.desc())
+        ).first()
+        if prediction is None:
+            continue
+        for name, p in prediction.probabilities.items():
+            max_probs[name] = max(max_probs.get(name, 0.0), float(p))
+        if label is None or LABEL_SEVERITY.get(prediction.label, 0) > LABEL_SEVERITY.get(label, 0):
+            label = prediction.label
+        if instance.flagged and instance.flag_reason:
+            reasons.append(f"{instance.sop_instance_uid}: {instance.flag_reason}")
+    return {
+        "instances": len(instances),
+        "classified": counts.get(db.DONE, 0),
+        "refused": counts.get(db.REFUSED, 0),
+        "failed": counts.get(db.FAILED, 0),
+        "label": label,
+        "max_probabilities": max_probs if label is not None else None,
+        "flagged": bool(reasons),
+        "flag_reason": "; ".join(reasons) or None,
+    }
+
+
+def aggregate_studies(
+    sessions: sessionmaker[Session], quiet_seconds: float, now: dt.datetime | None = None
+) -> list[str]:
+    """Complete open studies quiet for ``quiet_seconds`` whose instances are all finished; their UIDs."""
+    now = now or db.utcnow()
+    cutoff = now - dt.timedelta(seconds=quiet_seconds)
+    completed: list[str] = []
+    with sessions() as session, session.begin():
+        studies = session.scalars(
+            select(db.Study)
+            .where(db.Study.status == "open", db.Study.last_received_at <= cutoff)
+            .order_by(db.Study.id)
+            .limit(AGGREGATE_BATCH)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for study in studies:
+            instances = session.scalars(select(db.Instance).where(db.Instance.study_id == study.id)).all()
+            if any(i.status not in db.TERMINAL_STATES for i in instances):
+                continue
+            summary = study_summary(session, instances)
+            study.summary = summary
+            study.label = summary["label"]
+            study.flagged = summary["flagged"]
+            study.flag_reason = summary["flag_reason"]
+            study.status = "complete"
+            study.completed_at = now
+            completed.append(study.study_instance_uid)
+    for uid in completed:
+        logger.info("study %s complete", uid)
+    return completed
