@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "classify": ("cxr_triage.classify", "classify DICOM/PNG/JPEG files or folders directly, without the listener"),
     "forward": ("cxr_triage.forward", "list the Structured Reports sent to the PACS, or resend failed ones (--retry)"),
     "worker": ("cxr_triage.worker", "run one worker alone (more hosts sharing one PostgreSQL database)"),
+    "web": ("cxr_triage.webcli", "serve the radiologists' worklist page and its JSON API"),
+    "users": ("cxr_triage.users", "add, list or remove the worklist's users"),
     "db": ("cxr_triage.dbcli", "create or upgrade the database schema (upgrade), or show its revision (current)"),
 }
 """Subcommand -> (module, one-line help). Each module defines ``add_arguments(parser)`` and ``run(args) -> int``."""
@@ -63,6 +65,16 @@ due now; exit 1 if any still failed.""",
     "worker": """\
 Run one worker without a listener: it takes received images from the shared database, classifies them and
 records the results. For more hosts sharing one PostgreSQL database with a `serve` elsewhere.""",
+    "web": """\
+Serve the radiologists' worklist: studies sorted by suggested priority (urgent, priority, review, routine) then
+arrival, refreshing itself; a page per study with its images, reasons and Structured Reports; radiologist
+feedback (log in first); a JSON API under /api/ documented at /docs. Binds 127.0.0.1:8080 unless [web] host/port
+or --host/--port say otherwise; restrict readers with [web] allowed_networks and serve it over HTTPS (a TLS
+proxy, then [web] secure_cookies = true) before exposing it beyond this machine.""",
+    "users": """\
+Manage who may write through the worklist (feedback). add NAME asks for a password (at least 10 characters;
+--password-stdin reads it from standard input); only its argon2 hash is stored. list shows the users; remove NAME
+deletes one and ends their sessions.""",
     "db": """\
 upgrade: create the database schema or bring it up to this version (run it after installing a new release;
 `serve` refuses a database that is behind). current: show the database's schema revision; exit 1 when it is

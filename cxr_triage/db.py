@@ -102,8 +102,19 @@ class Study(Base):
     flagged: Mapped[bool] = mapped_column(Boolean, default=False)
     flag_reason: Mapped[str | None] = mapped_column(Text)
     summary: Mapped[dict[str, Any] | None]
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    priority: Mapped[str | None] = mapped_column(String(16))
+    """The worklist priority (``cxr_triage.flags``): urgent, priority, review or routine; null until a result."""
+    priority_rule: Mapped[str | None] = mapped_column(String(32))
+    priority_reason: Mapped[str | None] = mapped_column(Text)
+    priority_thresholds: Mapped[dict[str, Any] | None]
+    priority_model_version: Mapped[str | None] = mapped_column(String(128))
+    priority_final: Mapped[bool] = mapped_column(Boolean, default=False)
+    """True once the study was aggregated after its quiet period; a new instance makes it provisional again."""
+    priority_updated_at: Mapped[dt.datetime | None]
 
     instances: Mapped[list[Instance]] = relationship(back_populates="study")
+    feedback: Mapped[list[Feedback]] = relationship(back_populates="study", order_by="Feedback.id")
 
 
 class Instance(Base):
@@ -139,6 +150,8 @@ class Instance(Base):
     flag_reason: Mapped[str | None] = mapped_column(Text)
     spool_removed_at: Mapped[dt.datetime | None]
     """When the retention policy deleted the spool file (``[storage] spool_retention_days``); null while kept."""
+    thumbnail_path: Mapped[str | None] = mapped_column(String(1024))
+    """A 224x224 PNG of the classified pixels (the model's input), for the worklist; null without one."""
 
     study: Mapped[Study] = relationship(back_populates="instances")
     predictions: Mapped[list[PredictionRecord]] = relationship(
@@ -233,6 +246,60 @@ class ModelVersion(Base):
     registered_at: Mapped[dt.datetime]
     metrics: Mapped[dict[str, Any] | None]
     active: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Feedback(Base):
+    """A radiologist's confirmation or correction of a study's label (what retraining learns from)."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    username: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime]
+    label_before: Mapped[str | None] = mapped_column(String(32))
+    label_after: Mapped[str] = mapped_column(String(32))
+    model_version: Mapped[str | None] = mapped_column(String(128))
+    comment: Mapped[str | None] = mapped_column(Text)
+
+    study: Mapped[Study] = relationship(back_populates="feedback")
+
+
+class User(Base):
+    """A worklist user; the password is stored as an argon2 hash only."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[dt.datetime]
+
+
+class WebSession(Base):
+    """A logged-in browser: the sha256 of its cookie token, its CSRF token and when it expires."""
+
+    __tablename__ = "web_sessions"
+
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime]
+    expires_at: Mapped[dt.datetime]
+
+
+class AuditEntry(Base):
+    """One write through the worklist (log in and out, feedback), with who, when and from where."""
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime]
+    username: Mapped[str | None] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str | None] = mapped_column(String(128))
+    detail: Mapped[dict[str, Any] | None]
+    remote_addr: Mapped[str | None] = mapped_column(String(64))
 
 
 class Conflict(Base):

@@ -48,6 +48,7 @@ class ReceivedInstance:
     calling_ae: str | None
     sha256: str
     size_bytes: int
+    accession_number: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def new_worker_id() -> str:
 # --- enqueue -------------------------------------------------------------------------------------------------
 
 
-def _open_study(session: Session, study_uid: str, now: dt.datetime) -> db.Study:
+def _open_study(session: Session, study_uid: str, now: dt.datetime, accession: str | None = None) -> db.Study:
     study = session.scalars(select(db.Study).where(db.Study.study_instance_uid == study_uid)).one_or_none()
     if study is None:
         try:
@@ -91,7 +92,10 @@ def _open_study(session: Session, study_uid: str, now: dt.datetime) -> db.Study:
     if study.status != "open":
         study.status = "open"
         study.completed_at = None
+    study.priority_final = False  # provisional again until the study has been quiet (studies.aggregate_studies)
     study.last_received_at = max(study.last_received_at, now)
+    if accession and not study.accession_number:
+        study.accession_number = accession[:64]
     return study
 
 
@@ -115,7 +119,7 @@ def enqueue(session: Session, item: ReceivedInstance, path: Path, now: dt.dateti
     for other in existing:
         if other.sha256 == item.sha256:
             return Enqueued(instance_id=other.id, duplicate=True)
-    study = _open_study(session, item.study_instance_uid, now)
+    study = _open_study(session, item.study_instance_uid, now, item.accession_number)
     instance = db.Instance(
         study_id=study.id,
         sop_instance_uid=item.sop_instance_uid,
@@ -181,6 +185,7 @@ def enqueue_orphans(spool_dir: str | os.PathLike[str], sessions: sessionmaker[Se
                 calling_ae=None,
                 sha256=spool.sha256_bytes(data),
                 size_bytes=len(data),
+                accession_number=str(ds.get("AccessionNumber") or "").strip() or None,
             )
         except Exception:
             logger.exception("spool file %s has no database row and cannot be read; left in place", path)

@@ -175,6 +175,7 @@ class Receiver:
             sop_instance = ds.get("SOPInstanceUID")
             study_uid = ds.get("StudyInstanceUID")
             series_uid = ds.get("SeriesInstanceUID")
+            accession = str(ds.get("AccessionNumber") or "").strip() or None
         except Exception:
             logger.exception("cannot parse the dataset of SOP instance %s", requested_uid)
             return STATUS_CANNOT_PARSE
@@ -207,6 +208,7 @@ class Receiver:
             calling_ae=event.assoc.requestor.ae_title,
             sha256=spool.sha256_bytes(data),
             size_bytes=len(data),
+            accession_number=accession,
         )
         return self.store(item, data)
 

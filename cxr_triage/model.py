@@ -182,9 +182,11 @@ class CAEClassifier(nn.Module):
         self.head = build_head(self.spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.encoder(x)  # (N, C, 7, 7)
-        seq = features.flatten(2).transpose(1, 2)  # (N, 49, C)
-        return self.head(seq)
+        return self.head(self.sequence(x))
+
+    def sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's 7x7 map as the head's input: (N, 49, C), one step per position in row-major order."""
+        return self.encoder(x).flatten(2).transpose(1, 2)
 
     def set_encoder_trainable(self, trainable: bool) -> None:
         """Phase 1 of gradual unfreezing freezes the encoder; phase 2 unfreezes it."""

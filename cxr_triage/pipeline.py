@@ -38,6 +38,7 @@ class Prepared:
     image: PreparedImage
     evidence: Dataset  # the classified dataset without its pixel data
     preprocess_ms: float
+    thumbnail: bytes | None = None  # PNG of the model's input; None when the image may carry burned-in text
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Classified:
     flagged: bool
     flag_reason: str | None
     model: Predictor  # the predictor that ran, even if a new model was loaded meanwhile
+    thumbnail: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def preprocess(jobs: Sequence[ClaimedJob], stop: threading.Event) -> tuple[list[
             continue
         if "PixelData" in ds:
             del ds.PixelData  # the header stays as the SR's evidence; the pixels are in the tensor now
-        prepared.append(Prepared(job, result, ds, elapsed))
+        prepared.append(Prepared(job, result, ds, elapsed, thumbnail_png(result.tensor, ds)))
     return outcomes, prepared
 
 
@@ -122,10 +124,37 @@ def classify(prepared: Sequence[Prepared], predictor: Predictor, triage: TriageS
         flagged, reason = flag_for(prediction.probabilities, triage)
         outcomes.append(
             Classified(
-                item.job, prediction, item.evidence, item.preprocess_ms, inference_ms, flagged, reason, predictor
+                item.job,
+                prediction,
+                item.evidence,
+                item.preprocess_ms,
+                inference_ms,
+                flagged,
+                reason,
+                predictor,
+                item.thumbnail,
             )
         )
     return outcomes
+
+
+def thumbnail_png(tensor: Any, header: Dataset) -> bytes | None:
+    """The model's input (the preprocessed 224x224 pixels, first channel) as an 8-bit grey PNG, for the worklist.
+
+    None when the header says the pixels carry burned-in annotation (``BurnedInAnnotation`` YES), which may be
+    patient data: the worklist then shows no picture.
+    """
+    if str(header.get("BurnedInAnnotation", "")).strip().upper() == "YES":
+        return None
+    import io
+
+    import torch
+    from PIL import Image
+
+    grey = (tensor[0].clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def chunk_sizes(count: int, limit: int) -> list[int]:

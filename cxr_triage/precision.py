@@ -21,9 +21,10 @@ from __future__ import annotations
 import contextlib
 import functools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: settings (and status) must not load it
+    import torch
 
 PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16")
 """Accepted values of ``[model] precision``."""
@@ -57,6 +58,8 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     if requested != "auto":
         return requested
     if device.type == "cuda":
+        import torch
+
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     if device.type == "cpu":
         return "bfloat16" if cpu_has_bf16() else "float32"
@@ -66,5 +69,7 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast on ``device`` for ``bfloat16``; nothing for ``float32``."""
     if precision == "bfloat16":
+        import torch
+
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -26,9 +26,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from cxr_triage import db, files, forward, jobqueue, spool
+from cxr_triage import db, files, forward, jobqueue, spool, studies
 from cxr_triage.pipeline import Classified, Failed, Outcome, Refused
-from cxr_triage.settings import ForwardSettings, SRSettings
+from cxr_triage.settings import ForwardSettings, SRSettings, TriageSettings
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ class Recorder:
         sr_dir: Path,
         forwarding: ForwardSettings,
         max_attempts: int,
+        triage: TriageSettings | None = None,
+        thumbnail_dir: Path | None = None,
     ) -> None:
         self.sessions = sessions
         self.worker_id = worker_id
@@ -66,19 +68,22 @@ class Recorder:
         self.sr_dir = Path(sr_dir).resolve()
         self.forwarding = forwarding
         self.max_attempts = max_attempts
+        self.triage = triage or TriageSettings()
+        self.thumbnail_dir = Path(thumbnail_dir).resolve() if thumbnail_dir is not None else None
 
     def record(self, outcomes: Sequence[Outcome]) -> None:
         """Write the SRs and record ``outcomes`` in one transaction; one by one should that transaction fail."""
         started = time.perf_counter()
         classified = [o for o in outcomes if isinstance(o, Classified)]
         srs = self.write_srs(classified) if classified and self.sr.enabled else {}
+        thumbnails = self.write_thumbnails(classified)
         written = time.perf_counter()
         try:
-            self.commit(outcomes, srs)
+            self.commit(outcomes, srs, thumbnails)
         except Exception:
             logger.exception("recording the batch of %d job(s) failed; recording them one by one", len(outcomes))
             for outcome in outcomes:
-                self._record_alone(outcome, srs)
+                self._record_alone(outcome, srs, thumbnails)
         n = max(1, len(outcomes))
         classify_ms = sum(o.preprocess_ms + o.inference_ms for o in classified)
         logger.info(
@@ -89,13 +94,13 @@ class Recorder:
             (time.perf_counter() - written) * 1000.0 / n,
         )
 
-    def _record_alone(self, outcome: Outcome, srs: dict[int, SRResult]) -> None:
+    def _record_alone(self, outcome: Outcome, srs: dict[int, SRResult], thumbnails: dict[int, Path]) -> None:
         own = {outcome.job.id: srs[outcome.job.id]} if outcome.job.id in srs else {}
         written = own.get(outcome.job.id)
         if isinstance(written, WrittenSR) and written.previous_job is not None:  # its predecessor may be gone
             own[outcome.job.id] = WrittenSR(written.path, written.document, written.previous_id)
         try:
-            self.commit([outcome], own)
+            self.commit([outcome], own, thumbnails)
         except Exception as exc:
             logger.exception("job %s (SOP instance %s): recording failed", outcome.job.id, outcome.job.sop_instance_uid)
             if isinstance(written, WrittenSR):
@@ -209,10 +214,29 @@ class Recorder:
         )
         return WrittenSR(path, document, previous_id, earlier[0] if earlier is not None else None)
 
+    def write_thumbnails(self, outcomes: Sequence[Classified]) -> dict[int, Path]:
+        """The worklist's PNG of each classified instance that has one, by job id (a failure only logs)."""
+        written: dict[int, Path] = {}
+        if self.thumbnail_dir is None:
+            return written
+        for outcome in outcomes:
+            if outcome.thumbnail is None:
+                continue
+            job = outcome.job
+            path = self.thumbnail_dir / spool.safe_uid(job.study_instance_uid) / f"{job.id}.png"
+            try:
+                written[job.id] = files.write_atomic(path, outcome.thumbnail, sync_dir=False)
+            except OSError:
+                logger.exception("SOP instance %s: the worklist thumbnail could not be written", job.sop_instance_uid)
+        return written
+
     # --- the transaction -------------------------------------------------------------------------------------
 
-    def commit(self, outcomes: Sequence[Outcome], srs: dict[int, SRResult]) -> None:
-        """Record ``outcomes`` in one transaction; log them once it has committed."""
+    def commit(
+        self, outcomes: Sequence[Outcome], srs: dict[int, SRResult], thumbnails: dict[int, Path] | None = None
+    ) -> None:
+        """Record ``outcomes`` in one transaction (with their studies' provisional priorities); log them once it
+        has committed."""
         now = db.utcnow()
         recorded: list[tuple[Outcome, bool]] = []
         discarded: list[Outcome] = []
@@ -231,7 +255,10 @@ class Recorder:
                     self._add_refusal(session, instance, outcome, now)
                 else:
                     self._add_prediction(session, instance, outcome, srs.get(outcome.job.id), sr_rows, now)
+                    thumbnail = (thumbnails or {}).get(outcome.job.id)
+                    instance.thumbnail_path = str(thumbnail) if thumbnail is not None else None
                 recorded.append((outcome, final))
+            studies.refresh_priorities(session, [o.job.study_instance_uid for o, _ in recorded], self.triage)
         for outcome in discarded:
             written = srs.get(outcome.job.id)
             if isinstance(written, WrittenSR):

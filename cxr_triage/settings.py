@@ -99,12 +99,14 @@ class StorageSettings:
 
     spool_dir: Path = Path("var/spool")
     sr_dir: Path = Path("var/sr")
+    thumbnail_dir: Path = Path("var/thumbnails")
     min_free_mb: float = 512.0
     spool_retention_days: float = 7.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "spool_dir", Path(self.spool_dir))
         object.__setattr__(self, "sr_dir", Path(self.sr_dir))
+        object.__setattr__(self, "thumbnail_dir", Path(self.thumbnail_dir))
         if self.min_free_mb < 0 or self.spool_retention_days < 0:
             raise ValueError("min_free_mb and spool_retention_days must be >= 0")
 
@@ -160,13 +162,14 @@ class WorkerSettings:
 
 @dataclass(frozen=True)
 class TriageSettings:
-    """``[triage]``: the probability thresholds that flag a study on the worklist."""
+    """``[triage]``: the probability thresholds of the worklist priorities (``cxr_triage.flags``)."""
 
     covid_threshold: float = 0.5
     pneumonia_threshold: float = 0.5
+    review_below: float = 0.6
 
     def __post_init__(self) -> None:
-        for name in ("covid_threshold", "pneumonia_threshold"):
+        for name in ("covid_threshold", "pneumonia_threshold", "review_below"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} = {getattr(self, name)}: must be within 0-1")
 
@@ -231,6 +234,48 @@ class ForwardSettings:
         return Destination(ae_title=ae_title, host=host, port=int(port))
 
 
+WEB_PATIENT_FIELDS: tuple[str, ...] = (
+    "AccessionNumber",
+    "PatientID",
+    "PatientName",
+    "PatientSex",
+    "PatientAge",
+    "StudyDescription",
+)
+"""Header attributes the worklist may show, when ``[web] patient_fields`` lists them."""
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """``[web]``: the worklist page and its JSON API (``cxr-triage web``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    allowed_networks: tuple[str, ...] = ()
+    refresh_seconds: float = 10.0
+    session_hours: float = 8.0
+    secure_cookies: bool = False
+    patient_fields: tuple[str, ...] = ("AccessionNumber",)
+
+    def __post_init__(self) -> None:
+        import ipaddress
+
+        object.__setattr__(self, "allowed_networks", tuple(self.allowed_networks))
+        object.__setattr__(self, "patient_fields", tuple(self.patient_fields))
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port = {self.port}: must be within 0-65535")
+        for network in self.allowed_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"allowed_networks entry {network!r}: {exc}") from exc
+        unknown = sorted(set(self.patient_fields) - set(WEB_PATIENT_FIELDS))
+        if unknown:
+            raise ValueError(f"patient_fields {unknown}: allowed are {', '.join(WEB_PATIENT_FIELDS)}")
+        if self.refresh_seconds <= 0 or self.session_hours <= 0:
+            raise ValueError("refresh_seconds and session_hours must be > 0")
+
+
 @dataclass(frozen=True)
 class LoggingSettings:
     """``[logging]``."""
@@ -255,6 +300,7 @@ class Settings:
     triage: TriageSettings = field(default_factory=TriageSettings)
     sr: SRSettings = field(default_factory=SRSettings)
     forward: ForwardSettings = field(default_factory=ForwardSettings)
+    web: WebSettings = field(default_factory=WebSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     source: Path | None = None
     values: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False, repr=False)
@@ -275,6 +321,7 @@ class Settings:
             triage=_from_table(TriageSettings, "triage", values["triage"]),
             sr=_from_table(SRSettings, "sr", values["sr"]),
             forward=ForwardSettings.from_table(values["forward"]),
+            web=_from_table(WebSettings, "web", values["web"]),
             logging=_from_table(LoggingSettings, "logging", values["logging"]),
             source=source,
             values={k: dict(v) for k, v in values.items()},

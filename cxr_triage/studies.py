@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from cxr_triage import CLASS_NAMES, db
+from cxr_triage import CLASS_NAMES, db, flags
 from cxr_triage.settings import TriageSettings
 
 logger = logging.getLogger(__name__)
@@ -70,10 +70,60 @@ def study_summary(session: Session, instances: Sequence[db.Instance]) -> dict[st
     }
 
 
+def _instance_flag(session: Session, instance: db.Instance, triage: TriageSettings) -> flags.Flag | None:
+    if instance.status == db.DONE:
+        prediction = session.scalars(
+            select(db.PredictionRecord)
+            .where(db.PredictionRecord.instance_id == instance.id)
+            .order_by(db.PredictionRecord.id.desc())
+        ).first()
+        if prediction is not None:
+            return flags.instance_flag(prediction.probabilities, triage, prediction.model_version)
+    if instance.status == db.REFUSED:
+        refusal = session.scalars(
+            select(db.RefusalRecord)
+            .where(db.RefusalRecord.instance_id == instance.id)
+            .order_by(db.RefusalRecord.id.desc())
+        ).first()
+        return flags.refused_flag(refusal.reason if refusal else "not a frontal chest radiograph", triage)
+    if instance.status == db.FAILED:
+        return flags.failed_flag(instance.error or "processing failed", triage)
+    return None
+
+
+def refresh_priority(
+    session: Session, study: db.Study, triage: TriageSettings, final: bool, now: dt.datetime | None = None
+) -> flags.Flag | None:
+    """Re-evaluate ``study``'s priority from its instances' latest outcomes (``cxr_triage.flags``) and store it
+    with its rule, thresholds and model version; ``final`` once the study has been aggregated."""
+    instances = session.scalars(select(db.Instance).where(db.Instance.study_id == study.id)).all()
+    flag = flags.most_urgent(f for i in instances if (f := _instance_flag(session, i, triage)) is not None)
+    if flag is None:
+        return None
+    study.priority = flag.priority
+    study.priority_rule = flag.rule
+    study.priority_reason = flag.reason
+    study.priority_thresholds = dict(flag.thresholds)
+    study.priority_model_version = flag.model_version
+    study.priority_final = final
+    study.priority_updated_at = now or db.utcnow()
+    return flag
+
+
+def refresh_priorities(session: Session, study_uids: Sequence[str], triage: TriageSettings) -> None:
+    """Provisional priorities for the studies of a just-recorded chunk (inside the recorder's transaction)."""
+    for study in session.scalars(select(db.Study).where(db.Study.study_instance_uid.in_(sorted(set(study_uids))))):
+        refresh_priority(session, study, triage, final=study.status == "complete")
+
+
 def aggregate_studies(
-    sessions: sessionmaker[Session], quiet_seconds: float, now: dt.datetime | None = None
+    sessions: sessionmaker[Session],
+    quiet_seconds: float,
+    now: dt.datetime | None = None,
+    triage: TriageSettings | None = None,
 ) -> list[str]:
-    """Complete open studies quiet for ``quiet_seconds`` whose instances are all finished; their UIDs."""
+    """Complete open studies quiet for ``quiet_seconds`` whose instances are all finished; their UIDs. Their
+    priority becomes final."""
     now = now or db.utcnow()
     cutoff = now - dt.timedelta(seconds=quiet_seconds)
     completed: list[str] = []
@@ -96,6 +146,7 @@ def aggregate_studies(
             study.flag_reason = summary["flag_reason"]
             study.status = "complete"
             study.completed_at = now
+            refresh_priority(session, study, triage or TriageSettings(), final=True, now=now)
             completed.append(study.study_instance_uid)
     for uid in completed:
         logger.info("study %s complete", uid)

@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine
 
 from cxr_triage import db, jobqueue, pipeline
-from cxr_triage.imaging import IMAGE_SIZE
 from cxr_triage.jobqueue import ClaimedJob
 from cxr_triage.modelstore import ModelStore
 from cxr_triage.recorder import Recorder
@@ -83,6 +82,8 @@ class Worker:
             settings.storage.sr_dir,
             settings.forward,
             settings.worker.max_attempts,
+            settings.triage,
+            settings.storage.thumbnail_dir,
         )
         self._recording: ThreadPoolExecutor | None = None
         self._preparing: ThreadPoolExecutor | None = None
@@ -103,6 +104,8 @@ class Worker:
         """Pay the one-time costs now rather than on the first batch: the first forward pass, and highdicom's
         import and standard tables (about 1.5 s on a CPU) by building one throw-away SR."""
         import torch
+
+        from cxr_triage.imaging import IMAGE_SIZE
 
         try:
             predictor.probabilities(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
@@ -265,15 +268,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=None, metavar="PATH", help="classifier checkpoint (overrides [model] path; default: bundled)"
     )
-    parser.add_argument("--once", action="store_true", help="process until the queue is empty, then exit")
+    parser.add_argument(
+        "--once", action="store_true", help="process until the queue is empty, send the reports due, then exit"
+    )
 
 
 def _work(args: argparse.Namespace, context: Context) -> int:
     jobqueue.release_dead_local_workers(db.session_factory(context.db))
     runner = Worker(context.settings, context.db)
-    if args.once:
+    if args.once:  # one-shot use: the queue, then the housekeeping once (forwarding, aggregation)
+        from cxr_triage.housekeeping import Housekeeping
+
         runner.run_until_idle()
         jobqueue.release(runner.sessions, runner.worker_id)
+        Housekeeping(context.settings, runner.sessions).run_once()
         return 0
     install_signal_handlers(runner.stop)
     runner.run()

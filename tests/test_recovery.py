@@ -93,6 +93,7 @@ def test_acknowledged_instances_survive_sigkill(tmp_path: Path, tiny_model: Path
     assert "stopped" in text
     assert "Test^Phantom" not in text, "logs carry UIDs, never patient names"
     assert " highdicom" not in text, "highdicom's per-SR INFO lines are kept out of INFO logs"
+    assert " alembic" not in text, "Alembic's INFO lines on every start are kept out of INFO logs"
 
 
 def test_serve_without_a_model_starts_and_keeps_instances_queued(tmp_path: Path) -> None:

@@ -127,3 +127,29 @@ def test_results_and_forward_on_a_database_that_does_not_exist(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "Traceback" not in err and "cxr-triage db upgrade" in err
     assert not missing.exists() and not missing.parent.exists(), "nothing was created"
+
+
+def test_results_from_another_folder_names_the_resolved_path_and_the_likely_cause(
+    harness, tmp_path, capsys, monkeypatch
+) -> None:
+    """The default database path is relative: run from elsewhere, the message says so instead of advising a new
+    empty database."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["results"]) == 2
+    err = capsys.readouterr().err
+    assert str(elsewhere / "var" / "cxr-triage.sqlite") in err
+    assert "relative" in err and "the folder `cxr-triage serve` runs in" in err
+    assert not (elsewhere / "var").exists(), "nothing was created"
+    assert main(["status"]) == 2
+    assert "relative" in capsys.readouterr().err
+
+
+def test_forward_says_when_there_is_nothing_to_list_or_send(harness, capsys) -> None:
+    config = write_config(harness.tmp / "cxr.toml", harness.config)
+    assert main(["forward", "--config", str(config)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "no SR forwards recorded ([forward] destinations is empty)" in err
+    assert main(["forward", "--retry", "--config", str(config)]) == 0
+    assert "nothing to send" in capsys.readouterr().err

@@ -376,3 +376,18 @@ def test_spool_retention_leaves_an_undeletable_file_for_the_next_round(harness, 
     assert harness.rows()[0]["spool_removed_at"] is None
     assert retention.purge_spool(harness.sessions, 7, now=later) == 1
     assert harness.rows()[0]["spool_removed_at"] is not None
+
+
+def test_worker_and_serve_take_the_model_on_the_command_line(make_harness, tiny_model: Path) -> None:
+    from conftest import write_config
+
+    from cxr_triage.cli import main
+
+    harness = make_harness(model=None)  # the configuration names a model that does not exist
+    harness.send([chest_dataset(seed=61)])
+    config = write_config(harness.tmp / "cxr.toml", harness.config)
+    assert main(["worker", "--once", "--config", str(config)]) == 0
+    assert [r["status"] for r in harness.rows()] == ["queued"]
+    assert main(["worker", "--once", "--config", str(config), "--model", str(tiny_model)]) == 0
+    (row,) = harness.rows()
+    assert row["status"] == "ok" and row["model_version"] == "tiny-test"

@@ -106,19 +106,29 @@ def run_sources(args: argparse.Namespace, rt: Runtime, data: data_mod.ImageSet) 
     split, sources, labels = data.split.cpu(), data.sources.cpu(), data.labels.cpu()
     train, val, unseen = split == 0, split == 1, split >= 1
     rows: list[dict[str, Any]] = []
-    for s, name in enumerate(data.source_names):
-        held = torch.nonzero(unseen & (sources == s)).flatten()
-        if len(held) < args.min_held_out:
-            logger.info("%s: %d held-out images, too few; skipped", name, len(held))
-            continue
-        for balanced in (False, True):
-            row: dict[str, Any] = {"source": name, "balanced": balanced, "images": len(held)}
-            for mode, keep in (("left_out", sources != s), ("reference", torch.ones_like(train))):
-                tr = torch.nonzero(train & keep).flatten()
-                va = torch.nonzero(val & keep & (sources != s) if mode == "left_out" else val).flatten()
-                weights = data_mod.independence_weights(labels[tr], sources[tr]) if balanced else None
-                model = train_head(spec, encoder_state, bank, tr, va, rt, args, weights)
-                row[mode] = _held_out_figures(model, bank, data, held, rt, args)
+    all_train, all_val = torch.nonzero(train).flatten(), torch.nonzero(val).flatten()
+    for balanced in (False, True):
+
+        def weights_of(tr: torch.Tensor, balanced: bool = balanced) -> torch.Tensor | None:
+            return data_mod.independence_weights(labels[tr], sources[tr]) if balanced else None
+
+        # the reference head sees every source: one per weighting, tested on each source's unseen images
+        reference = train_head(spec, encoder_state, bank, all_train, all_val, rt, args, weights_of(all_train))
+        for s, name in enumerate(data.source_names):
+            held = torch.nonzero(unseen & (sources == s)).flatten()
+            if len(held) < args.min_held_out:
+                logger.info("%s: %d held-out images, too few; skipped", name, len(held))
+                continue
+            tr = torch.nonzero(train & (sources != s)).flatten()
+            va = torch.nonzero(val & (sources != s)).flatten()
+            left_out = train_head(spec, encoder_state, bank, tr, va, rt, args, weights_of(tr))
+            row: dict[str, Any] = {
+                "source": name,
+                "balanced": balanced,
+                "images": len(held),
+                "left_out": _held_out_figures(left_out, bank, data, held, rt, args),
+                "reference": _held_out_figures(reference, bank, data, held, rt, args),
+            }
             rows.append(row)
             logger.info(
                 "%s (%s): accuracy %.3f left out, %.3f when seen",
