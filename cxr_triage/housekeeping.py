@@ -40,9 +40,7 @@ class Housekeeping:
         forward.process_due(self.sessions, self.settings.forward)
 
     def aggregate(self) -> None:
-        studies.aggregate_studies(
-            self.sessions, self.settings.worker.study_quiet_seconds, triage=self.settings.triage
-        )
+        studies.aggregate_studies(self.sessions, self.settings.worker.study_quiet_seconds, triage=self.settings.triage)
 
     def purge(self) -> None:
         retention.purge_spool(self.sessions, self.settings.storage.spool_retention_days)
