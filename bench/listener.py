@@ -37,6 +37,7 @@ Without ``--model`` a checkpoint with random weights is made: ``--random tiny`` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import re
@@ -58,10 +59,10 @@ from sqlalchemy import select  # noqa: E402
 
 from cxr_triage import CLASS_NAMES, db  # noqa: E402
 from cxr_triage.checkpoint import ModelCard, load_classifier, save_classifier  # noqa: E402
-from cxr_triage.config import load_config  # noqa: E402
 from cxr_triage.inference import Predictor, pick_device  # noqa: E402
 from cxr_triage.model import CAEClassifier, ModelSpec  # noqa: E402
 from cxr_triage.preprocess import PreparedImage, prepare_path  # noqa: E402
+from cxr_triage.settings import load_settings  # noqa: E402
 from cxr_triage.testing import peers, synthetic  # noqa: E402
 
 
@@ -193,19 +194,19 @@ def sr_alone(files: list[Path], model_path: Path) -> float:
     return (time.process_time() - started) / len(headers)
 
 
-def receive_alone(files: list[Path], senders: int, listener_cfg: dict[str, Any]) -> float:
+def receive_alone(files: list[Path], senders: int, listener: Any) -> float:
     """CPU seconds per image of pynetdicom receiving ``files`` (server's contexts, a handler that only answers
     success) from the same storescu senders: the listener library's own cost, measured in this process."""
     from pynetdicom import evt
 
     from cxr_triage.listener import build_ae
 
-    ae = build_ae({**listener_cfg, "allowed_calling_aes": []})
+    ae = build_ae(dataclasses.replace(listener, allowed_calling_aes=()))
     port = peers.free_port()
     server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0)])
     try:
         before = resource.getrusage(resource.RUSAGE_SELF)
-        _, codes = send(files, senders, port, str(listener_cfg["ae_title"]))
+        _, codes = send(files, senders, port, listener.ae_title)
         after = resource.getrusage(resource.RUSAGE_SELF)
     finally:
         server.shutdown()
@@ -353,12 +354,12 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             "worker": {"processes": args.workers},
         },
     )
-    cfg = load_config(config, environ={})
-    ae_title = str(cfg["listener"]["ae_title"])
-    batch_size = int(cfg["model"]["batch_size"])
+    cfg = load_settings(config, environ={})
+    ae_title = cfg.listener.ae_title
+    batch_size = cfg.model.batch_size
     print(
-        f"server: SQLite, {args.workers} worker process(es), claim_batch {cfg['worker']['claim_batch']}, "
-        f"batch_size {batch_size}, poll_interval {cfg['worker']['poll_interval']} s, SR enabled, no forwarding; "
+        f"server: SQLite, {args.workers} worker process(es), claim_batch {cfg.worker.claim_batch}, "
+        f"batch_size {batch_size}, poll_interval {cfg.worker.poll_interval} s, SR enabled, no forwarding; "
         f"{args.senders} concurrent storescu senders"
     )
     before = model_alone(files, model_path, batch_size, device)
@@ -371,7 +372,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
     with peers.Server(config, port, log=workdir / "serve.log", ready_timeout=120) as server:
         # Measure the steady state: wait until every worker has its model loaded.
         peers.wait_until(
-            lambda: server.log.read_text(errors="replace").count(" cxr_triage.worker: model ") >= args.workers,
+            lambda: server.log.read_text(errors="replace").count(" cxr_triage.modelstore: model ") >= args.workers,
             300,
             "the workers to load the model",
         )
@@ -452,7 +453,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
     )
     # A lower bound: the smaller of the two measurements of everything measured twice.
     sr_cpu = min(sr_before, sr_alone(files, model_path))
-    receive_cpu = receive_alone(files, args.senders, dict(cfg["listener"]))
+    receive_cpu = receive_alone(files, args.senders, cfg.listener)
     cores = os.cpu_count() or 1
     least_model_cpu, least_preprocess_cpu = min(before[3], after[3]), min(before[2], after[2])
     floor = (least_model_cpu + receive_cpu + least_preprocess_cpu + sr_cpu + senders_cpu / len(files)) / cores

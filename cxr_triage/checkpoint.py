@@ -119,7 +119,8 @@ def load_classifier(path: str | os.PathLike[str], map_location: str | torch.devi
 
 
 def resolve_model_path(
-    path: str | os.PathLike[str] | None, how: str = "set [model] path in the configuration (--config FILE)"
+    path: str | os.PathLike[str] | None,
+    how: str = "pass it with --model PATH or set [model] path in the configuration (--config FILE)",
 ) -> Path:
     """The checkpoint to use: the given path, else the bundled model; explains how to get one if neither exists.
 

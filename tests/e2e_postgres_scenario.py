@@ -32,7 +32,7 @@ from cxr_triage.testing import peers, synthetic
 
 LISTENER_AET = "CXR_TRIAGE"
 RECEIVER_AET = "PACS"
-CLASSIFIED = re.compile(r" (?P<process>\S+) cxr_triage\.worker: SOP instance (?P<uid>[0-9.]+): ")
+CLASSIFIED = re.compile(r" (?P<process>\S+) cxr_triage\.recorder: SOP instance (?P<uid>[0-9.]+): ")
 """A worker's log line for one classified instance (format of ``worker_process_main``)."""
 MODEL_LOADED = re.compile(r" (?P<process>\S+) cxr_triage\.modelstore: model \S+ \(sha256 ")
 """A worker's log line once its model is loaded: it polls the queue from then on."""

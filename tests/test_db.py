@@ -27,7 +27,8 @@ def test_db_upgrade_creates_the_file_and_folders_and_reports_current(tmp_path: P
     values, path = _config(tmp_path)
     assert main(["db", "upgrade", "--config", str(path)]) == 0
     assert (tmp_path / "deep" / "dir" / "x.sqlite").is_file()
-    assert "empty -> 0002" in capsys.readouterr().out, "every migration applied, the last being the head"
+    head = db.head_revision(db.make_engine("sqlite://"))
+    assert f"empty -> {head}" in capsys.readouterr().out, "every migration applied, the last being the head"
     assert main(["db", "current", "--config", str(path)]) == 0
     assert "current" in capsys.readouterr().out
     engine = db.make_engine(values["database"]["url"])

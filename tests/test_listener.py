@@ -99,7 +99,7 @@ EXPECTED_SYNTAX = {
 
 
 def test_c_echo_with_pynetdicom_and_dcmtk(harness) -> None:
-    from peers import echoscu
+    from cxr_triage.testing.peers import echoscu
 
     assert echo(harness.port) == 0x0000
     assert echoscu(harness.port, "CXR_TRIAGE")
@@ -132,7 +132,7 @@ def test_every_transfer_syntax_is_received_as_sent_and_classified(harness, tmp_p
 
 
 def test_shared_files_with_dcmtk_storescu(harness) -> None:
-    from peers import storescu
+    from cxr_triage.testing.peers import storescu
 
     files = sorted(SHARED_DICOM.glob("*.dcm"))
     assert len(files) == 5

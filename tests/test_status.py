@@ -45,7 +45,12 @@ def test_each_problem_is_named_with_what_to_do(make_harness, capsys) -> None:
     assert report["instances"]["queued"] == 2 and report["oldest_queued_seconds"] >= 0
     assert any(p.startswith("no model at") for p in report["problems"])
     assert any("oldest queued instance has waited" in p for p in report["problems"])
-    assert report["model"] == {"path": harness.config["model"]["path"], "present": False, "last_loaded": None}
+    assert report["model"] == {
+        "path": harness.config["model"]["path"],
+        "present": False,
+        "last_loaded": None,
+        "precision": {"configured": "auto", "last_used": None},
+    }
 
     # A worker that died holding a job, then that job failing on its last attempt.
     sessions = harness.sessions

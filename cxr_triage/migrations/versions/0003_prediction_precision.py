@@ -17,8 +17,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("predictions") as batch:
-        batch.add_column(sa.Column("precision", sa.String(length=16), nullable=True))
+    op.add_column("predictions", sa.Column("precision", sa.String(length=16), nullable=True))
 
 
 def downgrade() -> None:

@@ -17,17 +17,16 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("studies") as batch:
-        batch.add_column(sa.Column("accession_number", sa.String(length=64), nullable=True))
-        batch.add_column(sa.Column("priority", sa.String(length=16), nullable=True))
-        batch.add_column(sa.Column("priority_rule", sa.String(length=32), nullable=True))
-        batch.add_column(sa.Column("priority_reason", sa.Text(), nullable=True))
-        batch.add_column(sa.Column("priority_thresholds", sa.JSON(), nullable=True))
-        batch.add_column(sa.Column("priority_model_version", sa.String(length=128), nullable=True))
-        batch.add_column(sa.Column("priority_final", sa.Boolean(), nullable=False, server_default=sa.false()))
-        batch.add_column(sa.Column("priority_updated_at", sa.DateTime(timezone=True), nullable=True))
-    with op.batch_alter_table("instances") as batch:
-        batch.add_column(sa.Column("thumbnail_path", sa.String(length=1024), nullable=True))
+    # plain ADD COLUMNs (no table copy: on SQLite a copy of ``studies`` would break the foreign keys to it)
+    op.add_column("studies", sa.Column("accession_number", sa.String(length=64), nullable=True))
+    op.add_column("studies", sa.Column("priority", sa.String(length=16), nullable=True))
+    op.add_column("studies", sa.Column("priority_rule", sa.String(length=32), nullable=True))
+    op.add_column("studies", sa.Column("priority_reason", sa.Text(), nullable=True))
+    op.add_column("studies", sa.Column("priority_thresholds", sa.JSON(), nullable=True))
+    op.add_column("studies", sa.Column("priority_model_version", sa.String(length=128), nullable=True))
+    op.add_column("studies", sa.Column("priority_final", sa.Boolean(), nullable=False, server_default=sa.false()))
+    op.add_column("studies", sa.Column("priority_updated_at", sa.DateTime(timezone=True), nullable=True))
+    op.add_column("instances", sa.Column("thumbnail_path", sa.String(length=1024), nullable=True))
     op.create_table(
         "feedback",
         sa.Column("id", sa.Integer(), nullable=False),
