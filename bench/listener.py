@@ -86,8 +86,9 @@ def cpu_name() -> str:
 
 def make_model(workdir: Path, args: argparse.Namespace) -> tuple[Path, str]:
     if args.model:
-        loaded = load_classifier(args.model)
-        return Path(args.model), f"{args.model} (version {loaded.card.model_version}, trained weights)"
+        path = Path(args.model).resolve()  # the server resolves relative paths against its config's folder
+        loaded = load_classifier(path)
+        return path, f"{args.model} (version {loaded.card.model_version}, trained weights)"
     spec = ModelSpec(width=4, dense_units=8) if args.random == "tiny" else ModelSpec()
     model = CAEClassifier(spec)
     path = workdir / "model.pt"

@@ -60,6 +60,8 @@ class Housekeeping:
     def start(self) -> None:
         from apscheduler.schedulers.background import BackgroundScheduler
 
+        # APScheduler logs two INFO lines per run of every job: once a second is noise in the server's log.
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
         scheduler = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1})
         for name, job, seconds in self.jobs():
             scheduler.add_job(_guarded(name, job), "interval", seconds=seconds, id=name, name=name)
