@@ -107,6 +107,7 @@ class Worker:
 
         from cxr_triage.imaging import IMAGE_SIZE
 
+        started = time.monotonic()
         try:
             predictor.probabilities(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
             if self.settings.sr.enabled:
@@ -125,6 +126,11 @@ class Worker:
                 )
         except Exception:  # a real batch reports the problem where it belongs
             logger.warning("warm-up failed", exc_info=True)
+        logger.info(
+            "ready: model %s warmed up in %.1f s; taking jobs from the queue",
+            predictor.model_version,
+            time.monotonic() - started,
+        )
 
     # --- the loop ------------------------------------------------------------------------------------------
 

@@ -34,8 +34,8 @@ LISTENER_AET = "CXR_TRIAGE"
 RECEIVER_AET = "PACS"
 CLASSIFIED = re.compile(r" (?P<process>\S+) cxr_triage\.recorder: SOP instance (?P<uid>[0-9.]+): ")
 """A worker's log line for one classified instance (format of ``worker_process_main``)."""
-MODEL_LOADED = re.compile(r" (?P<process>\S+) cxr_triage\.modelstore: model \S+ \(sha256 ")
-"""A worker's log line once its model is loaded: it polls the queue from then on."""
+WORKER_READY = re.compile(r" (?P<process>\S+) cxr_triage\.worker: ready: model \S+ warmed up ")
+"""A worker's log line once its model is loaded and warmed up: it takes jobs from then on."""
 
 
 def database_facts(url: str) -> dict[str, Any]:
@@ -65,6 +65,7 @@ def database_facts(url: str) -> dict[str, Any]:
 
 
 def run(workdir: Path, count: int, studies: int, timeout: float) -> dict[str, Any]:
+    # One scenario read top to bottom, each step depending on the last: split, it would read worse.
     started = time.monotonic()
     listener_port, receiver_port = peers.free_ports(2)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -112,9 +113,9 @@ def run(workdir: Path, count: int, studies: int, timeout: float) -> dict[str, An
             try:
                 # Send only when both workers poll, so that they compete for every instance.
                 peers.wait_until(
-                    lambda: len({m["process"] for m in MODEL_LOADED.finditer(server.log.read_text())}) >= 2,
+                    lambda: len({m["process"] for m in WORKER_READY.finditer(server.log.read_text())}) >= 2,
                     timeout,
-                    "both worker processes to load the model",
+                    "both worker processes to be ready",
                 )
                 halves = [files[0::2], files[1::2]]
                 senders = [
