@@ -62,7 +62,7 @@ from cxr_triage.checkpoint import ModelCard, load_classifier, save_classifier  #
 from cxr_triage.inference import Predictor, pick_device  # noqa: E402
 from cxr_triage.model import CAEClassifier, ModelSpec  # noqa: E402
 from cxr_triage.preprocess import PreparedImage, prepare_path  # noqa: E402
-from cxr_triage.settings import load_settings  # noqa: E402
+from cxr_triage.settings import ListenerSettings, load_settings  # noqa: E402
 from cxr_triage.testing import peers, synthetic  # noqa: E402
 
 
@@ -300,17 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run(args: argparse.Namespace, workdir: Path) -> int:
-    model_path, model_text = make_model(workdir, args)
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    device = str(pick_device(args.device))
-    gpu = f"model on {torch.cuda.get_device_name(0)}" if device.startswith("cuda") else "model on the CPU, no GPU used"
-    print(
-        f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, load average {load} at start, "
-        f"torch {torch.__version__}, {gpu}"
-    )
-    print(f"model: {model_text}")
-
+def make_inputs(args: argparse.Namespace, workdir: Path) -> tuple[list[Path], list[Path]]:
+    """The burst's images spread over ``--studies`` studies, and the images then sent one at a time."""
     started = time.perf_counter()
     studies = [generate_uid() for _ in range(max(1, args.studies))]
     images = workdir / "images"
@@ -342,38 +333,34 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         f"inputs: {len(files)} CR {args.size}x{args.size} 16-bit (12 stored), explicit VR LE, "
         f"{size_mb:.0f} MB, {len(studies)} studies (generated in {time.perf_counter() - started:.1f} s)"
     )
+    return files, singles
 
-    port = peers.free_port()
-    url = f"sqlite:///{workdir / 'bench.sqlite'}"
-    config = peers.write_config(
-        workdir / "bench.toml",
-        {
-            "listener": {"host": "127.0.0.1", "port": port},
-            "storage": {"spool_dir": str(workdir / "spool"), "sr_dir": str(workdir / "sr"), "min_free_mb": 1},
-            "database": {"url": url},
-            "model": {"path": str(model_path), "device": device},
-            "worker": {"processes": args.workers},
-        },
-    )
-    cfg = load_settings(config, environ={})
-    ae_title = cfg.listener.ae_title
-    batch_size = cfg.model.batch_size
-    print(
-        f"server: SQLite, {args.workers} worker process(es), claim_batch {cfg.worker.claim_batch}, "
-        f"batch_size {batch_size}, poll_interval {cfg.worker.poll_interval} s, SR enabled, no forwarding; "
-        f"{args.senders} concurrent storescu senders"
-    )
-    before = model_alone(files, model_path, batch_size, device)
-    print(
-        f"model alone, before the server (load {load_text()}): {before[1] * 1000:.1f} ms per image, "
-        f"preprocessing {before[0] * 1000:.0f} ms per image"
-    )
-    sr_before = sr_alone(files, model_path)
+
+@dataclasses.dataclass
+class ServerRun:
+    """What one run of the server measured: the burst, then the single images."""
+
+    send_s: float
+    codes: list[int]
+    cpu: dict[str, float]  # CPU seconds per image of the server's worker and listener processes
+    senders_cpu: float  # CPU seconds of all senders together
+    figures: dict[str, Any]
+    single: list[float]
+    log: Path
+
+
+def measure_server(
+    args: argparse.Namespace, config: Path, port: int, url: str, ae_title: str, files: list[Path], singles: list[Path]
+) -> ServerRun:
+    """Start ``serve``, wait for its models, send the burst, wait for every result, then send the singles."""
     peers.cli("db", "upgrade", config=config)
-    with peers.Server(config, port, log=workdir / "serve.log", ready_timeout=120) as server:
-        # Measure the steady state: wait until every worker has its model loaded.
+    with peers.Server(config, port, log=config.parent / "serve.log", ready_timeout=120) as server:
+        # Measure the steady state: wait until every worker has its model loaded and warmed up.
         peers.wait_until(
-            lambda: server.log.read_text(errors="replace").count(" cxr_triage.modelstore: model ") >= args.workers,
+            lambda: (
+                server.log.read_text(errors="replace").count(" cxr_triage.worker: ready: model ") >= args.workers
+                or not server.alive()
+            ),
             300,
             "the workers to load the model",
         )
@@ -390,14 +377,19 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         single = one_at_a_time(singles, port, ae_title, url, args.timeout)
     senders_cpu = (senders_end.ru_utime + senders_end.ru_stime) - (senders_start.ru_utime + senders_start.ru_stime)
     cpu = {k: (cpu_end[k] - cpu_start[k]) / len(files) for k in cpu_start}
-    n = figures["count"]
+    return ServerRun(send_s, codes, cpu, senders_cpu, figures, single, server.log)
+
+
+def report_server(run: ServerRun, n_files: int) -> float | None:
+    """Print ingest, pipeline and latency figures; the pipeline's seconds per image (``None``: no results)."""
+    figures, n = run.figures, run.figures["count"]
     print(
-        f"ingest: {len(files)} instances acknowledged in {send_s:.2f} s = {len(files) / send_s:.2f} instances/s "
-        f"(storescu exit statuses {sorted(set(codes))})"
+        f"ingest: {n_files} instances acknowledged in {run.send_s:.2f} s = {n_files / run.send_s:.2f} instances/s "
+        f"(storescu exit statuses {sorted(set(run.codes))})"
     )
     if n == 0:
-        print(f"no results: statuses {figures['statuses']}; see {server.log} (--keep)")
-        return 1
+        print(f"no results: statuses {figures['statuses']}; see {run.log} (--keep)")
+        return None
     pipeline_per_image = figures["span_s"] / n
     print(
         f"pipeline: {n} results (states {figures['statuses']}) in {figures['span_s']:.2f} s from first receipt to "
@@ -408,26 +400,23 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         f"latency acknowledgement -> committed result: p50 {percentile(lat, 50):.2f} s, "
         f"p95 {percentile(lat, 95):.2f} s, max {max(lat):.2f} s (queueing included: all sent at once)"
     )
-    if single:
+    if run.single:
         print(
-            f"latency of one image sent alone to the idle server ({len(single)} in turn): p50 "
-            f"{percentile(single, 50) * 1000:.0f} ms, p95 {percentile(single, 95) * 1000:.0f} ms, max "
-            f"{max(single) * 1000:.0f} ms"
+            f"latency of one image sent alone to the idle server ({len(run.single)} in turn): p50 "
+            f"{percentile(run.single, 50) * 1000:.0f} ms, p95 {percentile(run.single, 95) * 1000:.0f} ms, max "
+            f"{max(run.single) * 1000:.0f} ms"
         )
     if figures["inference_ms"]:
         print(
             f"workers' own timings per image: preprocess median {statistics.median(figures['preprocess_ms']):.0f} ms,"
             f" inference median {statistics.median(figures['inference_ms']):.1f} ms"
         )
+    return pipeline_per_image
 
-    after = model_alone(files, model_path, batch_size, device)
-    print(
-        f"model alone, after the server (load {load_text()}): {after[1] * 1000:.1f} ms per image, "
-        f"preprocessing {after[0] * 1000:.0f} ms per image ({torch.get_num_threads()} torch threads, "
-        f"batch {batch_size})"
-    )
-    model_per_image = (before[1] + after[1]) / 2
-    batches = worker_batches(workdir / "serve.log")
+
+def report_stages(run: ServerRun, model_per_image: float) -> None:
+    """Print the workers' chunk sizes and their stages' times per image under load."""
+    batches = worker_batches(run.log)
     if batches:
         total = sum(size for size, *_ in batches)
         classify_ms, sr_ms, commit_ms = (sum(size * b[i] for size, *b in batches) / total for i in range(3))
@@ -436,36 +425,105 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             f"preprocessing + inference {classify_ms:.0f} ms (preprocessor thread, then the model's), SR build + "
             f"write {sr_ms:.0f} ms and commit {commit_ms:.0f} ms (recorder thread)"
         )
+    figures = run.figures
     if figures["inference_ms"]:
         print(
             f"stages under load, per image: preprocessing {statistics.mean(figures['preprocess_ms']):.0f} ms, "
             f"inference {statistics.mean(figures['inference_ms']):.0f} ms (the model alone: "
             f"{model_per_image * 1000:.0f} ms); they overlap, so they do not add up to the pipeline's time"
         )
+
+
+def report_cpu(
+    run: ServerRun,
+    files: list[Path],
+    model_path: Path,
+    listener: ListenerSettings,
+    alone: tuple[tuple[float, float, float, float], tuple[float, float, float, float]],
+    sr_before: float,
+    senders: int,
+) -> None:
+    """Print CPU time per image of every part, and the least overhead the cores allow."""
+    before, after = alone
+    cpu, n_files = run.cpu, len(files)
+    senders_per_image = run.senders_cpu / n_files
     model_cpu = (before[3] + after[3]) / 2
     preprocess_cpu = (before[2] + after[2]) / 2
     print(
         f"CPU time per image (seconds of CPU, independent of other load): model alone {model_cpu * 1000:.0f} ms, "
         f"preprocessing alone {preprocess_cpu * 1000:.0f} ms; server's worker process {cpu['workers'] * 1000:.0f} ms "
         f"(model + preprocessing + SR + commits), its listener process {cpu['listener'] * 1000:.0f} ms (receive, "
-        f"sha256, spool fsync, insert), the storescu senders {senders_cpu / len(files) * 1000:.0f} ms; "
+        f"sha256, spool fsync, insert), the storescu senders {senders_per_image * 1000:.0f} ms; "
         f"CPU beyond the model: {(cpu['workers'] + cpu['listener'] - model_cpu) / model_cpu * 100:.0f} % of the "
         f"model's CPU (all of it shares the {os.cpu_count()} cores with the model)"
     )
     # A lower bound: the smaller of the two measurements of everything measured twice.
     sr_cpu = min(sr_before, sr_alone(files, model_path))
-    receive_cpu = receive_alone(files, args.senders, cfg.listener)
+    receive_cpu = receive_alone(files, senders, listener)
     cores = os.cpu_count() or 1
     least_model_cpu, least_preprocess_cpu = min(before[3], after[3]), min(before[2], after[2])
-    floor = (least_model_cpu + receive_cpu + least_preprocess_cpu + sr_cpu + senders_cpu / len(files)) / cores
+    floor = (least_model_cpu + receive_cpu + least_preprocess_cpu + sr_cpu + senders_per_image) / cores
+    model_per_image = (before[1] + after[1]) / 2
     print(
         f"the same work alone, CPU per image: pynetdicom receiving with a no-op handler {receive_cpu * 1000:.0f} ms, "
         f"preprocessing {least_preprocess_cpu * 1000:.0f} ms, SR build + encode (highdicom) {sr_cpu * 1000:.0f} ms, "
-        f"the senders {senders_cpu / len(files) * 1000:.0f} ms, the model {least_model_cpu * 1000:.0f} ms; spread over "
+        f"the senders {senders_per_image * 1000:.0f} ms, the model {least_model_cpu * 1000:.0f} ms; spread over "
         f"{cores} cores that is at least {floor * 1000:.0f} ms per image, so the overhead cannot be below "
         f"{(floor - model_per_image) / model_per_image * 100:.0f} % on this machine with these libraries"
     )
-    busy = (cpu["workers"] + cpu["listener"] + senders_cpu / len(files)) / (cores * pipeline_per_image)
+
+
+def run(args: argparse.Namespace, workdir: Path) -> int:
+    model_path, model_text = make_model(workdir, args)
+    device = str(pick_device(args.device))
+    gpu = f"model on {torch.cuda.get_device_name(0)}" if device.startswith("cuda") else "model on the CPU, no GPU used"
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, load average {load_text()} at start, "
+        f"torch {torch.__version__}, {gpu}"
+    )
+    print(f"model: {model_text}")
+    files, singles = make_inputs(args, workdir)
+
+    port = peers.free_port()
+    url = f"sqlite:///{workdir / 'bench.sqlite'}"
+    sections = {
+        "listener": {"host": "127.0.0.1", "port": port},
+        "storage": {"spool_dir": str(workdir / "spool"), "sr_dir": str(workdir / "sr"), "min_free_mb": 1},
+        "database": {"url": url},
+        "model": {"path": str(model_path), "device": device},
+        "worker": {"processes": args.workers},
+    }
+    config = peers.write_config(workdir / "bench.toml", sections)
+    cfg = load_settings(config, environ={})
+    batch_size = cfg.model.batch_size
+    print(
+        f"server: SQLite, {args.workers} worker process(es), claim_batch {cfg.worker.claim_batch}, "
+        f"batch_size {batch_size}, poll_interval {cfg.worker.poll_interval} s, SR enabled, no forwarding; "
+        f"{args.senders} concurrent storescu senders"
+    )
+    before = model_alone(files, model_path, batch_size, device)
+    print(
+        f"model alone, before the server (load {load_text()}): {before[1] * 1000:.1f} ms per image, "
+        f"preprocessing {before[0] * 1000:.0f} ms per image"
+    )
+    sr_before = sr_alone(files, model_path)
+    server = measure_server(args, config, port, url, cfg.listener.ae_title, files, singles)
+    pipeline_per_image = report_server(server, len(files))
+    if pipeline_per_image is None:
+        return 1
+
+    after = model_alone(files, model_path, batch_size, device)
+    print(
+        f"model alone, after the server (load {load_text()}): {after[1] * 1000:.1f} ms per image, "
+        f"preprocessing {after[0] * 1000:.0f} ms per image ({torch.get_num_threads()} torch threads, "
+        f"batch {batch_size})"
+    )
+    model_per_image = (before[1] + after[1]) / 2
+    report_stages(server, model_per_image)
+    report_cpu(server, files, model_path, cfg.listener, (before, after), sr_before, args.senders)
+    cores = os.cpu_count() or 1
+    busy_cpu = server.cpu["workers"] + server.cpu["listener"] + server.senders_cpu / len(files)
+    busy = busy_cpu / (cores * pipeline_per_image)
     print(f"the {cores} cores were busy {busy * 100:.0f} % of the pipeline's time (server and senders)")
     overhead = (pipeline_per_image - model_per_image) / model_per_image
     caveat = "; not meaningful with the tiny model" if args.random == "tiny" and not args.model else ""

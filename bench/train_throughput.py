@@ -37,7 +37,7 @@ def _time_steps(step, steps: int, warmup: int, sync) -> float:  # type: ignore[n
     return time.perf_counter() - t0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto")
     p.add_argument("--width", type=int, default=64)
@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     rt = setup_runtime(args.device, args.amp, args.channels_last, args.compile, progress=False)
     torch.manual_seed(0)
     pool = torch.randint(0, 256, (max(args.cae_batch, *args.cls_batch) * 2, 224, 224), dtype=torch.uint8)

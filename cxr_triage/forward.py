@@ -29,6 +29,8 @@ from cxr_triage.scu import SendResult, retry_delay, send_datasets
 from cxr_triage.settings import ForwardSettings
 
 if TYPE_CHECKING:
+    import ssl
+
     from cxr_triage.bootstrap import Context
 
 logger = logging.getLogger(__name__)
@@ -101,8 +103,6 @@ def process_due(
     force: bool = False,
 ) -> list[ForwardOutcome]:
     """Send the forwards that are due (all pending ones when ``force``), one association per destination."""
-    import pydicom
-
     timeout = forwarding.timeout
     now = now or db.utcnow()
     claimed = _claim_due(sessions, now, dt.timedelta(seconds=4 * timeout + 60), force)
@@ -114,67 +114,108 @@ def process_due(
     outcomes: list[ForwardOutcome] = []
     context = None  # built for the first TLS destination; a TLS error is recorded on its forwards
     for destination_text, items in by_destination.items():
-        results: dict[int, SendResult] = {}
-        datasets = []
-        sendable = []
-        for forward_id, path, _ in items:
-            try:
-                datasets.append(pydicom.dcmread(path))
-                sendable.append(forward_id)
-            except Exception as exc:
-                logger.exception("forward %s: cannot read SR file %s", forward_id, path)
-                results[forward_id] = SendResult(False, None, f"cannot read SR file: {type(exc).__name__}: {exc}")
-        try:
-            destination = forwarding.destination(destination_text)
-            if destination.tls and context is None:
-                context = forwarding.client_tls_context()
-            sent = send_datasets(
-                datasets, destination, forwarding.calling_ae_title, timeout=timeout, tls_context=context
-            )
-        except Exception as exc:  # a malformed destination or calling AE title: a configuration error
-            logger.exception("forwarding to %s failed", destination_text)
-            sent = [SendResult(False, None, f"{type(exc).__name__}: {exc}")] * len(sendable)
+        results, datasets, sendable = _read_datasets(items)
+        sent, context = _send_to(forwarding, destination_text, datasets, context)
         results.update(zip(sendable, sent, strict=True))
-        finished = db.utcnow()
-        with sessions() as session, session.begin():
-            for forward_id, _, sr_uid in items:
-                result = results[forward_id]
-                row = session.get(db.Forward, forward_id)
-                if row is None:
-                    continue
-                row.attempts += 1
-                row.status = result.status
-                row.updated_at = finished
-                if result.ok:
-                    row.state = db.FORWARD_SENT
-                    row.next_attempt_at = None
-                    row.last_error = None
-                    logger.info("SR %s forwarded to %s", sr_uid, destination_text)
-                elif row.attempts >= forwarding.max_attempts:
-                    row.state = db.FORWARD_DEAD
-                    row.next_attempt_at = None
-                    row.last_error = result.detail
-                    logger.error(
-                        "SR %s to %s: dead after %d attempts: %s", sr_uid, destination_text, row.attempts, result.detail
-                    )
-                else:
-                    delay = retry_delay(row.attempts, forwarding.backoff_seconds, forwarding.backoff_max_seconds)
-                    row.next_attempt_at = finished + dt.timedelta(seconds=delay)
-                    row.last_error = result.detail
-                    logger.warning(
-                        "SR %s to %s: attempt %d failed (%s); retry in %.0f s",
-                        sr_uid,
-                        destination_text,
-                        row.attempts,
-                        result.detail,
-                        delay,
-                    )
-                outcomes.append(
-                    ForwardOutcome(
-                        forward_id, sr_uid, destination_text, row.state, row.attempts, result.status, result.detail
-                    )
-                )
+        outcomes += _record_results(sessions, forwarding, destination_text, items, results)
     return outcomes
+
+
+def _read_datasets(items: list[tuple[int, str, str]]) -> tuple[dict[int, SendResult], list[Any], list[int]]:
+    """Read the SR files of ``items`` (forward id, path, SR UID): the failed results of the unreadable ones, the
+    datasets read, and the forward ids of those datasets (in the same order)."""
+    import pydicom
+
+    results: dict[int, SendResult] = {}
+    datasets = []
+    sendable = []
+    for forward_id, path, _ in items:
+        try:
+            datasets.append(pydicom.dcmread(path))
+            sendable.append(forward_id)
+        except Exception as exc:
+            logger.exception("forward %s: cannot read SR file %s", forward_id, path)
+            results[forward_id] = SendResult(False, None, f"cannot read SR file: {type(exc).__name__}: {exc}")
+    return results, datasets, sendable
+
+
+def _send_to(
+    forwarding: ForwardSettings, destination_text: str, datasets: list[Any], context: ssl.SSLContext | None
+) -> tuple[list[SendResult], ssl.SSLContext | None]:
+    """Send ``datasets`` to the destination named ``destination_text``: one result per dataset, and the TLS context
+    (``context``, or the one built here for the first TLS destination) for the next destinations."""
+    try:
+        destination = forwarding.destination(destination_text)
+        if destination.tls and context is None:
+            context = forwarding.client_tls_context()
+        sent = send_datasets(
+            datasets, destination, forwarding.calling_ae_title, timeout=forwarding.timeout, tls_context=context
+        )
+    except Exception as exc:  # a malformed destination or calling AE title: a configuration error
+        logger.exception("forwarding to %s failed", destination_text)
+        sent = [SendResult(False, None, f"{type(exc).__name__}: {exc}")] * len(datasets)
+    return sent, context
+
+
+def _record_results(
+    sessions: sessionmaker[Session],
+    forwarding: ForwardSettings,
+    destination_text: str,
+    items: list[tuple[int, str, str]],
+    results: dict[int, SendResult],
+) -> list[ForwardOutcome]:
+    """Record the result of each forward of ``items`` in its row, in one transaction; the outcomes, in order."""
+    outcomes: list[ForwardOutcome] = []
+    finished = db.utcnow()
+    with sessions() as session, session.begin():
+        for forward_id, _, sr_uid in items:
+            result = results[forward_id]
+            row = session.get(db.Forward, forward_id)
+            if row is None:
+                continue
+            _apply_result(row, result, forwarding, finished, sr_uid, destination_text)
+            outcomes.append(
+                ForwardOutcome(
+                    forward_id, sr_uid, destination_text, row.state, row.attempts, result.status, result.detail
+                )
+            )
+    return outcomes
+
+
+def _apply_result(
+    row: db.Forward,
+    result: SendResult,
+    forwarding: ForwardSettings,
+    finished: dt.datetime,
+    sr_uid: str,
+    destination_text: str,
+) -> None:
+    """Count the attempt on ``row``: sent on success, else dead after ``max_attempts`` or retried after a delay."""
+    row.attempts += 1
+    row.status = result.status
+    row.updated_at = finished
+    if result.ok:
+        row.state = db.FORWARD_SENT
+        row.next_attempt_at = None
+        row.last_error = None
+        logger.info("SR %s forwarded to %s", sr_uid, destination_text)
+    elif row.attempts >= forwarding.max_attempts:
+        row.state = db.FORWARD_DEAD
+        row.next_attempt_at = None
+        row.last_error = result.detail
+        logger.error("SR %s to %s: dead after %d attempts: %s", sr_uid, destination_text, row.attempts, result.detail)
+    else:
+        delay = retry_delay(row.attempts, forwarding.backoff_seconds, forwarding.backoff_max_seconds)
+        row.next_attempt_at = finished + dt.timedelta(seconds=delay)
+        row.last_error = result.detail
+        logger.warning(
+            "SR %s to %s: attempt %d failed (%s); retry in %.0f s",
+            sr_uid,
+            destination_text,
+            row.attempts,
+            result.detail,
+            delay,
+        )
 
 
 def requeue_dead(sessions: sessionmaker[Session], now: dt.datetime | None = None) -> int:

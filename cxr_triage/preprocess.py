@@ -106,25 +106,39 @@ def check_header(ds: Dataset) -> tuple[Refusal | None, tuple[str, ...]]:
 
     Returns the refusal (or ``None``) and notes about attributes that were missing but tolerated.
     """
-    notes: list[str] = []
+    refusal = _check_kind(ds)
+    if refusal:
+        return refusal, ()
+    refusal, notes = _check_anatomy(ds)
+    if refusal:
+        return refusal, ()
+    refusal = _check_pixels(ds)
+    return refusal, (() if refusal else notes)
+
+
+def _check_kind(ds: Dataset) -> Refusal | None:
+    """A CR, DX (for presentation) or Secondary Capture image, by Modality, SOP Class and presentation intent."""
     modality = _attr(ds, "Modality")
     if not modality:
-        return _refuse("modality", "Modality", "is missing: only CR and DX radiographs are classified"), ()
+        return _refuse("modality", "Modality", "is missing: only CR and DX radiographs are classified")
     if modality not in ACCEPTED_MODALITIES:
-        return _refuse("modality", "Modality", f"is {modality!r}: only CR and DX radiographs are classified"), ()
+        return _refuse("modality", "Modality", f"is {modality!r}: only CR and DX radiographs are classified")
     sop_class = str(_attr(ds, "SOPClassUID") or "")
     if sop_class == DX_FOR_PROCESSING:
         return _refuse(
             "for_processing", "SOPClassUID", "is DX Image Storage - For Processing: raw detector data is not classified"
-        ), ()
+        )
     if sop_class and sop_class not in ACCEPTED_SOP_CLASSES:
-        return _refuse("sop_class", "SOPClassUID", f"is {sop_class}: not a CR, DX or Secondary Capture image"), ()
+        return _refuse("sop_class", "SOPClassUID", f"is {sop_class}: not a CR, DX or Secondary Capture image")
     intent = str(_attr(ds, "PresentationIntentType") or "").upper()
     if intent == "FOR PROCESSING":
-        return _refuse(
-            "for_processing", "PresentationIntentType", "is 'FOR PROCESSING': raw data is not classified"
-        ), ()
+        return _refuse("for_processing", "PresentationIntentType", "is 'FOR PROCESSING': raw data is not classified")
+    return None
 
+
+def _check_anatomy(ds: Dataset) -> tuple[Refusal | None, tuple[str, ...]]:
+    """The chest (BodyPartExamined, else AnatomicRegionSequence) in a frontal view; notes for what is absent."""
+    notes: list[str] = []
     body_part = str(_attr(ds, "BodyPartExamined") or "").upper()
     regions = ds.get("AnatomicRegionSequence") or []
     region_codes = {str(item.get("CodeValue", "")) for item in regions}
@@ -147,37 +161,41 @@ def check_header(ds: Dataset) -> tuple[Refusal | None, tuple[str, ...]]:
             return _refuse("not_frontal", "ViewPosition", f"is {view!r}: {kind}; only PA and AP are classified"), ()
     else:
         notes.append("ViewPosition is absent: frontal view assumed")
+    return None, tuple(notes)
 
+
+def _check_pixels(ds: Dataset) -> Refusal | None:
+    """Single-frame greyscale pixel data of a sane size and depth, complete, or a codestream that matches it."""
     if "PixelData" not in ds:
         other = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
         what = f"only {other[0]} is present" if other else "is absent"
-        return _refuse("no_pixels", "PixelData", what), ()
+        return _refuse("no_pixels", "PixelData", what)
     photometric = str(_attr(ds, "PhotometricInterpretation") or "")
     if photometric not in {"MONOCHROME1", "MONOCHROME2"}:
         return _refuse(
             "colour",
             "PhotometricInterpretation",
             f"is {photometric or 'missing'!r}: only greyscale images are classified",
-        ), ()
+        )
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if samples != 1:
-        return _refuse("colour", "SamplesPerPixel", f"is {samples}: only single-sample greyscale is classified"), ()
+        return _refuse("colour", "SamplesPerPixel", f"is {samples}: only single-sample greyscale is classified")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
-        return _refuse("multiframe", "NumberOfFrames", f"is {frames}: only single-frame images are classified"), ()
+        return _refuse("multiframe", "NumberOfFrames", f"is {frames}: only single-frame images are classified")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows <= 0 or cols <= 0:
-        return _refuse("dimensions", "Rows", f"x Columns is {rows}x{cols}: the image is empty"), ()
+        return _refuse("dimensions", "Rows", f"x Columns is {rows}x{cols}: the image is empty")
     if rows > MAX_SIDE or cols > MAX_SIDE or rows * cols > MAX_PIXELS:
         return _refuse(
             "dimensions", "Rows", f"x Columns is {rows}x{cols}: larger than {MAX_SIDE} a side or {MAX_PIXELS:,} pixels"
-        ), ()
+        )
     bits_allocated = int(ds.get("BitsAllocated", 0) or 0)
     bits_stored = int(ds.get("BitsStored", bits_allocated) or 0)
     if bits_allocated not in (8, 16) or not 1 <= bits_stored <= bits_allocated:
         return _refuse(
             "bit_depth", "BitsAllocated", f"is {bits_allocated} with BitsStored {bits_stored}: expected 8 or 16 bits"
-        ), ()
+        )
     transfer_syntax = _transfer_syntax(ds)
     pixel_data = ds.PixelData or b""
     if transfer_syntax is None or not transfer_syntax.is_compressed:
@@ -187,10 +205,9 @@ def check_header(ds: Dataset) -> tuple[Refusal | None, tuple[str, ...]]:
                 "truncated",
                 "PixelData",
                 f"holds {len(pixel_data):,} bytes where {rows}x{cols}x{bits_allocated} bits need {expected:,}",
-            ), ()
-        return None, tuple(notes)
-    refusal = _check_codestream(pixel_data, rows, cols)
-    return refusal, (() if refusal else tuple(notes))
+            )
+        return None
+    return _check_codestream(pixel_data, rows, cols)
 
 
 def _first_fragment(pixel_data: bytes) -> bytes | None:

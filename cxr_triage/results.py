@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, Select, func, select
 from sqlalchemy.orm import Session
 
 from cxr_triage import db
@@ -67,6 +67,13 @@ def _latest(model: Any) -> Any:
 
 def records(session: Session, study: str | None = None, since: dt.datetime | None = None) -> Iterator[dict[str, Any]]:
     """One record per instance, in order of arrival; one query (the newest prediction, refusal and SR joined)."""
+    for row in session.execute(_records_query(study, since).execution_options(yield_per=500)):
+        yield _record(row)
+
+
+def _records_query(study: str | None, since: dt.datetime | None) -> Select[Any]:
+    """The instances (of ``study``, received since ``since``) in order of arrival, each with its newest prediction,
+    refusal and SR outer-joined."""
     latest_prediction, latest_refusal, latest_sr = (
         _latest(db.PredictionRecord),
         _latest(db.RefusalRecord),
@@ -104,31 +111,40 @@ def records(session: Session, study: str | None = None, since: dt.datetime | Non
         query = query.where(instance.study_instance_uid == study)
     if since:
         query = query.where(instance.received_at >= since)
-    for row in session.execute(query.execution_options(yield_per=500)):
-        reason = None
-        if row.status == db.REFUSED and row.refusal_reason is not None:
-            reason = row.refusal_reason
-        elif row.error:
-            reason = row.error
-        elif row.flagged:
-            reason = row.flag_reason
-        predicted = row.label is not None
-        yield {
-            "path": row.spool_path,
-            "sop_instance_uid": row.sop_instance_uid,
-            "status": STATUS_NAMES.get(row.status, row.status),
-            "label": row.label if predicted else None,
-            "probabilities": {k: round(float(v), 6) for k, v in row.probabilities.items()} if predicted else None,
-            "reason": reason,
-            "model_version": row.model_version if predicted else None,
-            "precision": row.precision if predicted else None,
-            "study_instance_uid": row.study_instance_uid,
-            "received_at": _iso(row.received_at),
-            "completed_at": _iso(row.completed_at),
-            "sr_sop_instance_uid": row.sr_sop_instance_uid,
-            "flagged": bool(row.flagged),
-            "spool_removed_at": _iso(row.spool_removed_at),
-        }
+    return query
+
+
+def _reason(row: Any) -> str | None:
+    """Why an instance was not classified plainly: its refusal, its error, or why it was flagged."""
+    reason = None
+    if row.status == db.REFUSED and row.refusal_reason is not None:
+        reason = row.refusal_reason
+    elif row.error:
+        reason = row.error
+    elif row.flagged:
+        reason = row.flag_reason
+    return reason
+
+
+def _record(row: Any) -> dict[str, Any]:
+    """The record of one row of :func:`_records_query`."""
+    predicted = row.label is not None
+    return {
+        "path": row.spool_path,
+        "sop_instance_uid": row.sop_instance_uid,
+        "status": STATUS_NAMES.get(row.status, row.status),
+        "label": row.label if predicted else None,
+        "probabilities": {k: round(float(v), 6) for k, v in row.probabilities.items()} if predicted else None,
+        "reason": _reason(row),
+        "model_version": row.model_version if predicted else None,
+        "precision": row.precision if predicted else None,
+        "study_instance_uid": row.study_instance_uid,
+        "received_at": _iso(row.received_at),
+        "completed_at": _iso(row.completed_at),
+        "sr_sop_instance_uid": row.sr_sop_instance_uid,
+        "flagged": bool(row.flagged),
+        "spool_removed_at": _iso(row.spool_removed_at),
+    }
 
 
 def format_record(record: dict[str, Any], as_json: bool) -> str:

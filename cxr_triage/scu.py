@@ -202,6 +202,23 @@ def send_datasets(
         return []
 
     results: list[SendResult | None] = [None] * len(datasets)
+    contexts = _presentation_contexts(datasets, results)
+    if not contexts:
+        return [result for result in results if result is not None]
+
+    ae = _application_entity(calling, timeout, contexts)
+    tls = (tls_context or client_tls_context()) if destination.tls else None
+    return _associate_and_send(ae, datasets, results, destination, timeout, tls)
+
+
+def _presentation_contexts(
+    datasets: Sequence[Dataset], results: list[SendResult | None]
+) -> dict[tuple[str, str], None]:
+    """The (SOP class, transfer syntax) pairs to propose, in order of first use, then the fallbacks per SOP class.
+
+    A dataset without SOP Class or SOP Instance UID gets its failed result in ``results`` here. More contexts than
+    fit in one association raise ValueError.
+    """
     contexts: dict[tuple[str, str], None] = {}  # (SOP class, transfer syntax), in order of first use
     for index, dataset in enumerate(datasets):
         sop_class = dataset.get("SOPClassUID")
@@ -217,9 +234,11 @@ def send_datasets(
             f"a batch needs {len(contexts)} presentation contexts (SOP class x transfer syntax), at most "
             f"{MAX_PRESENTATION_CONTEXTS} fit in one association"
         )
-    if not contexts:
-        return [result for result in results if result is not None]
+    return contexts
 
+
+def _application_entity(calling: str, timeout: float, contexts: dict[tuple[str, str], None]) -> AE:
+    """Our AE, titled ``calling``, with every timeout set to ``timeout`` and ``contexts`` requested."""
     ae = AE(ae_title=calling)
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
@@ -230,8 +249,24 @@ def send_datasets(
     # Explicit and Implicit VR Little Endian (every SCP takes the latter) follow as fallbacks per SOP class.
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, [syntax])
+    return ae
 
-    tls = (tls_context or client_tls_context()) if destination.tls else None
+
+def _fail_unsent(results: list[SendResult | None], destination: Destination, detail: str) -> list[SendResult]:
+    """Log the failure of a forward to ``destination``; every dataset without a result yet fails with ``detail``."""
+    logger.warning("forward to %s failed: %s", destination, detail)
+    return [result or SendResult(False, None, detail) for result in results]
+
+
+def _associate_and_send(
+    ae: AE,
+    datasets: Sequence[Dataset],
+    results: list[SendResult | None],
+    destination: Destination,
+    timeout: float,
+    tls: ssl.SSLContext | None,
+) -> list[SendResult]:
+    """Associate with ``destination`` and send every dataset without a result yet; ``ae`` is shut down after."""
     connected = False
 
     def on_connection_open(event: evt.Event) -> None:
@@ -249,19 +284,16 @@ def send_datasets(
         )
     except socket.gaierror as exc:
         ae.shutdown()
-        detail = f"cannot resolve host name {destination.host!r}: {exc.strerror or exc}"
-        logger.warning("forward to %s failed: %s", destination, detail)
-        return [result or SendResult(False, None, detail) for result in results]
+        return _fail_unsent(
+            results, destination, f"cannot resolve host name {destination.host!r}: {exc.strerror or exc}"
+        )
     except (OSError, ValueError) as exc:
         ae.shutdown()
-        detail = f"could not connect to {destination}: {exc}"
-        logger.warning("forward to %s failed: %s", destination, detail)
-        return [result or SendResult(False, None, detail) for result in results]
+        return _fail_unsent(results, destination, f"could not connect to {destination}: {exc}")
     try:
         if not assoc.is_established:
             detail = _association_failure(assoc, connected, destination, timeout, time.monotonic() - started, tls)
-            logger.warning("forward to %s failed: %s", destination, detail)
-            return [result or SendResult(False, None, detail) for result in results]
+            return _fail_unsent(results, destination, detail)
         for index, dataset in enumerate(datasets):
             if results[index] is not None:
                 continue

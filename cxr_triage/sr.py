@@ -155,6 +155,59 @@ def device_observer_uid(model_sha256: str) -> UID:
     return UID(f"2.25.{uuid.uuid5(_DEVICE_UUID_NAMESPACE, model_sha256).int}")
 
 
+def _validate_model(model_version: str, model_sha256: str, flagged: object) -> bool:
+    """Check the model's identification and the flag; the flag as a plain ``bool``."""
+    if not isinstance(model_version, str) or not model_version.strip():
+        raise ValueError("model_version must be a non-empty string")
+    if not isinstance(model_sha256, str) or not _SHA256.fullmatch(model_sha256):
+        raise ValueError("model_sha256 must be 64 lowercase hexadecimal characters")
+    if not isinstance(flagged, bool | np.bool_):
+        raise TypeError(f"flagged must be a bool, got {type(flagged).__name__}")
+    return bool(flagged)
+
+
+def _measurement_group(
+    header: Dataset,
+    label: str,
+    values: Mapping[str, float],
+    flagged: bool,
+    model_version: str,
+    model_sha256: str,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501: the finding, the priority and one probability per class, with the algorithm and source image."""
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=ALGORITHM_NAME,
+        version=model_version,
+        parameters=[
+            f"{_SHA_PARAM}{model_sha256}",
+            f"cxr_triage_version={__version__}",
+            RESEARCH_USE_NOTICE,
+        ],
+    )
+    evaluations = [
+        hd.sr.QualitativeEvaluation(name=cxr_codes.FINDING, value=cxr_codes.FINDING_CODES[label]),
+        hd.sr.QualitativeEvaluation(
+            name=cxr_codes.PRIORITY,
+            value=cxr_codes.HIGH_PRIORITY if flagged else cxr_codes.NORMAL_PRIORITY,
+        ),
+    ]
+    measurements = [
+        hd.sr.Measurement(
+            name=cxr_codes.PROBABILITY_CODES[name],
+            value=round(values[name] * 100.0, 4),
+            unit=cxr_codes.PERCENT,
+        )
+        for name in CLASS_NAMES
+    ]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="cxr-triage image triage"),
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(header)],
+    )
+
+
 def build_triage_sr(
     evidence: Dataset,
     *,
@@ -198,29 +251,15 @@ def build_triage_sr(
         Unknown label, wrong probability keys or values, malformed model identification, evidence without the
         UIDs a report needs, or a previous report from another study.
     """
+    # Over 60 lines only by its parameter documentation (highdicom's style): the body is under 60.
     values = _validate_probabilities(label, probabilities)
-    if not isinstance(model_version, str) or not model_version.strip():
-        raise ValueError("model_version must be a non-empty string")
-    if not isinstance(model_sha256, str) or not _SHA256.fullmatch(model_sha256):
-        raise ValueError("model_sha256 must be 64 lowercase hexadecimal characters")
-    if not isinstance(flagged, bool | np.bool_):
-        raise TypeError(f"flagged must be a bool, got {type(flagged).__name__}")
-    flagged = bool(flagged)
+    flagged = _validate_model(model_version, model_sha256, flagged)
     header = _validate_evidence(evidence)
     if previous_sr is not None:
         _validate_previous_sr(previous_sr, header)
     for keyword in _PERSON_NAME_KEYWORDS:
         setattr(header, keyword, None)
 
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=ALGORITHM_NAME,
-        version=model_version,
-        parameters=[
-            f"{_SHA_PARAM}{model_sha256}",
-            f"cxr_triage_version={__version__}",
-            RESEARCH_USE_NOTICE,
-        ],
-    )
     observer = hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept.from_code(codes.DCM.Device),
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -230,28 +269,7 @@ def build_triage_sr(
             model_name=DEVICE_MODEL_NAME,
         ),
     )
-    evaluations = [
-        hd.sr.QualitativeEvaluation(name=cxr_codes.FINDING, value=cxr_codes.FINDING_CODES[label]),
-        hd.sr.QualitativeEvaluation(
-            name=cxr_codes.PRIORITY,
-            value=cxr_codes.HIGH_PRIORITY if flagged else cxr_codes.NORMAL_PRIORITY,
-        ),
-    ]
-    measurements = [
-        hd.sr.Measurement(
-            name=cxr_codes.PROBABILITY_CODES[name],
-            value=round(values[name] * 100.0, 4),
-            unit=cxr_codes.PERCENT,
-        )
-        for name in CLASS_NAMES
-    ]
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="cxr-triage image triage"),
-        algorithm_id=algorithm,
-        measurements=measurements,
-        qualitative_evaluations=evaluations,
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(header)],
-    )
+    group = _measurement_group(header, label, values, flagged, model_version, model_sha256)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=cxr_codes.PLAIN_CHEST_XRAY,

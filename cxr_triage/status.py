@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,9 +42,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def collect(engine: Engine, settings: Settings, max_queue_age: float, now: dt.datetime | None = None) -> dict[str, Any]:
-    """The status as a plain dict (the ``--json`` output); ``problems`` lists what needs attention."""
-    now = now or db.utcnow()
+@dataclass(frozen=True)
+class _DatabaseCounts:
+    """What :func:`collect` reads from the database, in one read session."""
+
+    by_state: dict[str, int]
+    oldest_queued: dt.datetime | None
+    expired: int | None
+    recent_failures: int | None
+    forwards: dict[str, int]
+    loaded: Any
+    last_precision: str | None
+
+
+def _read_counts(engine: Engine, now: dt.datetime) -> _DatabaseCounts:
+    """Instances by state, the oldest queued one, expired leases, recent failures, forwards by state, the model the
+    workers last loaded and the precision of the last prediction."""
     with db.read_session(engine) as session:
         by_state = dict(session.execute(select(db.Instance.status, func.count()).group_by(db.Instance.status)).all())
         oldest_queued = session.scalar(select(func.min(db.Instance.received_at)).where(db.Instance.status == db.QUEUED))
@@ -64,14 +78,19 @@ def collect(engine: Engine, settings: Settings, max_queue_age: float, now: dt.da
         last_precision = session.scalar(
             select(db.PredictionRecord.precision).order_by(db.PredictionRecord.id.desc()).limit(1)
         )
-    queued_for = (now - oldest_queued).total_seconds() if oldest_queued is not None else None
-    storage = settings.storage
-    free = spool.free_mb(storage.spool_dir)
-    reserve = storage.min_free_mb
-    configured = settings.model.path
-    model_path = Path(configured) if configured else BUNDLED_MODEL
-    model_present = model_path.is_file()
+    return _DatabaseCounts(by_state, oldest_queued, expired, recent_failures, forwards, loaded, last_precision)
 
+
+def _problems(
+    counts: _DatabaseCounts,
+    model_path: Path,
+    model_present: bool,
+    free: float,
+    reserve: float,
+    queued_for: float | None,
+    max_queue_age: float,
+) -> list[str]:
+    """The conditions that need someone's attention, each with what to do."""
     problems = []
     if not model_present:
         problems.append(
@@ -91,21 +110,41 @@ def collect(engine: Engine, settings: Settings, max_queue_age: float, now: dt.da
             f"the oldest queued instance has waited {queued_for:.0f} s (more than {max_queue_age:g} s): are the "
             "workers running, and do they have a model?"
         )
-    if expired:
-        problems.append(f"{expired} job(s) held by a worker whose lease expired (worker died?); they are retried")
-    if recent_failures:
+    if counts.expired:
         problems.append(
-            f"{recent_failures} instance(s) failed in the last 24 h after every attempt: `cxr-triage results` "
+            f"{counts.expired} job(s) held by a worker whose lease expired (worker died?); they are retried"
+        )
+    if counts.recent_failures:
+        problems.append(
+            f"{counts.recent_failures} instance(s) failed in the last 24 h after every attempt: `cxr-triage results` "
             "gives the reasons"
         )
-    dead = int(forwards.get(db.FORWARD_DEAD, 0))
+    dead = int(counts.forwards.get(db.FORWARD_DEAD, 0))
     if dead:
         problems.append(f"{dead} SR forward(s) dead-lettered: fix the destination, then `cxr-triage forward --retry`")
+    return problems
+
+
+def collect(engine: Engine, settings: Settings, max_queue_age: float, now: dt.datetime | None = None) -> dict[str, Any]:
+    """The status as a plain dict (the ``--json`` output); ``problems`` lists what needs attention."""
+    now = now or db.utcnow()
+    counts = _read_counts(engine, now)
+    oldest_queued = counts.oldest_queued
+    queued_for = (now - oldest_queued).total_seconds() if oldest_queued is not None else None
+    storage = settings.storage
+    free = spool.free_mb(storage.spool_dir)
+    reserve = storage.min_free_mb
+    configured = settings.model.path
+    model_path = Path(configured) if configured else BUNDLED_MODEL
+    model_present = model_path.is_file()
+
+    problems = _problems(counts, model_path, model_present, free, reserve, queued_for, max_queue_age)
+    by_state, forwards, loaded = counts.by_state, counts.forwards, counts.loaded
     return {
         "instances": {state: int(by_state.get(state, 0)) for state in (db.QUEUED, db.PROCESSING, *db.TERMINAL_STATES)},
         "oldest_queued_seconds": round(queued_for, 1) if queued_for is not None else None,
-        "expired_leases": int(expired or 0),
-        "failed_last_24h": int(recent_failures or 0),
+        "expired_leases": int(counts.expired or 0),
+        "failed_last_24h": int(counts.recent_failures or 0),
         "forwards": {
             state: int(forwards.get(state, 0)) for state in (db.FORWARD_PENDING, db.FORWARD_SENT, db.FORWARD_DEAD)
         },
@@ -120,7 +159,7 @@ def collect(engine: Engine, settings: Settings, max_queue_age: float, now: dt.da
             }
             if loaded is not None
             else None,
-            "precision": {"configured": settings.model.precision, "last_used": last_precision},
+            "precision": {"configured": settings.model.precision, "last_used": counts.last_precision},
         },
         "problems": problems,
     }

@@ -135,6 +135,7 @@ def sr_summary(orthanc: peers.Orthanc, workdir: Path, source_id: str, row: dict[
 def pipeline(workdir: Path, image: Path, timeout: float) -> dict[str, Any]:
     """Orthanc from the production example; ``image`` sent to it by C-STORE (routed by the Lua script), and a
     generated CR of another patient uploaded by REST (not routed: REST imports aren't) and pushed explicitly."""
+    # One scenario read top to bottom, each step depending on the last: split, it would read worse.
     started = time.monotonic()
     listener_port, dicom_port, http_port = peers.free_ports(3)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -117,3 +117,40 @@ def test_the_runtime_never_imports_its_test_support() -> None:
     runtime = {m: deps for m, deps in graph.items() if m.startswith("cxr_triage") and ".testing" not in m}
     offenders = {m: sorted(d for d in deps if d.startswith("cxr_triage.testing")) for m, deps in runtime.items()}
     assert {m: d for m, d in offenders.items() if d} == {}
+
+
+LONG_FUNCTION = 60
+"""Lines (signature, docstring and body) over which a function must say, in a comment at the top of its body, why."""
+
+
+def long_functions_without_a_reason(sources: list[Path], root: Path = REPO) -> list[str]:
+    """``path:name (lines)`` of every function over ``LONG_FUNCTION`` lines whose body does not open with a comment."""
+    found = []
+    for path in sources:
+        text = path.read_text()
+        lines = text.splitlines()
+        for node in ast.walk(ast.parse(text)):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            length = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+            if length <= LONG_FUNCTION:
+                continue
+            body = node.body[1:] if ast.get_docstring(node) is not None and len(node.body) > 1 else node.body
+            first = body[0].lineno - 1  # 0-based index of the first statement after the docstring
+            previous = lines[first - 1].strip() if first > 0 else ""
+            if not previous.startswith("#"):
+                found.append(f"{path.relative_to(root)}:{node.name} ({length} lines)")
+    return found
+
+
+def test_long_functions_say_why() -> None:
+    sources = [p for folder in (*PACKAGES, "bench", "tests") for p in sorted((REPO / folder).rglob("*.py"))]
+    assert long_functions_without_a_reason(sources) == []
+
+
+def test_the_long_function_check_finds_one(tmp_path: Path) -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(LONG_FUNCTION))
+    (tmp_path / "long.py").write_text(f'def long():\n    """Doc."""\n{body}\n')
+    (tmp_path / "reason.py").write_text(f'def reason():\n    """Doc."""\n    # why it is long\n{body}\n')
+    found = long_functions_without_a_reason([tmp_path / "long.py", tmp_path / "reason.py"], root=tmp_path)
+    assert found == [f"long.py:long ({LONG_FUNCTION + 2} lines)"]

@@ -171,6 +171,7 @@ def _raw_file(path: Path, sop_class: str, body: bytes) -> Path:
 
 @pytest.mark.filterwarnings("ignore:Expected explicit VR, but found implicit VR:UserWarning")  # the garbage input
 def test_bad_input_gets_a_recorded_reason_or_precise_status(harness, tmp_path: Path) -> None:
+    # One scenario read top to bottom, each step depending on the last: split, it would read worse.
     from cxr_triage.preprocess import CR_IMAGE_STORAGE
 
     refused: dict[str, tuple[Dataset, str]] = {}

@@ -104,6 +104,7 @@ def _evil_site(target: str, port: int) -> http.server.ThreadingHTTPServer:
 
 
 def test_a_study_appears_with_its_flag_and_a_radiologist_corrects_it(browser: webdriver.Chrome, tmp_path: Path) -> None:
+    # One scenario read top to bottom, each step depending on the last: split, it would read worse.
     from conftest import config_values
 
     shots = Path(os.environ.get("CXR_SCREENSHOT_DIR") or tmp_path)

@@ -299,19 +299,7 @@ def run_finetune(
     model = rt.prepare(model)
     run = _FinetuneRun(args, rt, data, model, spec, state_path, model_path, dict(provenance or {}))
     run.phase_seconds, run.phase_ips = phase_seconds, phase_ips
-    for ph in _phases(args):
-        if ph["phase"] < start_phase:
-            continue
-        resumed = ph["phase"] == start_phase and opt_state is not None
-        if resumed and _phase_done(ph, progress):
-            continue
-        if not resumed:  # a new phase: patience and epochs from zero, the best so far carried over
-            if ph["phase"] == 2 and progress.best is not None:
-                unwrap(model).load_state_dict(progress.best)  # phase 2 starts from phase 1's best weights
-            progress = FitState(best_score=progress.best_score, best=progress.best, history=progress.history)
-        progress = run.phase(ph, progress, opt_state if resumed else None, deadline)
-        if Deadline.stop_requested:
-            break
+    progress = run.phases(start_phase, progress, opt_state, deadline)
     check_replicas_agree(model, rt, "finetune")
     best_state = progress.best if progress.best is not None else cpu_state_dict(model)
     final = CAEClassifier(spec)
@@ -360,6 +348,25 @@ class _FinetuneRun:
         }
         card = model_card(self.spec, prov, self.args.model_version)
         save_classifier(self.model_path, best_model, card, dtype=torch.float16)
+
+    def phases(
+        self, start_phase: int, progress: FitState, opt_state: dict[str, Any] | None, deadline: Deadline | None
+    ) -> FitState:
+        """Run the phases from ``start_phase`` (resumed from ``progress`` and ``opt_state`` when given); the state."""
+        for ph in _phases(self.args):
+            if ph["phase"] < start_phase:
+                continue
+            resumed = ph["phase"] == start_phase and opt_state is not None
+            if resumed and _phase_done(ph, progress):
+                continue
+            if not resumed:  # a new phase: patience and epochs from zero, the best so far carried over
+                if ph["phase"] == 2 and progress.best is not None:
+                    unwrap(self.model).load_state_dict(progress.best)  # phase 2 starts from phase 1's best weights
+                progress = FitState(best_score=progress.best_score, best=progress.best, history=progress.history)
+            progress = self.phase(ph, progress, opt_state if resumed else None, deadline)
+            if Deadline.stop_requested:
+                break
+        return progress
 
     def _inputs(self, ph: dict[str, Any]) -> tuple[nn.Module, Inputs, Inputs | None]:
         """The module to train and its training and validation inputs (cached features for phase 1)."""
@@ -607,108 +614,34 @@ def run_oneshot(args: argparse.Namespace, rt: Runtime) -> dict[str, Any]:
     work = Path(args.work) if getattr(args, "work", None) else out / "work"
     out.mkdir(parents=True, exist_ok=True)
     with _FileLog(out / "train.log") if rt.is_main else contextlib.nullcontext():
-        logger.info("process started %.1f s ago (imports, CUDA set-up): counted in the budget", started)
-        logger.info(
-            "oneshot: budget %.0f s on %s (%d process(es)); command: %s",
-            args.budget_seconds,
-            rt.device_name,
-            rt.world_size,
-            " ".join(sys.argv),
-        )
+        _log_oneshot_start(args, rt, started)
         data = load_data(args, rt)
-        reserve = max(args.reserve_seconds, 0.05 * args.budget_seconds)
-        train_deadline = deadline.sub(deadline.remaining() - reserve)
-        if args.ablation:
-            main_deadline = train_deadline.sub((1 - args.ablation_share) * train_deadline.remaining())
-        else:
-            main_deadline = train_deadline
-        wall: dict[str, float] = {"load": data.meta["load_seconds"]}
-        ips: dict[str, float] = {}
+        train_deadline, main_deadline = _oneshot_deadlines(args, deadline)
+        times = _Times(wall={"load": data.meta["load_seconds"]}, ips={})
         provenance = base_provenance(args, rt, data)
-        # --- pretrain
-        pre_args = argparse.Namespace(**{**vars(args), "out": str(work / "pretrain")})
-        pre = run_pretrain(pre_args, rt, data, main_deadline.sub(args.pretrain_share * main_deadline.remaining()))
-        wall["pretrain"], ips["pretrain"] = round(pre.seconds, 2), round(pre.images_per_second, 1)
-        provenance.update(
-            {"pretrain_history": pre.history, "pretrain_epochs": pre.epochs, "pretrain_best_val_mse": pre.best_val_mse}
-        )
+        pre = _oneshot_pretrain(args, rt, data, work, main_deadline, times, provenance)
         if Deadline.stop_requested:
             logger.warning("stopped after pretraining; encoder kept in %s", pre.encoder_path)
             return {"stopped": "signal", "phase": "pretrain"}
-        # --- finetune
         ft_args = argparse.Namespace(**{**vars(args), "encoder": str(pre.encoder_path), "out": str(work / "finetune")})
-        provenance.update({"wall_seconds": wall, "images_per_second": ips})
-        t0 = time.perf_counter()
-        ft = run_finetune(ft_args, rt, data, main_deadline, provenance=provenance)
-        wall["finetune"] = round(time.perf_counter() - t0, 2)
-        wall.update({f"finetune_{k}": v for k, v in ft.phase_seconds.items()})
-        ips.update({f"finetune_{k}": v for k, v in ft.phase_images_per_second.items()})
-        # --- evaluate the weights as shipped: model.pt stores them in fp16
-        with torch.no_grad():
-            for t in ft.model.state_dict().values():
-                if t.is_floating_point():
-                    t.copy_(t.half().float())
-        t0 = time.perf_counter()
-        ev = evaluate_classifier(ft.model, data, rt, "test", args.eval_batch_size)
-        wall["evaluate"] = round(time.perf_counter() - t0, 2)
-        ips["evaluate"] = ev.metrics["images_per_second"]
+        ft = _oneshot_finetune(ft_args, rt, data, main_deadline, times, provenance)
+        ev = _evaluate_as_shipped(ft.model, args, rt, data, times)
         rows: list[dict[str, Any]] = []
         if args.ablation and not Deadline.stop_requested:
             t0 = time.perf_counter()
             ab_args = argparse.Namespace(**{**vars(ft_args), "out": str(work / "ablation")})
             rows = run_ablation(ab_args, rt, data, train_deadline)
-            wall["ablation"] = round(time.perf_counter() - t0, 2)
-        wall["total"] = round(time.perf_counter() - wall0, 2)
+            times.wall["ablation"] = round(time.perf_counter() - t0, 2)
+        times.wall["total"] = round(time.perf_counter() - wall0, 2)
         summary: dict[str, Any] = {}
         if rt.is_main:
-            provenance.update(
-                {
-                    "history": ft.history,
-                    "best_val_loss": ft.best_val_loss,
-                    "wall_seconds": wall,
-                    "images_per_second": ips,
-                    "test": {"accuracy": ev.metrics["accuracy"], "macro_auc": ev.metrics["macro"]["auc"]},
-                }
-            )
-            card = model_card(ft.model.spec, provenance, args.model_version)
-            sha = save_classifier(out / "model.pt", ft.model, card, dtype=torch.float16)
-            size_mib = (out / "model.pt").stat().st_size / (1 << 20)
-            summary = {
-                "title": "cxr-triage one-shot training run",
-                "model": "model.pt",
-                "model_sha256": sha,
-                "model_mib": round(size_mib, 2),
-                "model_version": args.model_version,
-                "spec": ft.model.spec.to_dict(),
-                "metrics": ev.metrics,
-                "ablation": rows,
-                "wall_seconds": wall,
-                "images_per_second": ips,
-                "device": rt.device_name,
-                "counts": data.counts(),
-                "seed": args.seed,
-                "budget_seconds": args.budget_seconds,
-                "config": plain_args(args),
-                "facts": {
-                    "device": rt.device_name,
-                    "budget seconds": args.budget_seconds,
-                    "wall seconds": wall,
-                    "images/s": ips,
-                    "model": f"model.pt ({size_mib:.2f} MiB, sha256 {sha[:16]}...)",
-                    "spec": ft.model.spec.to_dict(),
-                    "seed": args.seed,
-                    "counts": data.counts(),
-                },
-                "notes": oneshot_notes(args, pre),
-                "pretrain_history": pre.history,
-                "finetune_history": ft.history,
-                "predictions": predictions_json(ev),
-            }
+            sha, size_mib = _save_oneshot_model(out / "model.pt", args, ft, ev, times, provenance)
+            summary = _oneshot_summary(args, rt, data, _OneshotParts(pre, ft, ev, rows), times, sha, size_mib)
             write_json(out / "metrics.json", summary)
             report_from_summary(out, summary)
             logger.info(
                 "oneshot done in %.1f s: test accuracy %.4f, macro AUC %.4f; outputs in %s",
-                wall["total"],
+                times.wall["total"],
                 ev.metrics["accuracy"],
                 ev.metrics["macro"]["auc"],
                 out,
@@ -716,6 +649,165 @@ def run_oneshot(args: argparse.Namespace, rt: Runtime) -> dict[str, Any]:
             _print_metrics(ev.metrics)
         rt.barrier()
         return summary
+
+
+@dataclass
+class _Times:
+    """Wall seconds and images per second of each step of a one-shot run, in the order the steps ran."""
+
+    wall: dict[str, float]
+    ips: dict[str, float]
+
+
+@dataclass
+class _OneshotParts:
+    """What the steps of a one-shot run returned."""
+
+    pre: PretrainResult
+    ft: FinetuneResult
+    ev: EvaluateResult
+    ablation: list[dict[str, Any]]
+
+
+def _log_oneshot_start(args: argparse.Namespace, rt: Runtime, started: float) -> None:
+    logger.info("process started %.1f s ago (imports, CUDA set-up): counted in the budget", started)
+    logger.info(
+        "oneshot: budget %.0f s on %s (%d process(es)); command: %s",
+        args.budget_seconds,
+        rt.device_name,
+        rt.world_size,
+        " ".join(sys.argv),
+    )
+
+
+def _oneshot_deadlines(args: argparse.Namespace, deadline: Deadline) -> tuple[Deadline, Deadline]:
+    """The training deadline (all but the reserve for evaluation and plots) and, within it, the main run's."""
+    reserve = max(args.reserve_seconds, 0.05 * args.budget_seconds)
+    train_deadline = deadline.sub(deadline.remaining() - reserve)
+    if args.ablation:
+        main_deadline = train_deadline.sub((1 - args.ablation_share) * train_deadline.remaining())
+    else:
+        main_deadline = train_deadline
+    return train_deadline, main_deadline
+
+
+def _oneshot_pretrain(
+    args: argparse.Namespace,
+    rt: Runtime,
+    data: data_mod.ImageSet,
+    work: Path,
+    deadline: Deadline,
+    times: _Times,
+    provenance: dict[str, Any],
+) -> PretrainResult:
+    """Pretrain in ``work/pretrain`` on ``pretrain_share`` of what ``deadline`` leaves; time and history recorded."""
+    pre_args = argparse.Namespace(**{**vars(args), "out": str(work / "pretrain")})
+    pre = run_pretrain(pre_args, rt, data, deadline.sub(args.pretrain_share * deadline.remaining()))
+    times.wall["pretrain"], times.ips["pretrain"] = round(pre.seconds, 2), round(pre.images_per_second, 1)
+    provenance.update(
+        {"pretrain_history": pre.history, "pretrain_epochs": pre.epochs, "pretrain_best_val_mse": pre.best_val_mse}
+    )
+    return pre
+
+
+def _oneshot_finetune(
+    ft_args: argparse.Namespace,
+    rt: Runtime,
+    data: data_mod.ImageSet,
+    deadline: Deadline,
+    times: _Times,
+    provenance: dict[str, Any],
+) -> FinetuneResult:
+    """Fine-tune (``ft_args`` name the encoder and folder) within ``deadline``; time and speed per phase recorded."""
+    # the checkpoints written during fine-tuning record the times so far (the same dicts, filled in as it runs)
+    provenance.update({"wall_seconds": times.wall, "images_per_second": times.ips})
+    t0 = time.perf_counter()
+    ft = run_finetune(ft_args, rt, data, deadline, provenance=provenance)
+    times.wall["finetune"] = round(time.perf_counter() - t0, 2)
+    times.wall.update({f"finetune_{k}": v for k, v in ft.phase_seconds.items()})
+    times.ips.update({f"finetune_{k}": v for k, v in ft.phase_images_per_second.items()})
+    return ft
+
+
+def _evaluate_as_shipped(
+    model: CAEClassifier, args: argparse.Namespace, rt: Runtime, data: data_mod.ImageSet, times: _Times
+) -> EvaluateResult:
+    """Test metrics of the weights as shipped: model.pt stores them in fp16, so ``model`` is rounded in place."""
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+    t0 = time.perf_counter()
+    ev = evaluate_classifier(model, data, rt, "test", args.eval_batch_size)
+    times.wall["evaluate"] = round(time.perf_counter() - t0, 2)
+    times.ips["evaluate"] = ev.metrics["images_per_second"]
+    return ev
+
+
+def _save_oneshot_model(
+    path: Path,
+    args: argparse.Namespace,
+    ft: FinetuneResult,
+    ev: EvaluateResult,
+    times: _Times,
+    provenance: dict[str, Any],
+) -> tuple[str, float]:
+    """Write the fine-tuned model (fp16) with the whole run's provenance to ``path``; its sha256 and size in MiB."""
+    provenance.update(
+        {
+            "history": ft.history,
+            "best_val_loss": ft.best_val_loss,
+            "wall_seconds": times.wall,
+            "images_per_second": times.ips,
+            "test": {"accuracy": ev.metrics["accuracy"], "macro_auc": ev.metrics["macro"]["auc"]},
+        }
+    )
+    card = model_card(ft.model.spec, provenance, args.model_version)
+    sha = save_classifier(path, ft.model, card, dtype=torch.float16)
+    return sha, path.stat().st_size / (1 << 20)
+
+
+def _oneshot_summary(
+    args: argparse.Namespace,
+    rt: Runtime,
+    data: data_mod.ImageSet,
+    parts: _OneshotParts,
+    times: _Times,
+    sha: str,
+    size_mib: float,
+) -> dict[str, Any]:
+    """The one-shot run's metrics.json payload (``report_from_summary`` draws report.md and the plots from it)."""
+    return {
+        "title": "cxr-triage one-shot training run",
+        "model": "model.pt",
+        "model_sha256": sha,
+        "model_mib": round(size_mib, 2),
+        "model_version": args.model_version,
+        "spec": parts.ft.model.spec.to_dict(),
+        "metrics": parts.ev.metrics,
+        "ablation": parts.ablation,
+        "wall_seconds": times.wall,
+        "images_per_second": times.ips,
+        "device": rt.device_name,
+        "counts": data.counts(),
+        "seed": args.seed,
+        "budget_seconds": args.budget_seconds,
+        "config": plain_args(args),
+        "facts": {
+            "device": rt.device_name,
+            "budget seconds": args.budget_seconds,
+            "wall seconds": times.wall,
+            "images/s": times.ips,
+            "model": f"model.pt ({size_mib:.2f} MiB, sha256 {sha[:16]}...)",
+            "spec": parts.ft.model.spec.to_dict(),
+            "seed": args.seed,
+            "counts": data.counts(),
+        },
+        "notes": oneshot_notes(args, parts.pre),
+        "pretrain_history": parts.pre.history,
+        "finetune_history": parts.ft.history,
+        "predictions": predictions_json(parts.ev),
+    }
 
 
 def oneshot_notes(args: argparse.Namespace, pre: PretrainResult) -> list[str]:

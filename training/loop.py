@@ -128,16 +128,7 @@ def fit(
             )
             diverged = True
             break
-        improved = result.score < state.best_score
-        if improved:
-            state.best_score, state.bad_epochs, state.best = result.score, 0, snapshot()
-        else:
-            state.bad_epochs += 1
-        row = {**phase.tags, "epoch": state.epoch, "train_loss": stats.loss, **result.extra, "best": improved}
-        row.update(_speed(stats))
-        if stats.accuracy is not None:
-            row["train_accuracy"] = stats.accuracy
-        state.history.append(row)
+        improved = _record_epoch(phase, state, stats, result, snapshot)
         if rt.is_main:
             _log_epoch(phase, state, stats, result, improved)
             if improved and on_improve is not None:
@@ -156,6 +147,26 @@ def fit(
         save(state)
     complete = not diverged and (state.epoch >= phase.epochs or patience_hit)
     return FitResult(state=state, complete=complete, stopped_early=patience_hit)
+
+
+def _record_epoch(
+    phase: Phase, state: FitState, stats: EpochStats, result: Validation, snapshot: Callable[[], Any]
+) -> bool:
+    """Book a finished epoch into ``state`` (best score and weights, or one more bad epoch; its history row).
+
+    Returns whether the epoch improved on the best validation score.
+    """
+    improved = result.score < state.best_score
+    if improved:
+        state.best_score, state.bad_epochs, state.best = result.score, 0, snapshot()
+    else:
+        state.bad_epochs += 1
+    row = {**phase.tags, "epoch": state.epoch, "train_loss": stats.loss, **result.extra, "best": improved}
+    row.update(_speed(stats))
+    if stats.accuracy is not None:
+        row["train_accuracy"] = stats.accuracy
+    state.history.append(row)
+    return improved
 
 
 def _speed(stats: EpochStats) -> dict[str, float]:

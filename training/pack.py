@@ -22,6 +22,7 @@ import io
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -155,8 +156,39 @@ def build_pack(
         resize_to_uint8(read_gray(r.path))
         for r in progress_bar(records, desc="decode", disable=not progress, mininterval=2.0)
     ]
+    layout = _PackLayout(manifest, split, comp, source_codes, source_names, seed, fractions, max_mib)
+    budget = layout.jpeg_budget(max_quality)
+    probe = _SizeProbe(images, seed)
+    quality = probe.estimate_quality(len(images), budget, max_quality, min_quality)
+    logger.info("JPEG quality %d (estimated from %d images)", quality, len(probe.indices))
+    quality, encoded = _encode_to_fit(images, probe, quality, budget, max_quality, min_quality, progress)
+    logger.info("JPEG quality %d: %.2f MiB of images", quality, sum(map(len, encoded)) / MIB)
+    keep = sample_to_fit([len(b) for b in encoded], labels, split, comp, budget, seed=seed)
+    if len(keep) < len(records):
+        logger.warning("pack sampled: %d of %d images kept to fit %.1f MiB", len(keep), len(records), max_mib)
+    pack = layout.assemble(encoded, keep, quality)
+    if out is not None:
+        save_pack(pack, out)
+    return pack
 
-    def assemble(encoded: Sequence[bytes], keep: Sequence[int], quality: int) -> dict:
+
+@dataclass(frozen=True)
+class _PackLayout:
+    """What a pack holds besides its JPEG bytes: the manifest, its split, components and sources, the request."""
+
+    manifest: Manifest
+    split: list[int]
+    comp: list[int]
+    source_codes: list[int]
+    source_names: Sequence[str]
+    seed: int
+    fractions: Sequence[float]
+    max_mib: float
+
+    def assemble(self, encoded: Sequence[bytes], keep: Sequence[int], quality: int) -> dict:
+        """The pack dict of the images ``keep`` (indices into the manifest), ``encoded`` at ``quality``."""
+        manifest, labels, split = self.manifest, self.manifest.labels, self.split
+        records = manifest.records
         blobs = [encoded[i] for i in keep]
         offsets = torch.zeros(len(blobs) + 1, dtype=torch.int64)
         offsets[1:] = torch.cumsum(torch.tensor([len(b) for b in blobs], dtype=torch.int64), 0)
@@ -168,18 +200,18 @@ def build_pack(
             "offsets": offsets,
             "labels": torch.tensor(kept_labels, dtype=torch.int64),
             "split": torch.tensor(kept_split, dtype=torch.int64),
-            "components": torch.tensor([comp[i] for i in keep], dtype=torch.int64),
-            "sources": torch.tensor([source_codes[i] for i in keep], dtype=torch.int64),
-            "source_names": list(source_names),
+            "components": torch.tensor([self.comp[i] for i in keep], dtype=torch.int64),
+            "sources": torch.tensor([self.source_codes[i] for i in keep], dtype=torch.int64),
+            "source_names": list(self.source_names),
             "class_names": list(manifest.class_names),
             "meta": {
                 "source": manifest.source,
                 "paths": [str(records[i].path) for i in keep],
                 "image_size": IMAGE_SIZE,
                 "jpeg_quality": quality,
-                "seed": seed,
-                "fractions": list(fractions),
-                "max_mib": max_mib,
+                "seed": self.seed,
+                "fractions": list(self.fractions),
+                "max_mib": self.max_mib,
                 "images_in_manifest": len(records),
                 "images_kept": len(keep),
                 "counts_before_sampling": split_counts(labels, split, manifest.class_names),
@@ -188,25 +220,48 @@ def build_pack(
         }
         return pack
 
-    # everything but the JPEG bytes (paths, labels, split, offsets, zip framing), measured, plus a margin
-    buf = io.BytesIO()
-    torch.save(assemble([b""] * len(records), range(len(records)), max_quality), buf)
-    budget = int(max_mib * MIB) - len(buf.getvalue()) - _OVERHEAD_BYTES
-    gen = torch.Generator().manual_seed(seed)
-    probe = torch.randperm(len(images), generator=gen)[:256].tolist()
-    probe_sizes: dict[int, int] = {}
+    def jpeg_budget(self, quality: int) -> int:
+        """Bytes left for the JPEGs within ``max_mib``."""
+        # everything but the JPEG bytes (paths, labels, split, offsets, zip framing), measured, plus a margin
+        n = len(self.manifest.records)
+        buf = io.BytesIO()
+        torch.save(self.assemble([b""] * n, range(n), quality), buf)
+        return int(self.max_mib * MIB) - len(buf.getvalue()) - _OVERHEAD_BYTES
 
-    def probe_total(q: int) -> int:
-        if q not in probe_sizes:
-            probe_sizes[q] = sum(len(encode_gray_jpeg(images[i], q)) for i in probe)
-        return probe_sizes[q]
 
-    quality = min_quality
-    for q in range(max_quality, min_quality - 1, -1):
-        if probe_total(q) / len(probe) * len(images) <= budget * 0.985:
-            quality = q
-            break
-    logger.info("JPEG quality %d (estimated from %d images)", quality, len(probe))
+class _SizeProbe:
+    """JPEG sizes of a seeded sample of (at most 256) images, per quality, each quality encoded once."""
+
+    def __init__(self, images: Sequence[torch.Tensor], seed: int) -> None:
+        self.images = images
+        gen = torch.Generator().manual_seed(seed)
+        self.indices: list[int] = torch.randperm(len(images), generator=gen)[:256].tolist()
+        self._totals: dict[int, int] = {}
+
+    def total(self, quality: int) -> int:
+        """Bytes of the sample's JPEGs at ``quality``."""
+        if quality not in self._totals:
+            self._totals[quality] = sum(len(encode_gray_jpeg(self.images[i], quality)) for i in self.indices)
+        return self._totals[quality]
+
+    def estimate_quality(self, n_images: int, budget: int, max_quality: int, min_quality: int) -> int:
+        """The highest quality at which ``n_images`` are estimated to fit in ``budget`` (else ``min_quality``)."""
+        for q in range(max_quality, min_quality - 1, -1):
+            if self.total(q) / len(self.indices) * n_images <= budget * 0.985:
+                return q
+        return min_quality
+
+
+def _encode_to_fit(
+    images: Sequence[torch.Tensor],
+    probe: _SizeProbe,
+    quality: int,
+    budget: int,
+    max_quality: int,
+    min_quality: int,
+    progress: bool,
+) -> tuple[int, list[bytes]]:
+    """Encode every image from the estimated ``quality``, then correct it on the exact total: the quality and JPEGs."""
 
     def encode_all(q: int) -> list[bytes]:
         return [encode_gray_jpeg(img, q) for img in progress_bar(images, desc=f"encode q{q}", disable=not progress)]
@@ -218,20 +273,13 @@ def build_pack(
     # the estimate is conservative: step up while the exact size says the next quality should still fit
     while quality < max_quality:
         total = sum(map(len, encoded))
-        if total * probe_total(quality + 1) / probe_total(quality) > budget:
+        if total * probe.total(quality + 1) / probe.total(quality) > budget:
             break
         better = encode_all(quality + 1)
         if sum(map(len, better)) > budget:
             break
         quality, encoded = quality + 1, better
-    logger.info("JPEG quality %d: %.2f MiB of images", quality, sum(map(len, encoded)) / MIB)
-    keep = sample_to_fit([len(b) for b in encoded], labels, split, comp, budget, seed=seed)
-    if len(keep) < len(records):
-        logger.warning("pack sampled: %d of %d images kept to fit %.1f MiB", len(keep), len(records), max_mib)
-    pack = assemble(encoded, keep, quality)
-    if out is not None:
-        save_pack(pack, out)
-    return pack
+    return quality, encoded
 
 
 def save_pack(pack: dict, out: str | os.PathLike[str]) -> int:

@@ -268,18 +268,35 @@ def write_report(
     """Write report.md and the plots that the available results allow; return the files written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    written = _write_plots(out, metrics, labels, probabilities, pretrain_history, finetune_history, ablation)
+    md = report_markdown(title, metrics, pretrain_history, finetune_history, ablation, facts, notes)
+    (out / "report.md").write_text(md, encoding="utf-8")
+    written.append(out / "report.md")
+    return written
+
+
+def _write_plots(
+    out: Path,
+    metrics: dict[str, Any] | None,
+    labels: torch.Tensor | None,
+    probabilities: torch.Tensor | None,
+    pretrain_history: Sequence[dict],
+    finetune_history: Sequence[dict],
+    ablation: Sequence[dict[str, Any]],
+) -> list[Path]:
+    """The PNG plots that the available results allow (none, with a warning, without matplotlib); the files."""
     written: list[Path] = []
-    plots = have_matplotlib()
-    if not plots:
+    if not have_matplotlib():
         logger.warning(
             "matplotlib is not installed: no PNG plots. metrics.json holds what they need; redraw them where "
             "matplotlib is installed with `python -m training report --run %s`",
             out,
         )
-    if plots and (pretrain_history or finetune_history):
+        return written
+    if pretrain_history or finetune_history:
         plot_curves(out / "curves.png", pretrain_history, finetune_history)
         written.append(out / "curves.png")
-    if plots and metrics is not None:
+    if metrics is not None:
         plot_confusion(
             out / "confusion.png", metrics["confusion_matrix"], metrics["class_names"], metrics.get("split", "test")
         )
@@ -287,9 +304,22 @@ def write_report(
         if labels is not None and probabilities is not None:
             plot_roc(out / "roc.png", labels, probabilities, metrics)
             written.append(out / "roc.png")
-    if plots and ablation:
+    if ablation:
         plot_ablation(out / "ablation.png", ablation)
         written.append(out / "ablation.png")
+    return written
+
+
+def report_markdown(
+    title: str,
+    metrics: dict[str, Any] | None,
+    pretrain_history: Sequence[dict] = (),
+    finetune_history: Sequence[dict] = (),
+    ablation: Sequence[dict[str, Any]] = (),
+    facts: dict[str, Any] | None = None,
+    notes: Sequence[str] = (),
+) -> str:
+    """The text of report.md: caveats, test metrics, training curves and table, ablation, run facts, notes."""
     md = [f"# {title}", "", DATA_CAVEATS, ""]
     if metrics is not None:
         md += [f"## {metrics.get('split', 'test').capitalize()} split", "", metrics_markdown(metrics), ""]
@@ -297,17 +327,7 @@ def write_report(
     if pretrain_history or finetune_history:
         md += ["## Training", "", "![training curves](curves.png)", ""]
         if finetune_history:
-            md += [
-                "| phase | epoch | train loss | train acc | val loss | val acc | s | images/s |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|",
-            ]
-            for h in finetune_history:
-                md.append(
-                    f"| {h['phase']} | {h['epoch']} | {h['train_loss']:.4f} | {_pct(h['train_accuracy'])} | "
-                    f"{h['val_loss']:.4f} | {_pct(h['val_accuracy'])} | {h['seconds']:.1f} | "
-                    f"{h['images_per_second']:,.0f} |"
-                )
-            md.append("")
+            md += [*history_markdown(finetune_history), ""]
     if ablation:
         md += ["## Ablation (Table 4 heads)", "", ablation_markdown(ablation), "", "![ablation](ablation.png)", ""]
     if facts:
@@ -316,6 +336,19 @@ def write_report(
         md.append("")
     if notes:
         md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
-    written.append(out / "report.md")
-    return written
+    return "\n".join(md)
+
+
+def history_markdown(finetune_history: Sequence[dict]) -> list[str]:
+    """The fine-tuning history as the lines of a Markdown table, one row per epoch."""
+    lines = [
+        "| phase | epoch | train loss | train acc | val loss | val acc | s | images/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for h in finetune_history:
+        lines.append(
+            f"| {h['phase']} | {h['epoch']} | {h['train_loss']:.4f} | {_pct(h['train_accuracy'])} | "
+            f"{h['val_loss']:.4f} | {_pct(h['val_accuracy'])} | {h['seconds']:.1f} | "
+            f"{h['images_per_second']:,.0f} |"
+        )
+    return lines

@@ -47,6 +47,15 @@ def phantom(rows: int = 192, cols: int = 160) -> np.ndarray:
     return np.round(img * 255.0) / 255.0
 
 
+def _container(stored: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
+    """``stored`` in the (un)signed container of its itemsize, checked to fit ``bits_stored``."""
+    container = stored.astype(f"{'i' if signed else 'u'}{stored.dtype.itemsize}")
+    low, high = (-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1) if signed else (0, 2**bits_stored - 1)
+    if container.min() < low or container.max() > high:
+        raise ValueError(f"stored values {container.min()}..{container.max()} do not fit {bits_stored} bits")
+    return container
+
+
 def new_dataset(
     stored: np.ndarray,
     *,
@@ -69,11 +78,7 @@ def new_dataset(
     if bits_allocated not in (8, 16):
         raise ValueError("stored values must be 8- or 16-bit")
     bits_stored = bits_stored or bits_allocated
-    container = stored.astype(f"{'i' if signed else 'u'}{stored.dtype.itemsize}")
-    if container.min() < (-(2 ** (bits_stored - 1)) if signed else 0) or container.max() > (
-        2 ** (bits_stored - 1) - 1 if signed else 2**bits_stored - 1
-    ):
-        raise ValueError(f"stored values {container.min()}..{container.max()} do not fit {bits_stored} bits")
+    container = _container(stored, bits_stored, signed)
 
     ds = Dataset()
     ds.file_meta = FileMetaDataset()

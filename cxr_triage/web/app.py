@@ -58,90 +58,47 @@ def _parse_date(text: str | None, name: str) -> dt.date | None:
         raise HTTPException(422, f"{name} must be a date (YYYY-MM-DD), not {text!r}") from exc
 
 
-def create_app(settings: Settings, engine: Engine) -> FastAPI:
-    """The application over ``engine``'s database with ``settings.web``."""
-    web = settings.web
-    sessions = db.session_factory(engine)
-    templates = Jinja2Templates(directory=str(TEMPLATES))
-    app = FastAPI(
-        title="cxr-triage worklist",
-        version=__version__,
-        description="Chest X-ray triage results, priorities and radiologist feedback. Research use only: not a "
-        "medical device.",
-    )
+class _Context:
+    """What every route shares: the web settings, the database and the page templates."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.web = settings.web
+        self.engine = engine
+        self.sessions = db.session_factory(engine)
+        self.templates = Jinja2Templates(directory=str(TEMPLATES))
 
     @contextmanager
-    def reading() -> Iterator[Session]:
-        with db.read_session(engine) as session:
+    def reading(self) -> Iterator[Session]:
+        with db.read_session(self.engine) as session:
             yield session
 
     @contextmanager
-    def writing() -> Iterator[Session]:
-        with sessions() as session, session.begin():
+    def writing(self) -> Iterator[Session]:
+        with self.sessions() as session, session.begin():
             yield session
 
-    def who(request: Request) -> auth.LoggedIn | None:
-        with reading() as session:
+    def who(self, request: Request) -> auth.LoggedIn | None:
+        with self.reading() as session:
             return auth.current(session, request.cookies.get(auth.COOKIE))
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        client = request.client.host if request.client else None
-        if not auth.address_allowed(client, web.allowed_networks):
-            return PlainTextResponse("this address may not use the worklist", status_code=403)
-        if request.method not in ("GET", "HEAD", "OPTIONS") and not _same_origin(request):
-            return PlainTextResponse("cross-site request refused", status_code=403)
-        response: Response = await call_next(request)
-        for key, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(key, value)
-        return response
-
-    # --- the JSON API -----------------------------------------------------------------------------------------
-
-    @app.get("/api/worklist", summary="Studies by priority, then arrival")
-    def api_worklist(
-        priority: str | None = Query(None, description=f"one of {', '.join(PRIORITIES)} or pending"),
-        since: str | None = Query(None, description="first arrival on or after this date (YYYY-MM-DD, UTC)"),
-        until: str | None = Query(None, description="first arrival on or before this date (YYYY-MM-DD, UTC)"),
-    ) -> list[dict[str, Any]]:
+    def worklist(self, priority: str | None, since: str | None, until: str | None) -> list[dict[str, Any]]:
         if priority and priority not in (*PRIORITIES, "pending"):
             raise HTTPException(422, f"priority must be one of {', '.join(PRIORITIES)} or pending")
-        with reading() as session:
-            return worklist.worklist(session, web, priority, _parse_date(since, "since"), _parse_date(until, "until"))
+        with self.reading() as session:
+            return worklist.worklist(
+                session, self.web, priority, _parse_date(since, "since"), _parse_date(until, "until")
+            )
 
-    @app.get("/api/studies/{uid}", summary="One study: instances, reasons, SR UIDs, priority and feedback")
-    def api_study(uid: str) -> dict[str, Any]:
-        with reading() as session:
-            record = worklist.study_detail(session, uid, web)
+    def study(self, uid: str) -> dict[str, Any]:
+        with self.reading() as session:
+            record = worklist.study_detail(session, uid, self.web)
         if record is None:
             raise HTTPException(404, f"no study {uid}")
         return record
 
-    @app.get("/api/feedback", summary="Every radiologist confirmation and correction")
-    def api_feedback() -> list[dict[str, Any]]:
-        with reading() as session:
-            return worklist.feedback_list(session)
-
-    @app.get("/api/feedback.csv", summary="Feedback as the training module's manifest CSV", response_class=Response)
-    def api_feedback_csv() -> Response:
-        with reading() as session:
-            text = worklist.feedback_manifest(session)
-        return Response(
-            text, media_type="text/csv", headers={"Content-Disposition": "attachment; filename=feedback.csv"}
-        )
-
-    @app.post("/api/studies/{uid}/feedback", summary="Confirm or correct a study's label (session + X-CSRF-Token)")
-    def api_post_feedback(uid: str, body: FeedbackIn, request: Request) -> dict[str, Any]:
-        user = who(request)
-        if user is None:
-            raise HTTPException(401, "log in first")
-        if not auth.csrf_ok(user, request.headers.get("X-CSRF-Token")):
-            raise HTTPException(403, "missing or wrong CSRF token")
-        return _store_feedback(uid, user, body.label, body.comment, request)
-
-    def _store_feedback(uid: str, user: auth.LoggedIn, label: str, comment: str | None, request: Request) -> dict:
+    def store_feedback(self, uid: str, user: auth.LoggedIn, label: str, comment: str | None, request: Request) -> dict:
         try:
-            with writing() as session:
+            with self.writing() as session:
                 record = worklist.record_feedback(session, uid, user.username, label, comment)
                 auth.audit(session, "feedback", user.username, _client(request), uid, {
                     "label_before": record["label_before"], "label_after": label, "feedback_id": record["id"]
@@ -151,27 +108,101 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         logger.info("feedback on study %s by %s: %s", uid, user.username, label)
         return record
 
-    # --- pages for people -------------------------------------------------------------------------------------
+
+def create_app(settings: Settings, engine: Engine) -> FastAPI:
+    """The application over ``engine``'s database with ``settings.web``."""
+    ctx = _Context(settings, engine)
+    app = FastAPI(
+        title="cxr-triage worklist",
+        version=__version__,
+        description="Chest X-ray triage results, priorities and radiologist feedback. Research use only: not a "
+        "medical device.",
+    )
+    _add_guard(app, ctx)
+    _add_api_routes(app, ctx)
+    _add_page_routes(app, ctx)
+    _add_auth_routes(app, ctx)
+    _add_feedback_form_route(app, ctx)
+    _add_error_handler(app)
+    return app
+
+
+def _add_guard(app: FastAPI, ctx: _Context) -> None:
+    """Allowed networks and same-origin writes for every request, security headers on every response."""
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        if not auth.address_allowed(_client(request), ctx.web.allowed_networks):
+            return PlainTextResponse("this address may not use the worklist", status_code=403)
+        if request.method not in ("GET", "HEAD", "OPTIONS") and not _same_origin(request):
+            return PlainTextResponse("cross-site request refused", status_code=403)
+        response: Response = await call_next(request)
+        for key, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(key, value)
+        return response
+
+
+def _add_api_routes(app: FastAPI, ctx: _Context) -> None:
+    """The JSON API under ``/api/``."""
+
+    @app.get("/api/worklist", summary="Studies by priority, then arrival")
+    def api_worklist(
+        priority: str | None = Query(None, description=f"one of {', '.join(PRIORITIES)} or pending"),
+        since: str | None = Query(None, description="first arrival on or after this date (YYYY-MM-DD, UTC)"),
+        until: str | None = Query(None, description="first arrival on or before this date (YYYY-MM-DD, UTC)"),
+    ) -> list[dict[str, Any]]:
+        return ctx.worklist(priority, since, until)
+
+    @app.get("/api/studies/{uid}", summary="One study: instances, reasons, SR UIDs, priority and feedback")
+    def api_study(uid: str) -> dict[str, Any]:
+        return ctx.study(uid)
+
+    @app.get("/api/feedback", summary="Every radiologist confirmation and correction")
+    def api_feedback() -> list[dict[str, Any]]:
+        with ctx.reading() as session:
+            return worklist.feedback_list(session)
+
+    @app.get("/api/feedback.csv", summary="Feedback as the training module's manifest CSV", response_class=Response)
+    def api_feedback_csv() -> Response:
+        with ctx.reading() as session:
+            text = worklist.feedback_manifest(session)
+        return Response(
+            text, media_type="text/csv", headers={"Content-Disposition": "attachment; filename=feedback.csv"}
+        )
+
+    @app.post("/api/studies/{uid}/feedback", summary="Confirm or correct a study's label (session + X-CSRF-Token)")
+    def api_post_feedback(uid: str, body: FeedbackIn, request: Request) -> dict[str, Any]:
+        user = ctx.who(request)
+        if user is None:
+            raise HTTPException(401, "log in first")
+        if not auth.csrf_ok(user, request.headers.get("X-CSRF-Token")):
+            raise HTTPException(403, "missing or wrong CSRF token")
+        return ctx.store_feedback(uid, user, body.label, body.comment, request)
+
+
+def _add_page_routes(app: FastAPI, ctx: _Context) -> None:
+    """The pages for people that only read: the worklist, a study, its thumbnails and the page script."""
+    web = ctx.web
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page_worklist(request: Request, priority: str = "", since: str = "", until: str = "") -> HTMLResponse:
-        rows = api_worklist(priority or None, since or None, until or None)
-        return templates.TemplateResponse(request, "worklist.html", {
-            "rows": rows, "user": who(request), "priorities": PRIORITIES, "filters": {
+        rows = ctx.worklist(priority or None, since or None, until or None)
+        return ctx.templates.TemplateResponse(request, "worklist.html", {
+            "rows": rows, "user": ctx.who(request), "priorities": PRIORITIES, "filters": {
                 "priority": priority, "since": since, "until": until}, "refresh_ms": int(web.refresh_seconds * 1000),
             "patient_fields": web.patient_fields,
         })  # fmt: skip
 
     @app.get("/studies/{uid}", response_class=HTMLResponse, include_in_schema=False)
     def page_study(request: Request, uid: str) -> HTMLResponse:
-        record = api_study(uid)
-        return templates.TemplateResponse(request, "study.html", {
-            "study": record, "user": who(request), "classes": CLASS_NAMES, "patient_fields": web.patient_fields,
+        record = ctx.study(uid)
+        return ctx.templates.TemplateResponse(request, "study.html", {
+            "study": record, "user": ctx.who(request), "classes": CLASS_NAMES, "patient_fields": web.patient_fields,
         })  # fmt: skip
 
     @app.get("/thumbnails/{instance_id}.png", include_in_schema=False)
     def thumbnail(instance_id: int) -> FileResponse:
-        with reading() as session:
+        with ctx.reading() as session:
             path = worklist.thumbnail_path(session, instance_id)
         if path is None:
             raise HTTPException(404, "no thumbnail")
@@ -181,9 +212,16 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     def script() -> Response:
         return Response((TEMPLATES / "worklist.js").read_text(encoding="utf-8"), media_type="text/javascript")
 
+
+def _add_auth_routes(app: FastAPI, ctx: _Context) -> None:
+    """Logging in and out: a session cookie, each attempt and logout audited."""
+    web = ctx.web
+
     @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
     def page_login(request: Request, next: str = "/", failed: bool = False) -> HTMLResponse:
-        return templates.TemplateResponse(request, "login.html", {"next": _local(next), "failed": failed, "user": None})
+        return ctx.templates.TemplateResponse(
+            request, "login.html", {"next": _local(next), "failed": failed, "user": None}
+        )
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
@@ -192,7 +230,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         return await run_in_threadpool(_login, request, username, password, target)
 
     def _login(request: Request, username: str, password: str, target: str) -> Response:
-        with writing() as session:
+        with ctx.writing() as session:
             if not auth.verify_password(session, username, password):
                 auth.audit(session, "login-failed", username[:64] or None, _client(request))
                 return RedirectResponse(f"/login?failed=1&next={quote(target)}", status_code=303)
@@ -211,15 +249,19 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         return await run_in_threadpool(_logout, request, form.get("csrf"))
 
     def _logout(request: Request, csrf: str | None) -> Response:
-        user = who(request)
+        user = ctx.who(request)
         if not auth.csrf_ok(user, csrf):
             raise HTTPException(403, "missing or wrong CSRF token")
-        with writing() as session:
+        with ctx.writing() as session:
             auth.close_session(session, request.cookies.get(auth.COOKIE))
             auth.audit(session, "logout", user.username if user else None, _client(request))
         response = RedirectResponse("/", status_code=303)
         response.delete_cookie(auth.COOKIE, path="/")
         return response
+
+
+def _add_feedback_form_route(app: FastAPI, ctx: _Context) -> None:
+    """The study page's feedback form: without a session it sends the browser to log in first."""
 
     @app.post("/studies/{uid}/feedback", include_in_schema=False)
     async def form_feedback(request: Request, uid: str) -> Response:
@@ -227,21 +269,23 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         return await run_in_threadpool(_form_feedback, request, uid, form)
 
     def _form_feedback(request: Request, uid: str, form: dict[str, str]) -> Response:
-        user = who(request)
+        user = ctx.who(request)
         if user is None:
             return RedirectResponse(f"/login?next={quote('/studies/' + uid)}", status_code=303)
         if not auth.csrf_ok(user, form.get("csrf")):
             raise HTTPException(403, "missing or wrong CSRF token")
-        _store_feedback(uid, user, form.get("label", ""), form.get("comment"), request)
+        ctx.store_feedback(uid, user, form.get("label", ""), form.get("comment"), request)
         return RedirectResponse(f"/studies/{quote(uid)}", status_code=303)
+
+
+def _add_error_handler(app: FastAPI) -> None:
+    """Errors as JSON under ``/api/``, as plain text on the pages."""
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
         if request.url.path.startswith("/api/"):
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
         return PlainTextResponse(str(exc.detail), status_code=exc.status_code)
-
-    return app
 
 
 async def _form(request: Request) -> dict[str, str]:

@@ -17,6 +17,7 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # One statement per table of the first schema: long, but a migration reads best as the schema it creates.
     op.create_table(
         "model_versions",
         sa.Column("id", sa.Integer(), nullable=False),
