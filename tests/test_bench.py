@@ -69,3 +69,24 @@ def test_inference_bench_reports_every_configuration() -> None:
     )
     assert out.startswith("machine: ") and "GFLOP per image" in out
     assert "fp32: " in out and "bf16-cl: " in out and out.count("TFLOP/s achieved") == 2
+
+
+def test_gpu_session_script_runs_every_step_even_after_a_failure(tmp_path: Path) -> None:
+    script = REPO / "bench" / "gpu_session.sh"
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+    out = tmp_path / "out"
+    # No pack: training fails, the benchmarks still run (on a random tiny model) and the script says so.
+    done = subprocess.run(
+        ["bash", str(script), str(tmp_path / "missing.pack"), str(out), "--tiny"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    log = (out / "session.log").read_text()
+    assert done.returncode == 1, log[-3000:]
+    assert "=== train: FAILED" in log
+    assert "=== inference: done" in log and "fp32-cl: " in log
+    assert "=== train-throughput: done" in log and "CAE training, batch 4:" in log
+    assert not (out / "model.pt").exists()
