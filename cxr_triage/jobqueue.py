@@ -70,9 +70,14 @@ class ClaimedJob:
     attempts: int
 
 
-def new_worker_id() -> str:
-    """``host:pid:random``: unique per worker, and tells which host and process holds a lease."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+def new_worker_id(pid: int | None = None) -> str:
+    """``host:pid:start:random``: unique per worker, and tells which host and process holds a lease.
+
+    ``start`` is the process's start time (``/proc``; ``0`` where there is none), so that a lease of a killed
+    worker whose PID has been reused, or which is a zombie not yet reaped, is recognised as dead.
+    """
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid) or 0}:{uuid.uuid4().hex[:8]}"
 
 
 # --- enqueue -------------------------------------------------------------------------------------------------
@@ -332,7 +337,7 @@ def release(sessions: sessionmaker[Session], claimed_by: str | Sequence[str]) ->
 
 
 def release_dead_local_workers(sessions: sessionmaker[Session]) -> int:
-    """Release jobs claimed by worker processes of this host that no longer exist (killed, crashed)."""
+    """Release jobs claimed by worker processes of this host that no longer exist (killed, crashed, zombies)."""
     prefix = f"{socket.gethostname()}:"
     with sessions() as session, session.begin():
         owners = set(
@@ -342,15 +347,38 @@ def release_dead_local_workers(sessions: sessionmaker[Session]) -> int:
                 )
             ).all()
         )
-    dead = []
-    for owner in owners:
-        try:
-            pid = int(owner.split(":")[-2])
-        except (ValueError, IndexError):
-            continue
-        if pid == os.getpid() or not _pid_alive(pid):
-            dead.append(owner)
+    dead = [owner for owner in owners if not _worker_alive(owner[len(prefix) :])]
     return release(sessions, dead) if dead else 0
+
+
+def _worker_alive(local_id: str) -> bool:
+    """Whether the worker ``pid:start:random`` (or an older ``pid:random``) of this host still runs."""
+    parts = local_id.split(":")
+    try:
+        pid = int(parts[0])
+    except ValueError:
+        return True  # not ours to judge
+    if pid == os.getpid():
+        return False  # this process is starting up: whatever it held before was an earlier life's
+    start = _process_start(pid)
+    if start is not None and len(parts) >= 3 and parts[1] != "0":
+        return parts[1] == start  # the same PID may belong to a newer process
+    if start is None and Path("/proc/self/stat").exists():
+        return False  # gone, or a zombie
+    return _pid_alive(pid)
+
+
+def _process_start(pid: int) -> str | None:
+    """Start time of process ``pid`` in clock ticks since boot (``/proc/PID/stat`` field 22), or ``None`` where
+    the process is gone, is a zombie, or the system has no ``/proc``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # the command name (field 2) may hold spaces and parentheses
+    if len(fields) < 20 or fields[0] in ("Z", "X"):  # state (field 3): zombie or dead
+        return None
+    return fields[19]
 
 
 def _pid_alive(pid: int) -> bool:

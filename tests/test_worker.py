@@ -4,6 +4,7 @@ missing model, worklist flags, Structured Reports (with the previous SR referenc
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -179,6 +180,31 @@ def test_jobs_of_dead_local_worker_processes_are_released(harness) -> None:
     assert jobqueue.release_dead_local_workers(harness.sessions) == 1
     assert harness.rows()[0]["status"] == "queued"
     assert harness.work() == 1
+
+
+def test_a_zombie_or_a_reused_pid_does_not_keep_a_dead_workers_jobs(harness) -> None:
+    import socket
+    import subprocess
+    import time
+
+    harness.send([chest_dataset(seed=1), chest_dataset(seed=2), chest_dataset(seed=3)])
+    child = subprocess.Popen(["sleep", "1"])  # not reaped until wait(): a zombie once it exits
+    try:
+        zombie_owner = jobqueue.new_worker_id(child.pid)
+        reused_owner = f"{socket.gethostname()}:{os.getppid()}:1:0reused0"  # a live PID, but started at tick 1
+        live_owner = jobqueue.new_worker_id(os.getppid())  # pytest's parent: alive throughout
+        for owner in (zombie_owner, reused_owner, live_owner):
+            assert len(jobqueue.claim(harness.sessions, owner, 1, 600, 3)) == 1
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1][0] != "Z":
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.05)
+        released = jobqueue.release_dead_local_workers(harness.sessions)
+    finally:
+        child.wait()
+    # kill(pid, 0) calls a zombie alive; the process's state and start time (from /proc) do not.
+    assert released == 2
+    assert sorted(r["status"] for r in harness.rows()) == ["processing", "queued", "queued"]
 
 
 def test_sr_failure_keeps_the_classification(harness, monkeypatch) -> None:
@@ -391,3 +417,58 @@ def test_worker_and_serve_take_the_model_on_the_command_line(make_harness, tiny_
     assert main(["worker", "--once", "--config", str(config), "--model", str(tiny_model)]) == 0
     (row,) = harness.rows()
     assert row["status"] == "ok" and row["model_version"] == "tiny-test"
+
+
+def test_a_database_that_is_down_is_logged_once_and_retried_with_back_off(harness, monkeypatch, caplog) -> None:
+    import logging
+
+    from sqlalchemy.exc import OperationalError
+
+    w = harness.worker
+    calls: list[int] = []
+
+    def run_once() -> int:
+        calls.append(1)
+        if len(calls) >= 8:
+            w.stop.set()
+        if len(calls) == 6:
+            return 0  # the database is back for one poll
+        raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+    waits: list[float] = []
+    monkeypatch.setattr(w, "run_once", run_once)
+    monkeypatch.setattr(w, "idle", waits.append)
+    with caplog.at_level(logging.INFO, logger="cxr_triage.worker"):
+        w.run()
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2, "once when it fails, once more when it fails again after recovering"
+    assert all(r.exc_info for r in errors)
+    assert any("works again after 5 failed attempt(s)" in r.getMessage() for r in caplog.records)
+    poll = harness.settings.worker.poll_interval
+    assert waits == [worker.retry_interval(poll, n) for n in (1, 2, 3, 4, 5, 0, 1, 2)]
+    assert waits[:5] == sorted(waits[:5]) and waits[5] == poll
+    assert worker.retry_interval(0.5, 100) == worker.MAX_RETRY_INTERVAL == 30.0
+
+
+def test_a_failing_housekeeping_job_is_logged_once_per_change(caplog) -> None:
+    import logging
+
+    from cxr_triage import housekeeping
+
+    outcomes = iter([OSError("disk gone")] * 50 + [None, OSError("disk gone")])
+
+    def job() -> None:
+        error = next(outcomes)
+        if error:
+            raise error
+
+    guarded = housekeeping._guarded("spool retention", job)
+    with caplog.at_level(logging.INFO, logger="cxr_triage.housekeeping"):
+        for _ in range(52):
+            guarded()
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert messages == [
+        ("ERROR", "housekeeping: spool retention failed (retried; the same error is not logged again)"),
+        ("WARNING", "housekeeping: spool retention works again after 50 failed attempt(s)"),
+        ("ERROR", "housekeeping: spool retention failed (retried; the same error is not logged again)"),
+    ]
