@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import TextIO
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -71,10 +73,35 @@ class Context:
         return self.engine
 
 
-def configure_logging(level: str) -> None:
-    """The one place logging is set up (every command, and every worker process ``serve`` starts)."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+_CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f\x85\u2028\u2029]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return repr(match.group())[1:-1]
+
+
+class EscapingFormatter(logging.Formatter):
+    """One record, one line: control characters in a message (values that came off the wire, such as a UID with
+    a newline or a NUL) are written escaped, and the lines of a traceback are indented, so that nothing a peer
+    sends can forge a log line or make the log binary."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = _CONTROL.sub(_escaped, record.message)
+        return super().formatMessage(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)  # newlines now only come from a traceback or stack
+        return _CONTROL_BUT_NEWLINE.sub(_escaped, text).replace("\n", "\n    ")
+
+
+def configure_logging(level: str, stream: TextIO | None = None) -> None:
+    """The one place logging is set up (every command, and every worker process ``serve`` starts), to standard
+    error unless ``stream`` is given."""
     level = level.upper()
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(EscapingFormatter(LOG_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(logging.NOTSET if level == "DEBUG" else logging.WARNING)
 
