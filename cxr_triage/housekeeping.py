@@ -19,6 +19,7 @@ from collections.abc import Callable
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxr_triage import forward, retention, studies
+from cxr_triage.failurelog import FailureLog
 from cxr_triage.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -76,10 +77,14 @@ class Housekeeping:
 
 
 def _guarded(name: str, job: Callable[[], None]) -> Callable[[], None]:
+    failures = FailureLog(logger, f"housekeeping: {name}")
+
     def run() -> None:
         try:
             job()
-        except Exception:
-            logger.exception("housekeeping: %s failed", name)
+        except Exception as exc:
+            failures.failed(exc)
+        else:
+            failures.succeeded()
 
     return run

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine
 
 from cxr_triage import db, jobqueue, pipeline
+from cxr_triage.failurelog import FailureLog
 from cxr_triage.jobqueue import ClaimedJob
 from cxr_triage.modelstore import ModelStore
 from cxr_triage.recorder import Recorder
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
     from cxr_triage.inference import Predictor
 
 logger = logging.getLogger(__name__)
+MAX_RETRY_INTERVAL = 30.0
+"""Seconds: the longest wait between attempts while batches keep failing."""
 
 CPU_CHUNK = 4
 """Images classified and then recorded together on the CPU: small, so that the first results of a claimed batch
@@ -60,6 +63,14 @@ def quiet_openmp_threads() -> None:
     once, when torch loads it, so this must run before torch is imported in the process.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def retry_interval(poll: float, failures: int) -> float:
+    """Seconds to wait before the next attempt: ``poll``, doubled per failure in a row up to
+    ``MAX_RETRY_INTERVAL`` (a database that is down is not hammered)."""
+    if not failures:
+        return poll
+    return min(poll * 2 ** min(failures, 16), max(poll, MAX_RETRY_INTERVAL))
 
 
 class Worker:
@@ -148,16 +159,19 @@ class Worker:
     def run(self) -> None:
         """Loop until ``self.stop`` is set; then release jobs claimed but not finished."""
         logger.info("worker %s started", self.worker_id)
+        failures = FailureLog(logger, f"worker {self.worker_id}: a batch")
+        poll = self.settings.worker.poll_interval
         try:
             while not self.stop.is_set():
                 try:
                     busy = self.run_once()
-                except Exception:
-                    logger.exception("worker %s: batch failed", self.worker_id)
+                    failures.succeeded()
+                except Exception as exc:
                     busy = 0
+                    failures.failed(exc)
                 if not busy:
                     self.flush()
-                    self.idle(self.settings.worker.poll_interval)
+                    self.idle(retry_interval(poll, failures.failures))
         finally:
             self.close()
             jobqueue.release(self.sessions, self.worker_id)
@@ -183,6 +197,9 @@ class Worker:
         try:
             for _ in range(max_rounds):
                 done = self.run_once()
+                if not done:
+                    self.flush()  # the last chunk's commit may put a failed job back in the queue for a retry
+                    done = self.run_once()
                 total += done
                 if not done:
                     break
