@@ -6,7 +6,9 @@ Like pynetdicom's apps, ``main(args=None)`` takes an argument list so tests call
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -113,7 +115,19 @@ def _setup_argparser(args: Sequence[str] | None = None) -> argparse.ArgumentPars
 def main(args: Sequence[str] | None = None) -> int:
     """Run ``cxr-triage ARGS``; each subcommand sets up logging and the rest in ``cxr_triage.bootstrap``."""
     parsed = _setup_argparser(args).parse_args(args)
-    return int(parsed._module.run(parsed))
+    try:
+        status = int(parsed._module.run(parsed))
+        sys.stdout.flush()  # here, where a reader that left can be handled, not at the interpreter's exit
+    except BrokenPipeError:
+        return _reader_gone()
+    return status
+
+
+def _reader_gone() -> int:
+    """The reader of standard output left (``cxr-triage results | head``): stop quietly, as Unix tools do."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush has nowhere to fail
+    return 1
 
 
 if __name__ == "__main__":

@@ -153,3 +153,37 @@ def test_forward_says_when_there_is_nothing_to_list_or_send(harness, capsys) -> 
     assert out == "" and "no SR forwards recorded ([forward] destinations is empty)" in err
     assert main(["forward", "--retry", "--config", str(config)]) == 0
     assert "nothing to send" in capsys.readouterr().err
+
+
+def test_results_piped_into_head_ends_without_a_traceback(harness) -> None:
+    import subprocess
+    import sys
+
+    from cxr_triage import db
+
+    # Far more output than a pipe holds, so that the writer is still writing when head leaves.
+    now = db.utcnow()
+    with harness.sessions() as session, session.begin():
+        study = db.Study(study_instance_uid="1.2.3", first_received_at=now, last_received_at=now)
+        session.add(study)
+        session.flush()
+        session.add_all(
+            db.Instance(
+                study_id=study.id,
+                sop_instance_uid=f"1.2.3.{i}",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+                study_instance_uid="1.2.3",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                spool_path=f"/spool/{i}.dcm",
+                sha256="0" * 64,
+                size_bytes=1,
+                received_at=now,
+            )  # fmt: skip
+            for i in range(3000)
+        )
+    config = write_config(harness.tmp / "cxr.toml", harness.config)
+    err = harness.tmp / "err"
+    command = f'"{sys.executable}" -m cxr_triage results --json --config "{config}" 2>"{err}" | head -n 1'
+    done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and json.loads(done.stdout)["sop_instance_uid"] == "1.2.3.0"
+    assert err.read_text() == "", "no BrokenPipeError traceback when the reader leaves"
