@@ -27,7 +27,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
-from pynetdicom import AE, evt
+from pynetdicom import AE, Association, evt
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.events import Event
 from pynetdicom.pdu import P_DATA_TF
@@ -261,11 +261,27 @@ class Receiver:
 
 def _handle_rejected(event: Event) -> None:
     logger.warning(
-        "association from AE %r at %s:%s rejected",
+        "association from AE %r at %s:%s rejected: %s",
         event.assoc.requestor.ae_title,
         event.assoc.requestor.address,
         event.assoc.requestor.port,
+        _rejection_reason(event.assoc),
     )
+
+
+def _rejection_reason(assoc: Association) -> str:
+    """Why pynetdicom rejected ``assoc`` (its event does not say): its checks in its order, the last one wins."""
+    ae = assoc.ae
+    if len([a for a in ae.active_associations if a.is_acceptor]) > ae.maximum_associations:
+        return f"local limit exceeded ({ae.maximum_associations} associations at once, [listener] max_associations)"
+    if assoc.requestor.user_identity:
+        return "user identity not verified"
+    called = str(getattr(assoc.requestor.primitive, "called_ae_title", "") or "").strip()
+    if ae.require_called_aet and called != assoc.acceptor.ae_title.strip():
+        return f"called AE title {called!r} is not this listener's ({assoc.acceptor.ae_title.strip()!r})"
+    if ae.require_calling_aet and assoc.requestor.ae_title not in [t.strip() for t in ae.require_calling_aet]:
+        return "calling AE title not on the allow-list ([listener] allowed_calling_aes)"
+    return "refused by the DICOM library's negotiation"
 
 
 def _handle_accepted(event: Event) -> None:

@@ -4,6 +4,7 @@ calling-AE allow-list. Every accepted instance must end with a result row."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from pathlib import Path
 
@@ -267,17 +268,25 @@ def test_spool_below_reserve_answers_out_of_resources(make_harness) -> None:
     assert not any(Path(harness.config["storage"]["spool_dir"]).rglob("*.dcm"))
 
 
-def test_unknown_calling_ae_is_rejected(make_harness) -> None:
+def test_unknown_calling_ae_is_rejected(make_harness, caplog) -> None:
     harness = make_harness(listener={"allowed_calling_aes": ["PACS"]})
-    assert echo(harness.port, calling_ae="INTRUDER") is None
+    with caplog.at_level(logging.WARNING, logger="cxr_triage.listener"):
+        assert echo(harness.port, calling_ae="INTRUDER") is None
+    assert any(
+        "'INTRUDER'" in r.getMessage() and "rejected: calling AE title not on the allow-list" in r.getMessage()
+        for r in caplog.records
+    ), "the log says why"
     with pytest.raises(AssertionError, match="not established"):
         harness.send([chest_dataset()], calling_ae="INTRUDER")
     assert harness.send([chest_dataset()], calling_ae="PACS") == [0]
     assert len(harness.rows()) == 1
 
 
-def test_wrong_called_ae_is_rejected(harness) -> None:
-    assert echo(harness.port, called_ae="SOMEONE_ELSE") is None
+def test_wrong_called_ae_is_rejected(harness, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="cxr_triage.listener"):
+        assert echo(harness.port, called_ae="SOMEONE_ELSE") is None
+    reason = "rejected: called AE title 'SOMEONE_ELSE' is not this listener's"
+    assert any(reason in r.getMessage() for r in caplog.records)
 
 
 def test_transfer_syntaxes_offered_include_every_decodable_one() -> None:
