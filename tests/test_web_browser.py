@@ -23,6 +23,7 @@ import pydicom
 import pytest
 from conftest import write_config
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -34,6 +35,7 @@ from cxr_triage.testing import peers, synthetic
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 PASSWORD = "correct horse battery"
 WAIT = 120  # seconds: generous, the CI machine may be loaded
+RERENDERED = (StaleElementReferenceException, NoSuchElementException)
 
 
 @pytest.fixture
@@ -53,6 +55,11 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
         yield driver
     finally:
         driver.quit()
+
+
+def _wait(driver: webdriver.Chrome) -> WebDriverWait[webdriver.Chrome]:
+    """A wait that looks elements up again when the page re-rendered them between finding and reading."""
+    return WebDriverWait(driver, WAIT, poll_frequency=0.5, ignored_exceptions=RERENDERED)
 
 
 def _cli(*args: str, config: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -134,12 +141,14 @@ def test_a_study_appears_with_its_flag_and_a_radiologist_corrects_it(browser: we
         assert browser.find_elements(By.CSS_SELECTOR, f'tr[data-study="{study}"]') == [], "empty before the send"
         sent = peers.storescu(dicom_port, [image])
         assert "Received Store Response (Success)" in sent.stdout + sent.stderr or sent.returncode == 0
-        badge = WebDriverWait(browser, WAIT, poll_frequency=0.5).until(
+        # The page re-renders its rows on every refresh: read the badge's text inside the wait, where an element
+        # replaced between finding and reading it (stale) is simply looked up again.
+        badge = _wait(browser).until(
             lambda d: next(
                 (
-                    b
+                    text
                     for b in d.find_elements(By.CSS_SELECTOR, f'tr[data-study="{study}"] .badge')
-                    if b.text != "pending"
+                    if (text := b.text) != "pending"
                 ),
                 None,
             )
@@ -147,18 +156,18 @@ def test_a_study_appears_with_its_flag_and_a_radiologist_corrects_it(browser: we
         with urllib.request.urlopen(f"{base}/api/studies/{study}", timeout=30) as response:
             (instance,) = json.loads(response.read())["instance_list"]
         expected = flags.instance_flag(instance["probabilities"], TriageSettings(), instance["model_version"])
-        assert badge.text == expected.priority, "the page shows the priority the rules give this result"
+        assert badge == expected.priority, "the page shows the priority the rules give this result"
         browser.save_screenshot(str(shots / "worklist.png"))
 
         browser.get(f"{base}/login?next=/studies/{study}")
         browser.find_element(By.NAME, "username").send_keys("rad1")
         browser.find_element(By.NAME, "password").send_keys(PASSWORD)
         browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
-        WebDriverWait(browser, WAIT).until(lambda d: d.find_elements(By.ID, "feedback-form"))
+        _wait(browser).until(lambda d: d.find_elements(By.ID, "feedback-form"))
         Select(browser.find_element(By.NAME, "label")).select_by_value("pneumonia")
         browser.find_element(By.NAME, "comment").send_keys("right lower lobe consolidation")
         browser.find_element(By.CSS_SELECTOR, "#feedback-form button").click()
-        WebDriverWait(browser, WAIT).until(lambda d: d.find_element(By.ID, "feedback-label").text == "pneumonia")
+        _wait(browser).until(lambda d: d.find_element(By.ID, "feedback-label").text == "pneumonia")
         assert "rad1" in browser.find_element(By.ID, "feedback").text
         browser.set_window_size(1500, 1250)
         browser.save_screenshot(str(shots / "study.png"))
@@ -166,7 +175,7 @@ def test_a_study_appears_with_its_flag_and_a_radiologist_corrects_it(browser: we
         evil = _evil_site(f"{base}/studies/{study}/feedback", evil_port)
         try:
             browser.get(f"http://localhost:{evil_port}/")  # another origin (another host name and port)
-            WebDriverWait(browser, WAIT).until(lambda d: d.current_url.startswith(base) or "refused" in d.page_source)
+            _wait(browser).until(lambda d: d.current_url.startswith(base) or "refused" in d.page_source)
         finally:
             evil.shutdown()
         with urllib.request.urlopen(f"{base}/api/feedback", timeout=30) as response:
