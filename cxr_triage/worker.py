@@ -197,9 +197,8 @@ class Worker:
         try:
             for _ in range(max_rounds):
                 done = self.run_once()
-                if not done:
-                    self.flush()  # the last chunk's commit may put a failed job back in the queue for a retry
-                    done = self.run_once()
+                if not done and self.flush():
+                    done = self.run_once()  # that last commit may have put a failed job back in the queue
                 total += done
                 if not done:
                     break
@@ -238,14 +237,16 @@ class Worker:
             self._recording = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-recorder")
         self._pending = self._recording.submit(self.recorder.record, outcomes)
 
-    def flush(self) -> None:
-        """Wait until the chunk handed to the recorder is recorded."""
+    def flush(self) -> bool:
+        """Wait until the chunk handed to the recorder is recorded; whether there was one."""
         pending, self._pending = self._pending, None
-        if pending is not None:
-            try:
-                pending.result()
-            except Exception:
-                logger.exception("recording a batch failed")
+        if pending is None:
+            return False
+        try:
+            pending.result()
+        except Exception:
+            logger.exception("recording a batch failed")
+        return True
 
     def close(self) -> None:
         """Record what is pending and stop the preprocessor and recorder threads."""
