@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -70,21 +70,21 @@ def study_summary(session: Session, instances: Sequence[db.Instance]) -> dict[st
     }
 
 
+_R = TypeVar("_R", db.PredictionRecord, db.RefusalRecord)
+
+
+def _newest(session: Session, record: type[_R], instance_id: int) -> _R | None:
+    """The newest ``record`` row (prediction or refusal) of one instance."""
+    return session.scalars(select(record).where(record.instance_id == instance_id).order_by(record.id.desc())).first()
+
+
 def _instance_flag(session: Session, instance: db.Instance, triage: TriageSettings) -> flags.Flag | None:
     if instance.status == db.DONE:
-        prediction = session.scalars(
-            select(db.PredictionRecord)
-            .where(db.PredictionRecord.instance_id == instance.id)
-            .order_by(db.PredictionRecord.id.desc())
-        ).first()
+        prediction = _newest(session, db.PredictionRecord, instance.id)
         if prediction is not None:
             return flags.instance_flag(prediction.probabilities, triage, prediction.model_version)
     if instance.status == db.REFUSED:
-        refusal = session.scalars(
-            select(db.RefusalRecord)
-            .where(db.RefusalRecord.instance_id == instance.id)
-            .order_by(db.RefusalRecord.id.desc())
-        ).first()
+        refusal = _newest(session, db.RefusalRecord, instance.id)
         return flags.refused_flag(refusal.reason if refusal else "not a frontal chest radiograph", triage)
     if instance.status == db.FAILED:
         return flags.failed_flag(instance.error or "processing failed", triage)

@@ -20,7 +20,7 @@ import io
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -39,31 +39,19 @@ class FeedbackError(ValueError):
     """Feedback that cannot be stored (unknown study or label)."""
 
 
+_R = TypeVar("_R", db.PredictionRecord, db.RefusalRecord)
+
+
 def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def _latest_predictions(session: Session, instance_ids: Sequence[int]) -> dict[int, db.PredictionRecord]:
+def _latest(session: Session, record: type[_R], instance_ids: Sequence[int]) -> dict[int, _R]:
+    """The newest ``record`` row (prediction or refusal) of each of ``instance_ids``, in one query."""
     if not instance_ids:
         return {}
-    newest = (
-        select(func.max(db.PredictionRecord.id))
-        .where(db.PredictionRecord.instance_id.in_(instance_ids))
-        .group_by(db.PredictionRecord.instance_id)
-    )
-    rows = session.scalars(select(db.PredictionRecord).where(db.PredictionRecord.id.in_(newest))).all()
-    return {row.instance_id: row for row in rows}
-
-
-def _latest_refusals(session: Session, instance_ids: Sequence[int]) -> dict[int, db.RefusalRecord]:
-    if not instance_ids:
-        return {}
-    newest = (
-        select(func.max(db.RefusalRecord.id))
-        .where(db.RefusalRecord.instance_id.in_(instance_ids))
-        .group_by(db.RefusalRecord.instance_id)
-    )
-    rows = session.scalars(select(db.RefusalRecord).where(db.RefusalRecord.id.in_(newest))).all()
+    newest = select(func.max(record.id)).where(record.instance_id.in_(instance_ids)).group_by(record.instance_id)
+    rows = session.scalars(select(record).where(record.id.in_(newest))).all()
     return {row.instance_id: row for row in rows}
 
 
@@ -187,7 +175,7 @@ def worklist(
     for instance in instances:
         by_study.setdefault(instance.study_id, []).append(instance)
     ids = [i.id for i in instances]
-    predictions, refusals = _latest_predictions(session, ids), _latest_refusals(session, ids)
+    predictions, refusals = _latest(session, db.PredictionRecord, ids), _latest(session, db.RefusalRecord, ids)
     records = [study_record(session, s, by_study.get(s.id, []), predictions, refusals, web) for s in studies]
     return sorted(records, key=_sort_key)
 
@@ -201,7 +189,7 @@ def study_detail(session: Session, uid: str, web: WebSettings) -> dict[str, Any]
         select(db.Instance).where(db.Instance.study_id == study.id).order_by(db.Instance.id)
     ).all()
     ids = [i.id for i in instances]
-    predictions, refusals = _latest_predictions(session, ids), _latest_refusals(session, ids)
+    predictions, refusals = _latest(session, db.PredictionRecord, ids), _latest(session, db.RefusalRecord, ids)
     record = study_record(session, study, instances, predictions, refusals, web)
     srs: dict[int, list[str]] = {}
     for instance_id, sr_uid in session.execute(
@@ -257,7 +245,7 @@ def record_feedback(session: Session, uid: str, username: str, label: str, comme
     if study is None:
         raise FeedbackError(f"no study {uid!r}")
     instances = session.scalars(select(db.Instance).where(db.Instance.study_id == study.id)).all()
-    summary = _summary(instances, _latest_predictions(session, [i.id for i in instances]))
+    summary = _summary(instances, _latest(session, db.PredictionRecord, [i.id for i in instances]))
     row = db.Feedback(
         study_id=study.id,
         username=username,
