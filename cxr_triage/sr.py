@@ -85,7 +85,7 @@ _PERSON_NAME_KEYWORDS = ("PatientName", "ReferringPhysicianName")
 _REQUIRED_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 
 
-def _validate_probabilities(label: str, probabilities: Mapping[str, float]) -> dict[str, float]:
+def validate_probabilities(label: str, probabilities: Mapping[str, float]) -> dict[str, float]:
     known = set(CLASS_NAMES)
     if label not in known:
         raise ValueError(f"unknown label {label!r}; expected one of {sorted(known)}")
@@ -109,7 +109,7 @@ def _validate_probabilities(label: str, probabilities: Mapping[str, float]) -> d
     return values
 
 
-def _validate_evidence(evidence: Dataset) -> Dataset:
+def validate_evidence(evidence: Dataset) -> Dataset:
     """Return a copy of ``evidence`` (no pixel data) with absent type 2 patient/study attributes present and empty."""
     if not isinstance(evidence, Dataset):
         raise TypeError(f"evidence must be a pydicom Dataset, got {type(evidence).__name__}")
@@ -155,7 +155,7 @@ def device_observer_uid(model_sha256: str) -> UID:
     return UID(f"2.25.{uuid.uuid5(_DEVICE_UUID_NAMESPACE, model_sha256).int}")
 
 
-def _validate_model(model_version: str, model_sha256: str, flagged: object) -> bool:
+def validate_model(model_version: str, model_sha256: str, flagged: object) -> bool:
     """Check the model's identification and the flag; the flag as a plain ``bool``."""
     if not isinstance(model_version, str) or not model_version.strip():
         raise ValueError("model_version must be a non-empty string")
@@ -252,9 +252,9 @@ def build_triage_sr(
         UIDs a report needs, or a previous report from another study.
     """
     # Over 60 lines only by its parameter documentation (highdicom's style): the body is under 60.
-    values = _validate_probabilities(label, probabilities)
-    flagged = _validate_model(model_version, model_sha256, flagged)
-    header = _validate_evidence(evidence)
+    values = validate_probabilities(label, probabilities)
+    flagged = validate_model(model_version, model_sha256, flagged)
+    header = validate_evidence(evidence)
     if previous_sr is not None:
         _validate_previous_sr(previous_sr, header)
     for keyword in _PERSON_NAME_KEYWORDS:
