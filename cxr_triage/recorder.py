@@ -1,8 +1,8 @@
 """The recorder: a chunk of outcomes becomes Structured Reports, database rows and forwards, in one transaction.
 
-For each ``Classified`` outcome an SR is built (``cxr_triage.sr``) and written atomically under
-``[storage] sr_dir``; the folders are fsynced once per chunk, before the commit, so a committed result always has
-its SR on disk. Then one transaction: the jobs still leased to this worker (``jobqueue.held``) get their
+For each ``Classified`` outcome an SR is built (from a template per model, finding and priority:
+``cxr_triage.srtemplate``) and written atomically under ``[storage] sr_dir``; the folders are fsynced once per
+chunk, before the commit, so a committed result always has its SR on disk. Then one transaction: the jobs still leased to this worker (``jobqueue.held``) get their
 prediction (with the SR's row and one pending forward per destination), refusal or error, and leave the queue
 (``jobqueue.finish`` / ``retry_or_fail``). If that transaction fails the outcomes are recorded one by one, and one
 that still cannot be recorded is recorded as a failed attempt.
@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -29,6 +29,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from cxr_triage import db, files, forward, jobqueue, spool, studies
 from cxr_triage.pipeline import Classified, Failed, Outcome, Refused
 from cxr_triage.settings import ForwardSettings, SRSettings, TriageSettings
+
+if TYPE_CHECKING:
+    from cxr_triage.srtemplate import TriageSRBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +73,21 @@ class Recorder:
         self.max_attempts = max_attempts
         self.triage = triage or TriageSettings()
         self.thumbnail_dir = Path(thumbnail_dir).resolve() if thumbnail_dir is not None else None
+        self._reports: TriageSRBuilder | None = None
+
+    @property
+    def reports(self) -> TriageSRBuilder:
+        """The SR builder (templates per model, finding, priority and image class), made on first use: importing
+        highdicom takes a while and a recorder without SRs never needs it."""
+        if self._reports is None:
+            from cxr_triage.srtemplate import TriageSRBuilder
+
+            self._reports = TriageSRBuilder(
+                institution_name=self.sr.institution_name,
+                manufacturer=self.sr.manufacturer,
+                series_description=self.sr.series_description,
+            )
+        return self._reports
 
     def record(self, outcomes: Sequence[Outcome]) -> None:
         """Write the SRs and record ``outcomes`` in one transaction; one by one should that transaction fail."""
@@ -195,7 +213,7 @@ class Recorder:
                 previous_ds = pydicom.dcmread(previous_path, stop_before_pixels=True)
             else:
                 previous_id = None
-        document = sr_module.build_triage_sr(
+        document = self.reports.build(
             outcome.evidence,
             label=outcome.prediction.label,
             probabilities=outcome.prediction.probabilities,
@@ -204,9 +222,6 @@ class Recorder:
             flagged=outcome.flagged,
             previous_sr=previous_ds,
             series_instance_uid=series.get(job.study_instance_uid),
-            institution_name=self.sr.institution_name,
-            manufacturer=self.sr.manufacturer,
-            series_description=self.sr.series_description,
         )
         folder = self.sr_dir / spool.safe_uid(job.study_instance_uid)
         path = files.write_atomic(

@@ -147,6 +147,11 @@ def _validate_previous_sr(previous_sr: Dataset, evidence: Dataset) -> None:
         raise ValueError("previous_sr has the SOP Instance UID of the evidence")
 
 
+def probability_percent(probability: float) -> float:
+    """A probability in [0, 1] as the report's measured value: percent, rounded to 4 decimals."""
+    return round(float(probability) * 100.0, 4)
+
+
 def device_observer_uid(model_sha256: str) -> UID:
     """Stable Device Observer UID of one model: the same weights always give the same UID.
 
@@ -194,7 +199,7 @@ def _measurement_group(
     measurements = [
         hd.sr.Measurement(
             name=cxr_codes.PROBABILITY_CODES[name],
-            value=round(values[name] * 100.0, 4),
+            value=probability_percent(values[name]),
             unit=cxr_codes.PERCENT,
         )
         for name in CLASS_NAMES

@@ -49,6 +49,8 @@ MAX_RETRY_INTERVAL = 30.0
 CPU_CHUNK = 4
 """Images classified and then recorded together on the CPU: small, so that the first results of a claimed batch
 commit early (a CPU's images per second hardly depend on the forward batch size)."""
+WARM_SR_CLASSES = ("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1")
+"""SOP classes whose SR templates a worker builds before taking jobs: CR, and DX for presentation."""
 IDLE_SLICE = 0.25
 """Longest single wait of an idle worker: how soon it notices ``stop``."""
 
@@ -112,8 +114,8 @@ class Worker:
         return predictor
 
     def _warm_up(self, predictor: Predictor) -> None:
-        """Pay the one-time costs now rather than on the first batch: the first forward pass, and highdicom's
-        import and standard tables (about 1.5 s on a CPU) by building one throw-away SR."""
+        """Pay the one-time costs now rather than on the first batch: the first forward pass, and the SR templates
+        of the usual image classes (highdicom's import and one full build each, about 1.5 s on a CPU)."""
         import torch
 
         from cxr_triage.imaging import IMAGE_SIZE
@@ -122,19 +124,12 @@ class Worker:
         try:
             predictor.probabilities(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
             if self.settings.sr.enabled:
-                from cxr_triage import sr as sr_module
-
-                names = predictor.class_names
-                sr_module.sr_to_bytes(
-                    sr_module.build_triage_sr(
-                        sr_module.placeholder_evidence(),
-                        label=names[0],
-                        probabilities={name: 1.0 if i == 0 else 0.0 for i, name in enumerate(names)},
-                        model_version=predictor.model_version,
-                        model_sha256=predictor.loaded.sha256,
-                        flagged=False,
-                    )
-                )
+                for sop_class in WARM_SR_CLASSES:
+                    for label in predictor.class_names:
+                        for flagged in (False, True):
+                            self.recorder.reports.template(
+                                sop_class, label, flagged, predictor.model_version, predictor.loaded.sha256
+                            )
         except Exception:  # a real batch reports the problem where it belongs
             logger.warning("warm-up failed", exc_info=True)
         logger.info(
