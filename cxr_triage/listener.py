@@ -20,15 +20,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.pixels import get_decoder
 from pynetdicom import AE, Association, evt
 from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import (
@@ -47,6 +49,9 @@ from cxr_triage.jobqueue import ReceivedInstance
 from cxr_triage.settings import ListenerSettings, StorageSettings
 
 logger = logging.getLogger(__name__)
+
+HEADER_DEFER_BYTES = 65536
+"""Values larger than this (the pixel data) are not read when the listener parses a received dataset."""
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -168,14 +173,10 @@ class Receiver:
             )
             return STATUS_OUT_OF_RESOURCES
         try:
-            ds: Dataset = event.dataset
-            for _ in ds:  # pydicom parses lazily: walk the top level so that malformed elements raise here
-                pass
+            ds = read_header(event)
             sop_class = ds.get("SOPClassUID")
             sop_instance = ds.get("SOPInstanceUID")
             study_uid = ds.get("StudyInstanceUID")
-            series_uid = ds.get("SeriesInstanceUID")
-            accession = str(ds.get("AccessionNumber") or "").strip() or None
         except Exception:
             logger.exception("cannot parse the dataset of SOP instance %s", requested_uid)
             return STATUS_CANNOT_PARSE
@@ -198,22 +199,30 @@ class Receiver:
                 context_class,
             )
             return STATUS_SOP_CLASS_MISMATCH
-        data = event.encoded_dataset(include_meta=True)
+        with event.request.DataSet.getbuffer() as body:  # the dataset as received, not copied
+            return self._store_received(event, ds, body)
+
+    def _store_received(self, event: Event, ds: Dataset, body: memoryview) -> int:
+        sop_instance, study_uid, series_uid = ds.SOPInstanceUID, ds.StudyInstanceUID, ds.get("SeriesInstanceUID")
+        accession = str(ds.get("AccessionNumber") or "").strip() or None
+        # The Part 10 file pynetdicom's encoded_dataset(include_meta=True) makes, written without joining the parts
+        data = (b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta), body)
         item = ReceivedInstance(
             sop_instance_uid=str(sop_instance).strip(),
-            sop_class_uid=str(context_class),
+            sop_class_uid=str(event.context.abstract_syntax),
             study_instance_uid=str(study_uid).strip(),
             series_instance_uid=str(series_uid).strip() if _uid_ok(series_uid) else None,
             transfer_syntax_uid=str(event.context.transfer_syntax),
             calling_ae=event.assoc.requestor.ae_title,
             sha256=spool.sha256_bytes(data),
-            size_bytes=len(data),
+            size_bytes=sum(len(part) for part in data),
             accession_number=accession,
         )
         return self.store(item, data)
 
-    def store(self, item: ReceivedInstance, data: bytes) -> int:
-        """Deduplicate, spool atomically, record; the status to answer."""
+    def store(self, item: ReceivedInstance, data: spool.Buffer | Sequence[spool.Buffer]) -> int:
+        """Deduplicate, spool atomically (``data``: the file's bytes, or its parts in order), record; the status
+        to answer."""
         try:
             with self.sessions() as session:
                 db.read_only(session)
@@ -226,7 +235,8 @@ class Receiver:
             return STATUS_NOT_RECORDED
         path = spool.spool_path(self.spool_dir, item.sop_instance_uid, item.sha256)
         try:
-            files.write_atomic(path, data)
+            parts = (data,) if isinstance(data, spool.Buffer) else data
+            files.write_atomic(path, lambda fh: [fh.write(part) for part in parts])
         except OSError:
             logger.exception("cannot write SOP instance %s to the spool %s", item.sop_instance_uid, self.spool_dir)
             return STATUS_OUT_OF_RESOURCES
@@ -257,6 +267,28 @@ class Receiver:
                 outcome.instance_id,
             )
         return STATUS_SUCCESS
+
+
+def read_header(event: Event) -> Dataset:
+    """The received dataset, parsed without copying its large values (pixel data stays in pynetdicom's buffer).
+
+    Every element is parsed, and values of up to ``HEADER_DEFER_BYTES`` are decoded, so that a malformed element
+    raises here. Pixel data cut short is not an error here, whatever its size: the instance is stored and the
+    worker refuses it, naming Pixel Data. A deflated dataset is inflated and decoded whole by pynetdicom.
+    """
+    syntax = event.context.transfer_syntax
+    if syntax.is_deflated:
+        ds: Dataset = event.dataset
+        for _ in ds:
+            pass
+        return ds
+    stream = event.request.DataSet
+    stream.seek(0)
+    ds = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=HEADER_DEFER_BYTES)
+    for tag, raw in list(ds.items()):  # items() gives the raw elements: iterating would read deferred values
+        if raw.value is not None or not raw.length:  # else deferred: a large value, of defined length or not
+            ds[tag]  # decodes the value
+    return ds
 
 
 def _handle_rejected(event: Event) -> None:

@@ -12,19 +12,24 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from cxr_triage.files import TEMP_PREFIX
 
 logger = logging.getLogger(__name__)
 
+Buffer = bytes | bytearray | memoryview
 SPOOL_SUFFIX = ".dcm"
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def sha256_bytes(data: Buffer | Sequence[Buffer]) -> str:
+    """The hex SHA-256 of ``data``, or of its parts one after the other (no copy is made of them)."""
+    digest = hashlib.sha256()
+    for part in (data,) if isinstance(data, Buffer) else data:
+        digest.update(part)
+    return digest.hexdigest()
 
 
 def free_mb(directory: str | os.PathLike[str]) -> float:

@@ -32,7 +32,7 @@ from pynetdicom.dsutils import split_dataset
 from sqlalchemy import func, select
 
 from cxr_triage import db, listener
-from cxr_triage.preprocess import DX_FOR_PRESENTATION, DX_FOR_PROCESSING, SECONDARY_CAPTURE
+from cxr_triage.preprocess import CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING, SECONDARY_CAPTURE
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -237,6 +237,29 @@ def test_bad_input_gets_a_recorded_reason_or_precise_status(harness, tmp_path: P
         assert session.scalar(select(func.count()).select_from(db.PredictionRecord)) == 0
         codes = {r.code for r in session.scalars(select(db.RefusalRecord)).all()}
     assert {"not_frontal", "not_chest", "modality", "colour", "multiframe", "no_pixels", "for_processing"} <= codes
+
+
+def test_large_pixel_data_is_spooled_byte_for_byte_without_being_parsed(harness, tmp_path: Path) -> None:
+    # Pixel data over listener.HEADER_DEFER_BYTES is never decoded by the listener: the spool must still hold the
+    # dataset exactly as sent, and a cut one is stored and refused by the worker, as a small one is.
+    big = save_dataset(chest_dataset(512, 512, seed=7), tmp_path / "big.dcm")
+    assert big.stat().st_size > 4 * listener.HEADER_DEFER_BYTES
+    whole = save_dataset(chest_dataset(512, 512, seed=8), tmp_path / "whole.dcm").read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(whole[: len(whole) - 100_000])
+    contexts = [(CR_IMAGE_STORAGE, ExplicitVRLittleEndian)]
+    assert send(harness.port, [big, cut], contexts=contexts, raw=True) == [0x0000, 0x0000]
+    with harness.sessions() as session:
+        spooled = {i.sop_instance_uid: Path(i.spool_path) for i in session.scalars(select(db.Instance)).all()}
+    big_uid = str(pydicom.dcmread(big, stop_before_pixels=True).SOPInstanceUID)
+    _, sent_offset = split_dataset(big)
+    _, spooled_offset = split_dataset(spooled[big_uid])
+    assert spooled[big_uid].read_bytes()[spooled_offset:] == big.read_bytes()[sent_offset:]
+    assert harness.work() == 2
+    rows = {row["sop_instance_uid"]: row for row in harness.rows()}
+    assert rows[big_uid]["status"] == "ok"
+    cut_uid = str(pydicom.dcmread(tmp_path / "whole.dcm", stop_before_pixels=True).SOPInstanceUID)
+    assert rows[cut_uid]["reason"].startswith("PixelData"), rows[cut_uid]
 
 
 def test_duplicate_is_a_no_op_and_different_bytes_are_a_conflict(harness) -> None:
