@@ -22,7 +22,7 @@ PRIVATE_SCHEME_DESIGNATOR = "99CXRT"
 PRIVATE_SCHEME_NAME = "cxr-triage private codes"
 PRIVATE_SCHEME_RESPONSIBLE_ORGANIZATION = "cxr-triage project (research use only)"
 
-# Classifier output -> coded finding (value of the "Finding" qualitative evaluation).
+# Classifier output -> coded finding (value of the measurement group's "Finding", TID 1501 row 3b).
 FINDING_CODES: MappingProxyType[str, Code] = MappingProxyType(
     {
         "covid": Code("840539006", "SCT", "COVID-19"),
@@ -42,15 +42,15 @@ PROBABILITY_CODES: MappingProxyType[str, Code] = MappingProxyType(
 )
 """Concept name of the probability measurement for each class name (UCUM "%", 0-100)."""
 
-FINDING = Code("404684003", "SCT", "Finding")
-"""Concept name of the qualitative evaluation that carries the predicted class (SNOMED CT "Clinical finding", CID 3769).
+FINDING = Code("121071", "DCM", "Finding")
+"""Concept name of the item that carries the predicted class: TID 1501 row 3b, the measurement group's Finding.
 
-Not DCM 121071 "Finding": in TID 1501 that concept is the group's Finding (type) concept modifier, and highdicom
-leaves items with that name out of ``get_qualitative_evaluations()``.
+highdicom writes it for ``MeasurementsAndQualitativeEvaluations(finding_type=...)`` and reads it back as
+``finding_type``; the value is one of :data:`FINDING_CODES`.
 """
 
 PRIORITY = Code("260870009", "SCT", "Priority")
-"""Concept name of the worklist-flag qualitative evaluation."""
+"""Concept name of the worklist-flag qualitative evaluation (TID 1501, CONTAINS CODE qualitative evaluation)."""
 
 HIGH_PRIORITY = Code("394849002", "SCT", "High priority")
 """Value of :data:`PRIORITY` when the study was flagged for the worklist."""
@@ -61,8 +61,12 @@ NORMAL_PRIORITY = Code("394848005", "SCT", "Normal priority")
 PERCENT = Code("%", "UCUM", "Percent")
 """Unit of the probability measurements."""
 
-PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
-"""Procedure reported (TID 1500 row 5)."""
+PROCEDURE_REPORTED = Code("363679005", "SCT", "Imaging procedure")
+"""Procedure reported (TID 1500 row 4, DCID 100 "Quantitative Diagnostic Imaging Procedures").
+
+The member of CID 100 that is true of a chest radiograph both in the current standard and in the release Debian's
+Pixelmed validates against; docs/SR.md says why not a more specific code.
+"""
 
 
 def private_coding_scheme_identification() -> Dataset:

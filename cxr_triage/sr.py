@@ -1,11 +1,11 @@
 """DICOM Structured Report of one triage result, built with highdicom.
 
 :func:`build_triage_sr` turns the classifier's output for one image into a Comprehensive SR holding a TID 1500
-Measurement Report with one image-level TID 1501 measurement group: the predicted finding and the worklist priority as
-qualitative evaluations, one probability measurement (UCUM "%") per class, the algorithm identification (name,
-model version, model sha256) and a device observer context. Patient and study attributes come from the classified
-image, so the report files into the same study; series and instance UIDs are new. A re-run after retraining passes
-the earlier report as ``previous_sr`` and the new one lists it in the Predecessor Documents Sequence.
+Measurement Report with one image-level TID 1501 measurement group: the predicted class as the group's Finding, the
+worklist priority as a qualitative evaluation, one probability measurement (UCUM "%") per class, the algorithm
+identification (name, model version, model sha256) and a device observer context. Patient and study attributes come
+from the classified image, so the report files into the same study; series and instance UIDs are new. A re-run after
+retraining passes the earlier report as ``previous_sr`` and the new one lists it in the Predecessor Documents Sequence.
 
 The report is research output and says so (series description, algorithm parameters, device name): it is not for
 clinical use. docs/SR.md describes the content and the codes.
@@ -179,7 +179,7 @@ def _measurement_group(
     model_version: str,
     model_sha256: str,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501: the finding, the priority and one probability per class, with the algorithm and source image."""
+    """TID 1501: the finding (row 3b), the priority, one probability per class, the algorithm and the source image."""
     algorithm = hd.sr.AlgorithmIdentification(
         name=ALGORITHM_NAME,
         version=model_version,
@@ -189,13 +189,10 @@ def _measurement_group(
             RESEARCH_USE_NOTICE,
         ],
     )
-    evaluations = [
-        hd.sr.QualitativeEvaluation(name=cxr_codes.FINDING, value=cxr_codes.FINDING_CODES[label]),
-        hd.sr.QualitativeEvaluation(
-            name=cxr_codes.PRIORITY,
-            value=cxr_codes.HIGH_PRIORITY if flagged else cxr_codes.NORMAL_PRIORITY,
-        ),
-    ]
+    priority = hd.sr.QualitativeEvaluation(
+        name=cxr_codes.PRIORITY,
+        value=cxr_codes.HIGH_PRIORITY if flagged else cxr_codes.NORMAL_PRIORITY,
+    )
     measurements = [
         hd.sr.Measurement(
             name=cxr_codes.PROBABILITY_CODES[name],
@@ -206,9 +203,10 @@ def _measurement_group(
     ]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="cxr-triage image triage"),
+        finding_type=cxr_codes.FINDING_CODES[label],
         algorithm_id=algorithm,
         measurements=measurements,
-        qualitative_evaluations=evaluations,
+        qualitative_evaluations=[priority],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(header)],
     )
 
@@ -277,7 +275,7 @@ def build_triage_sr(
     group = _measurement_group(header, label, values, flagged, model_version, model_sha256)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=cxr_codes.PLAIN_CHEST_XRAY,
+        procedure_reported=cxr_codes.PROCEDURE_REPORTED,
         imaging_measurements=[group],
     )
     sr = hd.sr.ComprehensiveSR(
@@ -338,13 +336,13 @@ def summarize_triage_sr(dataset: Dataset) -> TriageSummary:
         raise ValueError(f"expected one image measurement group, found {len(groups)}")
     group = groups[0]
     labels = {code: name for name, code in cxr_codes.FINDING_CODES.items()}
-    findings = group.get_qualitative_evaluations(name=cxr_codes.FINDING)
+    finding = group.finding_type
     priorities = group.get_qualitative_evaluations(name=cxr_codes.PRIORITY)
-    if len(findings) != 1 or len(priorities) != 1:
+    if finding is None or len(priorities) != 1:
         raise ValueError("the report lacks its finding or priority evaluation")
-    label = next((name for code, name in labels.items() if findings[0].value == code), None)
+    label = next((name for code, name in labels.items() if finding == code), None)
     if label is None:
-        raise ValueError(f"unknown finding code {findings[0].value.value}")
+        raise ValueError(f"unknown finding code {finding.value}")
     probabilities: dict[str, float] = {}
     for name, code in cxr_codes.PROBABILITY_CODES.items():
         measurements = group.get_measurements(name=code)

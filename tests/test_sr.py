@@ -1,4 +1,4 @@
-"""Tests of the triage Structured Report: content, validity (dciodvfy, dsrdump), round trips and input checks."""
+"""Tests of the triage Structured Report: content, validity (dciodvfy, dsrdump, Pixelmed), round trips, input checks."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import highdicom as hd
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 from conftest import write_sr
 from highdicom.valuerep import check_person_name
 from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
 
 from cxr_triage import CLASS_NAMES, codes
 from cxr_triage.sr import (
@@ -26,9 +28,11 @@ from cxr_triage.sr import (
     sr_to_bytes,
     summarize_triage_sr,
 )
-from cxr_triage.testing.peers import dcmtk_tool
+from cxr_triage.testing import peers
+from cxr_triage.testing.peers import dcmtk_tool, pixelmed_validate
 
-SHARED_DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DICOM = REPO.parent / "shared" / "data" / "dicom"
 EVIDENCE_FILES = (
     "pydicom-data_RG1_UNCR.dcm",
     "nih-cxr14-dx-no-finding.dcm",
@@ -49,6 +53,12 @@ PATIENT_STUDY_KEYWORDS = (
     "AccessionNumber",
     "ReferringPhysicianName",
 )
+LABELS_AND_FLAGS = [(label, flagged) for label in CLASS_NAMES for flagged in (True, False)]
+JUSTIFIED_PIXELMED_WARNINGS = {
+    '/CONTAINER (126000,DCM,"Imaging Measurement Report")/CONTAINER (126010,DCM,"Imaging Measurements")'
+    '/CONTAINER (125007,DCM,"Measurement Group")/CODE (260870009,SCT,"Priority"): Content Item not in template',
+}
+"""Pixelmed's warnings on our reports, without the content item position; docs/SR.md justifies each."""
 
 
 def read_evidence(name: str) -> Dataset:
@@ -99,6 +109,7 @@ def test_sr_is_valid_and_round_trips(name: str, tmp_path: Path) -> None:
     assert "233604007" in dump
     assert "Probability of COVID-19" in dump
     assert "High priority" in dump
+    assert 'CODE:(,,"Procedure reported")=(363679005,SCT,"Imaging procedure")' in dump
     numbers = dict(re.findall(r'NUM:\(,,"([^"]+)"\)="([^"]+)" \(%,UCUM,', dump))
     assert {name: float(value) for name, value in numbers.items()} == {
         codes.PROBABILITY_CODES[cls].meaning: PROBABILITIES[cls] * 100 for cls in CLASS_NAMES
@@ -144,9 +155,9 @@ def test_sr_content_through_highdicom(tmp_path: Path) -> None:
     assert isinstance(report, hd.sr.MeasurementReport)
 
     (group,) = report.get_image_measurement_groups()
-    (finding,) = group.get_qualitative_evaluations(name=codes.FINDING)
-    assert finding.value == codes.FINDING_CODES["covid"]
-    (priority,) = group.get_qualitative_evaluations(name=codes.PRIORITY)
+    assert group.finding_type == codes.FINDING_CODES["covid"]
+    (priority,) = group.get_qualitative_evaluations()
+    assert priority.name == codes.PRIORITY
     assert priority.value == codes.NORMAL_PRIORITY
     (measurement,) = group.get_measurements(name=codes.PROBABILITY_CODES["covid"])
     assert measurement.unit == codes.PERCENT
@@ -168,6 +179,67 @@ def test_sr_content_through_highdicom(tmp_path: Path) -> None:
     assert ("Algorithm Name", ALGORITHM_NAME) in texts
     assert ("Algorithm Version", "cae-lstm-test-1") in texts
     assert ("Algorithm Parameters", f"model_sha256={SHA_A}") in texts
+
+
+@pytest.fixture(scope="module")
+def pixelmed_checked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[str], list[str]]]:
+    """Reports checked in one Pixelmed run: one per label and flag (the evidence files in turn, the second report
+    on each file superseding the first), and one with a procedure code outside CID 100 that Pixelmed must reject."""
+    folder = tmp_path_factory.mktemp("pixelmed")
+    paths: dict[str, Path] = {}
+    first_reports: dict[str, Dataset] = {}
+    for index, (label, flagged) in enumerate(LABELS_AND_FLAGS):
+        name = EVIDENCE_FILES[index % len(EVIDENCE_FILES)]
+        report = build(read_evidence(name), label=label, flagged=flagged, previous_sr=first_reports.get(name))
+        first_reports.setdefault(name, report)
+        paths[f"{label}-{flagged}"] = write_sr(report, folder / f"{label}-{flagged}.dcm")
+    with mock.patch.object(codes, "PROCEDURE_REPORTED", Code("399208008", "SCT", "Plain chest X-ray")):
+        outside = build(read_evidence(EVIDENCE_FILES[0]))
+    paths["outside-cid-100"] = write_sr(outside, folder / "outside-cid-100.dcm")
+    results = pixelmed_validate(list(paths.values()))
+    return {key: (path, *results[str(path)]) for key, path in paths.items()}
+
+
+def pixelmed_warning_kinds(lines: list[str]) -> set[str]:
+    """Pixelmed's warnings without the position of the content item (it moves with the items before it)."""
+    return {re.sub(r"^Warning: [\d.]+: ", "", line) for line in lines}
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize(("label", "flagged"), LABELS_AND_FLAGS)
+def test_sr_passes_pixelmed_and_dciodvfy(
+    label: str, flagged: bool, pixelmed_checked: dict[str, tuple[Path, list[str], list[str]]]
+) -> None:
+    path, errors, warnings_ = pixelmed_checked[f"{label}-{flagged}"]
+    assert errors == []
+    assert pixelmed_warning_kinds(warnings_) == JUSTIFIED_PIXELMED_WARNINGS
+    assert dciodvfy(path)[0] == []
+    summary = summarize_triage_sr(pydicom.dcmread(path))
+    assert (summary.label, summary.flagged) == (label, flagged)
+
+
+@pytest.mark.peers
+def test_pixelmed_rejects_a_procedure_outside_cid_100(
+    pixelmed_checked: dict[str, tuple[Path, list[str], list[str]]],
+) -> None:
+    _, errors, _ = pixelmed_checked["outside-cid-100"]
+    assert len(errors) == 1, errors
+    assert '(399208008,SCT,"Plain chest X-ray") not found in context group 100' in errors[0]
+
+
+def test_pixelmed_missing_is_an_error_not_a_skip(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(peers, "PIXELMED_JAR", tmp_path / "absent.jar")
+    with pytest.raises(peers.PeerError, match="libpixelmed-java"):
+        pixelmed_validate([tmp_path / "report.dcm"])
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(peers.PeerError, match="default-jre-headless"):
+        pixelmed_validate([tmp_path / "report.dcm"])
+
+
+def test_every_accepted_pixelmed_warning_is_justified_in_the_docs() -> None:
+    text = (REPO / "docs" / "SR.md").read_text(encoding="utf-8")
+    for warning in JUSTIFIED_PIXELMED_WARNINGS:
+        assert warning in text
 
 
 def test_previous_sr_is_referenced_as_predecessor(tmp_path: Path) -> None:

@@ -248,6 +248,75 @@ def echoscu(port: int, called_ae: str, calling_ae: str = "ECHOSCU", timeout: flo
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout).returncode == 0
 
 
+PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
+"""Debian's libpixelmed-java."""
+# Pixelmed's own main() takes one file, and building the validator (compiling its XSLT) takes most of a run, so
+# this driver builds it once for all files; options as in that main(): code meanings matched with case, no extras.
+_PIXELMED_DRIVER = """
+public class ValidateSRs {
+    public static void main(String[] args) throws Exception {
+        com.pixelmed.validate.DicomSRValidator validator = new com.pixelmed.validate.DicomSRValidator();
+        for (int i = 0; i < args.length; i++) {
+            System.out.println("==> " + i);
+            try {
+                System.out.print(validator.validate(args[i], false, true, false, false, false));
+            } catch (Exception e) {
+                System.out.println("Error: the validator failed on this file: " + e);
+            }
+        }
+        System.out.println("==> end");
+    }
+}
+"""
+
+
+def pixelmed_validate(
+    paths: Sequence[os.PathLike[str] | str], timeout: float = 600.0
+) -> dict[str, tuple[list[str], list[str]]]:
+    """Check SR files with Pixelmed's ``DicomSRValidator`` (IOD and SR templates; IHE's AIR test tools use it).
+
+    All files are checked in one JVM. Returns, for each path (as ``str(path)``), its error lines and its warning
+    lines as the validator prints them (``Error: ...``, ``Warning: <content item position>: ...``). Raises
+    ``PeerError`` when Java or Pixelmed is missing or the validator could not run.
+    """
+    java = shutil.which("java")
+    if java is None:
+        raise PeerError("java is not installed (Debian package default-jre-headless): needed by Pixelmed")
+    if not PIXELMED_JAR.is_file():
+        raise PeerError(f"{PIXELMED_JAR} is missing (Debian package libpixelmed-java)")
+    names = [str(path) for path in paths]
+    with tempfile.TemporaryDirectory(prefix="pixelmed-") as scratch:
+        driver = Path(scratch) / "ValidateSRs.java"
+        driver.write_text(_PIXELMED_DRIVER)
+        argv = [
+            java,
+            # Java 17's XPath limits stop Pixelmed's template rules otherwise.
+            "-Djdk.xml.xpathExprOpLimit=0",
+            "-Djdk.xml.xpathExprGrpLimit=0",
+            "-Djdk.xml.xpathTotalOpLimit=0",
+            "-XX:TieredStopAtLevel=1",  # one short run: quick compilation beats peak speed
+            "-XX:+UseSerialGC",
+            "-cp",
+            str(PIXELMED_JAR),
+            str(driver),
+            *names,
+        ]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    markers = [f"==> {index}" for index in range(len(names))] + ["==> end"]
+    sections: list[list[str]] = []
+    for line in done.stdout.splitlines():
+        if line == markers[min(len(sections), len(names))]:
+            sections.append([])
+        elif sections:
+            sections[-1].append(line)
+    if done.returncode != 0 or len(sections) != len(names) + 1:
+        raise PeerError(f"Pixelmed's DicomSRValidator failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return {
+        name: ([x for x in lines if x.startswith("Error")], [x for x in lines if x.startswith("Warning")])
+        for name, lines in zip(names, sections, strict=False)
+    }
+
+
 class Storescp:
     """dcmtk's storescp writing what it receives into ``directory`` (binds every interface: private netns only)."""
 
