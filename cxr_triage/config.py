@@ -27,7 +27,15 @@ def _defaults() -> dict[str, dict[str, Any]]:
         return tomllib.load(fh)
 
 
+AUTO_COUNTS = frozenset({("worker", "processes"), ("worker", "threads")})
+"""Keys that take a whole number or the string "auto"."""
+
+
 def _coerce(section: str, key: str, default: Any, value: Any) -> Any:
+    if (section, key) in AUTO_COUNTS:
+        if value != "auto" and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ConfigError(f'[{section}] {key} = {value!r}: expected "auto" or a whole number')
+        return value
     if isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(default, bool) and isinstance(value, bool)
     elif isinstance(default, float):
@@ -73,7 +81,8 @@ def env_overrides(environ: Mapping[str, str], sections: Mapping[str, Mapping[str
         if section is None or key not in sections[section]:
             raise ConfigError(f"environment variable {name} names no configuration key")
         default = sections[section][key]
-        out.setdefault(section, {})[key] = raw if isinstance(default, str) else _parse_env_value(raw)
+        text = isinstance(default, str) and (section, key) not in AUTO_COUNTS
+        out.setdefault(section, {})[key] = raw if text else _parse_env_value(raw)
     return out
 
 

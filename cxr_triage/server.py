@@ -27,7 +27,7 @@ from sqlalchemy import Engine
 from cxr_triage import db, jobqueue, listener, spool
 from cxr_triage.bootstrap import SERVICE, CommandError, Context, run_command
 from cxr_triage.housekeeping import Housekeeping
-from cxr_triage.settings import Settings
+from cxr_triage.settings import AUTO, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -80,13 +80,14 @@ class Server:
         self.listener = listener.Listener(settings.listener, receiver)
         self.housekeeping = Housekeeping(settings, db.session_factory(engine))
         self.processes: list[BaseProcess] = []
+        self.threads: int | None = None
 
     def _start_worker(self, index: int) -> BaseProcess:
         from cxr_triage.worker import worker_process_main
 
         process = self._mp.Process(
             target=worker_process_main,
-            args=(self.settings, self.log_level, self.wake),
+            args=(self.settings, self.log_level, self.wake, self.threads),
             name=f"cxr-worker-{index}",
             daemon=False,
         )
@@ -96,11 +97,28 @@ class Server:
 
     def start(self) -> None:
         self.listener.start()
-        for index in range(self.settings.worker.processes):
+        count, self.threads = self._layout()
+        for index in range(count):
             self.processes.append(self._start_worker(index))
         if not self.processes:
             logger.info("[worker] processes = 0: no workers here; run `cxr-triage worker` to classify")
         self.housekeeping.start()
+
+    def _layout(self) -> tuple[int, int]:
+        """Worker processes and model threads each, from ``[worker]`` and this machine's cores."""
+        from cxr_triage.worker import available_cores, worker_layout
+
+        ws, device = self.settings.worker, self.settings.model.device
+        cuda = device.startswith("cuda")
+        if device == "auto" and AUTO in (ws.processes, ws.threads):
+            import torch
+
+            cuda = torch.cuda.is_available()
+        count, threads = worker_layout(ws.processes, ws.threads, available_cores(), cuda)
+        if count:
+            kind = "CUDA" if cuda else "CPU"
+            logger.info("%d worker process(es), %d model thread(s) each (%s)", count, threads, kind)
+        return count, threads
 
     def _watch_workers(self) -> None:
         for index, process in enumerate(self.processes):

@@ -142,11 +142,16 @@ class ModelSettings:
             raise ValueError(f"device = {self.device!r}: expected auto, cpu, cuda or cuda:N")
 
 
+AUTO = "auto"
+"""A ``[worker]`` count chosen from the machine's cores (``cxr_triage.worker.worker_layout``)."""
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     """``[worker]``: queue claims, leases, retries and the study quiet period."""
 
-    processes: int = 1
+    processes: int | str = AUTO
+    threads: int | str = AUTO
     poll_interval: float = 0.5
     claim_batch: int = 16
     lease_seconds: float = 600.0
@@ -154,8 +159,12 @@ class WorkerSettings:
     study_quiet_seconds: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.processes < 0 or self.claim_batch < 1 or self.max_attempts < 1:
-            raise ValueError("processes must be >= 0, claim_batch and max_attempts >= 1")
+        for name, minimum in (("processes", 0), ("threads", 1)):
+            value = getattr(self, name)
+            if value != AUTO and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+                raise ValueError(f'{name} = {value!r}: must be "auto" or a whole number >= {minimum}')
+        if self.claim_batch < 1 or self.max_attempts < 1:
+            raise ValueError("claim_batch and max_attempts must be >= 1")
         if self.poll_interval <= 0 or self.lease_seconds <= 0 or self.study_quiet_seconds < 0:
             raise ValueError("poll_interval and lease_seconds must be > 0, study_quiet_seconds >= 0")
 

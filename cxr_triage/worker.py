@@ -36,7 +36,7 @@ from cxr_triage.failurelog import FailureLog
 from cxr_triage.jobqueue import ClaimedJob
 from cxr_triage.modelstore import ModelStore
 from cxr_triage.recorder import Recorder
-from cxr_triage.settings import Settings
+from cxr_triage.settings import AUTO, Settings
 
 if TYPE_CHECKING:
     from cxr_triage.bootstrap import Context
@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 MAX_RETRY_INTERVAL = 30.0
 """Seconds: the longest wait between attempts while batches keep failing."""
 
+CORES_PER_PROCESS = 2
+"""Cores per worker process when ``[worker] processes`` is ``"auto"`` on the CPU (``worker_layout``)."""
 CPU_CHUNK = 4
 """Images classified and then recorded together on the CPU: small, so that the first results of a claimed batch
 commit early (a CPU's images per second hardly depend on the forward batch size)."""
@@ -65,6 +67,32 @@ def quiet_openmp_threads() -> None:
     once, when torch loads it, so this must run before torch is imported in the process.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and ``taskset`` narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def worker_layout(processes: int | str, threads: int | str, cores: int, cuda: bool) -> tuple[int, int]:
+    """``[worker] processes`` and ``threads`` with ``"auto"`` resolved: (worker processes, model threads each).
+
+    On a GPU one process feeds it (its batches are whole claims, and the model's time is the GPU's). On the CPU
+    there is one process per ``CORES_PER_PROCESS`` cores (at least one), and the cores are shared among the
+    processes' model threads: more processes overlap more of the Python work around the model (which holds one
+    core per process), more threads per process speed up each forward pass; the measured effect is in the
+    README.
+    """
+    if processes == AUTO:
+        processes = 1 if cuda else max(1, cores // CORES_PER_PROCESS)
+    assert isinstance(processes, int)
+    if threads == AUTO:
+        threads = max(1, cores // max(1, processes))
+    assert isinstance(threads, int)
+    return processes, threads
 
 
 def retry_interval(poll: float, failures: int) -> float:
@@ -263,13 +291,22 @@ def install_signal_handlers(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def worker_process_main(settings: Settings, log_level: str, wake: Any = None) -> None:
+def use_threads(threads: int) -> None:
+    """Run the model's CPU operations on ``threads`` threads in this process."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+
+
+def worker_process_main(settings: Settings, log_level: str, wake: Any = None, threads: int | None = None) -> None:
     """Entry point of a worker process started by ``serve`` (multiprocessing, spawn); ``wake`` is set by the
-    listener when it has queued an instance."""
+    listener when it has queued an instance; ``threads``: the model's CPU threads (default: torch's)."""
     quiet_openmp_threads()
     from cxr_triage.bootstrap import configure_logging
 
     configure_logging(log_level)
+    if threads is not None:
+        use_threads(threads)
     engine = db.make_engine(settings.database.url, echo=settings.database.echo)
     worker = Worker(settings, engine, wake=wake)
     install_signal_handlers(worker.stop)
@@ -294,6 +331,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _work(args: argparse.Namespace, context: Context) -> int:
     jobqueue.release_dead_local_workers(db.session_factory(context.db))
+    ws = context.settings.worker
+    _, threads = worker_layout(1, ws.threads, available_cores(), cuda=False)  # this one process has every core
+    use_threads(threads)
     runner = Worker(context.settings, context.db)
     if args.once:  # one-shot use: the queue, then the housekeeping once (forwarding, aggregation)
         from cxr_triage.housekeeping import Housekeeping

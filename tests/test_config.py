@@ -154,3 +154,17 @@ def test_bad_environment_is_an_error(name: str, value: str) -> None:
 def test_missing_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.toml", environ={})
+
+
+@pytest.mark.parametrize(("text", "expected"), [("2", 2), ('"auto"', "auto"), ("0", 0)])
+def test_worker_counts_take_a_number_or_auto(tmp_path: Path, text: str, expected: object) -> None:
+    config = load_config(write(tmp_path, f"[worker]\nprocesses = {text}\nthreads = {text}\n"), environ={})
+    assert config["worker"]["processes"] == expected
+    env = load_config(None, environ={"CXR_TRIAGE_WORKER_PROCESSES": text.strip('"')})
+    assert env["worker"]["processes"] == expected
+
+
+@pytest.mark.parametrize("text", ['"many"', "true", "1.5"])
+def test_worker_counts_refuse_anything_else(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError, match='expected "auto" or a whole number'):
+        load_config(write(tmp_path, f"[worker]\nprocesses = {text}\n"), environ={})

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pydicom
+import pytest
 from conftest import chest_dataset, save_dataset
 from sqlalchemy import select
 
@@ -472,3 +473,29 @@ def test_a_failing_housekeeping_job_is_logged_once_per_change(caplog) -> None:
         ("WARNING", "housekeeping: spool retention works again after 50 failed attempt(s)"),
         ("ERROR", "housekeeping: spool retention failed (retried; the same error is not logged again)"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("processes", "threads", "cores", "cuda", "expected"),
+    [
+        ("auto", "auto", 2, False, (1, 2)),
+        ("auto", "auto", 16, False, (8, 2)),
+        ("auto", "auto", 1, False, (1, 1)),
+        ("auto", "auto", 16, True, (1, 16)),
+        (3, "auto", 16, False, (3, 5)),
+        ("auto", 1, 8, False, (4, 1)),
+        (0, "auto", 4, False, (0, 4)),
+    ],
+)
+def test_worker_layout_shares_the_cores(processes, threads, cores, cuda, expected) -> None:
+    from cxr_triage.worker import worker_layout
+
+    assert worker_layout(processes, threads, cores, cuda) == expected
+
+
+@pytest.mark.parametrize("values", [{"processes": -1}, {"threads": 0}, {"processes": "two"}, {"threads": True}])
+def test_worker_counts_are_validated(values) -> None:
+    from cxr_triage.settings import WorkerSettings
+
+    with pytest.raises(ValueError, match='"auto" or a whole number'):
+        WorkerSettings(**values)
