@@ -499,3 +499,19 @@ def test_worker_counts_are_validated(values) -> None:
 
     with pytest.raises(ValueError, match='"auto" or a whole number'):
         WorkerSettings(**values)
+
+
+def test_thumbnail_is_the_model_input_as_8_bit_grey() -> None:
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    tensor = torch.linspace(-0.1, 1.1, 3 * 224 * 224).reshape(3, 224, 224)
+    png = pipeline.thumbnail_png(tensor, chest_dataset())
+    assert png is not None
+    pixels = np.asarray(Image.open(io.BytesIO(png)))
+    assert pixels.shape == (224, 224) and pixels.dtype == np.uint8
+    expected = (tensor[0].clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
+    assert np.array_equal(pixels, expected)
