@@ -478,12 +478,12 @@ def test_a_failing_housekeeping_job_is_logged_once_per_change(caplog) -> None:
 @pytest.mark.parametrize(
     ("processes", "threads", "cores", "cuda", "expected"),
     [
-        ("auto", "auto", 2, False, (1, 2)),
+        ("auto", "auto", 2, False, (2, 1)),
         ("auto", "auto", 16, False, (8, 2)),
         ("auto", "auto", 1, False, (1, 1)),
         ("auto", "auto", 16, True, (1, 16)),
         (3, "auto", 16, False, (3, 5)),
-        ("auto", 1, 8, False, (4, 1)),
+        ("auto", 2, 6, False, (6, 2)),
         (0, "auto", 4, False, (0, 4)),
     ],
 )
