@@ -44,6 +44,48 @@ def test_listener_bench_reports_every_figure() -> None:
         assert any(line.startswith(start) for line in out.splitlines()), f"no line starting {start!r} in:\n{out}"
 
 
+def test_peers_bench_reports_every_receiver_stage_and_target(tmp_path: Path) -> None:
+    from cxr_triage.testing.peers import make_tiny_checkpoint
+
+    model = make_tiny_checkpoint(tmp_path / "tiny.pt")
+    out = run_bench(
+        "peers.py",
+        *("--images", "4", "--size", "128", "--studies", "2", "--senders", "2", "--single", "1"),
+        *("--model", str(model), "--workers", "1", "--device", "cpu"),
+    )
+    lines = out.splitlines()
+    rows = {line.split(" | ")[0].strip(): line.split(" | ")[1:] for line in lines if " | " in line}
+    whole = [name for name in rows if name.startswith("cxr-triage serve, 1 worker(s)")]
+    assert len(whole) == 1 and whole[0].endswith(", until every result and SR is committed"), out
+    receivers = [
+        "dcmtk storescp --fork (store only)",
+        "Orthanc (store + index)",
+        "cxr-triage serve, workers off (ingest only)",
+        *whole,
+    ]
+    for name in receivers:
+        rate, cpu, share, recorded = rows[name]
+        assert float(rate) > 0 and float(cpu) > 0 and share.endswith("%"), rows[name]
+        assert recorded == "4/4", (name, out)
+    assert rows["Orthanc (store + index)"][2].strip() == "100 %"
+    stages = ["receive", "C-STORE handler (parse, sha256)", "spool write", "database insert (listener)"]
+    stages += ["queue claim", "preprocessing", "model", "SR build", "SR write", "thumbnail write", "database commit"]
+    stages += ["recorder, rest of record()", "forward", "total"]
+    for stage in stages:
+        assert float(rows[stage][0]) >= 0, (stage, rows[stage])
+    assert "4 of 4 SRs forwarded" in out
+    for start in (
+        "machine: ",
+        "lone image on the idle server, acknowledgement -> committed result (1 in turn): p50 ",
+        "  ingest-only CPU per image <= Orthanc's: ",
+        "  whole pipeline >= 15 instances/s: ",
+        "  whole pipeline >= 45 % of Orthanc's rate ",
+        "  lone image, acknowledgement -> committed result p95 <= 250 ms: ",
+        "load average at the end: ",
+    ):
+        assert any(line.startswith(start) for line in lines), f"no line starting {start!r} in:\n{out}"
+
+
 def test_preprocess_bench_reports_both_encodings() -> None:
     out = run_bench("preprocess.py", "--runs", "1", "--size", "256")
     assert "ms" in out
