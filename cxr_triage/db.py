@@ -53,10 +53,12 @@ REFUSED = "refused"
 FAILED = "failed"
 TERMINAL_STATES = (DONE, REFUSED, FAILED)
 
-# Forwarding states.
+# Forwarding states (SR forwards, HL7 messages, Orthanc metadata updates).
 FORWARD_PENDING = "pending"
 FORWARD_SENT = "sent"
 FORWARD_DEAD = "dead"
+FORWARD_SUPERSEDED = "superseded"
+"""An HL7 message or Orthanc update not sent because a newer one of the same study replaced it (re-aggregation)."""
 
 
 def utcnow() -> dt.datetime:
@@ -234,6 +236,46 @@ class Forward(Base):
     updated_at: Mapped[dt.datetime]
 
     sr: Mapped[SRDocument] = relationship(back_populates="forwards")
+
+
+class _StudyDelivery:
+    """Columns of a study's result on its way to one destination (``cxr_triage.delivery``): attempts so far, state
+    (pending, sent, dead, superseded) and when to try next."""
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    destination: Mapped[str] = mapped_column(String(300))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default=FORWARD_PENDING)
+    next_attempt_at: Mapped[dt.datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime]
+    updated_at: Mapped[dt.datetime]
+
+
+class HL7Message(_StudyDelivery, Base):
+    """An HL7 v2.5.1 ORU^R01 with a finished study's result for one ``[hl7] destinations`` entry
+    (``cxr_triage.hl7``). ``message`` is the encoded message, sent as it is on every attempt (it holds the patient's
+    identifiers and name); null when it could not be built (the row is dead then, ``last_error`` says why)."""
+
+    __tablename__ = "hl7_messages"
+    __table_args__ = (Index("ix_hl7_messages_state_next", "state", "next_attempt_at"),)
+
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    control_id: Mapped[str] = mapped_column(String(20), unique=True)  # MSH-10, echoed in the ACK's MSA-2
+    result_status: Mapped[str] = mapped_column(String(1))  # OBR-25: F (final) or C (corrected)
+    message: Mapped[str | None] = mapped_column(Text)
+    ack_code: Mapped[str | None] = mapped_column(String(2))  # MSA-1 of the last answer; None when none came
+
+
+class OrthancMetadata(_StudyDelivery, Base):
+    """A finished study's priority as Orthanc user metadata, for one ``[forward] destinations`` entry that has an
+    ``orthanc_url`` (``cxr_triage.orthanc``); ``destination`` names that entry (``AE@host:port``)."""
+
+    __tablename__ = "orthanc_metadata"
+    __table_args__ = (Index("ix_orthanc_metadata_state_next", "state", "next_attempt_at"),)
+
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    values: Mapped[dict[str, Any]]  # metadata name -> value
 
 
 class ModelVersion(Base):

@@ -1,10 +1,12 @@
-"""``cxr-triage forward``: forwarding of Structured Reports to the PACS, and the command to list or resend them.
+"""``cxr-triage forward``: forwarding of Structured Reports to the PACS, and the command to list or resend what
+goes out (SRs, HL7 messages to the RIS, Orthanc metadata).
 
 Each SR gets one ``forwards`` row per ``[forward] destinations`` entry, state ``pending``. The housekeeping sends
 due rows (``process_due``), one association per destination per round: success -> ``sent``; failure -> retried
 after ``scu.retry_delay(attempt, backoff_seconds, backoff_max_seconds)``, and after ``max_attempts`` attempts the
-row goes to the dead-letter state ``dead`` with its last error. ``cxr-triage forward --retry`` puts dead rows
-back to pending and sends every pending row now.
+row goes to the dead-letter state ``dead`` with its last error (``cxr_triage.delivery``, which HL7 messages and
+Orthanc metadata share). ``cxr-triage forward --retry`` puts dead rows of all three back to pending and sends every
+pending row now.
 
 A row being sent is leased by pushing its ``next_attempt_at`` past the send's timeout, so two workers never send
 the same SR at once; a worker killed mid-send leaves the row pending, to be retried when that lease passes.
@@ -18,14 +20,15 @@ import json
 import logging
 import sys
 from collections import defaultdict
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from cxr_triage import db
-from cxr_triage.scu import SendResult, retry_delay, send_datasets
+from cxr_triage import db, delivery, hl7, orthanc
+from cxr_triage.scu import SendResult, send_datasets
 from cxr_triage.settings import ForwardSettings
 
 if TYPE_CHECKING:
@@ -70,23 +73,11 @@ class ForwardOutcome:
 def _claim_due(
     sessions: sessionmaker[Session], now: dt.datetime, lease: dt.timedelta, force: bool
 ) -> list[tuple[int, str, str, str]]:
-    with sessions() as session, session.begin():
-        query = select(db.Forward.id).where(db.Forward.state == db.FORWARD_PENDING)
-        if not force:
-            query = query.where(db.Forward.next_attempt_at <= now)
-        ids = session.scalars(
-            query.order_by(db.Forward.next_attempt_at, db.Forward.id)
-            .limit(MAX_PER_ROUND)
-            .with_for_update(skip_locked=True)
-        ).all()
-        if not ids:
-            return []
-        session.execute(
-            update(db.Forward)
-            .where(db.Forward.id.in_(ids))
-            .values(next_attempt_at=now + lease, updated_at=now)
-            .execution_options(synchronize_session=False)
-        )
+    ids = delivery.claim_due(sessions, db.Forward, now, lease, force, MAX_PER_ROUND)
+    if not ids:
+        return []
+    with sessions() as session:
+        db.read_only(session)
         rows = session.execute(
             select(db.Forward.id, db.Forward.destination, db.SRDocument.path, db.SRDocument.sop_instance_uid)
             .join(db.SRDocument, db.Forward.sr_id == db.SRDocument.id)
@@ -191,23 +182,13 @@ def _apply_result(
     destination_text: str,
 ) -> None:
     """Count the attempt on ``row``: sent on success, else dead after ``max_attempts`` or retried after a delay."""
-    row.attempts += 1
     row.status = result.status
-    row.updated_at = finished
-    if result.ok:
-        row.state = db.FORWARD_SENT
-        row.next_attempt_at = None
-        row.last_error = None
+    delay = delivery.count_attempt(row, result.ok, result.detail, forwarding, finished)
+    if row.state == db.FORWARD_SENT:
         logger.info("SR %s forwarded to %s", sr_uid, destination_text)
-    elif row.attempts >= forwarding.max_attempts:
-        row.state = db.FORWARD_DEAD
-        row.next_attempt_at = None
-        row.last_error = result.detail
+    elif row.state == db.FORWARD_DEAD:
         logger.error("SR %s to %s: dead after %d attempts: %s", sr_uid, destination_text, row.attempts, result.detail)
-    else:
-        delay = retry_delay(row.attempts, forwarding.backoff_seconds, forwarding.backoff_max_seconds)
-        row.next_attempt_at = finished + dt.timedelta(seconds=delay)
-        row.last_error = result.detail
+    elif delay is not None:
         logger.warning(
             "SR %s to %s: attempt %d failed (%s); retry in %.0f s",
             sr_uid,
@@ -220,15 +201,7 @@ def _apply_result(
 
 def requeue_dead(sessions: sessionmaker[Session], now: dt.datetime | None = None) -> int:
     """Dead forwards back to pending with a fresh attempt budget; the number requeued."""
-    now = now or db.utcnow()
-    with sessions() as session, session.begin():
-        result = session.execute(
-            update(db.Forward)
-            .where(db.Forward.state == db.FORWARD_DEAD)
-            .values(state=db.FORWARD_PENDING, attempts=0, next_attempt_at=now, updated_at=now)
-            .execution_options(synchronize_session=False)
-        )
-    return int(result.rowcount or 0)
+    return delivery.requeue_dead(sessions, db.Forward, now or db.utcnow())
 
 
 # --- the command ---------------------------------------------------------------------------------------------
@@ -236,67 +209,148 @@ def requeue_dead(sessions: sessionmaker[Session], now: dt.datetime | None = None
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="configuration file (TOML)")
-    parser.add_argument("--retry", action="store_true", help="put dead forwards back to pending and send all now")
+    parser.add_argument(
+        "--retry",
+        action="store_true",
+        help="put dead SR forwards, HL7 messages and Orthanc updates back to pending and send all now",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
 def _print(records: list[dict[str, Any]], as_json: bool, empty: str = "") -> None:
-    """One line per forward; ``empty`` goes to stderr when there is none (JSON output stays empty then)."""
+    """One line per row (SR forward, HL7 message, Orthanc update); ``empty`` goes to stderr when there is none
+    (JSON output stays empty then)."""
     if not records and empty:
         print(empty, file=sys.stderr)
     for record in records:
         if as_json:
             print(json.dumps(record))
+            continue
+        if record["kind"] == "sr":
+            uid, destination = record["sr_sop_instance_uid"], record["destination"]
+            answer = "" if record["status"] is None else f" 0x{record['status']:04X}"
         else:
-            status = "" if record["status"] is None else f" 0x{record['status']:04X}"
-            detail = f"\t{record['detail']}" if record.get("detail") else ""
-            print(
-                f"{record['sr_sop_instance_uid']}\t{record['destination']}\t{record['state']}"
-                f"\tattempts={record['attempts']}{status}{detail}"
-            )
+            uid, destination = record["study_instance_uid"], f"{record['kind']}:{record['destination']}"
+            answer = f" {record['ack']}" if record.get("ack") else ""
+        detail = f"\t{record['detail']}" if record.get("detail") else ""
+        print(f"{uid}\t{destination}\t{record['state']}\tattempts={record['attempts']}{answer}{detail}")
+
+
+def _sr_record(o: ForwardOutcome) -> dict[str, Any]:
+    return {
+        "kind": "sr",
+        "sr_sop_instance_uid": o.sr_sop_instance_uid,
+        "destination": o.destination,
+        "state": o.state,
+        "attempts": o.attempts,
+        "status": o.status,
+        "detail": o.detail,
+    }
+
+
+def _hl7_record(o: hl7.HL7Outcome) -> dict[str, Any]:
+    return {
+        "kind": "hl7",
+        "study_instance_uid": o.study_instance_uid,
+        "control_id": o.control_id,
+        "destination": o.destination,
+        "state": o.state,
+        "attempts": o.attempts,
+        "ack": o.ack,
+        "detail": o.detail,
+    }
+
+
+def _orthanc_record(o: orthanc.OrthancOutcome) -> dict[str, Any]:
+    return {
+        "kind": "orthanc",
+        "study_instance_uid": o.study_instance_uid,
+        "destination": o.destination,
+        "state": o.state,
+        "attempts": o.attempts,
+        "detail": o.detail,
+    }
 
 
 def _retry(args: argparse.Namespace, context: Context) -> int:
     sessions = db.session_factory(context.db)
-    requeued = requeue_dead(sessions)
-    outcomes = process_due(sessions, context.settings.forward, force=True)
-    logger.info("requeued %d dead forward(s); sent %d", requeued, len(outcomes))
+    settings = context.settings
+    now = db.utcnow()
+    requeued = requeue_dead(sessions, now)
+    requeued += delivery.requeue_dead(sessions, db.HL7Message, now)
+    requeued += delivery.requeue_dead(sessions, db.OrthancMetadata, now)
+    records = [_sr_record(o) for o in process_due(sessions, settings.forward, force=True)]
+    messages = _drain(lambda tried: hl7.process_due(sessions, settings.hl7, force=True, exclude=tried))
+    records += [_hl7_record(o) for o in messages.values()]
+    updates = _drain(lambda tried: orthanc.process_due(sessions, settings.forward, force=True, exclude=tried))
+    records += [_orthanc_record(o) for o in updates.values()]
+    logger.info("requeued %d dead row(s); sent %d", requeued, len(records))
+    _print(records, args.json, empty=f"nothing to send: no forward was pending or dead ({requeued} requeued)")
+    with db.read_session(context.db) as session:
+        unbuilt = session.scalar(
+            select(func.count()).where(db.HL7Message.state == db.FORWARD_DEAD, db.HL7Message.message.is_(None))
+        )
+    if unbuilt:
+        print(
+            f"{unbuilt} HL7 message(s) could not be built and stay dead: `cxr-triage forward` says why", file=sys.stderr
+        )
+    return 0 if all(r["state"] == db.FORWARD_SENT for r in records) and not unbuilt else 1
+
+
+_Outcome = TypeVar("_Outcome", hl7.HL7Outcome, orthanc.OrthancOutcome)
+
+
+def _drain(send: Callable[[Collection[int]], list[_Outcome]]) -> dict[int, _Outcome]:
+    """Call ``send`` (one round of a ``process_due``, given the ids already tried) until nothing is left: every
+    pending row tried once, by row id."""
+    outcomes: dict[int, _Outcome] = {}
+    while batch := send(outcomes.keys()):
+        outcomes.update((o.row_id, o) for o in batch)
+    return outcomes
+
+
+def _list_records(session: Session) -> list[dict[str, Any]]:
+    """Every SR forward, then every HL7 message, then every Orthanc update, oldest first."""
+
+    def when(moment: dt.datetime | None) -> str | None:
+        return moment.isoformat() if moment else None
+
     records = [
         {
-            "sr_sop_instance_uid": o.sr_sop_instance_uid,
-            "destination": o.destination,
-            "state": o.state,
-            "attempts": o.attempts,
-            "status": o.status,
-            "detail": o.detail,
+            **_sr_record(ForwardOutcome(f.id, uid, f.destination, f.state, f.attempts, f.status, f.last_error or "")),
+            "detail": f.last_error,
+            "next_attempt_at": when(f.next_attempt_at),
         }
-        for o in outcomes
-    ]
-    _print(records, args.json, empty=f"nothing to send: no forward was pending or dead ({requeued} requeued)")
-    return 0 if all(o.state == db.FORWARD_SENT for o in outcomes) else 1
-
-
-def _list(args: argparse.Namespace, context: Context) -> int:
-    with db.read_session(context.db) as session:
-        rows = session.execute(
+        for f, uid in session.execute(
             select(db.Forward, db.SRDocument.sop_instance_uid)
             .join(db.SRDocument, db.Forward.sr_id == db.SRDocument.id)
             .order_by(db.Forward.id)
         ).all()
-        records = [
-            {
-                "sr_sop_instance_uid": uid,
-                "destination": f.destination,
-                "state": f.state,
-                "attempts": f.attempts,
-                "status": f.status,
-                "detail": f.last_error,
-                "next_attempt_at": f.next_attempt_at.isoformat() if f.next_attempt_at else None,
-            }
-            for f, uid in rows
-        ]
-    configured = "" if context.settings.forward.destinations else " ([forward] destinations is empty)"
-    _print(records, args.json, empty=f"no SR forwards recorded{configured}")
+    ]
+    for m, uid in session.execute(
+        select(db.HL7Message, db.Study.study_instance_uid).join(db.Study).order_by(db.HL7Message.id)
+    ).all():
+        outcome = hl7.HL7Outcome(
+            m.id, uid, m.control_id, m.destination, m.state, m.attempts, m.ack_code, m.last_error or ""
+        )
+        records.append(
+            {**_hl7_record(outcome), "result_status": m.result_status, "next_attempt_at": when(m.next_attempt_at)}
+        )
+    for u, uid in session.execute(
+        select(db.OrthancMetadata, db.Study.study_instance_uid).join(db.Study).order_by(db.OrthancMetadata.id)
+    ).all():
+        outcome = orthanc.OrthancOutcome(u.id, uid, u.destination, u.state, u.attempts, u.last_error or "")
+        records.append({**_orthanc_record(outcome), "values": u.values, "next_attempt_at": when(u.next_attempt_at)})
+    return records
+
+
+def _list(args: argparse.Namespace, context: Context) -> int:
+    with db.read_session(context.db) as session:
+        records = _list_records(session)
+    settings = context.settings
+    forwards = "" if settings.forward.destinations else " ([forward] destinations is empty)"
+    messages = "" if settings.hl7.destinations else " ([hl7] destinations is empty)"
+    _print(records, args.json, empty=f"no SR forwards recorded{forwards}, no HL7 messages recorded{messages}")
     return 0
 
 

@@ -1,24 +1,28 @@
-"""Housekeeping: SR forwarding, study aggregation and spool retention, on one schedule, in one process.
+"""Housekeeping: SR forwarding, study aggregation, study results out (HL7, Orthanc metadata) and spool retention,
+on one schedule, in one process.
 
 ``serve`` runs it in its main process (an APScheduler background scheduler: each job at most once at a time, a
 late run coalesced, never two copies in parallel); its worker processes and ``cxr-triage worker`` on other hosts
 only classify. Every job is also safe where several processes share the database (rows are taken with SKIP
-LOCKED), so a second ``serve`` on another host does no harm. ``run_once`` runs all three now (``results``-style
-one-shot use and tests).
+LOCKED), so a second ``serve`` on another host does no harm. ``run_once`` runs them all now, in the order of
+``jobs`` (``results``-style one-shot use and tests).
 
 Intervals: forwarding every ``FORWARD_INTERVAL`` seconds (a report reaches the PACS about that long after its
-result was committed, retries follow ``[forward] backoff_seconds``), aggregation every ``AGGREGATE_INTERVAL``,
-retention every ``RETENTION_INTERVAL``.
+result was committed, retries follow ``[forward] backoff_seconds``), aggregation every ``AGGREGATE_INTERVAL``
+(a completed study's HL7 messages and Orthanc metadata are queued in its transaction, ``study_complete``), their
+sending every ``FORWARD_INTERVAL`` (each kind its own job, so a slow RIS does not hold up the SRs), retention every
+``RETENTION_INTERVAL``.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from cxr_triage import forward, retention, studies
+from cxr_triage import db, forward, hl7, orthanc, retention, studies
 from cxr_triage.failurelog import FailureLog
 from cxr_triage.settings import Settings
 
@@ -41,7 +45,19 @@ class Housekeeping:
         forward.process_due(self.sessions, self.settings.forward)
 
     def aggregate(self) -> None:
-        studies.aggregate_studies(self.sessions, self.settings.worker.study_quiet_seconds, triage=self.settings.triage)
+        quiet = self.settings.worker.study_quiet_seconds
+        studies.aggregate_studies(self.sessions, quiet, triage=self.settings.triage, on_complete=self.study_complete)
+
+    def study_complete(self, session: Session, study: db.Study, now: dt.datetime) -> None:
+        """Queue what goes out for a just-aggregated study, in the aggregation's transaction."""
+        hl7.enqueue(session, study, self.settings.hl7, now)
+        orthanc.enqueue(session, study, self.settings.forward, now)
+
+    def send_hl7(self) -> None:
+        hl7.process_due(self.sessions, self.settings.hl7)
+
+    def set_orthanc_metadata(self) -> None:
+        orthanc.process_due(self.sessions, self.settings.forward)
 
     def purge(self) -> None:
         retention.purge_spool(self.sessions, self.settings.storage.spool_retention_days)
@@ -50,6 +66,8 @@ class Housekeeping:
         return [
             ("forward SRs", self.forward_due, FORWARD_INTERVAL),
             ("aggregate studies", self.aggregate, AGGREGATE_INTERVAL),
+            ("send HL7 results", self.send_hl7, FORWARD_INTERVAL),
+            ("set Orthanc metadata", self.set_orthanc_metadata, FORWARD_INTERVAL),
             ("spool retention", self.purge, RETENTION_INTERVAL),
         ]
 

@@ -13,6 +13,7 @@ not stored but built on demand by ``server_tls_context`` / ``client_tls_context`
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import ssl
 from collections.abc import Mapping
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any, Self
 
 from cxr_triage.config import ConfigError, load_config, merge
+from cxr_triage.hl7 import HL7Code, HL7Destination, ReportError, build_oru, check_token, sample_report
+from cxr_triage.orthanc import OrthancEndpoint
 from cxr_triage.precision import PRECISIONS
 from cxr_triage.scu import Destination, client_tls_context, validate_ae_title
 
@@ -206,6 +209,8 @@ class ForwardSettings:
     tls_ca_file: str = ""
     tls_certificate: str = ""
     tls_private_key: str = ""
+    orthanc: tuple[OrthancEndpoint, ...] = ()
+    """The destinations that are Orthanc (``orthanc_url`` in their entry): their priority goes in as metadata."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "calling_ae_title", validate_ae_title(self.calling_ae_title, "calling_ae_title"))
@@ -214,13 +219,22 @@ class ForwardSettings:
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any]) -> Self:
-        parsed = []
+        parsed, orthanc = [], []
         for index, entry in enumerate(table.get("destinations", ())):
             try:
-                parsed.append(Destination.from_mapping(entry))
-            except ValueError as exc:
+                is_table = isinstance(entry, Mapping)
+                dicom = {k: v for k, v in entry.items() if not k.startswith("orthanc_")} if is_table else entry
+                parsed.append(Destination.from_mapping(dicom))
+                rest = {k.removeprefix("orthanc_"): v for k, v in entry.items() if k.startswith("orthanc_")}
+                if set(rest) - {"url", "username", "password"}:
+                    raise ValueError(f"unknown keys {sorted(set(rest) - {'url', 'username', 'password'})}")
+                if rest:
+                    if "url" not in rest:
+                        raise ValueError("orthanc_username / orthanc_password need orthanc_url")
+                    orthanc.append(OrthancEndpoint(destination=str(parsed[-1]), **rest))
+            except (ValueError, TypeError) as exc:
                 raise ConfigError(f"[forward] destinations[{index}]: {exc}") from exc
-        settings: Self = _from_table(cls, "forward", table, destinations=tuple(parsed))
+        settings: Self = _from_table(cls, "forward", table, destinations=tuple(parsed), orthanc=tuple(orthanc))
         if any(d.tls for d in settings.destinations):
             try:
                 settings.client_tls_context()
@@ -241,6 +255,106 @@ class ForwardSettings:
         ae_title, _, rest = text.partition("@")
         host, _, port = rest.rpartition(":")
         return Destination(ae_title=ae_title, host=host, port=int(port))
+
+
+HL7_PRIORITIES: tuple[str, ...] = ("urgent", "priority", "review", "routine")
+"""The worklist priorities (``cxr_triage.flags.PRIORITIES``) that ``[hl7] priorities`` and ``abnormal_flags`` map."""
+HL7_CLASSES: tuple[str, ...] = ("covid", "normal", "pneumonia")
+"""The classifier's classes (``cxr_triage.CLASS_NAMES``) that ``[hl7] probability_codes`` and ``finding_values`` map."""
+
+
+@dataclass(frozen=True)
+class HL7Settings:
+    """``[hl7]``: HL7 v2.5.1 ORU^R01 results to the RIS over MLLP (``cxr_triage.hl7``), with the site's codes."""
+
+    destinations: tuple[HL7Destination, ...] = ()
+    sending_application: str = "CXR_TRIAGE"
+    sending_facility: str = ""
+    processing_id: str = "P"
+    timeout: float = 30.0
+    max_attempts: int = 5
+    backoff_seconds: float = 30.0
+    backoff_max_seconds: float = 3600.0
+    procedure_code: HL7Code = HL7Code("399208008", "Plain chest X-ray", "SCT")
+    finding_code: HL7Code = HL7Code("121071", "Finding", "DCM")
+    probability_codes: Mapping[str, HL7Code] = field(
+        default_factory=lambda: {
+            "covid": HL7Code("CXRT-P-COVID", "Probability of COVID-19", "99CXRT"),
+            "normal": HL7Code("CXRT-P-NORMAL", "Probability of normal", "99CXRT"),
+            "pneumonia": HL7Code("CXRT-P-PNEUMONIA", "Probability of pneumonia", "99CXRT"),
+        }
+    )
+    finding_values: Mapping[str, HL7Code] = field(
+        default_factory=lambda: {
+            "covid": HL7Code("840539006", "COVID-19", "SCT"),
+            "normal": HL7Code("17621005", "Normal", "SCT"),
+            "pneumonia": HL7Code("233604007", "Pneumonia", "SCT"),
+        }
+    )
+    priorities: Mapping[str, str] = field(
+        default_factory=lambda: {"urgent": "S", "priority": "A", "review": "R", "routine": "R"}
+    )
+    abnormal_flags: Mapping[str, str] = field(
+        default_factory=lambda: {"urgent": "A", "priority": "A", "review": "", "routine": "N"}
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "destinations", tuple(self.destinations))
+        object.__setattr__(self, "sending_application", check_token(self.sending_application, "sending_application"))
+        facility = check_token(self.sending_facility, "sending_facility", allow_empty=True)
+        object.__setattr__(self, "sending_facility", facility)
+        if self.processing_id not in ("P", "T", "D"):
+            raise ValueError(f"processing_id = {self.processing_id!r}: P (production), T (training) or D (debugging)")
+        if self.max_attempts < 1 or self.timeout <= 0 or self.backoff_seconds < 0 or self.backoff_max_seconds < 0:
+            raise ValueError("max_attempts must be >= 1, timeout > 0, backoff_seconds and backoff_max_seconds >= 0")
+        mapped = {"probability_codes": HL7_CLASSES, "finding_values": HL7_CLASSES}
+        mapped.update(priorities=HL7_PRIORITIES, abnormal_flags=HL7_PRIORITIES)
+        for name, keys in mapped.items():
+            given = getattr(self, name)
+            if set(given) != set(keys):
+                raise ValueError(f"{name} must name exactly {', '.join(keys)}; got {', '.join(sorted(given))}")
+        priorities = {p: check_token(self.priorities[p], f"priorities.{p}") for p in HL7_PRIORITIES}
+        flags = {p: check_token(self.abnormal_flags[p], f"abnormal_flags.{p}", 5, True) for p in HL7_PRIORITIES}
+        object.__setattr__(self, "priorities", priorities)
+        object.__setattr__(self, "abnormal_flags", flags)
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any]) -> Self:
+        """The ``[hl7]`` table: destinations and codes parsed, then a trial message built with the codes, so that
+        a value HL7 cannot carry stops the start-up rather than the first result."""
+        converted: dict[str, Any] = {}
+        what = "destinations"
+        try:
+            destinations = []
+            for index, entry in enumerate(table.get("destinations", ())):
+                what = f"destinations[{index}]"
+                destinations.append(HL7Destination.from_mapping(entry))
+            converted["destinations"] = tuple(destinations)
+            for what in ("procedure_code", "finding_code"):
+                if what in table:
+                    converted[what] = HL7Code.parse(table[what])
+            for what in ("probability_codes", "finding_values"):
+                if what in table:
+                    converted[what] = {k: HL7Code.parse(v) for k, v in dict(table[what]).items()}
+            for what in ("priorities", "abnormal_flags"):
+                if what in table:
+                    converted[what] = {k: str(v) for k, v in dict(table[what]).items()}
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"[hl7] {what}: {exc}") from exc
+        settings: Self = _from_table(cls, "hl7", table, **converted)
+        if settings.destinations:
+            try:
+                build_oru(sample_report(), settings, settings.destinations[0], "0" * 20, _EPOCH)
+            except ReportError as exc:
+                raise ConfigError(f"[hl7] the codes do not fit an HL7 v2.5.1 message: {exc}") from exc
+        return settings
+
+    def destination(self, text: str) -> HL7Destination | None:
+        """The configured destination named ``text`` (``APPLICATION@host:port``), None if it is not configured."""
+        return next((d for d in self.destinations if str(d) == text), None)
+
+
+_EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
 WEB_PATIENT_FIELDS: tuple[str, ...] = (
@@ -265,6 +379,8 @@ class WebSettings:
     session_hours: float = 8.0
     secure_cookies: bool = False
     patient_fields: tuple[str, ...] = ("AccessionNumber",)
+    metrics: bool = True
+    max_queue_age_seconds: float = 300.0
 
     def __post_init__(self) -> None:
         import ipaddress
@@ -281,8 +397,8 @@ class WebSettings:
         unknown = sorted(set(self.patient_fields) - set(WEB_PATIENT_FIELDS))
         if unknown:
             raise ValueError(f"patient_fields {unknown}: allowed are {', '.join(WEB_PATIENT_FIELDS)}")
-        if self.refresh_seconds <= 0 or self.session_hours <= 0:
-            raise ValueError("refresh_seconds and session_hours must be > 0")
+        if self.refresh_seconds <= 0 or self.session_hours <= 0 or self.max_queue_age_seconds <= 0:
+            raise ValueError("refresh_seconds, session_hours and max_queue_age_seconds must be > 0")
 
 
 @dataclass(frozen=True)
@@ -309,6 +425,7 @@ class Settings:
     triage: TriageSettings = field(default_factory=TriageSettings)
     sr: SRSettings = field(default_factory=SRSettings)
     forward: ForwardSettings = field(default_factory=ForwardSettings)
+    hl7: HL7Settings = field(default_factory=HL7Settings)
     web: WebSettings = field(default_factory=WebSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     source: Path | None = None
@@ -330,6 +447,7 @@ class Settings:
             triage=_from_table(TriageSettings, "triage", values["triage"]),
             sr=_from_table(SRSettings, "sr", values["sr"]),
             forward=ForwardSettings.from_table(values["forward"]),
+            hl7=HL7Settings.from_table(values.get("hl7", {})),
             web=_from_table(WebSettings, "web", values["web"]),
             logging=_from_table(LoggingSettings, "logging", values["logging"]),
             source=source,

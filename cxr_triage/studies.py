@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import select
@@ -121,9 +121,11 @@ def aggregate_studies(
     quiet_seconds: float,
     now: dt.datetime | None = None,
     triage: TriageSettings | None = None,
+    on_complete: Callable[[Session, db.Study, dt.datetime], object] | None = None,
 ) -> list[str]:
     """Complete open studies quiet for ``quiet_seconds`` whose instances are all finished; their UIDs. Their
-    priority becomes final."""
+    priority becomes final; ``on_complete`` is called for each in the same transaction (the housekeeping queues
+    the results that go out per study: HL7, Orthanc metadata)."""
     now = now or db.utcnow()
     cutoff = now - dt.timedelta(seconds=quiet_seconds)
     completed: list[str] = []
@@ -147,6 +149,8 @@ def aggregate_studies(
             study.status = "complete"
             study.completed_at = now
             refresh_priority(session, study, triage or TriageSettings(), final=True, now=now)
+            if on_complete is not None:
+                on_complete(session, study, now)
             completed.append(study.study_instance_uid)
     for uid in completed:
         logger.info("study %s complete", uid)

@@ -11,9 +11,12 @@ Secondary Capture are sent to Orthanc by storescu, and a CR is uploaded by REST;
 forwarded.
 
 ``pipeline``: ``cxr-triage db upgrade`` and ``cxr-triage serve`` (SQLite, tiny random model, SRs forwarded to
-Orthanc). A real chest CR reaches Orthanc by C-STORE, as from a modality, and the Lua script routes it; a
-generated CR of another patient is uploaded by REST and pushed with POST /modalities/cxr-triage/store. Waits
-(bounded) for both SRs in Orthanc, then reports the result rows and where Orthanc filed each SR.
+Orthanc, whose forward destination has its REST URL, so each study's triage result is also set as Orthanc user
+metadata, declared by the production orthanc.json). A real chest CR reaches Orthanc by C-STORE, as from a
+modality, and the Lua script routes it; a generated CR of another patient is uploaded by REST and pushed with
+POST /modalities/cxr-triage/store. Waits (bounded) for both SRs in Orthanc, then reports the result rows, where
+Orthanc filed each SR and what dciodvfy and Pixelmed's SR validator say of it, and each study's metadata in
+Orthanc.
 
 The last line of stdout is a JSON summary the pytest tests assert on; on failure the exit status is 1 and
 stderr holds the error and the tails of the logs.
@@ -31,7 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from sqlalchemy import select
 
+from cxr_triage import db
+from cxr_triage import orthanc as triage_orthanc
 from cxr_triage.testing import peers, synthetic
 
 DEPLOY = peers.REPO / "deploy" / "orthanc"
@@ -129,6 +135,36 @@ def sr_summary(orthanc: peers.Orthanc, workdir: Path, source_id: str, row: dict[
         "sr_patient_id_matches": str(sr.get("PatientID", "")) == str(source.get("PatientID", "")),
         "sr_evidence": evidence,
         "dciodvfy_errors": [line for line in (dciodvfy.stdout + dciodvfy.stderr).splitlines() if "Error" in line],
+        "sr_path": str(sr_path),
+    }
+
+
+def study_metadata(orthanc: peers.Orthanc, config: Path, study_id: str, timeout: float) -> dict[str, Any]:
+    """Wait for cxr-triage's user metadata on an Orthanc study; it, the names Orthanc lists, the priority and
+    label cxr-triage recorded for the study, and its `forward --json` rows of kind orthanc."""
+
+    def values() -> dict[str, str] | None:
+        found = {}
+        for name in triage_orthanc.METADATA:
+            try:
+                found[name] = orthanc.request_bytes(f"/studies/{study_id}/metadata/{name}").decode()
+            except peers.PeerError:  # 404 until the study has been aggregated and its metadata set
+                return None
+        return found
+
+    metadata = peers.wait_until(values, timeout, f"cxr-triage's metadata on Orthanc study {study_id}", 0.5)
+    study_uid = orthanc.get(f"/studies/{study_id}")["MainDicomTags"]["StudyInstanceUID"]
+    engine = db.make_engine(f"sqlite:///{config.parent / 'cxr-triage.sqlite'}", create_dirs=False)
+    with db.read_session(engine) as session:
+        study = session.scalars(select(db.Study).where(db.Study.study_instance_uid == study_uid)).one()
+        recorded = {"priority": study.priority, "label": study.label, "model": study.priority_model_version}
+    engine.dispose()
+    listed = [json.loads(line) for line in peers.cli("forward", "--json", config=config).stdout.splitlines()]
+    return {
+        "orthanc_metadata": metadata,
+        "orthanc_metadata_names": orthanc.get(f"/studies/{study_id}/metadata"),
+        "recorded_study": recorded,
+        "orthanc_updates": [r for r in listed if r["kind"] == "orthanc" and r["study_instance_uid"] == study_uid],
     }
 
 
@@ -152,7 +188,14 @@ def pipeline(workdir: Path, image: Path, timeout: float) -> dict[str, Any]:
                 "model": {"path": str(model), "device": "cpu", "batch_size": 4},
                 "worker": {"processes": 1, "poll_interval": 0.2, "study_quiet_seconds": 2},
                 "forward": {
-                    "destinations": [{"ae_title": ORTHANC_AET, "host": "127.0.0.1", "port": dicom_port}],
+                    "destinations": [
+                        {
+                            "ae_title": ORTHANC_AET,
+                            "host": "127.0.0.1",
+                            "port": dicom_port,
+                            "orthanc_url": f"http://127.0.0.1:{http_port}",
+                        }
+                    ],
                     "backoff_seconds": 1,
                     "timeout": 20,
                 },
@@ -189,6 +232,11 @@ def pipeline(workdir: Path, image: Path, timeout: float) -> dict[str, Any]:
                 if len(matching) != 1:
                     raise peers.PeerError(f"expected one result row for {uid}, got {matching}")
                 cases[route] = sr_summary(orthanc, workdir, lookup_instance(orthanc, uid) or "", matching[0])
+                cases[route].update(study_metadata(orthanc, config, cases[route]["orthanc_study"], timeout))
+            checked = peers.pixelmed_validate([case["sr_path"] for case in cases.values() if "sr_path" in case])
+            for case in cases.values():
+                if "sr_path" in case:
+                    case["pixelmed_errors"], case["pixelmed_warnings"] = checked[case["sr_path"]]
             sr_count = len(orthanc.post("/tools/find", {"Level": "Instance", "Query": {"Modality": "SR"}}))
             studies, patients = len(orthanc.get("/studies")), len(orthanc.get("/patients"))
         except BaseException:

@@ -1,15 +1,18 @@
 """Forwarding of SRs: success against a real C-STORE SCP, retries with exponential backoff against a closed port,
-the dead-letter state after max_attempts, and `cxr-triage forward --retry` resending dead forwards."""
+the dead-letter state after max_attempts, `cxr-triage forward --retry` resending dead forwards, and the Orthanc
+REST settings of a destination (the metadata itself: tests/test_orthanc_e2e.py)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pydicom
+import pytest
 from conftest import chest_dataset, free_port, write_config
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage
@@ -143,3 +146,25 @@ def test_sr_is_forwarded_over_tls_to_a_tls_destination(make_harness, tmp_path) -
         (f"SECURE@127.0.0.1:{tls_port}", db.FORWARD_SENT),
         (f"PLAIN@127.0.0.1:{plain_port}", db.FORWARD_SENT),
     }
+
+
+def test_an_orthanc_destination_takes_its_rest_url_and_credentials() -> None:
+    from cxr_triage.config import ConfigError
+    from cxr_triage.settings import ForwardSettings
+
+    entry = {"ae_title": "ORTHANC", "host": "pacs", "port": 4242, "orthanc_url": "http://pacs:8042/"}
+    settings = ForwardSettings.from_table({"destinations": [entry, {"ae_title": "OTHER", "host": "h", "port": 104}]})
+    (endpoint,) = settings.orthanc
+    assert (endpoint.destination, endpoint.url) == ("ORTHANC@pacs:4242", "http://pacs:8042")
+    assert [str(d) for d in settings.destinations] == ["ORTHANC@pacs:4242", "OTHER@h:104"]
+    secured = {**entry, "orthanc_username": "cxr", "orthanc_password": "secret"}
+    (endpoint,) = ForwardSettings.from_table({"destinations": [secured]}).orthanc
+    assert endpoint.username == "cxr" and "secret" not in repr(endpoint)
+    for bad, message in [
+        ({**entry, "orthanc_url": "pacs:8042"}, "expected http(s)://host:port"),
+        ({**entry, "orthanc_username": "cxr"}, "go together"),
+        ({**entry, "orthanc_port": 8042}, "unknown keys ['port']"),
+        ({"ae_title": "ORTHANC", "host": "pacs", "port": 4242, "orthanc_password": "x"}, "need orthanc_url"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            ForwardSettings.from_table({"destinations": [bad]})

@@ -1,5 +1,6 @@
 """End-to-end with Orthanc as the PACS: routing by the production Lua script, and the whole pipeline
-(Orthanc -> listener -> worker -> SR -> Orthanc), by Lua auto-routing and by REST push, in one run.
+(Orthanc -> listener -> worker -> SR -> Orthanc, and the study's triage result as Orthanc user metadata), by Lua
+auto-routing and by REST push, in one run.
 
 Orthanc binds every interface, so each scenario runs in its own network namespace (tests/e2e_orthanc_scenario.py
 under ``unshare -n``); all traffic is on that namespace's 127.0.0.1.
@@ -8,6 +9,7 @@ under ``unshare -n``); all traffic is on that namespace's 127.0.0.1.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ from cxr_triage.testing import peers
 pytestmark = pytest.mark.peers
 
 SCENARIO = Path(__file__).resolve().parent / "e2e_orthanc_scenario.py"
+SR_DOC = peers.REPO / "docs" / "SR.md"
 
 
 def run_scenario(*args: str, timeout: float = 300) -> dict[str, Any]:
@@ -86,3 +89,17 @@ def test_sr_comes_back_into_the_same_orthanc_study(tmp_path: Path) -> None:
         assert case["sr_patient_id_matches"]
         assert case["sr_evidence"] == [row["sop_instance_uid"]]
         assert case["dciodvfy_errors"] == [], (route, case["dciodvfy_errors"])
+        # The study's priority as Orthanc user metadata (declared in deploy/orthanc/orthanc.json), as recorded.
+        metadata, recorded = case["orthanc_metadata"], case["recorded_study"]
+        assert metadata["CxrTriagePriority"] == recorded["priority"]
+        assert metadata["CxrTriagePriority"] in ("urgent", "priority", "review", "routine")
+        assert metadata["CxrTriageFinding"] == recorded["label"] == row["label"]
+        assert metadata["CxrTriageModel"] == recorded["model"] == "test-tiny"
+        assert metadata["CxrTriageReason"]
+        names = {"CxrTriagePriority", "CxrTriageFinding", "CxrTriageReason", "CxrTriageModel"}
+        assert names <= set(case["orthanc_metadata_names"])
+        assert [(u["state"], u["attempts"]) for u in case["orthanc_updates"]] == [("sent", 1)]
+        # Pixelmed, as IHE's AI Results tools validate: no error, and only the warnings docs/SR.md justifies.
+        assert case["pixelmed_errors"] == [], (route, case["pixelmed_errors"])
+        for warning in case["pixelmed_warnings"]:
+            assert re.sub(r"^Warning: [\d.]+: ", "", warning) in SR_DOC.read_text(encoding="utf-8"), (route, warning)

@@ -4,7 +4,8 @@ Reads (the worklist, a study, thumbnails, feedback and its CSV export) need no l
 ``[web] allowed_networks``; every write (log in, log out, feedback) needs a session and its CSRF token
 (``cxr_triage.web.auth``) and leaves an audit row. The worklist page refreshes itself from ``/api/worklist``
 every ``[web] refresh_seconds`` without reloading. Form posts are ``application/x-www-form-urlencoded`` and read
-with the standard library, so no multipart parser is needed.
+with the standard library, so no multipart parser is needed. ``/healthz`` and ``/metrics`` (``cxr_triage.web.ops``)
+are for probes and Prometheus.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from cxr_triage import CLASS_NAMES, __version__, db
 from cxr_triage.flags import PRIORITIES
 from cxr_triage.settings import Settings
-from cxr_triage.web import auth, worklist
+from cxr_triage.web import auth, ops, worklist
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     _add_page_routes(app, ctx)
     _add_auth_routes(app, ctx)
     _add_feedback_form_route(app, ctx)
+    app.include_router(ops.router(settings, engine))
     _add_error_handler(app)
     return app
 
