@@ -20,7 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "results": ("cxr_triage.results", "print what became of each received image, one line per instance"),
     "status": ("cxr_triage.status", "the pipeline's health: queue, forwards, spool, model; exit 1 on problems"),
     "classify": ("cxr_triage.classify", "classify DICOM/PNG/JPEG files or folders directly, without the listener"),
-    "forward": ("cxr_triage.forward", "list the Structured Reports sent to the PACS, or resend failed ones (--retry)"),
+    "forward": (
+        "cxr_triage.forward",
+        "list the results sent to the PACS, RIS and Orthanc, or resend failed ones",
+    ),
     "worker": ("cxr_triage.worker", "run one worker alone (more hosts sharing one PostgreSQL database)"),
     "web": ("cxr_triage.webcli", "serve the radiologists' worklist page and its JSON API"),
     "users": ("cxr_triage.users", "add, list or remove the worklist's users"),
@@ -61,9 +64,9 @@ One line per input, refusals and unreadable files included; --json prints one ob
 sop_instance_uid, status (ok, rejected, error), label, probabilities, reason, model_version and precision.
 Exit 0 when every input got a line; 2 when it cannot run (no model, a path that does not exist).""",
     "forward": """\
-List every Structured Report sent (or to be sent) to the PACS destinations of [forward] destinations, with its
-state (pending, sent, dead) and the last error. --retry puts dead-lettered reports back and sends everything
-due now; exit 1 if any still failed.""",
+List every Structured Report sent (or to be sent) to the [forward] destinations, every HL7 ORU^R01 message to
+the [hl7] destinations and every Orthanc metadata update, with its state (pending, sent, dead, superseded) and
+the last error. --retry puts dead ones back and sends everything pending now; exit 1 if any still failed.""",
     "worker": """\
 Run one worker without a listener: it takes received images from the shared database, classifies them and
 records the results. For more hosts sharing one PostgreSQL database with a `serve` elsewhere.""",

@@ -135,7 +135,7 @@ class HealthReport:
 class _Reading:
     """What the checks read from the database."""
 
-    counts: status._DatabaseCounts
+    counts: status.DatabaseCounts
     configured: tuple[str, dt.datetime] | None
     """Version and registration time of the configured checkpoint's ``model_versions`` row, if it has one."""
     elapsed_ms: float
@@ -182,7 +182,7 @@ class HealthChecker:
                     )
                 ).first()
             configured = (str(row.version), row.registered_at) if row is not None else None
-        counts = status._read_counts(self.engine, now)
+        counts = status.read_counts(self.engine, now)
         return _Reading(counts, configured, (time.perf_counter() - started) * 1000.0)
 
     def _checkpoint_sha256(self, path: Path) -> str | None:

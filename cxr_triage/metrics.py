@@ -121,7 +121,7 @@ def read_snapshot(engine: Engine, now: dt.datetime | None = None) -> Snapshot:
     """Every metric's value that comes from the database (``status``'s counts and a few aggregates more)."""
     now = now or db.utcnow()
     ensure_database_file(engine)
-    counts = status._read_counts(engine, now)
+    counts = status.read_counts(engine, now)
     p, r, f, m = db.PredictionRecord, db.RefusalRecord, db.Forward, db.ModelVersion
     with db.read_session(engine) as session:
         classifications = [

@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @dataclass(frozen=True)
-class _DatabaseCounts:
+class DatabaseCounts:
     """What :func:`collect` reads from the database, in one read session."""
 
     by_state: dict[str, int]
@@ -55,7 +55,7 @@ class _DatabaseCounts:
     last_precision: str | None
 
 
-def _read_counts(engine: Engine, now: dt.datetime) -> _DatabaseCounts:
+def read_counts(engine: Engine, now: dt.datetime) -> DatabaseCounts:
     """Instances by state, the oldest queued one, expired leases, recent failures, forwards by state, the model the
     workers last loaded and the precision of the last prediction."""
     with db.read_session(engine) as session:
@@ -78,11 +78,11 @@ def _read_counts(engine: Engine, now: dt.datetime) -> _DatabaseCounts:
         last_precision = session.scalar(
             select(db.PredictionRecord.precision).order_by(db.PredictionRecord.id.desc()).limit(1)
         )
-    return _DatabaseCounts(by_state, oldest_queued, expired, recent_failures, forwards, loaded, last_precision)
+    return DatabaseCounts(by_state, oldest_queued, expired, recent_failures, forwards, loaded, last_precision)
 
 
 def _problems(
-    counts: _DatabaseCounts,
+    counts: DatabaseCounts,
     model_path: Path,
     model_present: bool,
     free: float,
@@ -128,7 +128,7 @@ def _problems(
 def collect(engine: Engine, settings: Settings, max_queue_age: float, now: dt.datetime | None = None) -> dict[str, Any]:
     """The status as a plain dict (the ``--json`` output); ``problems`` lists what needs attention."""
     now = now or db.utcnow()
-    counts = _read_counts(engine, now)
+    counts = read_counts(engine, now)
     oldest_queued = counts.oldest_queued
     queued_for = (now - oldest_queued).total_seconds() if oldest_queued is not None else None
     storage = settings.storage
