@@ -351,6 +351,12 @@ def release_dead_local_workers(sessions: sessionmaker[Session]) -> int:
     return release(sessions, dead) if dead else 0
 
 
+def is_dead_local_worker(worker_id: str) -> bool:
+    """Whether ``worker_id`` names a worker process of this host that no longer runs (False for another host's)."""
+    prefix = f"{socket.gethostname()}:"
+    return worker_id.startswith(prefix) and not _worker_alive(worker_id[len(prefix) :])
+
+
 def _worker_alive(local_id: str) -> bool:
     """Whether the worker ``pid:start:random`` (or an older ``pid:random``) of this host still runs."""
     parts = local_id.split(":")

@@ -1,11 +1,14 @@
 """The recorder: a chunk of outcomes becomes Structured Reports, database rows and forwards, in one transaction.
 
 For each ``Classified`` outcome an SR is built (from a template per model, finding and priority:
-``cxr_triage.srtemplate``) and written atomically under ``[storage] sr_dir``; the folders are fsynced once per
-chunk, before the commit, so a committed result always has its SR on disk. Then one transaction: the jobs still leased to this worker (``jobqueue.held``) get their
-prediction (with the SR's row and one pending forward per destination), refusal or error, and leave the queue
-(``jobqueue.finish`` / ``retry_or_fail``). If that transaction fails the outcomes are recorded one by one, and one
-that still cannot be recorded is recorded as a failed attempt.
+``cxr_triage.srtemplate``) and written under its pending name in ``[storage] sr_dir`` (``cxr_triage.srfiles``);
+the pending folder is fsynced once per chunk, before the commit, so a committed result always has its SR on disk.
+Then one transaction: the jobs still leased to this worker (``jobqueue.held``) get their prediction (with the SR's
+row, which holds the final path, and one pending forward per destination), refusal or error, and leave the queue
+(``jobqueue.finish`` / ``retry_or_fail``). Once it has committed, the SRs are renamed to their final paths; so a
+crash at any point leaves no SR file without its row (``srfiles`` settles what it leaves at the next start). If
+that transaction fails the outcomes are recorded one by one, and one that still cannot be recorded is recorded as a
+failed attempt; the SR files of outcomes not recorded are deleted.
 
 One SR per instance, not per study: each classification is an image-level finding (a TID 1501 group with the
 image as its source), and a study can grow over several associations after its SRs were sent. A re-run (a new
@@ -15,6 +18,7 @@ share one series.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -26,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from cxr_triage import db, files, forward, jobqueue, spool, studies
+from cxr_triage import db, files, forward, jobqueue, spool, srfiles, studies
 from cxr_triage.pipeline import Classified, Failed, Outcome, Refused
 from cxr_triage.settings import ForwardSettings, SRSettings, TriageSettings
 
@@ -38,13 +42,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class WrittenSR:
-    """An SR file written for one outcome; ``previous_id`` is the SR row it supersedes (None: the first), or
-    ``previous_job`` the job of this chunk whose SR it supersedes."""
+    """An SR file written for one outcome: ``path`` is its final path (its row's), ``pending`` where it is until
+    its row has committed (None: already at ``path``); ``previous_id`` is the SR row it supersedes (None: the
+    first), or ``previous_job`` the job of this chunk whose SR it supersedes."""
 
     path: Path
     document: Any
     previous_id: int | None
     previous_job: int | None = None
+    pending: Path | None = None
 
 
 SRResult = WrittenSR | str
@@ -74,6 +80,8 @@ class Recorder:
         self.triage = triage or TriageSettings()
         self.thumbnail_dir = Path(thumbnail_dir).resolve() if thumbnail_dir is not None else None
         self._reports: TriageSRBuilder | None = None
+        self._undecided: list[Path] = []
+        """Pending SR files of outcomes not recorded whose fate the database could not tell yet."""
 
     @property
     def reports(self) -> TriageSRBuilder:
@@ -91,6 +99,8 @@ class Recorder:
 
     def record(self, outcomes: Sequence[Outcome]) -> None:
         """Write the SRs and record ``outcomes`` in one transaction; one by one should that transaction fail."""
+        if self._undecided:
+            self._drop_unrecorded([])
         started = time.perf_counter()
         classified = [o for o in outcomes if isinstance(o, Classified)]
         srs = self.write_srs(classified) if classified and self.sr.enabled else {}
@@ -116,13 +126,13 @@ class Recorder:
         own = {outcome.job.id: srs[outcome.job.id]} if outcome.job.id in srs else {}
         written = own.get(outcome.job.id)
         if isinstance(written, WrittenSR) and written.previous_job is not None:  # its predecessor may be gone
-            own[outcome.job.id] = WrittenSR(written.path, written.document, written.previous_id)
+            own[outcome.job.id] = dataclasses.replace(written, previous_job=None)
         try:
             self.commit([outcome], own, thumbnails)
         except Exception as exc:
             logger.exception("job %s (SOP instance %s): recording failed", outcome.job.id, outcome.job.sop_instance_uid)
             if isinstance(written, WrittenSR):
-                written.path.unlink(missing_ok=True)
+                self._drop_unrecorded([written])
             try:
                 self.commit([Failed.of(outcome.job, exc)], {})
             except Exception:
@@ -162,7 +172,8 @@ class Recorder:
         return previous, series
 
     def write_srs(self, outcomes: Sequence[Classified]) -> dict[int, SRResult]:
-        """Build and write the SR of each classified instance, by job id; a failure is the error's text."""
+        """Build and write the SR of each classified instance under its pending name, by job id (``commit`` renames
+        the recorded ones into place); a failure is the error's text."""
         try:
             previous, series = self._sr_context(outcomes)
         except Exception as exc:
@@ -180,7 +191,7 @@ class Recorder:
                 results[job.id] = _not_written(exc)
                 continue
             results[job.id] = written
-            folders.add(written.path.parent)
+            folders.add((written.pending or written.path).parent)
             latest[job.sop_instance_uid] = (job.id, written.document)
             series.setdefault(job.study_instance_uid, str(written.document.SeriesInstanceUID))
         try:
@@ -190,7 +201,7 @@ class Recorder:
             logger.exception("the SR folders could not be synced")
             for job_id, written in list(results.items()):
                 if isinstance(written, WrittenSR):
-                    written.path.unlink(missing_ok=True)
+                    (written.pending or written.path).unlink(missing_ok=True)
                     results[job_id] = _not_written(exc)
         return results
 
@@ -209,7 +220,7 @@ class Recorder:
         previous_ds, previous_id = (earlier[1], None) if earlier is not None else (None, None)
         if earlier is None and job.sop_instance_uid in previous:
             previous_id, previous_path = previous[job.sop_instance_uid]
-            if Path(previous_path).is_file():
+            if srfiles.ensure_final(previous_path):
                 previous_ds = pydicom.dcmread(previous_path, stop_before_pixels=True)
             else:
                 previous_id = None
@@ -223,11 +234,9 @@ class Recorder:
             previous_sr=previous_ds,
             series_instance_uid=series.get(job.study_instance_uid),
         )
-        folder = self.sr_dir / spool.safe_uid(job.study_instance_uid)
-        path = files.write_atomic(
-            folder / f"{document.SOPInstanceUID}.dcm", sr_module.sr_to_bytes(document), sync_dir=False
-        )
-        return WrittenSR(path, document, previous_id, earlier[0] if earlier is not None else None)
+        final = srfiles.final_path(self.sr_dir, job.study_instance_uid, str(document.SOPInstanceUID))
+        pending = srfiles.write_pending(final, sr_module.sr_to_bytes(document), self.worker_id)
+        return WrittenSR(final, document, previous_id, earlier[0] if earlier is not None else None, pending)
 
     def write_thumbnails(self, outcomes: Sequence[Classified]) -> dict[int, Path]:
         """The worklist's PNG of each classified instance that has one, by job id (a failure only logs)."""
@@ -250,8 +259,8 @@ class Recorder:
     def commit(
         self, outcomes: Sequence[Outcome], srs: dict[int, SRResult], thumbnails: dict[int, Path] | None = None
     ) -> None:
-        """Record ``outcomes`` in one transaction (with their studies' provisional priorities); log them once it
-        has committed."""
+        """Record ``outcomes`` in one transaction (with their studies' provisional priorities); once it has
+        committed, rename their SRs into place (those of outcomes no longer ours are deleted) and log them."""
         now = db.utcnow()
         recorded: list[tuple[Outcome, bool]] = []
         discarded: list[Outcome] = []
@@ -274,12 +283,32 @@ class Recorder:
                     instance.thumbnail_path = str(thumbnail) if thumbnail is not None else None
                 recorded.append((outcome, final))
             studies.refresh_priorities(session, [o.job.study_instance_uid for o, _ in recorded], self.triage)
-        for outcome in discarded:
-            written = srs.get(outcome.job.id)
-            if isinstance(written, WrittenSR):
-                written.path.unlink(missing_ok=True)
+        srfiles.publish(
+            (written.pending, written.path)
+            for outcome, _ in recorded
+            if isinstance(written := srs.get(outcome.job.id), WrittenSR) and written.pending is not None
+        )
+        dropped = [written for o in discarded if isinstance(written := srs.get(o.job.id), WrittenSR)]
+        if dropped:
+            self._drop_unrecorded(dropped)
         for outcome, final in recorded:
             _log(outcome, final)
+
+    def _drop_unrecorded(self, written: Sequence[WrittenSR]) -> None:
+        """Delete the pending SR files of outcomes not recorded, with those still undecided from earlier chunks.
+        Their rows are looked up first: a commit that raised may have committed all the same (a connection lost
+        during COMMIT), and then the file is renamed into place instead. A database that cannot be read leaves them
+        for the next chunk (and ``srfiles.settle_pending`` at the next start)."""
+        for already_final in (w.path for w in written if w.pending is None):  # written by a caller of commit
+            already_final.unlink(missing_ok=True)
+        pending = [w.pending for w in written if w.pending is not None] + self._undecided
+        try:
+            srfiles.settle(self.sessions, pending)
+        except Exception:
+            logger.exception("%d unrecorded SR file(s) could not be settled yet; retrying later", len(pending))
+            self._undecided = pending
+        else:
+            self._undecided = []
 
     def _add_refusal(self, session: Session, instance: db.Instance, outcome: Refused, now: dt.datetime) -> None:
         refusal = outcome.refusal

@@ -2,9 +2,11 @@
 
 Start-up order: settings (a bad value stops here, its key named); database (an empty one gets the schema; one
 behind the code's revision is refused with the ``db upgrade`` command to run); spool recovery (incomplete
-temporaries removed, spool files without a row enqueued, jobs held by dead local workers released); then the
-listener, the workers (multiprocessing, spawn) and the housekeeping scheduler (``cxr_triage.housekeeping``:
-forwarding, study aggregation, spool retention, in this process only). A worker process that dies is restarted.
+temporaries removed, spool files without a row enqueued, jobs held by dead local workers released) and SR recovery
+(the SR files a crash left between write and rename settled, ``cxr_triage.srfiles``); then the
+listener, the workers (multiprocessing, spawn), the housekeeping scheduler (``cxr_triage.housekeeping``:
+forwarding, study aggregation, spool retention, in this process only) and, once, in a background thread, the
+sweep of SR files without a row (``srfiles.sweep_orphans``). A worker process that dies is restarted.
 SIGTERM or SIGINT: stop accepting associations, let associations in progress finish, ask the workers to stop
 (each finishes or releases its claimed jobs), stop the housekeeping, and exit.
 
@@ -24,7 +26,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from cxr_triage import db, jobqueue, listener, spool
+from cxr_triage import db, jobqueue, listener, spool, srfiles
 from cxr_triage.bootstrap import SERVICE, CommandError, Context, run_command
 from cxr_triage.housekeeping import Housekeeping
 from cxr_triage.settings import AUTO, Settings
@@ -52,6 +54,7 @@ def recover(settings: Settings, engine: Engine) -> None:
     released = jobqueue.release_dead_local_workers(sessions)
     if recovered or released:
         logger.warning("recovery: %d spool file(s) enqueued, %d job(s) of dead workers released", recovered, released)
+    srfiles.settle_pending(settings.storage.sr_dir, sessions)
 
 
 def warn_if_no_model(settings: Settings) -> None:
@@ -103,6 +106,13 @@ class Server:
         if not self.processes:
             logger.info("[worker] processes = 0: no workers here; run `cxr-triage worker` to classify")
         self.housekeeping.start()
+        threading.Thread(target=self._sweep_sr_files, name="cxr-sr-sweep", daemon=True).start()
+
+    def _sweep_sr_files(self) -> None:
+        try:
+            srfiles.sweep_orphans(self.settings.storage.sr_dir, db.session_factory(self.engine))
+        except Exception:  # tried again at the next start
+            logger.exception("the sweep of SR files without a database row failed")
 
     def _layout(self) -> tuple[int, int]:
         """Worker processes and model threads each, from ``[worker]`` and this machine's cores."""
@@ -127,7 +137,12 @@ class Server:
             logger.error(
                 "worker process %s (pid %s) exited with %s; restarting", process.name, process.pid, process.exitcode
             )
-            jobqueue.release_dead_local_workers(db.session_factory(self.engine))
+            sessions = db.session_factory(self.engine)
+            jobqueue.release_dead_local_workers(sessions)
+            try:
+                srfiles.settle_pending(self.settings.storage.sr_dir, sessions)
+            except Exception:  # left for the next start
+                logger.exception("the SR files of worker process %s could not be settled", process.name)
             self.processes[index] = self._start_worker(index)
 
     def serve_forever(self) -> None:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 
-from cxr_triage import db, jobqueue, pipeline
+from cxr_triage import db, jobqueue, pipeline, srfiles
 from cxr_triage.failurelog import FailureLog
 from cxr_triage.jobqueue import ClaimedJob
 from cxr_triage.modelstore import ModelStore
@@ -330,7 +330,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _work(args: argparse.Namespace, context: Context) -> int:
-    jobqueue.release_dead_local_workers(db.session_factory(context.db))
+    sessions = db.session_factory(context.db)
+    jobqueue.release_dead_local_workers(sessions)
+    srfiles.settle_pending(context.settings.storage.sr_dir, sessions)
     ws = context.settings.worker
     _, threads = worker_layout(1, ws.threads, available_cores(), cuda=False)  # this one process has every core
     use_threads(threads)

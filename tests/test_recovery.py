@@ -1,6 +1,7 @@
 """Crash recovery with the real `cxr-triage serve` process: instances acknowledged before a SIGKILL (and a spool
 file written just before a crash, with no database row yet) are all classified after a restart; an incomplete
-temporary spool file is removed; SIGTERM stops the server cleanly."""
+temporary spool file and an SR file a killed worker wrote but never committed are removed; SIGTERM stops the
+server cleanly. (SR files at every crash point, and SIGKILLs in the middle of bursts: tests/test_crash.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from conftest import chest_dataset, config_values, echo, save_dataset, send, write_config
 
-from cxr_triage import db, files, spool
+from cxr_triage import db, files, jobqueue, spool, srfiles
 from cxr_triage.results import records
 from cxr_triage.testing.peers import tail, terminate, wait_until
 
@@ -69,6 +70,9 @@ def test_acknowledged_instances_survive_sigkill(tmp_path: Path, tiny_model: Path
     stale = Path(values["storage"]["spool_dir"]) / "ab" / f"{files.TEMP_PREFIX}crashed"
     stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_bytes(b"partial")
+    # A worker killed between its SR write and its commit leaves a pending SR (patient data) without a row.
+    uncommitted = srfiles.final_path(Path(values["storage"]["sr_dir"]).resolve(), orphan.StudyInstanceUID, "1.2.3.4")
+    uncommitted = srfiles.write_pending(uncommitted, b"report", jobqueue.new_worker_id(99999999))
 
     values["worker"]["processes"] = 1
     write_config(config, values)
@@ -87,9 +91,13 @@ def test_acknowledged_instances_survive_sigkill(tmp_path: Path, tiny_model: Path
     assert {r["sop_instance_uid"] for r in done} == expected
     assert all(r["sr_sop_instance_uid"] for r in done)
     assert not stale.exists()
+    assert not uncommitted.exists()
+    sr_files = {p for p in Path(values["storage"]["sr_dir"]).rglob("*") if p.is_file()}
+    assert {p.name for p in sr_files} == {f"{r['sr_sop_instance_uid']}.dcm" for r in done}, "one SR file per row"
     assert code == 0, tail(log)
     text = log.read_text()
     assert "recovered spool file" in text
+    assert "SR files left by a crash: 0 committed renamed into place, 1 never committed deleted" in text
     assert "stopped" in text
     assert "Test^Phantom" not in text, "logs carry UIDs, never patient names"
     assert " highdicom" not in text, "highdicom's per-SR INFO lines are kept out of INFO logs"
