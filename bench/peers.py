@@ -205,9 +205,9 @@ class StageClock:
 
     @contextlib.contextmanager
     def file_writes(self) -> Iterator[None]:
-        """While active, ``files.write_atomic`` and ``files.fsync_dir`` called inside a stage of
+        """While active, ``files.write_atomic``, ``write_synced`` and ``fsync_dir`` called inside a stage of
         ``FILE_WRITES_OF`` count as that stage's file-write stage (the product calls them as ``files.NAME``)."""
-        originals = {name: getattr(files, name) for name in ("write_atomic", "fsync_dir")}
+        originals = {name: getattr(files, name) for name in ("write_atomic", "write_synced", "fsync_dir")}
 
         def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
             def run(*args: Any, **kwargs: Any) -> Any:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from cxr_triage import db, delivery, hl7, orthanc
+from cxr_triage import db, delivery, hl7, orthanc, srfiles
 from cxr_triage.scu import SendResult, send_datasets
 from cxr_triage.settings import ForwardSettings
 
@@ -122,6 +122,7 @@ def _read_datasets(items: list[tuple[int, str, str]]) -> tuple[dict[int, SendRes
     sendable = []
     for forward_id, path, _ in items:
         try:
+            srfiles.ensure_final(path)  # its rename may be a moment behind its commit
             datasets.append(pydicom.dcmread(path))
             sendable.append(forward_id)
         except Exception as exc:
