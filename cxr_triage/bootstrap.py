@@ -95,6 +95,22 @@ class EscapingFormatter(logging.Formatter):
         return _CONTROL_BUT_NEWLINE.sub(_escaped, text).replace("\n", "\n    ")
 
 
+class PynetdicomConnectionNoise(logging.Filter):
+    """pynetdicom's records about a failing connection that the listener's guard (``cxr_triage.guard``) reports
+    itself, with the peer's address: a PDU cut short is not logged again, and an association dropped for its network
+    timeout is a WARNING (a peer's doing, not an error of this server)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "pynetdicom.dul" and str(record.msg).startswith("The received PDU is shorter than expected"):
+            return False
+        if record.name == "pynetdicom.association" and record.msg == "Network timeout reached":
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+PYNETDICOM_NOISE = PynetdicomConnectionNoise()
+
+
 def configure_logging(level: str, stream: TextIO | None = None) -> None:
     """The one place logging is set up (every command, and every worker process ``serve`` starts), to standard
     error unless ``stream`` is given."""
@@ -104,6 +120,11 @@ def configure_logging(level: str, stream: TextIO | None = None) -> None:
     logging.basicConfig(level=level, handlers=[handler], force=True)
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(logging.NOTSET if level == "DEBUG" else logging.WARNING)
+    for name in ("pynetdicom.dul", "pynetdicom.association"):
+        if level == "DEBUG":
+            logging.getLogger(name).removeFilter(PYNETDICOM_NOISE)
+        else:
+            logging.getLogger(name).addFilter(PYNETDICOM_NOISE)
 
 
 def upgrade_command(config_path: str | None) -> str:

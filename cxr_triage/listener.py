@@ -9,10 +9,21 @@ model run in the workers. Statuses, most specific first:
 * 0xA701 (Refused: out of resources): the instance could not be recorded in the database;
 * 0xA900 (Error: data set does not match SOP class): the dataset's SOP Class UID is not the context's;
 * 0xC210 (Error: cannot understand): the dataset cannot be parsed;
-* 0xC211 (Error: cannot understand): SOP Class, SOP Instance or Study Instance UID is missing or malformed.
+* 0xC211 (Error: cannot understand): SOP Class, SOP Instance or Study Instance UID is missing or malformed;
+* 0xC212 (Error: cannot understand): the dataset's SOP Instance UID is not the request's Affected SOP Instance
+  UID. PS3.4 B.2.3 has no status for this: 0xA900 names the SOP class (dcmtk's storescp answers it for both
+  mismatches, which tells the sender's operator the wrong thing), while the Cxxx range is the SCP's "cannot
+  understand" failure, not worth a retry unchanged; this listener's own code in that range says which.
 
 Instances refused for their content (a lateral view, not a chest, DX for processing) are stored and answered
 success: the worker records why, and the sender does not retry them forever.
+
+Connections reach pynetdicom through ``cxr_triage.guard``: a per-peer connection cap, a deadline for the
+A-ASSOCIATE-RQ, and every PDU's announced length checked before it is read. Memory per C-STORE is the dataset
+once (pynetdicom's receive buffer, parsed and spooled in place). pynetdicom's ``_config.STORE_RECV_CHUNKED_DATASET``
+would move that buffer to a temporary file, but in the system temporary folder (a tmpfs on many systems, so RAM
+all the same, and another file system than the spool, so a second full write instead of a rename), and for every
+AE in the process: it is not used.
 """
 
 from __future__ import annotations
@@ -40,11 +51,10 @@ from pynetdicom.sop_class import (
     SecondaryCaptureImageStorage,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from cxr_triage import db, files, jobqueue, spool
+from cxr_triage import db, files, guard, jobqueue, spool
 from cxr_triage.jobqueue import ReceivedInstance
 from cxr_triage.settings import ListenerSettings, StorageSettings
 
@@ -61,6 +71,8 @@ STATUS_NOT_RECORDED = 0xA701
 STATUS_SOP_CLASS_MISMATCH = 0xA900
 STATUS_CANNOT_PARSE = 0xC210
 STATUS_MISSING_UIDS = 0xC211
+STATUS_INSTANCE_MISMATCH = 0xC212
+"""The dataset's SOP Instance UID is not the request's Affected SOP Instance UID."""
 
 STORAGE_SOP_CLASSES: tuple[str, ...] = (
     ComputedRadiographyImageStorage,
@@ -199,6 +211,14 @@ class Receiver:
                 context_class,
             )
             return STATUS_SOP_CLASS_MISMATCH
+        if str(sop_instance).strip() != str(requested_uid or "").strip():
+            logger.error(
+                "SOP instance %s from AE %r: the dataset's SOP Instance UID is %s",
+                requested_uid,
+                event.assoc.requestor.ae_title,
+                sop_instance,
+            )
+            return STATUS_INSTANCE_MISMATCH
         with event.request.DataSet.getbuffer() as body:  # the dataset as received, not copied
             return self._store_received(event, ds, body)
 
@@ -354,7 +374,7 @@ class Listener:
         self.settings = listener
         self.receiver = receiver
         self.ae = build_ae(listener)
-        self.server: ThreadedAssociationServer | None = None
+        self.server: guard.GuardedServer | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -373,12 +393,18 @@ class Listener:
             (evt.EVT_REJECTED, _handle_rejected),
             (evt.EVT_ACCEPTED, _handle_accepted),
         ]
-        self.server = self.ae.start_server(
+        tls = self.settings.server_tls_context()
+        if tls is not None:
+            tls.sslsocket_class = guard.GuardedSSLSocket
+        self.server = self.ae.make_server(
             (self.settings.host, self.settings.port),
-            block=False,
             evt_handlers=handlers,
-            ssl_context=self.settings.server_tls_context(),
+            ssl_context=tls,
+            server_class=guard.GuardedServer,
+            request_handler=guard.GuardedRequestHandler,
+            guard=guard.ConnectionGuard(guard.ConnectionPolicy.from_settings(self.settings)),
         )
+        threading.Thread(target=self.server.serve_forever, name="cxr-listener-accept", daemon=True).start()
         host, port = self.address
         logger.info(
             "listening as AE %r on %s:%d%s",
@@ -391,11 +417,11 @@ class Listener:
     def stop(self, wait: float = 30.0) -> None:
         """Stop accepting associations and drain the open ones.
 
-        An association with no C-STORE in progress (a bare TCP connection from a health check or port scanner
-        that never sent a request, one still negotiating, or one idle between requests) is aborted at once: the
-        sender has been answered for everything it sent, and a request it sends now is not acknowledged, so it
-        retries later. An association receiving or handling a C-STORE gets up to ``wait`` seconds to answer it
-        and is aborted as soon as it is idle.
+        A connection that has not sent its A-ASSOCIATE-RQ yet (a health check or port scanner) is closed by the
+        server's shutdown. An association with no C-STORE in progress (one still negotiating, or one idle between
+        requests) is aborted at once: the sender has been answered for everything it sent, and a request it sends
+        now is not acknowledged, so it retries later. An association receiving or handling a C-STORE gets up to
+        ``wait`` seconds to answer it and is aborted as soon as it is idle.
         """
         if self.server is None:
             return

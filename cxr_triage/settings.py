@@ -58,6 +58,8 @@ class ListenerSettings:
     acse_timeout: float = 30.0
     dimse_timeout: float = 30.0
     network_timeout: float = 60.0
+    association_request_timeout: float = 5.0
+    max_connections_per_peer: int = 4
     allowed_calling_aes: tuple[str, ...] = ()
     require_called_ae: bool = True
     tls_enabled: bool = False
@@ -78,9 +80,11 @@ class ListenerSettings:
             raise ValueError(f"max_associations = {self.max_associations}: must be >= 1")
         if self.max_pdu < 0:
             raise ValueError(f"max_pdu = {self.max_pdu}: must be >= 0 (0 = unlimited)")
-        for name in ("acse_timeout", "dimse_timeout", "network_timeout"):
+        for name in ("acse_timeout", "dimse_timeout", "network_timeout", "association_request_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} = {getattr(self, name)}: must be > 0")
+        if self.max_connections_per_peer < 1:
+            raise ValueError(f"max_connections_per_peer = {self.max_connections_per_peer}: must be >= 1")
         if self.tls_enabled and (not self.tls_certificate or not self.tls_private_key):
             raise ValueError("tls_enabled needs tls_certificate and tls_private_key")
 
