@@ -180,6 +180,8 @@ class PredictionRecord(Base):
     device: Mapped[str] = mapped_column(String(32))
     precision: Mapped[str | None] = mapped_column(String(16))
     """``float32`` or ``bfloat16`` (``cxr_triage.precision``); null for predictions made before it was recorded."""
+    typicality: Mapped[float | None] = mapped_column(Float)
+    """The typicality gate's score (``cxr_triage.gate``); null when no gate ran."""
     created_at: Mapped[dt.datetime]
 
     instance: Mapped[Instance] = relationship(back_populates="predictions")
@@ -195,6 +197,8 @@ class RefusalRecord(Base):
     code: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str] = mapped_column(Text)
     attribute: Mapped[str | None] = mapped_column(String(64))
+    typicality: Mapped[float | None] = mapped_column(Float)
+    """The typicality gate's score when the gate refused the image (code ``atypical``)."""
     created_at: Mapped[dt.datetime]
 
     instance: Mapped[Instance] = relationship(back_populates="refusals")
