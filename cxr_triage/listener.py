@@ -29,6 +29,7 @@ AE in the process: it is not used.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -189,8 +190,8 @@ class Receiver:
             sop_class = ds.get("SOPClassUID")
             sop_instance = ds.get("SOPInstanceUID")
             study_uid = ds.get("StudyInstanceUID")
-        except Exception:
-            logger.exception("cannot parse the dataset of SOP instance %s", requested_uid)
+        except Exception as exc:
+            logger.error("cannot parse the dataset of SOP instance %s: %s", requested_uid, parse_error(exc))
             return STATUS_CANNOT_PARSE
         context_class = event.context.abstract_syntax
         if not sop_class or not _uid_ok(sop_instance) or not _uid_ok(study_uid):
@@ -287,6 +288,14 @@ class Receiver:
                 outcome.instance_id,
             )
         return STATUS_SUCCESS
+
+
+def parse_error(exc: BaseException) -> str:
+    """What stopped the parse (the exception's type, and the tag pydicom names), without its message: pydicom
+    quotes the bytes it choked on, which may be a patient's name."""
+    tags = re.findall(r"\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)", " ".join(str(e) for e in (exc, exc.__cause__) if e))
+    where = f" in element {tags[-1]}" if tags else ""
+    return f"{type(exc).__name__}{where} (the values are not logged: they may be patient data)"
 
 
 def read_header(event: Event) -> Dataset:

@@ -101,6 +101,30 @@ def _refuse(code: str, keyword: str | None, message: str) -> Refusal:
     return Refusal(code=code, reason=f"{_tag(keyword)} {message}" if keyword else message, attribute=keyword)
 
 
+class _NotAnInteger(ValueError):
+    """A header attribute that must be one integer and is not (text, several values); refused as ``code``."""
+
+    def __init__(self, code: str, keyword: str, value: Any) -> None:
+        super().__init__(f"is {value!r}: expected one integer")
+        self.code, self.keyword = code, keyword
+
+
+def _integer(ds: Dataset, keyword: str, default: int, code: str) -> int:
+    """The attribute's value as one integer, ``default`` when it is absent or empty; ``_NotAnInteger`` when a
+    peer sent something else (a US of four bytes is two values, an IS may hold any text)."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return default
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:
+            number = float(value)
+            if number.is_integer():
+                return int(number)
+        except (ValueError, OverflowError):
+            pass
+    raise _NotAnInteger(code, keyword, value)
+
+
 def check_header(ds: Dataset) -> tuple[Refusal | None, tuple[str, ...]]:
     """Step 1: decide from the header alone whether this is a frontal chest radiograph we can decode.
 
@@ -112,7 +136,10 @@ def check_header(ds: Dataset) -> tuple[Refusal | None, tuple[str, ...]]:
     refusal, notes = _check_anatomy(ds)
     if refusal:
         return refusal, ()
-    refusal = _check_pixels(ds)
+    try:
+        refusal = _check_pixels(ds)
+    except _NotAnInteger as exc:
+        return _refuse(exc.code, exc.keyword, str(exc)), ()
     return refusal, (() if refusal else notes)
 
 
@@ -177,21 +204,22 @@ def _check_pixels(ds: Dataset) -> Refusal | None:
             "PhotometricInterpretation",
             f"is {photometric or 'missing'!r}: only greyscale images are classified",
         )
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    samples = _integer(ds, "SamplesPerPixel", 1, "colour") or 1
     if samples != 1:
         return _refuse("colour", "SamplesPerPixel", f"is {samples}: only single-sample greyscale is classified")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _integer(ds, "NumberOfFrames", 1, "multiframe") or 1
     if frames != 1:
         return _refuse("multiframe", "NumberOfFrames", f"is {frames}: only single-frame images are classified")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    rows, cols = _integer(ds, "Rows", 0, "dimensions"), _integer(ds, "Columns", 0, "dimensions")
     if rows <= 0 or cols <= 0:
         return _refuse("dimensions", "Rows", f"x Columns is {rows}x{cols}: the image is empty")
     if rows > MAX_SIDE or cols > MAX_SIDE or rows * cols > MAX_PIXELS:
         return _refuse(
             "dimensions", "Rows", f"x Columns is {rows}x{cols}: larger than {MAX_SIDE} a side or {MAX_PIXELS:,} pixels"
         )
-    bits_allocated = int(ds.get("BitsAllocated", 0) or 0)
-    bits_stored = int(ds.get("BitsStored", bits_allocated) or 0)
+    bits_allocated = _integer(ds, "BitsAllocated", 0, "bit_depth")
+    bits_stored = _integer(ds, "BitsStored", 0, "bit_depth") if "BitsStored" in ds else bits_allocated
+    _integer(ds, "PixelRepresentation", 0, "bit_depth")  # read when the pixels are decoded
     if bits_allocated not in (8, 16) or not 1 <= bits_stored <= bits_allocated:
         return _refuse(
             "bit_depth", "BitsAllocated", f"is {bits_allocated} with BitsStored {bits_stored}: expected 8 or 16 bits"
@@ -270,7 +298,7 @@ def _value_domain(ds: Dataset) -> tuple[np.ndarray, np.dtype]:
     """
     bits_allocated = int(ds.BitsAllocated)
     bits_stored = int(ds.get("BitsStored", bits_allocated))
-    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    signed = _integer(ds, "PixelRepresentation", 0, "bit_depth") == 1
     values = np.arange(2**bits_allocated, dtype=np.int64) & (2**bits_stored - 1)
     if signed:
         values = np.where(values >= 2 ** (bits_stored - 1), values - 2**bits_stored, values)
@@ -459,6 +487,13 @@ def prepare_dataset(ds: Dataset) -> PreparedImage | Refusal:
         except Exception as exc:  # pydicom and the pylibjpeg plugins raise many types for bad data
             logger.debug("decoding %s failed", sop_instance_uid, exc_info=True)
             refusal = _refuse("undecodable", "PixelData", f"cannot be decoded: {type(exc).__name__}: {exc}")
+        except BaseException as exc:
+            # pylibjpeg-rle (Rust) panics on some corrupt RLE data, and pyo3's PanicException is a BaseException:
+            # uncaught, it killed the worker process at each retry of the same file and stopped the whole queue.
+            if type(exc).__name__ != "PanicException":
+                raise
+            logger.debug("decoding %s made the decoder panic", sop_instance_uid, exc_info=True)
+            refusal = _refuse("undecodable", "PixelData", f"cannot be decoded: the decoder failed: {exc}")
     if refusal is not None:
         return replace(refusal, sop_instance_uid=sop_instance_uid)
     return PreparedImage(

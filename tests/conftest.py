@@ -56,7 +56,12 @@ def config_values(tmp: Path, model: Path | None, **overrides: dict[str, Any]) ->
     values = {k: dict(v) for k, v in load_config(None, environ={}).values.items()}
     base: dict[str, dict[str, Any]] = {
         "listener": {"ae_title": AE_TITLE, "host": "127.0.0.1", "port": free_port(), "acse_timeout": 10},
-        "storage": {"spool_dir": str(tmp / "spool"), "sr_dir": str(tmp / "sr"), "min_free_mb": 1},
+        "storage": {
+            "spool_dir": str(tmp / "spool"),
+            "sr_dir": str(tmp / "sr"),
+            "thumbnail_dir": str(tmp / "thumbnails"),
+            "min_free_mb": 1,
+        },
         "database": {"url": f"sqlite:///{tmp / 'db' / 'cxr.sqlite'}"},
         "model": {"path": str(model) if model else str(tmp / "no-model.pt"), "device": "cpu", "batch_size": 8},
         "worker": {"processes": 0, "poll_interval": 0.1, "study_quiet_seconds": 0, "claim_batch": 8},

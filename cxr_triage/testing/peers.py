@@ -546,19 +546,32 @@ class PostgresCluster:
                 ),
                 "initdb",
             )
-            options = (
-                f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root} "
-                "-c fsync=off -c max_connections=50"
-            )
-            argv = [_pg_tool("pg_ctl"), "-D", str(data), "-l", str(self.log), "-w", "-t", "60", "-o", options, "start"]
-            self._run(self._as_owner(argv), "pg_ctl start")
-            self.started = True
+            self.start_server()
             createdb = [_pg_tool("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, self.database]
             self._run(createdb, "createdb")
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def start_server(self) -> None:
+        """Start the cluster's server (again, after ``stop_server``) and wait until it accepts connections."""
+        assert self.root is not None
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root} "
+            "-c fsync=off -c max_connections=50"
+        )
+        data = self.root / "data"
+        argv = [_pg_tool("pg_ctl"), "-D", str(data), "-l", str(self.log), "-w", "-t", "60", "-o", options, "start"]
+        self._run(self._as_owner(argv), "pg_ctl start")
+        self.started = True
+
+    def stop_server(self) -> None:
+        """Stop the server as an outage would (fast shutdown: open connections are cut), keeping its data."""
+        assert self.root is not None
+        argv = [_pg_tool("pg_ctl"), "-D", str(self.root / "data"), "-m", "fast", "-w", "-t", "60", "stop"]
+        self._run(self._as_owner(argv), "pg_ctl stop")
+        self.started = False
 
     def __exit__(self, *exc: object) -> None:
         if self.root is None:
@@ -611,6 +624,16 @@ def example_config(name: str, overrides: Mapping[str, Mapping[str, Any]]) -> dic
         sections: dict[str, dict[str, Any]] = tomllib.load(fh)
     for section, values in overrides.items():
         sections.setdefault(section, {}).update(values)
+    return sections
+
+
+def gate_off(sections: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``sections`` with the typicality gate turned off, where this release has one (a ``[gate]`` table in the
+    defaults): the synthetic phantoms of the tests and benchmarks are not chest radiographs to it."""
+    from cxr_triage.config import load_config
+
+    if "gate" in load_config(None, environ={}).values:
+        sections.setdefault("gate", {})["enabled"] = False
     return sections
 
 
