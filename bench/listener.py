@@ -496,7 +496,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         "model": {"path": str(model_path), "device": device},
         "worker": {"processes": args.workers},
     }
-    config = peers.write_config(workdir / "bench.toml", sections)
+    config = peers.write_config(workdir / "bench.toml", peers.gate_off(sections))
     cfg = load_settings(config, environ={})
     batch_size = cfg.model.batch_size
     print(

@@ -346,7 +346,7 @@ def serve_setup(
         sections["forward"] = {
             "destinations": [{"ae_title": forward_to[0], "host": "127.0.0.1", "port": forward_to[1]}]
         }
-    config = peers.write_config(folder / "cxr-triage.toml", sections)
+    config = peers.write_config(folder / "cxr-triage.toml", peers.gate_off(sections))
     return ServeSetup(config, port, url, load_settings(config, environ={}))
 
 

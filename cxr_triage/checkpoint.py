@@ -37,12 +37,16 @@ class ModelCard:
     model_version: str = "unversioned"
     preprocessing_version: str = PREPROCESSING_VERSION
     provenance: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0
+    """Temperature scaling fitted on the validation split: probabilities are ``softmax(logits / temperature)``."""
 
     def __post_init__(self) -> None:
         if len(self.class_names) != self.spec.num_classes:
             raise CheckpointError(
                 f"{len(self.class_names)} class names for a model with {self.spec.num_classes} outputs"
             )
+        if not (0.05 <= self.temperature <= 20.0):
+            raise CheckpointError(f"temperature {self.temperature} is outside 0.05..20")
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ def save_classifier(
         "model_version": card.model_version,
         "preprocessing_version": card.preprocessing_version,
         "provenance": card.provenance,
+        "temperature": float(card.temperature),
         "state_dict": state,
     }
     buf = io.BytesIO()
@@ -103,6 +108,7 @@ def load_classifier(path: str | os.PathLike[str], map_location: str | torch.devi
         model_version=str(payload["model_version"]),
         preprocessing_version=str(payload["preprocessing_version"]),
         provenance=dict(payload.get("provenance") or {}),
+        temperature=float(payload.get("temperature", 1.0)),  # checkpoints written before calibration have none
     )
     if card.preprocessing_version != PREPROCESSING_VERSION:
         raise CheckpointError(

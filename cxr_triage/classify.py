@@ -1,7 +1,9 @@
 """``cxr-triage classify``: classify DICOM, PNG or JPEG files (or folders of them) from the command line.
 
 One line per input, in input order, JSON with ``--json`` (keys ``path``, ``sop_instance_uid``, ``status``,
-``label``, ``probabilities``, ``reason``, ``model_version``, ``precision``). Refusals and per-file errors are lines
+``label``, ``probabilities``, ``reason``, ``model_version``, ``precision``, ``typicality``). Images the typicality
+gate (``cxr_triage.gate``, ``[gate]`` settings) finds unlike a chest radiograph are refused with code ``atypical``
+(``--no-gate`` turns it off). Refusals and per-file errors are lines
 too, so the exit status is 0 whenever every input got a line; it is non-zero only when the command itself
 cannot run (no model, a path on the command line that does not exist).
 """
@@ -13,11 +15,13 @@ import json
 import logging
 import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from cxr_triage.bootstrap import CommandError, Context, run_command
 from cxr_triage.checkpoint import CheckpointError, load_classifier, resolve_model_path
+from cxr_triage.gate import REFUSAL_CODE, GateError, TypicalityGate, gate_from_settings
 from cxr_triage.inference import Predictor
 from cxr_triage.precision import PRECISIONS
 from cxr_triage.preprocess import PreparedImage, Refusal, prepare_path
@@ -42,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=PRECISIONS,
         help="auto (the default): bf16 on CUDA and on CPUs with bf16 in hardware, float32 elsewhere",
     )
+    parser.add_argument(
+        "--gate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="refuse images unlike a chest radiograph (default: [gate] enabled, on)",
+    )
 
 
 def iter_inputs(paths: Iterable[Path]) -> Iterator[Path]:
@@ -57,7 +67,12 @@ def iter_inputs(paths: Iterable[Path]) -> Iterator[Path]:
 
 
 def result_record(
-    path: Path, outcome: PreparedImage | Refusal | Exception, prediction: Any, model_version: str, precision: str
+    path: Path,
+    outcome: PreparedImage | Refusal | Exception,
+    prediction: Any,
+    model_version: str,
+    precision: str,
+    typicality: float | None = None,
 ) -> dict[str, Any]:
     record: dict[str, Any] = {
         "path": str(path),
@@ -68,6 +83,7 @@ def result_record(
         "reason": None,
         "model_version": model_version,
         "precision": None,
+        "typicality": typicality,
     }
     if isinstance(outcome, PreparedImage):
         record["precision"] = precision
@@ -90,7 +106,8 @@ def format_result(record: dict[str, Any], as_json: bool) -> str:
         return json.dumps(record, sort_keys=False)
     if record["status"] == "ok":
         probs = " ".join(f"{k}={v:.3f}" for k, v in record["probabilities"].items())
-        return f"{record['path']}\tok\t{record['label']}\t{probs}"
+        typicality = "" if record["typicality"] is None else f"\ttypicality={record['typicality']:.2f}"
+        return f"{record['path']}\tok\t{record['label']}\t{probs}{typicality}"
     return f"{record['path']}\t{record['status']}\t{record['reason']}"
 
 
@@ -102,18 +119,37 @@ def _prepare(path: Path) -> PreparedImage | Refusal | Exception:
         return exc
 
 
-def classify_paths(paths: list[Path], predictor: Predictor, out: TextIO, as_json: bool) -> int:
-    """Classify every input, writing a line each; returns the number of lines written."""
+def screened(
+    pending: list[tuple[Path, PreparedImage | Refusal | Exception]], gate: TypicalityGate | None
+) -> list[tuple[Path, PreparedImage | Refusal | Exception, float | None]]:
+    """``pending`` with the gate's score of each prepared image, and those it refuses turned into refusals."""
+    ready = [o for _, o in pending if isinstance(o, PreparedImage)]
+    scores = iter(gate.scores([o.tensor for o in ready]) if gate is not None and ready else [])
+    out: list[tuple[Path, PreparedImage | Refusal | Exception, float | None]] = []
+    for path, outcome in pending:
+        score = next(scores) if gate is not None and isinstance(outcome, PreparedImage) else None
+        if gate is not None and score is not None and gate.refuses(score):
+            assert isinstance(outcome, PreparedImage)
+            outcome = Refusal(REFUSAL_CODE, gate.reason(score), None, outcome.sop_instance_uid)
+        out.append((path, outcome, score))
+    return out
+
+
+def classify_paths(
+    paths: list[Path], predictor: Predictor, out: TextIO, as_json: bool, gate: TypicalityGate | None = None
+) -> int:
+    """Classify every input (screened by ``gate`` when given), writing a line each; returns the lines written."""
     written = 0
     pending: list[tuple[Path, PreparedImage | Refusal | Exception]] = []
 
     def flush() -> None:
         nonlocal written
-        ready = [o for _, o in pending if isinstance(o, PreparedImage)]
+        items = screened(pending, gate)
+        ready = [o for _, o, _ in items if isinstance(o, PreparedImage)]
         predictions = iter(predictor.predict([o.tensor for o in ready]) if ready else [])
-        for path, outcome in pending:
+        for path, outcome, score in items:
             prediction = next(predictions) if isinstance(outcome, PreparedImage) else None
-            record = result_record(path, outcome, prediction, predictor.model_version, predictor.precision)
+            record = result_record(path, outcome, prediction, predictor.model_version, predictor.precision, score)
             print(format_result(record, as_json), file=out)
             written += 1
         out.flush()
@@ -143,7 +179,14 @@ def _classify(args: argparse.Namespace, context: Context) -> int:
         batch_size=args.batch_size or model.batch_size,
         precision=args.precision or model.precision,
     )
-    classify_paths(list(args.paths), predictor, sys.stdout, args.json)
+    gate_settings = context.settings.gate
+    if args.gate is not None:
+        gate_settings = replace(gate_settings, enabled=args.gate)
+    try:
+        gate = gate_from_settings(gate_settings, predictor.device)
+    except GateError as exc:
+        raise CommandError(f"{exc} (or run with --no-gate)") from exc
+    classify_paths(list(args.paths), predictor, sys.stdout, args.json, gate)
     return 0
 
 

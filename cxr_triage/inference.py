@@ -3,6 +3,7 @@
 The precision (``cxr_triage.precision``) is bf16 autocast where the hardware computes bf16, float32 elsewhere,
 channels-last on both devices; ``Predictor.precision`` says which one ran. In bf16 the encoder's convolutions but
 the first (nearly all the work) run in bf16; the first convolution and the classification head run in float32.
+The logits are divided by the checkpoint's temperature (fitted on the validation split) before the softmax.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class Predictor:
         return self.loaded.card.class_names
 
     @property
+    def temperature(self) -> float:
+        return self.loaded.card.temperature
+
+    @property
     def model_version(self) -> str:
         return self.loaded.card.model_version
 
@@ -67,7 +72,7 @@ class Predictor:
             x = batch[start : start + self.batch_size].to(self.device, non_blocking=True)
             x = x.contiguous(memory_format=torch.channels_last)
             logits = self.model.head(self._sequence(x).float())
-            outputs.append(torch.softmax(logits.float(), dim=1).cpu())
+            outputs.append(torch.softmax(logits.float() / self.temperature, dim=1).cpu())
         return torch.cat(outputs) if outputs else torch.empty(0, len(self.class_names))
 
     def _sequence(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from cxr_triage.studies import flag_for
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
+    from cxr_triage.gate import TypicalityGate
     from cxr_triage.inference import Prediction, Predictor
     from cxr_triage.preprocess import PreparedImage, Refusal
 
@@ -54,6 +55,7 @@ class Classified:
     flag_reason: str | None
     model: Predictor  # the predictor that ran, even if a new model was loaded meanwhile
     thumbnail: bytes | None = None
+    typicality: float | None = None  # the gate's score; None when no gate ran
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class Refused:
 
     job: ClaimedJob
     refusal: Refusal
+    typicality: float | None = None  # set when the typicality gate refused the image
 
 
 @dataclass(frozen=True)
@@ -108,19 +111,43 @@ def preprocess(jobs: Sequence[ClaimedJob], stop: threading.Event) -> tuple[list[
     return outcomes, prepared
 
 
-def classify(prepared: Sequence[Prepared], predictor: Predictor, triage: TriageSettings) -> list[Outcome]:
-    """Run the model on ``prepared`` in one call; an inference error fails every job of the call."""
+def screen(prepared: Sequence[Prepared], gate: TypicalityGate) -> tuple[list[Outcome], list[tuple[Prepared, float]]]:
+    """The typicality gate's verdict on ``prepared``: refusals, and the images that go on with their scores."""
+    from cxr_triage.gate import REFUSAL_CODE
+    from cxr_triage.preprocess import Refusal
+
+    outcomes: list[Outcome] = []
+    passed: list[tuple[Prepared, float]] = []
+    for item, score in zip(prepared, gate.scores([p.image.tensor for p in prepared]), strict=True):
+        if gate.refuses(score):
+            refusal = Refusal(REFUSAL_CODE, gate.reason(score), None, item.image.sop_instance_uid)
+            outcomes.append(Refused(item.job, refusal, score))
+        else:
+            passed.append((item, score))
+    return outcomes, passed
+
+
+def classify(
+    prepared: Sequence[Prepared], predictor: Predictor, triage: TriageSettings, gate: TypicalityGate | None = None
+) -> list[Outcome]:
+    """Screen ``prepared`` with the gate, then run the model on the rest in one call; an error in either fails
+    every job of the call."""
     if not prepared:
         return []
+    outcomes: list[Outcome] = []
     try:
         started = time.perf_counter()
-        predictions = predictor.predict([p.image.tensor for p in prepared])
+        if gate is None:
+            passed: list[tuple[Prepared, float | None]] = [(p, None) for p in prepared]
+        else:
+            outcomes, screened = screen(prepared, gate)
+            passed = list(screened)
+        predictions = predictor.predict([p.image.tensor for p, _ in passed]) if passed else []
         inference_ms = (time.perf_counter() - started) * 1000.0 / len(prepared)
     except Exception as exc:
         logger.exception("inference failed for jobs %s", [p.job.id for p in prepared])
         return [Failed.of(p.job, exc) for p in prepared]
-    outcomes: list[Outcome] = []
-    for item, prediction in zip(prepared, predictions, strict=True):
+    for (item, typicality), prediction in zip(passed, predictions, strict=True):
         flagged, reason = flag_for(prediction.probabilities, triage)
         outcomes.append(
             Classified(
@@ -133,6 +160,7 @@ def classify(prepared: Sequence[Prepared], predictor: Predictor, triage: TriageS
                 reason,
                 predictor,
                 item.thumbnail,
+                typicality,
             )
         )
     return outcomes

@@ -318,6 +318,7 @@ class Recorder:
                 code=refusal.code,
                 reason=refusal.reason,
                 attribute=refusal.attribute,
+                typicality=outcome.typicality,
                 created_at=now,
             )
         )
@@ -346,6 +347,7 @@ class Recorder:
                 total_ms=outcome.preprocess_ms + outcome.inference_ms,
                 device=str(predictor.device),
                 precision=predictor.precision,
+                typicality=outcome.typicality,
                 created_at=now,
             )
         )

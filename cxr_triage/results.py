@@ -2,7 +2,8 @@
 
 Keys: ``path`` (the spool file), ``sop_instance_uid``, ``status`` (``ok``, ``rejected``, ``error``, or ``queued``
 / ``processing`` while pending), ``label``, ``probabilities`` {covid, normal, pneumonia}, ``reason``,
-``model_version`` and ``precision`` (``float32`` or ``bfloat16``), as ``classify --json`` has them; plus
+``model_version``, ``precision`` (``float32`` or ``bfloat16``) and ``typicality`` (the typicality gate's score, on
+classified and gate-refused instances), as ``classify --json`` has them; plus
 ``study_instance_uid``, ``received_at``, ``completed_at``, ``sr_sop_instance_uid``, ``flagged`` and
 ``spool_removed_at`` (when the retention policy deleted the spool file ``path``; null while it is kept), in order
 of arrival.
@@ -96,7 +97,9 @@ def _records_query(study: str | None, since: dt.datetime | None) -> Select[Any]:
             db.PredictionRecord.probabilities,
             db.PredictionRecord.model_version,
             db.PredictionRecord.precision,
+            db.PredictionRecord.typicality,
             db.RefusalRecord.reason.label("refusal_reason"),
+            db.RefusalRecord.typicality.label("refusal_typicality"),
             db.SRDocument.sop_instance_uid.label("sr_sop_instance_uid"),
         )
         .outerjoin(latest_prediction, latest_prediction.c.instance_id == instance.id)
@@ -138,6 +141,7 @@ def _record(row: Any) -> dict[str, Any]:
         "reason": _reason(row),
         "model_version": row.model_version if predicted else None,
         "precision": row.precision if predicted else None,
+        "typicality": row.typicality if predicted else row.refusal_typicality,
         "study_instance_uid": row.study_instance_uid,
         "received_at": _iso(row.received_at),
         "completed_at": _iso(row.completed_at),

@@ -205,6 +205,19 @@ class ForwardSettings:
     """``[forward]``: where the Structured Reports go, and how failures are retried."""
 
     destinations: tuple[Destination, ...] = ()
+@dataclass(frozen=True)
+class GateSettings:
+    """``[gate]``: the typicality gate that refuses images unlike a chest radiograph (``cxr_triage.gate``)."""
+
+    enabled: bool = True
+    path: str = ""
+    false_refusal_rate: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.false_refusal_rate < 0.5:
+            raise ValueError(f"false_refusal_rate = {self.false_refusal_rate}: must be between 0 and 0.5")
+
+
     calling_ae_title: str = "CXR_TRIAGE"
     max_attempts: int = 5
     backoff_seconds: float = 30.0
@@ -476,3 +489,5 @@ def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[s
     """Defaults, then the file at ``path`` (if any), then the environment, as checked ``Settings``."""
     config = load_config(path, environ)
     return Settings.from_values(config.values, config.source)
+    gate: GateSettings = field(default_factory=GateSettings)
+            gate=_from_table(GateSettings, "gate", values.get("gate", {})),

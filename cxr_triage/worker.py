@@ -116,6 +116,10 @@ class Worker:
         self.stop = threading.Event()
         self.wake = wake
         self.models = ModelStore(settings.model, self.sessions)
+        from cxr_triage.gate import gate_from_settings
+        from cxr_triage.inference import pick_device
+
+        self.gate = gate_from_settings(settings.gate, pick_device(settings.model.device))
         self.recorder = Recorder(
             self.sessions,
             self.worker_id,
@@ -250,7 +254,7 @@ class Worker:
                 break  # what is not recorded stays claimed by us and is released when the loop ends
             if index + 1 < len(chunks):
                 ahead = self._preparing.submit(pipeline.preprocess, chunks[index + 1], self.stop)
-            outcomes += pipeline.classify(prepared, predictor, self.settings.triage)
+            outcomes += pipeline.classify(prepared, predictor, self.settings.triage, self.gate)
             if outcomes:
                 self._hand_to_recorder(outcomes)
 

@@ -98,8 +98,9 @@ def test_the_runtime_never_imports_training() -> None:
 
 
 TRAINING_MAY_USE = {"cxr_triage", "cxr_triage.model", "cxr_triage.imaging", "cxr_triage.checkpoint",
-                    "cxr_triage.precision", "cxr_triage.files"}  # fmt: skip
-"""What the training package shares with the runtime: the model, the last pixel steps, checkpoints, precision."""
+                    "cxr_triage.precision", "cxr_triage.files", "cxr_triage.gate"}  # fmt: skip
+"""What the training package shares with the runtime: the model, the last pixel steps, checkpoints, precision, and
+the typicality gate's features (fitted by ``training.gate`` with the code the runtime scores with)."""
 
 
 def test_training_shares_only_the_model_pixels_and_checkpoints_with_the_runtime() -> None:

@@ -45,8 +45,10 @@ def test_the_shipped_file_is_intact_fp16_small_and_versioned() -> None:
     assert {t.dtype for t in raw["state_dict"].values() if t.is_floating_point()} == {torch.float16}
     loaded = load_classifier(BUNDLED_MODEL)
     assert loaded.sha256 == recorded
-    assert loaded.card.model_version == "cae-lstm-w16-cpu-1"
+    assert loaded.card.model_version == "cae-lstm-w16-cpu-1-cal"
+    assert loaded.card.temperature == pytest.approx(1.0918, abs=1e-3)  # fitted on the validation split
     prov = loaded.card.provenance
+    assert prov["calibration"]["uncalibrated_sha256"].startswith("ff9ac8067b97")
     assert {"command", "config", "counts", "history", "wall_seconds", "test"} <= set(prov)
     assert prov["config"]["width"] == 16 and loaded.card.class_names == CLASS_NAMES
 
@@ -58,7 +60,8 @@ def test_classify_uses_the_shipped_model_on_the_five_shared_files(capsys: pytest
     assert len(dicom) == 5
     for record in dicom:
         assert record["status"] == "ok", record
-        assert record["model_version"] == "cae-lstm-w16-cpu-1"
+        assert record["model_version"] == "cae-lstm-w16-cpu-1-cal"
+        assert record["typicality"] is not None
         assert record["precision"] in ("float32", "bfloat16")
         assert abs(sum(record["probabilities"].values()) - 1.0) < 1e-4
         assert record["label"] == max(record["probabilities"], key=record["probabilities"].get)

@@ -101,7 +101,7 @@ def _config(workdir: Path, model: Path) -> tuple[Path, int]:
     }
     for section, table in overrides.items():
         values.setdefault(section, {}).update(table)
-    return peers.write_config(workdir / "cxr.toml", values), port
+    return peers.write_config(workdir / "cxr.toml", peers.gate_off(values)), port
 
 
 def _burst(folder: Path, start: int, count: int) -> dict[Path, str]:

@@ -207,6 +207,7 @@ def study_detail(session: Session, uid: str, web: WebSettings) -> dict[str, Any]
             "label": predictions[i.id].label if i.id in predictions else None,
             "probabilities": predictions[i.id].probabilities if i.id in predictions else None,
             "model_version": predictions[i.id].model_version if i.id in predictions else None,
+            "typicality": _typicality(predictions.get(i.id), refusals.get(i.id)),
             "reason": refusals[i.id].reason if i.id in refusals else i.error,
             "sr_sop_instance_uids": srs.get(i.id, []),
             "thumbnail": i.thumbnail_path is not None and Path(i.thumbnail_path).is_file(),
@@ -216,6 +217,13 @@ def study_detail(session: Session, uid: str, web: WebSettings) -> dict[str, Any]
     ]
     record["feedback"] = [feedback_record(f, uid) for f in study.feedback]
     return record
+
+
+def _typicality(prediction: db.PredictionRecord | None, refusal: db.RefusalRecord | None) -> float | None:
+    """The typicality gate's score of an instance: from its prediction, else from the gate's refusal."""
+    if prediction is not None:
+        return prediction.typicality
+    return refusal.typicality if refusal is not None else None
 
 
 def thumbnail_path(session: Session, instance_id: int) -> Path | None:

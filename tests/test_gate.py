@@ -1,0 +1,226 @@
+"""The typicality gate: its statistics, its file, its threshold, and its verdicts in ``classify`` and the worker.
+
+Unit tests fit tiny gates (width 4) on synthetic images; the shipped gate is checked on the shared real chest
+DICOMs (they pass) and on images that are not chest radiographs (they are refused).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from cxr_triage.gate import (
+    BUNDLED_GATE,
+    REFUSAL_CODE,
+    Autoencoder,
+    GateError,
+    GaussianModel,
+    TypicalityGate,
+    ledoit_wolf,
+    load_gate,
+    save_gate,
+)
+from cxr_triage.imaging import to_model_input
+from cxr_triage.preprocess import PreparedImage, prepare_path
+from training.gate import fit_gate
+
+SHARED_DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom"
+
+
+def blobs(n: int, seed: int) -> torch.Tensor:
+    """(n, 224, 224) uint8 smooth 'radiograph-like' images: two dark ovals on a bright, noisy background."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 224), torch.linspace(-1, 1, 224), indexing="ij")
+    out = []
+    for _ in range(n):
+        dx, dy, r = (torch.rand(3, generator=g) * 0.1).tolist()
+        lungs = ((((xx + 0.45 + dx) / 0.3) ** 2 + ((yy + dy) / (0.6 + r)) ** 2) < 1) | (
+            (((xx - 0.45 - dx) / 0.3) ** 2 + ((yy + dy) / (0.6 + r)) ** 2) < 1
+        )
+        image = 0.8 - 0.5 * lungs.float() + 0.03 * torch.randn(224, 224, generator=g)
+        out.append((image.clamp(0, 1) * 255).round().to(torch.uint8))
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def tiny_gate() -> TypicalityGate:
+    torch.manual_seed(0)
+    network = Autoencoder(4)
+    return fit_gate(network, blobs(96, 1), blobs(40, 2), batch_size=32, rank=32, version="tiny-gate")
+
+
+def test_ledoit_wolf_shrinks_a_noisy_covariance_towards_a_scaled_identity() -> None:
+    z = torch.randn(50, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cov, shrinkage = ledoit_wolf(z)
+    assert 0.0 < shrinkage <= 1.0
+    assert torch.allclose(cov, cov.T)
+    assert float(torch.linalg.eigvalsh(cov).min()) > 0  # 50 samples of 40 dims: the raw covariance is near singular
+
+
+def test_mahalanobis_distance_grows_with_distance_from_the_training_features() -> None:
+    g = torch.Generator().manual_seed(1)
+    features = torch.randn(500, 20, generator=g) * torch.linspace(0.5, 3, 20)
+    model = GaussianModel.fit(features, rank=8)
+    inside = model.distance(features[:100]).mean()
+    outside = model.distance(features[:100] + 6 * torch.linspace(0.5, 3, 20)).mean()
+    assert 10 < float(inside) < 40  # about the dimension (20) for points of the fitted distribution
+    assert float(outside) > 10 * float(inside)
+    with pytest.raises(GateError):
+        GaussianModel(torch.zeros(3), torch.ones(3), torch.zeros(3, 2), torch.ones(2), 0.0)
+
+
+def test_threshold_is_the_validation_quantile_of_the_false_refusal_rate(tiny_gate: TypicalityGate) -> None:
+    scores = tiny_gate.validation_scores
+    for rate in (0.01, 0.05, 0.2):
+        gate = TypicalityGate(
+            tiny_gate.network, tiny_gate.gaussians, tiny_gate.scales, scores, rate, outlier=tiny_gate.outlier
+        )
+        refused = float((scores > gate.threshold).float().mean())
+        step = 1.0 / scores.numel()  # the quantile interpolates between stored scores
+        assert rate - step - 1e-9 <= refused <= rate + step + 1e-9
+    with pytest.raises(GateError):
+        TypicalityGate(tiny_gate.network, tiny_gate.gaussians, tiny_gate.scales, scores, 0.7, outlier=tiny_gate.outlier)
+    with pytest.raises(GateError, match="scales for"):
+        TypicalityGate(tiny_gate.network, tiny_gate.gaussians, tiny_gate.scales, scores)  # the outlier model is missing
+
+
+def test_tiny_gate_refuses_noise_and_inverted_images_and_passes_its_own_kind(tiny_gate: TypicalityGate) -> None:
+    typical = [to_model_input(x.float() / 255) for x in blobs(20, 3)]
+    noise = [torch.rand(3, 224, 224, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    inverted = [1.0 - x for x in typical[:5]]
+    ok = tiny_gate.scores(typical)
+    assert sum(tiny_gate.refuses(s) for s in ok) <= 2
+    assert all(tiny_gate.refuses(s) for s in tiny_gate.scores(noise))
+    assert all(tiny_gate.refuses(s) for s in tiny_gate.scores(inverted))
+    score = tiny_gate.scores(noise[:1])[0]
+    assert tiny_gate.reason(score) == f"not like a chest radiograph: typicality {score:.2f} > {tiny_gate.threshold:.2f}"
+    assert tiny_gate.refuses(float("nan"))
+
+
+def test_gate_file_round_trips_and_its_checksum_is_checked(tiny_gate: TypicalityGate, tmp_path: Path) -> None:
+    path = tmp_path / "gate.pt"
+    digest = save_gate(tiny_gate, path, {"note": "test"})
+    assert (tmp_path / "gate.pt.sha256").read_text().split()[0] == digest
+    loaded = load_gate(path, 0.05)
+    assert loaded.sha256 == digest and loaded.version == "tiny-gate"
+    images = [to_model_input(x.float() / 255) for x in blobs(4, 5)]
+    # fp16 weights and eigenvectors in the file: scores agree closely, not bit for bit
+    assert np.allclose(loaded.scores(images), tiny_gate.scores(images), atol=0.05)
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(GateError, match="does not match"):
+        load_gate(path)
+    (tmp_path / "other.pt").write_bytes(b"not a gate")
+    with pytest.raises(GateError, match="not a typicality gate"):
+        load_gate(tmp_path / "other.pt")
+
+
+# --- the shipped gate ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped_gate() -> TypicalityGate:
+    return load_gate()
+
+
+def shared_chest_tensors() -> list[torch.Tensor]:
+    prepared = [prepare_path(p) for p in sorted(SHARED_DICOM.glob("*.dcm"))]
+    tensors = [p.tensor for p in prepared if isinstance(p, PreparedImage)]
+    assert len(tensors) == 5
+    return tensors
+
+
+def test_shipped_gate_is_small_and_checked(shipped_gate: TypicalityGate) -> None:
+    assert BUNDLED_GATE.stat().st_size < 4 * 1024 * 1024
+    assert shipped_gate.sha256 == Path(f"{BUNDLED_GATE}.sha256").read_text().split()[0]
+    assert 0.5 < shipped_gate.threshold < 10
+
+
+def test_shipped_gate_passes_the_real_chest_dicoms(shipped_gate: TypicalityGate) -> None:
+    scores = shipped_gate.scores(shared_chest_tensors())
+    assert not any(shipped_gate.refuses(s) for s in scores), scores
+
+
+def test_shipped_gate_refuses_inverted_rotated_blank_and_noise(shipped_gate: TypicalityGate) -> None:
+    chest = shared_chest_tensors()
+    altered = {
+        "inverted": [1.0 - x for x in chest],
+        "upside down": [torch.rot90(x, 2, (1, 2)) for x in chest],
+        "blank": [torch.zeros(3, 224, 224), torch.ones(3, 224, 224), torch.full((3, 224, 224), 0.5)],
+        "noise": [torch.rand(3, 224, 224, generator=torch.Generator().manual_seed(i)) for i in range(3)],
+    }
+    for name, images in altered.items():
+        scores = shipped_gate.scores(images)
+        assert all(shipped_gate.refuses(s) for s in scores), (name, scores)
+
+
+# --- in the product: classify and the worker -----------------------------------------------------------------
+
+
+def run_classify(*argv: str) -> list[dict[str, Any]]:
+    out = subprocess.run(
+        [sys.executable, "-m", "cxr_triage", "classify", "--json", "--device", "cpu", *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def test_classify_refuses_an_inverted_chest_and_reports_typicality(tmp_path: Path) -> None:
+    import pydicom
+
+    source = sorted(SHARED_DICOM.glob("*.dcm"))[0]
+    ds = pydicom.dcmread(source)
+    ds.PhotometricInterpretation = (
+        "MONOCHROME2" if ds.PhotometricInterpretation == "MONOCHROME1" else "MONOCHROME1"
+    )  # the same pixels, displayed inverted
+    for keyword in ("WindowCenter", "WindowWidth", "VOILUTSequence", "VOILUTFunction"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    inverted = tmp_path / "inverted.dcm"
+    ds.save_as(inverted)
+    records = {Path(r["path"]).name: r for r in run_classify(str(source), str(inverted))}
+    assert records[source.name]["status"] == "ok"
+    assert records[source.name]["typicality"] is not None
+    refused = records["inverted.dcm"]
+    assert refused["status"] == "rejected", refused
+    assert refused["reason"].startswith("not like a chest radiograph: typicality ")
+    assert refused["typicality"] > float(refused["reason"].rsplit("> ", 1)[1])
+    unscreened = run_classify("--no-gate", str(inverted))
+    assert unscreened[0]["status"] == "ok" and unscreened[0]["typicality"] is None
+
+
+def test_worker_records_typicality_and_refuses_atypical_images(
+    make_harness: Any, tiny_gate: TypicalityGate, tmp_path: Path
+) -> None:
+    from cxr_triage import db
+    from cxr_triage.testing.synthetic import new_dataset
+
+    gate_path = tmp_path / "tiny_gate.pt"
+    save_gate(tiny_gate, gate_path)
+    h = make_harness(gate={"enabled": True, "path": str(gate_path)})
+    typical = new_dataset(blobs(1, 9)[0].numpy())
+    noise = new_dataset(np.random.default_rng(0).integers(0, 256, (224, 224), dtype=np.uint8))
+    assert h.send([typical, noise]) == [0x0000, 0x0000]
+    h.work()
+    with h.sessions() as session:
+        predictions = session.query(db.PredictionRecord).all()
+        refusals = session.query(db.RefusalRecord).all()
+    assert len(predictions) == 1 and predictions[0].typicality is not None
+    assert not tiny_gate.refuses(predictions[0].typicality)
+    assert [r.code for r in refusals] == [REFUSAL_CODE]
+    assert refusals[0].typicality is not None and tiny_gate.refuses(refusals[0].typicality)
+    assert refusals[0].reason == tiny_gate.reason(refusals[0].typicality)
+    rows = {r["sop_instance_uid"]: r for r in h.rows()}
+    assert rows[noise.SOPInstanceUID]["status"] == "rejected"
+    assert rows[noise.SOPInstanceUID]["typicality"] == pytest.approx(refusals[0].typicality)
+    assert rows[typical.SOPInstanceUID]["typicality"] == pytest.approx(predictions[0].typicality)
