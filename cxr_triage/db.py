@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     Boolean,
+    ColumnElement,
     DateTime,
     Engine,
     Float,
@@ -35,8 +36,10 @@ from sqlalchemy import (
     event,
     inspect,
     text,
+    type_coerce,
 )
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.hybrid import hybrid_property
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 logger = logging.getLogger(__name__)
@@ -282,8 +285,27 @@ class OrthancMetadata(_StudyDelivery, Base):
     values: Mapped[dict[str, Any]]  # metadata name -> value
 
 
+MODEL_CANDIDATE = "candidate"
+MODEL_CHAMPION = "champion"
+MODEL_RETIRED = "retired"
+MODEL_STATES = (MODEL_CANDIDATE, MODEL_CHAMPION, MODEL_RETIRED)
+"""A model version's states (``cxr_triage.registry``): the workers run the one champion."""
+
+
 class ModelVersion(Base):
+    """One classifier file (by sha256) in the model registry (``cxr_triage.registry``): where it came from, how it
+    scored on the fixed evaluation set, and its state (candidate, champion, retired; one champion at most)."""
+
     __tablename__ = "model_versions"
+    __table_args__ = (
+        Index(
+            "uq_model_versions_one_champion",
+            "state",
+            unique=True,
+            sqlite_where=text("state = 'champion'"),
+            postgresql_where=text("state = 'champion'"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version: Mapped[str] = mapped_column(String(128))
@@ -291,7 +313,33 @@ class ModelVersion(Base):
     path: Mapped[str] = mapped_column(String(1024))
     registered_at: Mapped[dt.datetime]
     metrics: Mapped[dict[str, Any] | None]
-    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    """Metrics on the fixed evaluation set (for the shipped model: its training run's test split)."""
+    state: Mapped[str] = mapped_column(String(16), default=MODEL_CANDIDATE)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    """The version this one was trained from (fine-tuned), if any."""
+    previous_champion_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    """The champion this one replaced when it was last promoted: where ``models rollback`` goes back to."""
+    training_data: Mapped[dict[str, Any] | None]
+    """What it was trained on, e.g. ``{"feedback_ids": [...], "study_uids": [...], "base_data": ..., "replay": n}``."""
+    config: Mapped[dict[str, Any] | None]
+    promoted_at: Mapped[dt.datetime | None]
+    retired_at: Mapped[dt.datetime | None]
+    state_reason: Mapped[str | None] = mapped_column(Text)
+    """Why it is in its state (the promotion's, rollback's or rejection's reason)."""
+
+    @hybrid_property
+    def active(self) -> bool:
+        """Whether this is the champion (the name before the registry had states)."""
+        return self.state == MODEL_CHAMPION
+
+    @active.inplace.setter
+    def _active_setter(self, value: bool) -> None:
+        self.state = MODEL_CHAMPION if value else MODEL_RETIRED
+
+    @active.inplace.expression
+    @classmethod
+    def _active_expression(cls) -> ColumnElement[bool]:
+        return type_coerce(cls.state == MODEL_CHAMPION, Boolean)
 
 
 class Feedback(Base):

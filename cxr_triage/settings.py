@@ -138,8 +138,14 @@ class ModelSettings:
     device: str = "auto"
     batch_size: int = 16
     precision: str = "auto"
+    models_dir: Path = Path("var/models")
+    """The model registry's files (``cxr_triage.registry``); ``""`` in the file: beside ``[storage] spool_dir``."""
+    reload_interval: float = 10.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "models_dir", Path(self.models_dir))
+        if self.reload_interval <= 0:
+            raise ValueError(f"reload_interval = {self.reload_interval}: must be > 0")
         if self.batch_size < 1:
             raise ValueError(f"batch_size = {self.batch_size}: must be >= 1")
         if self.precision not in PRECISIONS:
@@ -147,6 +153,15 @@ class ModelSettings:
         base = self.device.split(":", 1)[0]
         if base not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device = {self.device!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def _model_settings(model: Mapping[str, Any], storage: Mapping[str, Any]) -> ModelSettings:
+    """``[model]``, an empty ``models_dir`` put beside the spool folder (``var/models`` by default)."""
+    table = dict(model)
+    if not str(table.get("models_dir") or ""):
+        table["models_dir"] = Path(str(storage.get("spool_dir") or StorageSettings.spool_dir)).parent / "models"
+    settings: ModelSettings = _from_table(ModelSettings, "model", table)
+    return settings
 
 
 AUTO = "auto"
@@ -491,3 +506,4 @@ def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[s
     return Settings.from_values(config.values, config.source)
     gate: GateSettings = field(default_factory=GateSettings)
             gate=_from_table(GateSettings, "gate", values.get("gate", {})),
+    retrain: RetrainSettings = field(default_factory=RetrainSettings)

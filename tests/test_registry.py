@@ -83,6 +83,7 @@ def test_workers_starting_together_register_the_model_once(database_url: str) ->
                 rows = session.scalars(select(db.ModelVersion).order_by(db.ModelVersion.id)).all()
             assert len(rows) == round_ + 1
             assert [r.active for r in rows] == [True] + [False] * round_  # the first model ever stays the active one
+            assert [r.state for r in rows] == ["champion"] + ["candidate"] * round_
     finally:
         engine.dispose()
 
@@ -90,17 +91,16 @@ def test_workers_starting_together_register_the_model_once(database_url: str) ->
 def test_a_worker_whose_registration_fails_classifies_nothing_until_it_succeeds(make_harness, monkeypatch) -> None:
     harness = make_harness()
     harness.send([chest_dataset()])
-    real = registry.register_model
+    real = registry.deploy_configured
     calls: list[int] = []
 
-    def flaky(sessions: Any, loaded: Any) -> int:
+    def flaky(sessions: Any, loaded: Any, path: Any) -> tuple[int, bool]:
         calls.append(1)
         if len(calls) == 1:
             raise OperationalError("INSERT", {}, Exception("database is locked"))
-        return real(sessions, loaded)
+        return real(sessions, loaded, path)
 
-    monkeypatch.setattr(registry, "register_model", flaky)
-    harness.worker.models.predictor = None
+    monkeypatch.setattr(registry, "deploy_configured", flaky)
     assert harness.work() == 0
     assert harness.worker.predictor is None
     assert [r["status"] for r in harness.rows()] == ["queued"]
