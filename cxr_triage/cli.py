@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "web": ("cxr_triage.webcli", "serve the radiologists' worklist page and its JSON API"),
     "users": ("cxr_triage.users", "add, list or remove the worklist's users"),
     "db": ("cxr_triage.dbcli", "create or upgrade the database schema (upgrade), or show its revision (current)"),
+    "models": ("cxr_triage.modelscli", "the model registry: list the versions, promote one, roll back"),
+    "retrain": ("cxr_triage.retraincli", "run the retraining job once now (--now), or list its recent runs"),
 }
 """Subcommand -> (module, one-line help). Each module defines ``add_arguments(parser)`` and ``run(args) -> int``."""
 
@@ -84,6 +86,22 @@ deletes one and ends their sessions.""",
 upgrade: create the database schema or bring it up to this version (run it after installing a new release;
 `serve` refuses a database that is behind). current: show the database's schema revision; exit 1 when it is
 not current.""",
+    "models": """\
+The model registry: every classifier the workers have run or may run, each with its sha256, state (candidate,
+champion, retired), parent, when it was promoted and its metrics on the fixed evaluation set. The workers run
+the champion. list shows them (--json: one object per line). promote ID makes that version the champion and
+retires the current one; rollback returns to the champion before the current one (again: one further back).
+Running workers switch between batches within [model] reload_interval seconds; nothing queued is lost and the
+listener keeps its associations. A new [model] path file is promoted by the workers themselves ("configured").""",
+    "retrain": """\
+Retraining from the radiologists' feedback. --now runs it once: the labels confirmed or corrected since the last
+promoted or rejected run (skipped, with the reason, when there are fewer than [retrain] min_new_labels images),
+a challenger fine-tuned from the champion on them plus a replayed sample of the base data ([retrain] base_pack),
+both models evaluated on the same fixed held-out set, and the challenger promoted only when its macro AUC is
+better by [retrain] margin and no class's sensitivity falls by more than [retrain] sensitivity_tolerance; it is
+rejected otherwise. The steps go to standard error, the outcome to standard output; exit 0 when the run finished
+(promoted, rejected or skipped), 1 when it failed or another run was in progress. Without --now: the schedule
+([retrain] schedule, run inside `serve` when [retrain] enabled) and the recent runs with their reasons.""",
 }
 """What ``cxr-triage COMMAND --help`` says, written for the people who run the command."""
 

@@ -410,6 +410,58 @@ class Conflict(Base):
     detected_at: Mapped[dt.datetime]
 
 
+class Lease(Base):
+    """A named lock held by one process until ``expires_at`` (``cxr_triage.schedlock``): its holder renews it while
+    it lives, so the lock of a holder that died ends by itself once it expires."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(200))
+    acquired_at: Mapped[dt.datetime | None]
+    expires_at: Mapped[dt.datetime | None]
+
+
+# Retraining run states (``cxr_triage.retraining``).
+RETRAIN_RUNNING = "running"
+RETRAIN_SKIPPED = "skipped"
+RETRAIN_FAILED = "failed"
+RETRAIN_REJECTED = "rejected"
+RETRAIN_PROMOTED = "promoted"
+
+
+class RetrainRun(Base):
+    """One run of the retraining job: what it trained on, both models' metrics on the fixed evaluation set, and
+    its outcome (running -> skipped | failed | rejected | promoted) with the reason."""
+
+    __tablename__ = "retrain_runs"
+    __table_args__ = (Index("ix_retrain_runs_state", "state"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trigger: Mapped[str] = mapped_column(String(16))  # schedule | manual
+    holder: Mapped[str] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(16), default=RETRAIN_RUNNING)
+    step: Mapped[str | None] = mapped_column(String(300))
+    """What the run is doing (or did last): collecting feedback, training epoch 2/3, deciding, ..."""
+    reason: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[dt.datetime]
+    updated_at: Mapped[dt.datetime]
+    finished_at: Mapped[dt.datetime | None]
+    feedback_after_id: Mapped[int | None] = mapped_column(Integer)
+    """Feedback rows with a larger id were new to this run (the last promoted or rejected run's ``feedback_to_id``)."""
+    feedback_to_id: Mapped[int | None] = mapped_column(Integer)
+    new_studies: Mapped[int | None] = mapped_column(Integer)
+    new_images: Mapped[int | None] = mapped_column(Integer)
+    replay_images: Mapped[int | None] = mapped_column(Integer)
+    eval_images: Mapped[int | None] = mapped_column(Integer)
+    champion_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    candidate_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    champion_metrics: Mapped[dict[str, Any] | None]
+    challenger_metrics: Mapped[dict[str, Any] | None]
+    details: Mapped[dict[str, Any] | None]
+    """The decision's figures, wall seconds, the run's folder and log, the training command."""
+
+
 # --- engine and sessions -------------------------------------------------------------------------------------
 
 

@@ -5,10 +5,12 @@ behind the code's revision is refused with the ``db upgrade`` command to run); s
 temporaries removed, spool files without a row enqueued, jobs held by dead local workers released) and SR recovery
 (the SR files a crash left between write and rename settled, ``cxr_triage.srfiles``); then the
 listener, the workers (multiprocessing, spawn), the housekeeping scheduler (``cxr_triage.housekeeping``:
-forwarding, study aggregation, spool retention, in this process only) and, once, in a background thread, the
-sweep of SR files without a row (``srfiles.sweep_orphans``). A worker process that dies is restarted.
-SIGTERM or SIGINT: stop accepting associations, let associations in progress finish, ask the workers to stop
-(each finishes or releases its claimed jobs), stop the housekeeping, and exit.
+forwarding, study aggregation, spool retention, in this process only), with ``[retrain] enabled`` the retraining
+schedule (``cxr_triage.retraining``: one process leads it among all that share the database) and, once, in a
+background thread, the sweep of SR files without a row (``srfiles.sweep_orphans``). A worker process that dies is
+restarted. SIGTERM or SIGINT: stop accepting associations, let associations in progress finish, ask the workers to
+stop (each finishes or releases its claimed jobs), stop the retraining (a run in progress is recorded as failed)
+and the housekeeping, and exit.
 
 Research use only; not a medical device.
 """
@@ -29,6 +31,7 @@ from sqlalchemy import Engine
 from cxr_triage import db, jobqueue, listener, spool, srfiles
 from cxr_triage.bootstrap import SERVICE, CommandError, Context, run_command
 from cxr_triage.housekeeping import Housekeeping
+from cxr_triage.retraining import RetrainScheduler
 from cxr_triage.settings import AUTO, Settings
 
 logger = logging.getLogger(__name__)
@@ -82,6 +85,9 @@ class Server:
         receiver = listener.make_receiver(settings.storage, engine, on_queued=self.wake.set)
         self.listener = listener.Listener(settings.listener, receiver)
         self.housekeeping = Housekeeping(settings, db.session_factory(engine))
+        self.retraining: RetrainScheduler | None = None
+        if settings.retrain.enabled:  # the retraining schedule ([retrain], cxr_triage.retraining)
+            self.retraining = RetrainScheduler(settings, db.session_factory(engine))
         self.processes: list[BaseProcess] = []
         self.threads: int | None = None
 
@@ -106,6 +112,8 @@ class Server:
         if not self.processes:
             logger.info("[worker] processes = 0: no workers here; run `cxr-triage worker` to classify")
         self.housekeeping.start()
+        if self.retraining is not None:
+            self.retraining.start()
         threading.Thread(target=self._sweep_sr_files, name="cxr-sr-sweep", daemon=True).start()
 
     def _sweep_sr_files(self) -> None:
@@ -166,6 +174,8 @@ class Server:
                 logger.error("worker process %s did not stop in time; killing it", process.name)
                 process.kill()
                 process.join(5)
+        if self.retraining is not None:
+            self.retraining.stop()
         self.housekeeping.stop()
         jobqueue.release_dead_local_workers(db.session_factory(self.engine))
         logger.info("stopped")

@@ -206,6 +206,19 @@ class TriageSettings:
 
 
 @dataclass(frozen=True)
+class GateSettings:
+    """``[gate]``: the typicality gate that refuses images unlike a chest radiograph (``cxr_triage.gate``)."""
+
+    enabled: bool = True
+    path: str = ""
+    false_refusal_rate: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.false_refusal_rate < 0.5:
+            raise ValueError(f"false_refusal_rate = {self.false_refusal_rate}: must be between 0 and 0.5")
+
+
+@dataclass(frozen=True)
 class SRSettings:
     """``[sr]``: the Structured Report written for each classified instance."""
 
@@ -220,19 +233,6 @@ class ForwardSettings:
     """``[forward]``: where the Structured Reports go, and how failures are retried."""
 
     destinations: tuple[Destination, ...] = ()
-@dataclass(frozen=True)
-class GateSettings:
-    """``[gate]``: the typicality gate that refuses images unlike a chest radiograph (``cxr_triage.gate``)."""
-
-    enabled: bool = True
-    path: str = ""
-    false_refusal_rate: float = 0.01
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.false_refusal_rate < 0.5:
-            raise ValueError(f"false_refusal_rate = {self.false_refusal_rate}: must be between 0 and 0.5")
-
-
     calling_ae_title: str = "CXR_TRIAGE"
     max_attempts: int = 5
     backoff_seconds: float = 30.0
@@ -434,6 +434,66 @@ class WebSettings:
 
 
 @dataclass(frozen=True)
+class RetrainSettings:
+    """``[retrain]``: scheduled retraining with champion/challenger promotion (``cxr_triage.retraining``)."""
+
+    enabled: bool = False
+    schedule: str = "0 2 * * 0"
+    timezone: str = ""
+    min_new_labels: int = 100
+    replay_ratio: float = 2.0
+    head_epochs: int = 1
+    head_learning_rate: float = 1e-4
+    epochs: int = 2
+    learning_rate: float = 3e-5
+    batch_size: int = 16
+    validation_images: int = 512
+    margin: float = 0.005
+    sensitivity_tolerance: float = 0.02
+    base_pack: str = ""
+    eval_manifest: str = ""
+    work_dir: Path = Path("var/retrain")
+    device: str = "auto"
+    precision: str = "auto"
+    timeout: float = 7200.0
+    lock_seconds: float = 60.0
+    nice: int = 10
+    python: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "work_dir", Path(self.work_dir))
+        try:
+            self.trigger()
+        except (ValueError, KeyError, LookupError) as exc:
+            raise ValueError(f"schedule = {self.schedule!r} / timezone = {self.timezone!r}: {exc}") from exc
+        if self.min_new_labels < 1 or self.batch_size < 1 or self.validation_images < 1:
+            raise ValueError("min_new_labels, batch_size and validation_images must be >= 1")
+        if self.head_epochs < 0 or self.epochs < 0 or self.head_epochs + self.epochs < 1:
+            raise ValueError("head_epochs and epochs must be >= 0, and at least one of them >= 1")
+        if self.replay_ratio < 0 or self.learning_rate <= 0 or self.head_learning_rate <= 0 or self.margin < 0:
+            raise ValueError("replay_ratio and margin must be >= 0, learning_rate and head_learning_rate > 0")
+        if not 0.0 <= self.sensitivity_tolerance <= 1.0:
+            raise ValueError(f"sensitivity_tolerance = {self.sensitivity_tolerance}: must be within 0-1")
+        if self.timeout <= 0 or self.lock_seconds < 3:
+            raise ValueError("timeout must be > 0 and lock_seconds >= 3")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision = {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.device.split(":", 1)[0] not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device = {self.device!r}: expected auto, cpu, cuda or cuda:N")
+        if not -20 <= self.nice <= 19:
+            raise ValueError(f"nice = {self.nice}: must be within -20..19")
+        if self.enabled and not self.base_pack:
+            raise ValueError("enabled needs base_pack (the pack of the base data: replay and the evaluation set)")
+
+    def trigger(self) -> Any:
+        """The schedule as an APScheduler ``CronTrigger`` (standard five-field crontab: minute hour day month
+        day-of-week, Sunday = 0), in ``timezone`` (an IANA name; empty: this machine's local zone)."""
+        from cxr_triage.schedlock import crontab_trigger
+
+        return crontab_trigger(self.schedule, self.timezone)
+
+
+@dataclass(frozen=True)
 class LoggingSettings:
     """``[logging]``."""
 
@@ -455,10 +515,12 @@ class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     triage: TriageSettings = field(default_factory=TriageSettings)
+    gate: GateSettings = field(default_factory=GateSettings)
     sr: SRSettings = field(default_factory=SRSettings)
     forward: ForwardSettings = field(default_factory=ForwardSettings)
     hl7: HL7Settings = field(default_factory=HL7Settings)
     web: WebSettings = field(default_factory=WebSettings)
+    retrain: RetrainSettings = field(default_factory=RetrainSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     source: Path | None = None
     values: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False, repr=False)
@@ -474,13 +536,15 @@ class Settings:
             listener=_from_table(ListenerSettings, "listener", listener),
             storage=_from_table(StorageSettings, "storage", values["storage"]),
             database=_from_table(DatabaseSettings, "database", values["database"]),
-            model=_from_table(ModelSettings, "model", values["model"]),
+            model=_model_settings(values["model"], values["storage"]),
             worker=_from_table(WorkerSettings, "worker", values["worker"]),
             triage=_from_table(TriageSettings, "triage", values["triage"]),
+            gate=_from_table(GateSettings, "gate", values.get("gate", {})),
             sr=_from_table(SRSettings, "sr", values["sr"]),
             forward=ForwardSettings.from_table(values["forward"]),
             hl7=HL7Settings.from_table(values.get("hl7", {})),
             web=_from_table(WebSettings, "web", values["web"]),
+            retrain=_from_table(RetrainSettings, "retrain", values.get("retrain", {})),
             logging=_from_table(LoggingSettings, "logging", values["logging"]),
             source=source,
             values={k: dict(v) for k, v in values.items()},
@@ -504,6 +568,3 @@ def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[s
     """Defaults, then the file at ``path`` (if any), then the environment, as checked ``Settings``."""
     config = load_config(path, environ)
     return Settings.from_values(config.values, config.source)
-    gate: GateSettings = field(default_factory=GateSettings)
-            gate=_from_table(GateSettings, "gate", values.get("gate", {})),
-    retrain: RetrainSettings = field(default_factory=RetrainSettings)

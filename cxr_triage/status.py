@@ -2,8 +2,9 @@
 
 Reads the database and the spool (never loads torch or the model): instances by state and the age of the oldest
 queued one, jobs whose worker vanished (lease expired), failures of the last 24 hours, SR forwards by state, the
-spool's free space against its reserve, and the model configured and the one the workers last loaded. Each
-condition that needs someone's attention is listed as a problem, with what to do.
+spool's free space against its reserve, the model configured and the one the workers last loaded, and retraining
+(the schedule, which process runs it, the last run with its outcome and reason, a run in progress with its step).
+Each condition that needs someone's attention is listed as a problem, with what to do.
 
 Exit status, as monitoring plugins expect: 0 nothing needs attention, 1 at least one problem, 2 the status cannot
 be read (no configuration, no database).
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, func, select
 
-from cxr_triage import BUNDLED_MODEL, db, spool
+from cxr_triage import BUNDLED_MODEL, db, retraining, spool
 from cxr_triage.settings import Settings
 
 if TYPE_CHECKING:
@@ -139,6 +140,9 @@ def collect(engine: Engine, settings: Settings, max_queue_age: float, now: dt.da
     model_present = model_path.is_file()
 
     problems = _problems(counts, model_path, model_present, free, reserve, queued_for, max_queue_age)
+    with db.read_session(engine) as session:
+        retrain = retraining.status(session, settings, now)
+    problems += retraining.status_problems(retrain)
     by_state, forwards, loaded = counts.by_state, counts.forwards, counts.loaded
     return {
         "instances": {state: int(by_state.get(state, 0)) for state in (db.QUEUED, db.PROCESSING, *db.TERMINAL_STATES)},
@@ -161,6 +165,7 @@ def collect(engine: Engine, settings: Settings, max_queue_age: float, now: dt.da
             else None,
             "precision": {"configured": settings.model.precision, "last_used": counts.last_precision},
         },
+        "retraining": retrain,
         "problems": problems,
     }
 
@@ -190,10 +195,21 @@ def format_text(status: Mapping[str, Any]) -> str:
         f"precision: {model['precision']['configured']} configured"
         + (f", last prediction in {model['precision']['last_used']}" if model["precision"]["last_used"] else ""),
     ]
+    lines += _retraining_lines(status.get("retraining"))
     problems = status["problems"]
     lines.append("problems: none" if not problems else "problems:")
     lines += [f"  - {problem}" for problem in problems]
     return "\n".join(lines)
+
+
+def _retraining_lines(retrain: Mapping[str, Any] | None) -> list[str]:
+    """The schedule and the last retraining run (``cxr_triage.retraining``)."""
+    if retrain is None:
+        return []
+    from cxr_triage.retraincli import format_run, format_schedule
+
+    last = retrain["last_run"]
+    return [format_schedule(retrain), "last retraining " + (format_run(last) if last else "run: none yet")]
 
 
 def run(args: argparse.Namespace) -> int:

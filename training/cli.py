@@ -1,4 +1,4 @@
-"""``python -m training COMMAND``: pack, pretrain, finetune, evaluate, ablation, oneshot.
+"""``python -m training COMMAND``: pack, pretrain, finetune, evaluate, ablation, oneshot, retrain.
 
 Every option is a flag with help text and may also be set in a TOML file (``--config``, default
 ``config/train.toml``): config values become the parser's defaults and flags override them (timm's pattern).
@@ -157,6 +157,47 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="output folder holding metrics.json (or ablation.json)")
 
 
+def _retrain(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("retraining")
+    g.add_argument("--champion", required=True, help="the current model (checkpoint) the challenger starts from")
+    g.add_argument("--feedback", required=True, help="manifest CSV of the confirmed images (path,label,...)")
+    g.add_argument(
+        "--feedback-root", default=None, help="folder the feedback paths are relative to (default: the manifest's)"
+    )
+    g.add_argument("--pack", required=True, help="base pack: replay from its training split, evaluation on its test")
+    g.add_argument(
+        "--eval-manifest",
+        default=None,
+        help="a fixed evaluation manifest CSV instead of the pack's test split (same set for both models)",
+    )
+    g.add_argument("--eval-root", default=None, help="folder the evaluation manifest's paths are relative to")
+    g.add_argument(
+        "--replay-ratio",
+        type=float,
+        default=2.0,
+        help="base training images replayed per confirmed image (capped by the pack's training split)",
+    )
+    g.add_argument("--val-images", type=int, default=512, help="validation images (pack's val split) to pick with")
+    g.add_argument("--head-epochs", type=int, default=1, help="epochs with the encoder frozen (head only)")
+    g.add_argument("--head-lr", type=float, default=1e-4, help="Adam learning rate of the head-only epochs")
+    g.add_argument("--epochs", type=int, default=2, help="epochs with every layer trained")
+    g.add_argument("--lr", type=float, default=3e-5, help="Adam learning rate when every layer trains (low)")
+    g.add_argument("--batch-size", type=int, default=16, help="training batch size")
+    g.add_argument("--model-version", default=None, help="the challenger's model_version (default PARENT-r1)")
+    g.add_argument(
+        "--provenance",
+        default=None,
+        help="JSON file whose object is stored in the challenger's provenance under 'feedback' (feedback ids...)",
+    )
+    g.add_argument(
+        "--watch-parent",
+        action=BOOL,
+        default=False,
+        help="exit at once if the process that started this one dies (set by the runtime's retraining job)",
+    )
+    p.add_argument("--out", required=True, help="output folder for challenger.pt and retrain.json")
+
+
 COMMAND_ARGS: dict[str, tuple[str, list[Callable[[argparse.ArgumentParser], None]]]] = {
     "pack": ("build a compact, GPU-decodable pack file from a manifest", [_pack_args]),
     "report": ("redraw report.md and the PNG plots of a run from its metrics.json", [_report_args]),
@@ -178,6 +219,10 @@ COMMAND_ARGS: dict[str, tuple[str, list[Callable[[argparse.ArgumentParser], None
         "pretrain + finetune + evaluate (+ ablation) within a time budget",
         [_data, _model, _pretrain, _finetune, _shared, _heads, _out],
     ),
+    "retrain": (
+        "fine-tune a challenger from the champion on confirmed images plus replay; evaluate both on a fixed set",
+        [_retrain, _shared],
+    ),
 }
 
 
@@ -194,7 +239,7 @@ def build_parser(config: dict[str, Any] | None = None) -> argparse.ArgumentParse
             p.add_argument("--model", required=True, help="classifier checkpoint (model.pt)")
             p.add_argument("--split", default="test", choices=("val", "test"), help="split to evaluate")
             p.add_argument("--out", required=True, help="output folder for metrics.json, report.md, plots")
-        if name == "ablation":
+        if name in ("ablation", "retrain"):
             _budget(p, required=False)
         if name == "sources":
             p.add_argument(
@@ -306,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "oneshot":
             commands.run_oneshot(args, rt)
             return 0
+        if args.command == "retrain":
+            return _run_retrain(args, rt)
         data = commands.load_data(args, rt)
         if args.command == "pretrain":
             commands.run_pretrain(args, rt, data, _deadline(args))
@@ -336,6 +383,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from training.engine import teardown_runtime
 
         teardown_runtime(rt)
+
+
+def _run_retrain(args: argparse.Namespace, rt: Any) -> int:
+    from training.retrain import run_retrain
+
+    run_retrain(args, rt, _deadline(args))
+    return 0
 
 
 def _deadline(args: argparse.Namespace) -> Any:
