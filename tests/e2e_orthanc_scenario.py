@@ -187,6 +187,7 @@ def pipeline(workdir: Path, image: Path, timeout: float) -> dict[str, Any]:
                 "database": {"url": f"sqlite:///{workdir / 'cxr-triage.sqlite'}"},
                 "model": {"path": str(model), "device": "cpu", "batch_size": 4},
                 "worker": {"processes": 1, "poll_interval": 0.2, "study_quiet_seconds": 2},
+                "gate": {"enabled": False},  # the synthetic images sent here are not chest radiographs to it
                 "forward": {
                     "destinations": [
                         {

@@ -100,6 +100,7 @@ def run(workdir: Path, count: int, studies: int, timeout: float) -> dict[str, An
                     "database": {"url": cluster.url},
                     "model": {"path": str(model), "device": "cpu", "batch_size": 4},
                     "worker": {"processes": 2, "poll_interval": 0.1, "claim_batch": 1, "study_quiet_seconds": 2},
+                    "gate": {"enabled": False},  # the synthetic images sent here are not chest radiographs to it
                     "forward": {
                         "destinations": [{"ae_title": RECEIVER_AET, "host": "127.0.0.1", "port": receiver_port}],
                         "backoff_seconds": 1,

@@ -29,7 +29,17 @@ from cxr_triage.inference import Predictor
 from cxr_triage.model import CAEClassifier, ModelSpec
 from cxr_triage.preprocess import PreparedImage, prepare_path
 
-KEYS = ["path", "sop_instance_uid", "status", "label", "probabilities", "reason", "model_version", "precision"]
+KEYS = [
+    "path",
+    "sop_instance_uid",
+    "status",
+    "label",
+    "probabilities",
+    "reason",
+    "model_version",
+    "precision",
+    "typicality",
+]
 
 
 def make_model(path: Path, version: str, seed: int) -> Path:
@@ -73,7 +83,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, list[str], str]:
-    code = main(["classify", *(str(a) for a in argv)])
+    """``classify`` without the typicality gate: these inputs are phantoms, which it refuses (tests/test_gate.py)."""
+    code = main(["classify", "--no-gate", *(str(a) for a in argv)])
     out, err = capsys.readouterr()
     return code, out.splitlines(), err
 
@@ -113,7 +124,7 @@ def test_classify_json_one_line_per_input(
     assert [r["path"] for r in records] == [str(p) for p in expected_files]
     for record in records:
         assert list(record) == KEYS
-        assert record["model_version"] == "alpha"
+        assert record["model_version"] == "alpha" and record["typicality"] is None  # --no-gate
     by_name = {Path(r["path"]).name: r for r in records}
 
     ok = ("a_real_cr.dcm", "b_chest.png", "c_chest.jpg", "d_synthetic.dcm", "h_negative.png", "jpegls_dcmcjpls.dcm")
@@ -226,6 +237,7 @@ def test_console_script_runs_for_real(inputs: Path, models: dict[str, Path]) -> 
         [
             script,
             "classify",
+            "--no-gate",
             "--json",
             "--model",
             str(models["beta"]),

@@ -53,7 +53,8 @@ def blobs(n: int, seed: int) -> torch.Tensor:
 def tiny_gate() -> TypicalityGate:
     torch.manual_seed(0)
     network = Autoencoder(4)
-    return fit_gate(network, blobs(96, 1), blobs(40, 2), batch_size=32, rank=32, version="tiny-gate")
+    # 160 images: fewer leave the layout Gaussian (hundreds of dimensions) too unsure to separate noise from blobs
+    return fit_gate(network, blobs(160, 1), blobs(40, 2), batch_size=32, rank=8, version="tiny-gate")
 
 
 def test_ledoit_wolf_shrinks_a_noisy_covariance_towards_a_scaled_identity() -> None:
@@ -111,8 +112,8 @@ def test_gate_file_round_trips_and_its_checksum_is_checked(tiny_gate: Typicality
     loaded = load_gate(path, 0.05)
     assert loaded.sha256 == digest and loaded.version == "tiny-gate"
     images = [to_model_input(x.float() / 255) for x in blobs(4, 5)]
-    # fp16 weights and eigenvectors in the file: scores agree closely, not bit for bit
-    assert np.allclose(loaded.scores(images), tiny_gate.scores(images), atol=0.05)
+    # the fit scored with the weights and eigenvectors already rounded to the file's fp16: the loaded gate agrees
+    assert np.allclose(loaded.scores(images), tiny_gate.scores(images), rtol=1e-3, atol=1e-3)
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(GateError, match="does not match"):
         load_gate(path)
@@ -177,7 +178,7 @@ def run_classify(*argv: str) -> list[dict[str, Any]]:
 def test_classify_refuses_an_inverted_chest_and_reports_typicality(tmp_path: Path) -> None:
     import pydicom
 
-    source = sorted(SHARED_DICOM.glob("*.dcm"))[0]
+    source = SHARED_DICOM / "nih-cxr14-dx-no-finding.dcm"  # DICOM Part 10, uncompressed, MONOCHROME2
     ds = pydicom.dcmread(source)
     ds.PhotometricInterpretation = (
         "MONOCHROME2" if ds.PhotometricInterpretation == "MONOCHROME1" else "MONOCHROME1"

@@ -12,6 +12,7 @@ from cxr_triage.cli import main
 
 KEYS = {
     "path",
+    "typicality",
     "sop_instance_uid",
     "status",
     "label",

@@ -190,7 +190,8 @@ def test_feedback_needs_a_login_and_its_csrf_token_and_is_audited(make_harness) 
     )
     with harness.sessions() as session:
         actions = session.scalars(select(db.AuditEntry.action).order_by(db.AuditEntry.id)).all()
-    assert actions == ["login", "feedback", "feedback"]
+    # the worker's first model load promotes the configured model to champion, which is audited too
+    assert actions == ["model-promoted", "login", "feedback", "feedback"]
 
 
 def test_feedback_exports_a_manifest_the_training_module_reads(make_harness, tmp_path: Path) -> None:
