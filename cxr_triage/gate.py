@@ -299,6 +299,16 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def as_stored(network: Autoencoder, gaussians: dict[str, GaussianModel]) -> dict[str, GaussianModel]:
+    """Round ``network`` (in place) and ``gaussians`` as the gate file stores them (fp16 weights and eigenvectors).
+
+    ``training.gate`` scales the measures and scores the validation split after this, so the threshold is set by
+    the very numbers the runtime computes with a loaded gate.
+    """
+    network.load_state_dict({k: v.half().to(v.dtype) for k, v in network.state_dict().items()})
+    return {k: GaussianModel.from_state(g.state()) for k, g in gaussians.items()}
+
+
 def save_gate(gate: TypicalityGate, path: str | os.PathLike[str], provenance: dict[str, Any] | None = None) -> str:
     """Write the gate and its ``.sha256`` sidecar; returns the sha256."""
     from cxr_triage.files import write_atomic

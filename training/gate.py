@@ -32,6 +32,7 @@ from cxr_triage.gate import (
     OutlierModel,
     RobustScale,
     TypicalityGate,
+    as_stored,
     raw_values,
     save_gate,
 )
@@ -172,7 +173,8 @@ def fit_gate(
         return torch.cat([gaussians[b].standardise(pick(measures[b])) for b in ("texture", "layout")], 1)
 
     outlier = fit_outlier_model(standardised(m, fit_idx), standardised(bad))
-    held = raw_values({k: v[held_idx] for k, v in m.items()}, gaussians, outlier)
+    gaussians = as_stored(network, gaussians)
+    held = raw_values(measures_of(network, train[held_idx], batch_size), gaussians, outlier)
     scales = {b: RobustScale.fit(v) for b, v in held.items()}
     provisional = TypicalityGate(network, gaussians, scales, torch.zeros(20), version=version, outlier=outlier)
     val_scores = torch.tensor(provisional.scores(model_inputs(val)))
