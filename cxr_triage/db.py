@@ -147,6 +147,8 @@ class Instance(Base):
     received_at: Mapped[dt.datetime]
     status: Mapped[str] = mapped_column(String(16), default=QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    interruptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Attempts during which the worker process holding the job died; such a job is processed alone."""
     lease_until: Mapped[dt.datetime | None]
     claimed_by: Mapped[str | None] = mapped_column(String(128))
     error: Mapped[str | None] = mapped_column(Text)

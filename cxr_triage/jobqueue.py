@@ -11,8 +11,11 @@ States: ``queued -> processing -> done | refused | failed``; a lease expiry puts
   several hosts never take the same row; on SQLite the same statements run inside ``BEGIN IMMEDIATE``;
 - ``held`` + ``finish`` / ``requeue`` (the recorder, inside its transaction): only rows still leased to this worker
   are finished, so a result that arrives after its lease expired and another worker took the job is discarded;
-- ``release`` / ``release_dead_local_workers``: rows held by a stopping or dead worker go back to ``queued``
-  without counting the interrupted attempt;
+- ``release``: rows held by a stopping worker go back to ``queued`` without counting the interrupted attempt;
+- ``release_dead_local_workers``: rows held by a worker process of this host that died go back to ``queued``. When
+  the death was abnormal (serve saw the process die, or a start finds jobs of a dead process) the attempt counts
+  and ``interruptions`` grows: such a job is then claimed alone, so a file that crashes its worker (a segfault in a
+  C decoder) fails with the reason after ``[worker] max_attempts`` and the files of its batch are not blamed;
 - ``enqueue_orphans`` (start-up recovery): spool files without a row (a crash between the rename and the insert).
 """
 
@@ -68,6 +71,8 @@ class ClaimedJob:
     study_instance_uid: str
     spool_path: str
     attempts: int
+    interruptions: int = 0
+    """Earlier attempts during which the worker died: such a job is claimed alone and processed in isolation."""
 
 
 def new_worker_id(pid: int | None = None) -> str:
@@ -246,18 +251,25 @@ def claim(
     now = now or db.utcnow()
     with sessions() as session, session.begin():
         _fail_abandoned(session, now, max_attempts)
-        ids = session.scalars(
+        claimable = or_(
+            db.Instance.status == db.QUEUED,
+            (db.Instance.status == db.PROCESSING) & (db.Instance.lease_until < now),
+        )
+        ids = session.scalars(  # a job whose worker died with it comes alone (module docstring)
             select(db.Instance.id)
-            .where(
-                or_(
-                    db.Instance.status == db.QUEUED,
-                    (db.Instance.status == db.PROCESSING) & (db.Instance.lease_until < now),
-                )
-            )
+            .where(claimable, db.Instance.interruptions > 0)
             .order_by(db.Instance.id)
-            .limit(limit)
+            .limit(1)
             .with_for_update(skip_locked=True)
         ).all()
+        if not ids:
+            ids = session.scalars(
+                select(db.Instance.id)
+                .where(claimable)
+                .order_by(db.Instance.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
         if not ids:
             return []
         session.execute(
@@ -278,11 +290,15 @@ def claim(
                 db.Instance.study_instance_uid,
                 db.Instance.spool_path,
                 db.Instance.attempts,
+                db.Instance.interruptions,
             )
             .where(db.Instance.id.in_(ids))
             .order_by(db.Instance.id)
         ).all()
-    return [ClaimedJob(r.id, r.sop_instance_uid, r.study_instance_uid, r.spool_path, r.attempts) for r in rows]
+    return [
+        ClaimedJob(r.id, r.sop_instance_uid, r.study_instance_uid, r.spool_path, r.attempts, r.interruptions or 0)
+        for r in rows
+    ]
 
 
 def held(session: Session, jobs: Sequence[ClaimedJob], worker_id: str) -> dict[int, db.Instance]:
@@ -336,8 +352,15 @@ def release(sessions: sessionmaker[Session], claimed_by: str | Sequence[str]) ->
     return count
 
 
-def release_dead_local_workers(sessions: sessionmaker[Session]) -> int:
-    """Release jobs claimed by worker processes of this host that no longer exist (killed, crashed, zombies)."""
+def release_dead_local_workers(
+    sessions: sessionmaker[Session], max_attempts: int | None = None, cause: str = "the worker process died"
+) -> int:
+    """Release jobs claimed by worker processes of this host that no longer exist (killed, crashed, zombies).
+
+    ``max_attempts`` None: the workers were stopped on purpose (killed after the stop timeout) and the attempts do
+    not count. Otherwise the death is a fault the job may have caused (``cause`` says what is known of it): see
+    ``interrupted``.
+    """
     prefix = f"{socket.gethostname()}:"
     with sessions() as session, session.begin():
         owners = set(
@@ -348,7 +371,39 @@ def release_dead_local_workers(sessions: sessionmaker[Session]) -> int:
             ).all()
         )
     dead = [owner for owner in owners if not _worker_alive(owner[len(prefix) :])]
-    return release(sessions, dead) if dead else 0
+    if not dead:
+        return 0
+    if max_attempts is None:
+        return release(sessions, dead)
+    return interrupted(sessions, dead, max_attempts, cause)
+
+
+def interrupted(sessions: sessionmaker[Session], owners: Sequence[str], max_attempts: int, cause: str) -> int:
+    """The jobs of dead workers ``owners``: the attempt counts, and each is claimed alone from now on; a job whose
+    worker has died on each of its ``max_attempts`` attempts is failed with ``cause`` as the reason."""
+    now = db.utcnow()
+    failed = 0
+    with sessions() as session, session.begin():
+        rows = session.scalars(
+            select(db.Instance)
+            .where(db.Instance.status == db.PROCESSING, db.Instance.claimed_by.in_(list(owners)))
+            .with_for_update()
+        ).all()
+        for row in rows:
+            row.interruptions = (row.interruptions or 0) + 1
+            error = f"{cause} while processing this file (attempt {row.attempts} of {max_attempts})"
+            if row.attempts >= max_attempts and row.interruptions >= row.attempts:
+                error = f"crashed the worker: {cause} on each of the {row.attempts} attempts to process this file"
+            failed += retry_or_fail(row, error, max_attempts, now)
+    if rows:
+        logger.error(
+            "%s: %d job(s) it held back in the queue, to be processed one at a time; %d failed after %d attempts",
+            cause,
+            len(rows) - failed,
+            failed,
+            max_attempts,
+        )
+    return len(rows)
 
 
 def is_dead_local_worker(worker_id: str) -> bool:

@@ -54,7 +54,11 @@ def recover(settings: Settings, engine: Engine) -> None:
     sessions = db.session_factory(engine)
     spool.remove_stale_temporaries(settings.storage.spool_dir)
     recovered = jobqueue.enqueue_orphans(settings.storage.spool_dir, sessions)
-    released = jobqueue.release_dead_local_workers(sessions)
+    released = jobqueue.release_dead_local_workers(
+        sessions,
+        settings.worker.max_attempts,
+        "a worker process of an earlier run ended abnormally (killed or crashed)",
+    )
     if recovered or released:
         logger.warning("recovery: %d spool file(s) enqueued, %d job(s) of dead workers released", recovered, released)
     srfiles.settle_pending(settings.storage.sr_dir, sessions)
@@ -69,6 +73,16 @@ def warn_if_no_model(settings: Settings) -> None:
         logger.warning("*" * 78)
         logger.warning("NO MODEL: instances will be received and queued, but not classified. %s", exc)
         logger.warning("*" * 78)
+
+
+def exit_description(exitcode: int | None) -> str:
+    """A process's exit as words: ``killed by SIGSEGV`` for a negative (signal) code, else ``exit code N``."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
 
 
 class Server:
@@ -146,7 +160,8 @@ class Server:
                 "worker process %s (pid %s) exited with %s; restarting", process.name, process.pid, process.exitcode
             )
             sessions = db.session_factory(self.engine)
-            jobqueue.release_dead_local_workers(sessions)
+            cause = f"worker process {process.name} died ({exit_description(process.exitcode)})"
+            jobqueue.release_dead_local_workers(sessions, self.settings.worker.max_attempts, cause)
             try:
                 srfiles.settle_pending(self.settings.storage.sr_dir, sessions)
             except Exception:  # left for the next start

@@ -179,6 +179,8 @@ class Worker:
             return 0
         ws = self.settings.worker
         jobs = jobqueue.claim(self.sessions, self.worker_id, ws.claim_batch, ws.lease_seconds, ws.max_attempts)
+        if any(job.interruptions for job in jobs):
+            self.flush()  # alone means alone: were it to crash again, no other job's result may be in flight
         if jobs:
             self.process(jobs, predictor)
         return len(jobs)
@@ -335,7 +337,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _work(args: argparse.Namespace, context: Context) -> int:
     sessions = db.session_factory(context.db)
-    jobqueue.release_dead_local_workers(sessions)
+    cause = "a worker process of an earlier run ended abnormally (killed or crashed)"
+    jobqueue.release_dead_local_workers(sessions, context.settings.worker.max_attempts, cause)
     srfiles.settle_pending(context.settings.storage.sr_dir, sessions)
     ws = context.settings.worker
     _, threads = worker_layout(1, ws.threads, available_cores(), cuda=False)  # this one process has every core

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from conftest import chest_dataset, config_values, echo, save_dataset, send, write_config
+from sqlalchemy import select
 
 from cxr_triage import db, files, jobqueue, spool, srfiles
 from cxr_triage.results import records
@@ -119,3 +120,72 @@ def test_serve_without_a_model_starts_and_keeps_instances_queued(tmp_path: Path)
         code = terminate(proc, timeout=60, group=True)
     assert code == 0
     assert "NO MODEL" in log.read_text()
+
+
+CRASHING_DECODER = '''
+"""Loaded by every Python of this test (PYTHONPATH): a decoder that crashes the worker process on one file."""
+import ctypes
+
+from cxr_triage import pipeline
+
+_preprocess = pipeline.preprocess
+
+
+def preprocess(jobs, stop):
+    for job in jobs:
+        with open(job.spool_path, "rb") as file:
+            if b"CRASH-ME" in file.read():
+                ctypes.string_at(0)  # a read of address 0 inside C code: SIGSEGV, as a faulty decoder would
+    return _preprocess(jobs, stop)
+
+
+pipeline.preprocess = preprocess
+'''
+
+
+def test_a_file_that_crashes_its_worker_fails_after_its_attempts_and_spares_its_batch(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    values = config_values(tmp_path, tiny_model, worker={"processes": 1, "max_attempts": 3, "claim_batch": 8})
+    config = write_config(tmp_path / "cxr.toml", values)
+    port, url = values["listener"]["port"], values["database"]["url"]
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(CRASHING_DECODER)
+    log = tmp_path / "serve.log"
+    argv = [sys.executable, "-m", "cxr_triage", "--log-level", "INFO", "serve", "--config", str(config)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])}
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env, start_new_session=True
+        )
+    crasher = chest_dataset(seed=7, PatientID="CRASH-ME")
+    good = [chest_dataset(seed=i) for i in range(3)]
+    try:
+        _wait_ready(proc, port, log)
+        wait_until(lambda: "taking jobs from the queue" in log.read_text(), 90, "the worker to be ready")
+        assert send(port, [good[0], crasher, *good[1:]]) == [0] * 4
+
+        def settled() -> list[db.Instance] | None:
+            engine = db.make_engine(url)
+            try:
+                with db.read_session(engine) as session:
+                    rows = list(session.scalars(select(db.Instance).order_by(db.Instance.id)))
+            finally:
+                engine.dispose()
+            return rows if all(r.status in (db.DONE, db.FAILED) for r in rows) else None
+
+        rows = wait_until(settled, 240, "every instance to be classified or failed", interval=0.5)
+        assert proc.poll() is None, "the listener outlives its crashing workers"
+        assert echo(port) == 0
+    finally:
+        code = terminate(proc, timeout=60, group=True)
+    by_uid = {r.sop_instance_uid: r for r in rows}
+    bad = by_uid.pop(str(crasher.SOPInstanceUID))
+    assert (bad.status, bad.attempts, bad.interruptions) == (db.FAILED, 3, 3)
+    assert bad.error.startswith("crashed the worker: worker process cxr-worker-0 died (killed by SIGSEGV)"), bad.error
+    assert {r.status for r in by_uid.values()} == {db.DONE} and len(by_uid) == 3, "its batch is not blamed"
+    assert code == 0, tail(log)
+    text = log.read_text()
+    assert text.count("exited with -11; restarting") == 3, tail(log)
+    assert "to be processed one at a time" in text
