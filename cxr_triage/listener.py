@@ -56,6 +56,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxr_triage import db, files, guard, jobqueue, spool
+from cxr_triage.failurelog import FailureLog
 from cxr_triage.jobqueue import ReceivedInstance
 from cxr_triage.settings import ListenerSettings, StorageSettings
 
@@ -132,6 +133,10 @@ class Receiver:
         self._handling: dict[int, int] = {}
         self._receiving: set[int] = set()
         self._lock = threading.Lock()
+        self.database = FailureLog(
+            logger, "recording received instances in the database (answered 0xA701)", new_errors=False
+        )
+        """One ERROR when the database becomes unreachable and one WARNING when it is back, not one per C-STORE."""
 
     def handling(self, assoc: Any) -> bool:
         """Whether a C-STORE of ``assoc`` is being handled or answered right now."""
@@ -249,10 +254,11 @@ class Receiver:
                 db.read_only(session)
                 same = jobqueue.is_queued(session, item.sop_instance_uid, item.sha256)
             if same:
+                self.database.succeeded()
                 logger.info("SOP instance %s received again with the same bytes: nothing to do", item.sop_instance_uid)
                 return STATUS_SUCCESS
-        except SQLAlchemyError:
-            logger.exception("database unavailable while receiving SOP instance %s", item.sop_instance_uid)
+        except SQLAlchemyError as exc:
+            self.database.failed(exc, f"SOP instance {item.sop_instance_uid}")
             return STATUS_NOT_RECORDED
         path = spool.spool_path(self.spool_dir, item.sop_instance_uid, item.sha256)
         try:
@@ -268,10 +274,11 @@ class Receiver:
             # The same UID and bytes recorded by a concurrent association between our check and our insert.
             logger.info("SOP instance %s recorded concurrently by another association", item.sop_instance_uid)
             return STATUS_SUCCESS
-        except SQLAlchemyError:
+        except SQLAlchemyError as exc:
             # The spool file stays; start-up recovery enqueues it, and the sender's retry is then a no-op.
-            logger.exception("cannot record SOP instance %s in the database", item.sop_instance_uid)
+            self.database.failed(exc, f"SOP instance {item.sop_instance_uid}, spooled")
             return STATUS_NOT_RECORDED
+        self.database.succeeded()
         if not outcome.duplicate:
             if self.on_queued is not None:
                 try:

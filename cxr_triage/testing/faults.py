@@ -45,7 +45,9 @@ class OutageReport:
     during: Counter[str] = field(default_factory=Counter)
     """storescu's text of each response during the outage (e.g. ``Refused: OutOfResources``): count."""
     during_codes: Counter[str] = field(default_factory=Counter)
-    """The listener's DIMSE status of each response during the outage, from its log: count."""
+    """The listener's DIMSE statuses of its refusals from the outage until every file was accepted again, from its
+    log: count (the first retries after the restart may be refused too: ``refused_after_restart``)."""
+    refused_after_restart: int = 0
     unanswered: int = 0
     """C-STOREs during the outage that got no response at all."""
     resent: int = 0
@@ -58,6 +60,7 @@ class OutageReport:
     orphan_spool_files: int = 0
     worker_restarts: int = 0
     error_lines: int = 0
+    listener_error_lines: int = 0
     problems: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -69,7 +72,8 @@ class OutageReport:
             f"{self.first_accept_s or 0:.1f} s after it), every result committed {self.caught_up_s or 0:.1f} s "
             f"after it; {self.acknowledged} acknowledged, {self.done} done with one prediction and one SR, lost "
             f"{self.lost}; spool files without a row {self.orphan_spool_files}; worker restarts "
-            f"{self.worker_restarts}; ERROR records in serve's log {self.error_lines}"
+            f"{self.worker_restarts}; ERROR records in serve's log {self.error_lines}, the "
+            f"listener's {self.listener_error_lines}"
         )
 
 
@@ -137,12 +141,16 @@ def store(port: int, paths: Sequence[Path], log: Path) -> dict[Path, str]:
     return responses(done.stdout + done.stderr)
 
 
+_RECORDING_BACK = re.compile(
+    r"recording received instances in the database \(answered 0xA701\) works again after (\d+)"
+)
+
+
 def _listener_codes(log_text: str) -> Counter[str]:
-    """The listener's failure statuses, from its log lines (each names why it refused)."""
+    """The listener's failure statuses, from its log: each refusal of a full spool has its line; refusals for want
+    of the database are counted in the one line that says it works again."""
     codes: Counter[str] = Counter()
-    codes["0xA701"] = log_text.count("database unavailable while receiving SOP instance") + log_text.count(
-        "cannot record SOP instance"
-    )
+    codes["0xA701"] = sum(int(match) for match in _RECORDING_BACK.findall(log_text))
     codes["0xA700"] = log_text.count("cannot write SOP instance")
     return +codes
 
@@ -210,7 +218,6 @@ def run_outage(workdir: Path, down_seconds: float, before: int = 6, per_send: in
                 report.unanswered += len(paths) - len(answered)
                 acked |= {p for p, text in answered.items() if text == "Success"}
                 time.sleep(0.5)
-            report.during_codes = _listener_codes(server.log.read_bytes()[mark:].decode(errors="replace"))
             cluster.start_server()
             restarted = time.monotonic()
 
@@ -222,11 +229,13 @@ def run_outage(workdir: Path, down_seconds: float, before: int = 6, per_send: in
                 answered = store(port, waiting, logs / f"retry-{attempt}.log")
                 attempt += 1
                 newly = {p for p, text in answered.items() if text == "Success"}
+                report.refused_after_restart += len(answered) - len(newly)
                 if newly and report.first_accept_s is None:
                     report.first_accept_s = sent_at
                 acked |= newly
                 if len(acked) < len(inputs.uids):
                     time.sleep(1.0)  # a PACS waits before it retries
+            report.during_codes = _listener_codes(server.log.read_bytes()[mark:].decode(errors="replace"))
             try:
                 peers.wait_until(lambda: _all_done(cluster.url, inputs, acked), SETTLE_TIMEOUT, "every result", 0.2)
                 report.caught_up_s = time.monotonic() - restarted
@@ -238,6 +247,7 @@ def run_outage(workdir: Path, down_seconds: float, before: int = 6, per_send: in
     report.acknowledged = len(acked)
     report.worker_restarts = log_text.count("; restarting")
     report.error_lines = sum(1 for line in log_text.splitlines() if " ERROR " in line)
+    report.listener_error_lines = sum(1 for line in log_text.splitlines() if " ERROR " in line and ".listener" in line)
     for path in sorted(acked):
         found = state.get(inputs.uids[path])
         if found == (db.DONE, 1, 1):
