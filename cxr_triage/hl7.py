@@ -11,7 +11,8 @@ IHE RAD-128 as dcm4chee-arc sends it:
 
 - MSH: ``[hl7]`` sending application/facility, the destination's application/facility, control ID (echoed in
   MSA-2), processing ID; MSH-18 ``UNICODE UTF-8`` when the text is not ASCII (always sent as UTF-8).
-- PID-3 Patient ID ^^^ Issuer of Patient ID, PID-5 name, PID-7 birth date, PID-8 sex; PV1-2 ``U``.
+- PID-3 Patient ID ^^^ Issuer of Patient ID, PID-5 name (HL7's null ``""`` where the header has none usable),
+  PID-7 birth date, PID-8 sex; PV1-2 ``U``.
 - ORC-1 ``RE``; ORC-2/OBR-2 placer order number (0040,2016), ORC-3/OBR-3 filler order number (0040,2017), else the
   Accession Number; OBR-18 the Accession Number; OBR-4/OBR-44 the images' procedure code, else
   ``[hl7] procedure_code``; OBR-7 Study Date/Time; OBR-22 when the result was made; OBR-25 ``F`` or ``C``;
@@ -54,8 +55,12 @@ START_BLOCK, END_BLOCK = b"\x0b", b"\x1c\x0d"
 ACCEPTED = ("AA", "CA")
 """MSA-1 codes of an accepted message (original mode; commit accept in enhanced mode)."""
 HL7_DELIMITERS = "|^~\\&"
+HL7_NULL = '""'
+"""HL7's explicit null: a required field whose value is not known."""
 MAX_IS_LENGTH = 20
 """HL7 v2.5.1 IS (the namespace of an application or facility, codes of user tables): at most 20 characters."""
+MAX_PN_GROUP = 64
+"""DICOM PN: at most 64 characters in each component group (alphabetic, ideographic, phonetic)."""
 PRIORITY_NAMES = {"S": "Stat", "A": "ASAP", "R": "Routine", "P": "Preop", "C": "Callback", "T": "Timing critical"}
 """HL7 table 0485 (TQ1-9), whose codes table 0027 (OBR-27.6) shares."""
 STUDY_UID_OBSERVATION = ("113014", "DICOM Study", "DCM")
@@ -209,6 +214,33 @@ def _procedure_code(dataset: Any) -> tuple[str, str, str] | None:
     return str(item.CodeValue), str(item.get("CodeMeaning", "")), str(item.CodingSchemeDesignator)
 
 
+def _patient_name(dataset: Any, study_uid: str) -> tuple[str, str, str, str, str]:
+    """PID-5's components from Patient Name; all empty (PID-5 is then sent as HL7's null) when the header's value
+    is not a Person Name a RIS could use (wrong VR, bytes, a component group over DICOM's 64 characters), so that
+    the result is still sent."""
+    from pydicom import config
+    from pydicom.valuerep import PersonName
+
+    element = dataset.get((0x0010, 0x0010))
+    empty = ("", "", "", "", "")
+    if element is None or element.value in (None, "", b""):
+        return empty
+    value = element.value
+    if isinstance(value, str) and not isinstance(value, PersonName):
+        value = PersonName(value, validation_mode=config.IGNORE)
+    if not isinstance(value, PersonName) or any(len(group) > MAX_PN_GROUP for group in value.components):
+        # Only the VR and the size are logged: the value is patient data.
+        length = len(str(value)) if isinstance(value, PersonName) else len(value) if hasattr(value, "__len__") else 1
+        logger.warning(
+            "study %s: Patient Name (VR %s, length %d) is not a usable Person Name; PID-5 is sent as HL7's null",
+            study_uid,
+            element.VR,
+            length,
+        )
+        return empty
+    return (value.family_name, value.given_name, value.middle_name, value.name_suffix, value.name_prefix)
+
+
 def report_from_header(dataset: Any) -> dict[str, Any]:
     """The identifiers of a study from one of its instances' DICOM header (``StudyReport`` keyword arguments)."""
     patient_id = str(dataset.get("PatientID") or "").strip()
@@ -217,10 +249,7 @@ def report_from_header(dataset: Any) -> dict[str, Any]:
     study_uid = str(dataset.get("StudyInstanceUID") or "")
     if not re.fullmatch(r"[0-9.]{1,64}", study_uid):
         raise ReportError(f"the Study Instance UID {study_uid!r} is not a UID")
-    name = dataset.get("PatientName")
-    parts = ("", "", "", "", "")
-    if name:
-        parts = (name.family_name, name.given_name, name.middle_name, name.name_suffix, name.name_prefix)
+    parts = _patient_name(dataset, study_uid)
     sex = str(dataset.get("PatientSex") or "").strip().upper()
     birth = str(dataset.get("PatientBirthDate") or "")
     return {
@@ -318,8 +347,8 @@ def _patient(result: Any, report: StudyReport) -> None:
     if report.issuer_of_patient_id:
         _text(pid.pid_3.cx_4, "hd_1", report.issuer_of_patient_id)
     family, *others = report.patient_name
-    if family:
-        _text(pid.pid_5.xpn_1, "fn_1", family)
+    if family or not any(others):
+        _text(pid.pid_5.xpn_1, "fn_1", family or HL7_NULL)  # PID-5 is required; HL7's null says "no name known"
     for index, part in enumerate(others, start=2):
         if part:
             _text(pid.pid_5, f"xpn_{index}", part)

@@ -5,6 +5,7 @@ letter and `cxr-triage forward --retry`, the ACK checks and the [hl7] configurat
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import threading
 from collections.abc import Iterator
@@ -271,3 +272,35 @@ def test_default_codes_fit_a_message_and_a_site_may_replace_them() -> None:
     )
     assert site.priorities["priority"] == "S" and site.finding_code == hl7.HL7Code("CXR-AI", "AI finding", "L")
     assert HL7Settings().probability_codes == HL7Settings.from_table({}).probability_codes
+
+
+def _read_back(dataset: pydicom.Dataset) -> pydicom.Dataset:
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    return pydicom.dcmread(buffer)
+
+
+@pytest.mark.parametrize(
+    ("vr", "value"),
+    [("UT", "A" * 70_000), ("OW", b"B" * 70_001), ("PN", "C" * 65 + "^D"), ("US", 7), ("PN", "")],
+    ids=["text-70000", "odd-words", "over-64-per-group", "numeric", "empty"],
+)
+def test_an_unusable_or_empty_patient_name_is_sent_as_the_hl7_null(vr: str, value: Any, caplog) -> None:
+    dataset = chest_dataset(PatientID="PID-77")
+    dataset.add_new((0x0010, 0x0010), vr, value)
+    with caplog.at_level("WARNING", logger="cxr_triage.hl7"):
+        header = hl7.report_from_header(_read_back(dataset))
+    assert header["patient_name"] == ("", "", "", "", "")
+    assert (f"VR {vr}" in caplog.text) == (value != "")
+    assert "AAAA" not in caplog.text and "BBBB" not in caplog.text and "CCCC" not in caplog.text
+    settings = HL7Settings.from_table(_hl7_config(2575))
+    pid = _parse(hl7.build_oru(hl7.StudyReport(**header), settings, settings.destinations[0], "C1",
+                               dt.datetime.now(dt.UTC))).oru_r01_patient_result.oru_r01_patient.pid  # fmt: skip
+    assert (pid.pid_3.cx_1.to_er7(), pid.pid_5.to_er7()) == ("PID-77", '""')
+
+
+def test_a_person_name_keeps_its_components_in_pid5() -> None:
+    dataset = chest_dataset(PatientID="PID-78", PatientName="Doe^Jane^Q^Dr^III")
+    header = hl7.report_from_header(_read_back(dataset))
+    assert header["patient_name"] == ("Doe", "Jane", "Q", "III", "Dr")
