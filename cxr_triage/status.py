@@ -2,7 +2,7 @@
 
 Reads the database and the spool (never loads torch or the model): instances by state and the age of the oldest
 queued one, jobs whose worker vanished (lease expired), failures of the last 24 hours, SR forwards by state, the
-spool's free space against its reserve, the model configured and the one the workers last loaded, and retraining
+spool's free space against its reserve, the model configured and the champion the workers run, and retraining
 (the schedule, which process runs it, the last run with its outcome and reason, a run in progress with its step).
 Each condition that needs someone's attention is listed as a problem, with what to do.
 
@@ -52,13 +52,13 @@ class DatabaseCounts:
     expired: int | None
     recent_failures: int | None
     forwards: dict[str, int]
-    loaded: Any
+    champion: Any
     last_precision: str | None
 
 
 def read_counts(engine: Engine, now: dt.datetime) -> DatabaseCounts:
-    """Instances by state, the oldest queued one, expired leases, recent failures, forwards by state, the model the
-    workers last loaded and the precision of the last prediction."""
+    """Instances by state, the oldest queued one, expired leases, recent failures, forwards by state, the
+    champion the workers run and the precision of the last prediction."""
     with db.read_session(engine) as session:
         by_state = dict(session.execute(select(db.Instance.status, func.count()).group_by(db.Instance.status)).all())
         oldest_queued = session.scalar(select(func.min(db.Instance.received_at)).where(db.Instance.status == db.QUEUED))
@@ -71,15 +71,15 @@ def read_counts(engine: Engine, now: dt.datetime) -> DatabaseCounts:
             )
         )
         forwards = dict(session.execute(select(db.Forward.state, func.count()).group_by(db.Forward.state)).all())
-        loaded = session.execute(
-            select(db.ModelVersion.version, db.ModelVersion.sha256, db.ModelVersion.registered_at)
-            .order_by(db.ModelVersion.registered_at.desc(), db.ModelVersion.id.desc())
-            .limit(1)
+        champion = session.execute(
+            select(db.ModelVersion.version, db.ModelVersion.sha256, db.ModelVersion.registered_at).where(
+                db.ModelVersion.state == db.MODEL_CHAMPION
+            )
         ).first()
         last_precision = session.scalar(
             select(db.PredictionRecord.precision).order_by(db.PredictionRecord.id.desc()).limit(1)
         )
-    return DatabaseCounts(by_state, oldest_queued, expired, recent_failures, forwards, loaded, last_precision)
+    return DatabaseCounts(by_state, oldest_queued, expired, recent_failures, forwards, champion, last_precision)
 
 
 def _problems(
@@ -143,7 +143,7 @@ def collect(engine: Engine, settings: Settings, max_queue_age: float, now: dt.da
     with db.read_session(engine) as session:
         retrain = retraining.status(session, settings, now)
     problems += retraining.status_problems(retrain)
-    by_state, forwards, loaded = counts.by_state, counts.forwards, counts.loaded
+    by_state, forwards, champion = counts.by_state, counts.forwards, counts.champion
     return {
         "instances": {state: int(by_state.get(state, 0)) for state in (db.QUEUED, db.PROCESSING, *db.TERMINAL_STATES)},
         "oldest_queued_seconds": round(queued_for, 1) if queued_for is not None else None,
@@ -156,12 +156,12 @@ def collect(engine: Engine, settings: Settings, max_queue_age: float, now: dt.da
         "model": {
             "path": str(model_path),
             "present": model_present,
-            "last_loaded": {
-                "version": loaded.version,
-                "sha256": loaded.sha256,
-                "registered_at": loaded.registered_at.isoformat(),
+            "champion": {
+                "version": champion.version,
+                "sha256": champion.sha256,
+                "registered_at": champion.registered_at.isoformat(),
             }
-            if loaded is not None
+            if champion is not None
             else None,
             "precision": {"configured": settings.model.precision, "last_used": counts.last_precision},
         },
@@ -176,7 +176,7 @@ def format_text(status: Mapping[str, Any]) -> str:
     forwards = status["forwards"]
     spool_info = status["spool"]
     model = status["model"]
-    loaded = model["last_loaded"]
+    champion = model["champion"]
     lines = [
         f"instances: {counts['queued']} queued"
         + (f" (oldest {oldest:.0f} s)" if oldest is not None else "")
@@ -187,10 +187,10 @@ def format_text(status: Mapping[str, Any]) -> str:
         f"model: {model['path']}"
         + ("" if model["present"] else " (missing)")
         + (
-            f"; last loaded by a worker: {loaded['version']} (sha256 {loaded['sha256'][:12]}) at "
-            f"{loaded['registered_at']}"
-            if loaded
-            else "; no worker has loaded a model yet"
+            f"; the workers run the champion {champion['version']} (sha256 {champion['sha256'][:12]}, registered "
+            f"{champion['registered_at']})"
+            if champion
+            else "; no champion yet (no worker has loaded a model)"
         ),
         f"precision: {model['precision']['configured']} configured"
         + (f", last prediction in {model['precision']['last_used']}" if model["precision"]["last_used"] else ""),

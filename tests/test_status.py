@@ -9,8 +9,9 @@ import json
 
 from conftest import chest_dataset, free_port, write_config
 
-from cxr_triage import db, jobqueue
+from cxr_triage import db, jobqueue, registry
 from cxr_triage.cli import main
+from cxr_triage.testing import peers
 
 
 def status(capsys, config, *extra: str) -> tuple[int, dict]:
@@ -28,7 +29,7 @@ def test_a_healthy_pipeline_has_no_problems(harness, capsys) -> None:
     assert report["instances"] == {"queued": 0, "processing": 0, "done": 1, "refused": 1, "failed": 0}
     assert report["oldest_queued_seconds"] is None
     assert report["model"]["present"] is True
-    assert report["model"]["last_loaded"]["version"] == "tiny-test"
+    assert report["model"]["champion"]["version"] == "tiny-test"
     assert report["spool"]["free_mb"] > report["spool"]["reserve_mb"]
     assert main(["status", "--config", str(config)]) == 0
     text = capsys.readouterr().out
@@ -48,7 +49,7 @@ def test_each_problem_is_named_with_what_to_do(make_harness, capsys) -> None:
     assert report["model"] == {
         "path": harness.config["model"]["path"],
         "present": False,
-        "last_loaded": None,
+        "champion": None,
         "precision": {"configured": "auto", "last_used": None},
     }
 
@@ -107,3 +108,17 @@ def test_status_does_not_load_torch(harness) -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "False 0", done.stdout + done.stderr
+
+
+def test_the_model_shown_is_the_champion_not_a_newer_candidate(harness, capsys) -> None:
+    assert harness.send([chest_dataset(seed=3)]) == [0]
+    assert harness.work() == 1
+    candidate = peers.make_tiny_checkpoint(harness.tmp / "candidate.pt", "tiny-candidate")
+    registry.register_candidate(
+        harness.sessions, candidate, parent_id=None, training_data={}, config={}, metrics={"accuracy": 0.5}
+    )
+    config = write_config(harness.tmp / "cxr.toml", harness.config)
+    code, report = status(capsys, config)
+    assert report["model"]["champion"]["version"] == "tiny-test"
+    assert main(["status", "--config", str(config)]) == code
+    assert "the workers run the champion tiny-test" in capsys.readouterr().out
