@@ -215,13 +215,13 @@ class HealthChecker:
                 )
             version, registered_at = reading.configured
             return Check(True, f"{version} (sha256 {sha256[:12]}) loaded by a worker since {registered_at.isoformat()}")
-        loaded = reading.counts.loaded
-        if loaded is None:
-            return Check(False, "no checkpoint on this host and no worker has loaded a model")
+        champion = reading.counts.champion
+        if champion is None:
+            return Check(False, "no checkpoint on this host and no champion model registered by a worker")
         return Check(
             True,
-            f"the checkpoint is not on this host; a worker loaded {loaded.version} (sha256 {loaded.sha256[:12]}) "
-            f"at {loaded.registered_at.isoformat()}",
+            f"the checkpoint is not on this host; the workers run the champion {champion.version} (sha256 "
+            f"{champion.sha256[:12]}, registered {champion.registered_at.isoformat()})",
         )
 
     def _spool(self) -> Check:

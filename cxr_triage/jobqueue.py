@@ -236,6 +236,26 @@ def _fail_abandoned(session: Session, now: dt.datetime, max_attempts: int) -> in
     return int(abandoned or 0)
 
 
+def _claimable_ids(session: Session, now: dt.datetime, limit: int) -> list[int]:
+    """The ids to claim, locked: one job whose worker died with it, alone (module docstring); else up to ``limit``
+    queued or lease-expired jobs, oldest first."""
+    claimable = or_(
+        db.Instance.status == db.QUEUED,
+        (db.Instance.status == db.PROCESSING) & (db.Instance.lease_until < now),
+    )
+    for condition, count in ((claimable & (db.Instance.interruptions > 0), 1), (claimable, limit)):
+        ids = session.scalars(
+            select(db.Instance.id)
+            .where(condition)
+            .order_by(db.Instance.id)
+            .limit(count)
+            .with_for_update(skip_locked=True)
+        ).all()
+        if ids:
+            return list(ids)
+    return []
+
+
 def claim(
     sessions: sessionmaker[Session],
     worker_id: str,
@@ -251,25 +271,7 @@ def claim(
     now = now or db.utcnow()
     with sessions() as session, session.begin():
         _fail_abandoned(session, now, max_attempts)
-        claimable = or_(
-            db.Instance.status == db.QUEUED,
-            (db.Instance.status == db.PROCESSING) & (db.Instance.lease_until < now),
-        )
-        ids = session.scalars(  # a job whose worker died with it comes alone (module docstring)
-            select(db.Instance.id)
-            .where(claimable, db.Instance.interruptions > 0)
-            .order_by(db.Instance.id)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        ).all()
-        if not ids:
-            ids = session.scalars(
-                select(db.Instance.id)
-                .where(claimable)
-                .order_by(db.Instance.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            ).all()
+        ids = _claimable_ids(session, now, limit)
         if not ids:
             return []
         session.execute(

@@ -167,7 +167,8 @@ def test_healthz_passes_then_fails_naming_each_check(make_harness) -> None:
     without = make_harness(model=None)
     code, report = healthz(client(without.settings, without.engine))
     assert (code, report["failing"]) == (503, ["model"])
-    assert report["checks"]["model"]["detail"] == "no checkpoint on this host and no worker has loaded a model"
+    detail = report["checks"]["model"]["detail"]
+    assert detail == "no checkpoint on this host and no champion model registered by a worker"
 
 
 def test_a_database_that_is_gone_fails_healthz_and_zeroes_database_up(harness) -> None:
@@ -264,3 +265,12 @@ def test_postgresql_metrics_and_a_locked_table(tmp_path: Path, tiny_model: Path,
             wait_until(lambda: healthz(web)[0] == 200, 60, "healthz to pass once the lock is gone")
         finally:
             engine.dispose()
+
+
+def test_healthz_on_a_host_without_the_checkpoint_names_the_champion(harness) -> None:
+    assert harness.send([chest_dataset(seed=4)]) == [0]
+    assert harness.work() == 1
+    elsewhere = harness.settings.with_values(model={"path": str(harness.tmp / "not-on-this-host.pt")})
+    code, report = healthz(client(elsewhere, harness.engine))
+    assert report["checks"]["model"]["ok"] is True, report
+    assert "the workers run the champion tiny-test" in report["checks"]["model"]["detail"]
