@@ -298,7 +298,7 @@ def claim(
             .order_by(db.Instance.id)
         ).all()
     return [
-        ClaimedJob(r.id, r.sop_instance_uid, r.study_instance_uid, r.spool_path, r.attempts, r.interruptions or 0)
+        ClaimedJob(r.id, r.sop_instance_uid, r.study_instance_uid, r.spool_path, r.attempts, r.interruptions)
         for r in rows
     ]
 
@@ -354,6 +354,10 @@ def release(sessions: sessionmaker[Session], claimed_by: str | Sequence[str]) ->
     return count
 
 
+EARLIER_RUN_DIED = "a worker process of an earlier run ended abnormally (killed or crashed)"
+"""The cause recorded for jobs that a start-up finds held by a dead worker process of this host."""
+
+
 def release_dead_local_workers(
     sessions: sessionmaker[Session], max_attempts: int | None = None, cause: str = "the worker process died"
 ) -> int:
@@ -392,7 +396,7 @@ def interrupted(sessions: sessionmaker[Session], owners: Sequence[str], max_atte
             .with_for_update()
         ).all()
         for row in rows:
-            row.interruptions = (row.interruptions or 0) + 1
+            row.interruptions += 1
             error = f"{cause} while processing this file (attempt {row.attempts} of {max_attempts})"
             if row.attempts >= max_attempts and row.interruptions >= row.attempts:
                 error = f"crashed the worker: {cause} on each of the {row.attempts} attempts to process this file"

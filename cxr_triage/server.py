@@ -54,11 +54,7 @@ def recover(settings: Settings, engine: Engine) -> None:
     sessions = db.session_factory(engine)
     spool.remove_stale_temporaries(settings.storage.spool_dir)
     recovered = jobqueue.enqueue_orphans(settings.storage.spool_dir, sessions)
-    released = jobqueue.release_dead_local_workers(
-        sessions,
-        settings.worker.max_attempts,
-        "a worker process of an earlier run ended abnormally (killed or crashed)",
-    )
+    released = jobqueue.release_dead_local_workers(sessions, settings.worker.max_attempts, jobqueue.EARLIER_RUN_DIED)
     if recovered or released:
         logger.warning("recovery: %d spool file(s) enqueued, %d job(s) of dead workers released", recovered, released)
     srfiles.settle_pending(settings.storage.sr_dir, sessions)

@@ -337,8 +337,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _work(args: argparse.Namespace, context: Context) -> int:
     sessions = db.session_factory(context.db)
-    cause = "a worker process of an earlier run ended abnormally (killed or crashed)"
-    jobqueue.release_dead_local_workers(sessions, context.settings.worker.max_attempts, cause)
+    jobqueue.release_dead_local_workers(sessions, context.settings.worker.max_attempts, jobqueue.EARLIER_RUN_DIED)
     srfiles.settle_pending(context.settings.storage.sr_dir, sessions)
     ws = context.settings.worker
     _, threads = worker_layout(1, ws.threads, available_cores(), cuda=False)  # this one process has every core
