@@ -65,7 +65,8 @@ def test_peers_bench_reports_every_receiver_stage_and_target(tmp_path: Path) -> 
     ]
     for name in receivers:
         rate, cpu, share, recorded = rows[name]
-        assert float(rate) > 0 and float(cpu) > 0 and share.endswith("%"), rows[name]
+        # CPU comes from /proc in clock ticks (10 ms): 4 small images may all fit in one tick, printed as 0 ms.
+        assert float(rate) > 0 and float(cpu) >= 0 and share.endswith("%"), rows[name]
         assert recorded == "4/4", (name, out)
     assert rows["Orthanc (store + index)"][2].strip() == "100 %"
     stages = ["receive", "C-STORE handler (parse, sha256)", "spool write", "database insert (listener)"]
