@@ -178,10 +178,10 @@ def raw_values(
 class Autoencoder(nn.Module):
     """Encoder and decoder, with the features the gate scores."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, input_norm: str = "none") -> None:
         super().__init__()
         self.width = width
-        self.encoder = Encoder(width)
+        self.encoder = Encoder(width, input_norm)
         self.decoder = Decoder(width)
 
     @torch.inference_mode()
@@ -190,7 +190,8 @@ class Autoencoder(nn.Module):
         return self.measures_with_grad(x)
 
     def measures_with_grad(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = x.float()
+        x = self.encoder.normalise(x.float())
+        h = x
         stages: list[torch.Tensor] = []
         for layer in self.encoder:
             h = layer(h)
@@ -282,6 +283,7 @@ class TypicalityGate:
             "format": FORMAT,
             "version": self.version,
             "width": self.network.width,
+            "input_norm": self.network.encoder.input_norm,
             "encoder": {k: v.half() for k, v in self.network.encoder.state_dict().items()},
             "decoder": {k: v.half() for k, v in self.network.decoder.state_dict().items()},
             "gaussians": {k: g.state() for k, g in self.gaussians.items()},
@@ -343,7 +345,7 @@ def load_gate(
         raise GateError(f"{path} is not a typicality gate file ({type(exc).__name__}: {exc})") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise GateError(f"{path} is not a typicality gate file ({FORMAT})")
-    network = Autoencoder(int(state["width"]))
+    network = Autoencoder(int(state["width"]), str(state.get("input_norm", "none")))
     network.encoder.load_state_dict({k: v.float() for k, v in state["encoder"].items()})
     network.decoder.load_state_dict({k: v.float() for k, v in state["decoder"].items()})
     return TypicalityGate(

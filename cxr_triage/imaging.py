@@ -30,6 +30,42 @@ def to_model_batch(images01: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tens
     return x.clamp_(0.0, 1.0).expand(-1, 3, -1, -1).contiguous()
 
 
+INPUT_NORMS: tuple[str, ...] = ("none", "equalise")
+"""Per-image intensity normalisations a model can declare (``ModelSpec.input_norm``); ``none`` is the paper's."""
+
+
+def equalise(x: torch.Tensor) -> torch.Tensor:
+    """Per-image histogram equalisation of a (N, C, H, W) batch of grey images (all channels equal), in float32.
+
+    Every pixel becomes its mid-rank among the image's pixels, scaled into (0, 1): ``(below + at_or_below) / 2N``.
+    Ranks do not change under any increasing transform of the intensities, so a window of another width, a
+    percentile window, a gamma curve or another bit depth of the same radiograph gives (nearly) the same output;
+    only pixels that a narrower window clips together, and the quantisation of the input, still differ. Tied
+    pixels share one value (no order by position is made up). Equalising twice changes nothing.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"expected a (N, C, H, W) batch, got {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    values = x[:, 0].reshape(n, h * w).float().contiguous()
+    ordered = values.sort(dim=1).values
+    below = torch.searchsorted(ordered, values, right=False)
+    at_or_below = torch.searchsorted(ordered, values, right=True)
+    ranks = (below + at_or_below).to(torch.float32).mul_(0.5 / (h * w))
+    out = ranks.view(n, 1, h, w).expand(n, c, h, w)
+    if c > 1 and x.is_contiguous(memory_format=torch.channels_last):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out.contiguous()
+
+
+def normalise(x: torch.Tensor, input_norm: str) -> torch.Tensor:
+    """The per-image intensity normalisation ``input_norm`` names (``INPUT_NORMS``) applied to a model batch."""
+    if input_norm == "none":
+        return x
+    if input_norm == "equalise":
+        return equalise(x)
+    raise ValueError(f"unknown input normalisation {input_norm!r}; expected one of {', '.join(INPUT_NORMS)}")
+
+
 def to_model_input(image01: np.ndarray | torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
     """Resize one (H, W) grey image already scaled to [0, 1] to a (3, size, size) float32 tensor."""
     t = torch.as_tensor(image01, dtype=torch.float32)

@@ -83,7 +83,7 @@ class Predictor:
         if self.precision != "bfloat16":
             return self.model.sequence(x)
         layers = list(self.model.encoder)
-        h = layers[1](layers[0](x))  # convolution + ReLU, float32
+        h = layers[1](layers[0](self.model.encoder.normalise(x)))  # normalisation, convolution + ReLU, float32
         with autocast(self.device, self.precision):
             for layer in layers[2:]:
                 h = layer(h)

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from cxr_triage.imaging import INPUT_NORMS, normalise
+
 HEADS: tuple[str, ...] = ("lstm1_dense2", "lstm3_dense2", "lstm1_dense3", "dense5")
 """Classification heads of Table 4. ``lstm1_dense2`` is the paper's proposed head."""
 
@@ -39,17 +41,22 @@ class ModelSpec:
     """Everything needed to rebuild a classifier or autoencoder.
 
     ``width`` is the number of filters of the first convolution (64 in the paper); the other layers scale with
-    it. Tests use small widths so that a whole pipeline runs on a CPU in seconds.
+    it. Tests use small widths so that a whole pipeline runs on a CPU in seconds. ``input_norm`` is the per-image
+    intensity normalisation the encoder applies to its input first (``cxr_triage.imaging.normalise``): ``none``
+    (the paper, and every checkpoint written before it existed) or ``equalise``.
     """
 
     head: str = DEFAULT_HEAD
     width: int = 64
     num_classes: int = 3
     dense_units: int = 64
+    input_norm: str = "none"
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r}; expected one of {', '.join(HEADS)}")
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"unknown input_norm {self.input_norm!r}; expected one of {', '.join(INPUT_NORMS)}")
         if self.width < 1 or self.num_classes < 2 or self.dense_units < 1:
             raise ValueError(f"invalid model spec {self!r}")
 
@@ -67,7 +74,7 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> ModelSpec:
-        known = {k: data[k] for k in ("head", "width", "num_classes", "dense_units") if k in data}
+        known = {k: data[k] for k in ("head", "width", "num_classes", "dense_units", "input_norm") if k in data}
         return cls(**known)  # type: ignore[arg-type]
 
 
@@ -85,9 +92,13 @@ def he_initialise(module: nn.Module) -> None:
 
 
 class Encoder(nn.Sequential):
-    """Table 1: six 3x3 convolutions and five 2x2 max-pools, 224x224x3 -> 7x7x(8*width)."""
+    """Table 1: six 3x3 convolutions and five 2x2 max-pools, 224x224x3 -> 7x7x(8*width).
 
-    def __init__(self, width: int = 64) -> None:
+    With ``input_norm`` other than ``none`` the input is normalised first (``normalise``); the layers themselves
+    are those of the table, so iterating over the encoder yields them alone.
+    """
+
+    def __init__(self, width: int = 64, input_norm: str = "none") -> None:
         c1, c2, c3, c4, c5 = ModelSpec(width=width).channels
         super().__init__(
             *_conv(3, c1),
@@ -102,7 +113,15 @@ class Encoder(nn.Sequential):
             *_conv(c4, c5),
             nn.MaxPool2d(2),
         )
+        self.input_norm = ModelSpec(width=width, input_norm=input_norm).input_norm
         he_initialise(self)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's input normalisation alone (identity for ``none``)."""
+        return normalise(x, self.input_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.normalise(x))
 
 
 class Decoder(nn.Sequential):
@@ -125,15 +144,23 @@ class Decoder(nn.Sequential):
 
 
 class ConvAutoencoder(nn.Module):
-    """The CAE of §3.1: ``y = D(E(x))``, trained with MSE against ``x``."""
+    """The CAE of §3.1: ``y = D(E(x))``, trained with MSE against ``x`` (normalised as the encoder normalises it).
 
-    def __init__(self, width: int = 64) -> None:
+    The layers are fully convolutional: any side that is a multiple of 32 works (training may run most epochs at
+    a lower resolution).
+    """
+
+    def __init__(self, width: int = 64, input_norm: str = "none") -> None:
         super().__init__()
-        self.encoder = Encoder(width)
+        self.encoder = Encoder(width, input_norm)
         self.decoder = Decoder(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
+
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        """What the reconstruction is compared with: the input as the encoder sees it."""
+        return self.encoder.normalise(x)
 
 
 class _LSTMSequence(nn.Module):
@@ -178,7 +205,7 @@ class CAEClassifier(nn.Module):
     def __init__(self, spec: ModelSpec | None = None) -> None:
         super().__init__()
         self.spec = spec or ModelSpec()
-        self.encoder = Encoder(self.spec.width)
+        self.encoder = Encoder(self.spec.width, self.spec.input_norm)
         self.head = build_head(self.spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -68,9 +68,10 @@ def tiny_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _encoder_file(path: Path, width: int = 4) -> dict[str, torch.Tensor]:
+    """An encoder file as pretrain writes it (the flags' default normalisation, equalise)."""
     torch.manual_seed(123)
-    state = CAEClassifier(ModelSpec(width=width, dense_units=8)).encoder.state_dict()
-    torch.save({"format": commands.ENCODER_FORMAT, "width": width, "state_dict": state}, path)
+    state = CAEClassifier(ModelSpec(width=width, dense_units=8, input_norm="equalise")).encoder.state_dict()
+    torch.save({"format": commands.ENCODER_FORMAT, "width": width, "input_norm": "equalise", "state_dict": state}, path)
     return state
 
 

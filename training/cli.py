@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cxr_triage.imaging import INPUT_NORMS
 from cxr_triage.model import DEFAULT_HEAD, HEADS
 from training.pack import DEFAULT_MAX_MIB
 
@@ -60,6 +61,13 @@ def _model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=int, default=64, help="filters of the first convolution (paper 64)")
     g.add_argument("--dense-units", type=int, default=64, help="units of the hidden Dense layer(s) (paper 64)")
     g.add_argument("--head", default=DEFAULT_HEAD, choices=HEADS, help=f"Table 4 head (paper: {DEFAULT_HEAD})")
+    g.add_argument(
+        "--input-norm",
+        default="equalise",
+        choices=INPUT_NORMS,
+        help="per-image intensity normalisation the encoder applies first: equalise (histogram equalisation, the "
+        "same input whatever window, gamma or bit depth the radiograph was rendered with) or none (the paper)",
+    )
     g.add_argument("--model-version", default="cae-lstm-dev", help="model_version written into the checkpoint")
 
 
@@ -68,6 +76,22 @@ def _pretrain(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrain-epochs", type=int, default=15, help="maximum epochs (paper: not stated)")
     g.add_argument("--pretrain-lr", type=float, default=1e-3, help="Adam learning rate (paper 0.01)")
     g.add_argument("--pretrain-batch-size", type=int, default=64, help="batch size")
+    g.add_argument(
+        "--pretrain-size",
+        type=int,
+        default=224,
+        help="side the autoencoder trains at (a multiple of 32; validation is always at 224): lower is cheaper",
+    )
+    g.add_argument(
+        "--init-autoencoder",
+        default=None,
+        help="committed autoencoder (encoder + decoder, fp16) to continue from, with fresh Adam moments",
+    )
+    g.add_argument(
+        "--export-autoencoder",
+        default=None,
+        help="write the autoencoder with its whole history here whenever this run beats --init-autoencoder",
+    )
 
 
 def _finetune(p: argparse.ArgumentParser) -> None:

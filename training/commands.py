@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -35,6 +36,14 @@ from cxr_triage import CLASS_NAMES
 from cxr_triage.checkpoint import ModelCard, load_classifier, save_classifier
 from cxr_triage.model import HEADS, CAEClassifier, ConvAutoencoder, ModelSpec, keras_parameter_count
 from training import data as data_mod
+from training.autoencoder import FORMAT as AUTOENCODER_FORMAT
+from training.autoencoder import (
+    AutoencoderArtefact,
+    AutoencoderFileError,
+    load_autoencoder,
+    save_autoencoder,
+    split_state,
+)
 from training.data import independence_weights
 from training.engine import (
     Deadline,
@@ -43,6 +52,7 @@ from training.engine import (
     Inputs,
     Runtime,
     check_replicas_agree,
+    cpu_model_name,
     cpu_state_dict,
     evaluate,
     evaluate_cae,
@@ -148,16 +158,22 @@ def _state_fields(fit_state: FitState, score_key: str, best_key: str) -> dict[st
 def run_pretrain(
     args: argparse.Namespace, rt: Runtime, data: data_mod.ImageSet, deadline: Deadline | None = None
 ) -> PretrainResult:
-    """Train the convolutional autoencoder (MSE, Adam) on the training split's images, labels unused."""
+    """Train the convolutional autoencoder (MSE, Adam) on the training split's images, labels unused.
+
+    One call is one *stretch* (``training.autoencoder``): it may start from a committed artefact
+    (``--init-autoencoder``) and writes it back (``--export-autoencoder``) when it improved on it.
+    """
     out = Path(args.out)
     state_path, encoder_path = out / "pretrain_state.pt", out / "encoder.pt"
     seed_everything(args.seed, rt.rank)
-    model = rt.prepare(ConvAutoencoder(args.width))
+    model = rt.prepare(ConvAutoencoder(args.width, args.input_norm))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.pretrain_lr, fused=rt.device.type == "cuda")
+    stretch = _Stretch.start(args, rt, unwrap(model))
     resume = None
     if args.resume and state_path.is_file():
         state = load_state(state_path)
-        resume = _fit_state(state, "best_mse", "best_encoder")
+        resume = _fit_state(state, "best_mse", "best_autoencoder")
+        stretch.restore(state)
         if resume.epoch >= args.pretrain_epochs and encoder_path.is_file():
             logger.info("pretraining already ran %d epochs in %s; keeping %s", resume.epoch, state_path, encoder_path)
             return PretrainResult(encoder_path, resume.history, 0.0, 0.0, resume.best_score, resume.epoch, True)
@@ -170,32 +186,37 @@ def run_pretrain(
         pick = torch.randperm(len(val_idx), generator=torch.Generator().manual_seed(args.seed))[:VAL_CAE_IMAGES]
         val_idx = val_idx[pick.to(val_idx.device)]
     net = rt.wrap(model)
-    inputs = image_inputs(data, rt, args.augment, args.augment and args.source_cues)
+    inputs = image_inputs(
+        data, rt, args.augment, args.augment and args.source_cues, size=args.pretrain_size, input_norm=args.input_norm
+    )
     t0 = time.perf_counter()
 
     def train_epoch(epoch: int, limit: Deadline | None) -> EpochStats:
         return train_one_epoch(
             net, optimizer, inputs, train_idx, rt, criterion=reconstruction_loss,
-            batch_size=args.pretrain_batch_size, seed=args.seed, epoch=epoch, deadline=limit,
+            batch_size=args.pretrain_batch_size, seed=args.seed + stretch.number, epoch=epoch, deadline=limit,
         )  # fmt: skip
 
     def validate() -> Validation:
         mse = evaluate_cae(unwrap(net), data, val_idx, rt, args.eval_batch_size)
-        return Validation(mse, {"val_mse": mse})
+        return Validation(mse, {"val_mse": mse, "size": args.pretrain_size})
 
     def save(fit_state: FitState) -> None:
         save_state(state_path, {"model": cpu_state_dict(net), "optimizer": optimizer.state_dict(),
-                                **_state_fields(fit_state, "best_mse", "best_encoder"), "args": plain_args(args),
-                                "rng": rng_state()})  # fmt: skip
+                                **_state_fields(fit_state, "best_mse", "best_autoencoder"), "args": plain_args(args),
+                                "rng": rng_state(), "stretch": stretch.state()})  # fmt: skip
+        stretch.export(fit_state)
 
     phase = Phase("pretrain", args.pretrain_epochs, checkpoint_seconds=args.checkpoint_seconds)
-    result = fit(phase, rt, train_epoch, validate, lambda: cpu_state_dict(unwrap(net).encoder), save, deadline, resume)
+    result = fit(phase, rt, train_epoch, validate, lambda: cpu_state_dict(unwrap(net)), save, deadline, resume)
     check_replicas_agree(net, rt, "pretrain")
     state = result.state
-    best_encoder = state.best if state.best is not None else cpu_state_dict(unwrap(net).encoder)
+    best = state.best if state.best is not None else cpu_state_dict(unwrap(net))
+    best_encoder, _ = split_state(best)
     if rt.is_main:
-        encoder = {"format": ENCODER_FORMAT, "width": args.width, "state_dict": best_encoder,
-                   "history": state.history, "best_val_mse": state.best_score, "args": plain_args(args)}  # fmt: skip
+        encoder = {"format": ENCODER_FORMAT, "width": args.width, "input_norm": args.input_norm,
+                   "state_dict": best_encoder, "history": state.history, "best_val_mse": state.best_score,
+                   "args": plain_args(args)}  # fmt: skip
         save_state(encoder_path, encoder)
         save(state)
         logger.info("encoder (val MSE %.5f after %d epochs) saved to %s", state.best_score, state.epoch, encoder_path)
@@ -207,12 +228,98 @@ def run_pretrain(
     )
 
 
+@dataclass
+class _Stretch:
+    """This pretraining run as one stretch of the committed autoencoder's history (``training.autoencoder``)."""
+
+    args: argparse.Namespace
+    base: AutoencoderArtefact | None
+    row: dict[str, Any]
+    started: float
+
+    @property
+    def number(self) -> int:
+        return len(self.base.stretches) if self.base is not None else 0
+
+    @classmethod
+    def start(cls, args: argparse.Namespace, rt: Runtime, model: ConvAutoencoder) -> _Stretch:
+        base = None
+        if args.init_autoencoder:
+            try:
+                base = load_autoencoder(args.init_autoencoder)
+                base.load_into(model)
+            except AutoencoderFileError as exc:
+                raise SystemExit(str(exc)) from exc
+            logger.info(
+                "pretraining continues %s: %d epochs over %d stretches, val MSE %.5f (fresh Adam moments)",
+                args.init_autoencoder, base.epochs, len(base.stretches), base.best_val_mse,
+            )  # fmt: skip
+        row = {
+            "stretch": len(base.stretches) if base is not None else 0,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": cpu_model_name(),
+            "device": rt.device_name,
+            "precision": rt.precision,
+            "size": args.pretrain_size,
+            "lr": args.pretrain_lr,
+            "batch_size": args.pretrain_batch_size,
+            "augment": bool(args.augment),
+            "from_artefact": args.init_autoencoder is not None,
+            "fresh_optimizer_moments": args.init_autoencoder is not None,
+            "wall_seconds": 0.0,
+        }
+        return cls(args, base, row, time.monotonic())
+
+    def state(self) -> dict[str, Any]:
+        return {**self.row, "wall_seconds": self.row["wall_seconds"] + time.monotonic() - self.started}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if "stretch" in state:
+            self.row = dict(state["stretch"])
+
+    def export(self, fit_state: FitState) -> None:
+        """Write the artefact when this stretch's best beats the one it started from (or there was none)."""
+        if not self.args.export_autoencoder or fit_state.best is None:
+            return
+        floor = self.base.best_val_mse if self.base is not None else math.inf
+        if fit_state.best_score >= floor:
+            logger.info("autoencoder not exported: val MSE %.5f is not below %.5f", fit_state.best_score, floor)
+            return
+        encoder, decoder = split_state(fit_state.best)
+        n = self.number
+        rows = [{"stretch": n, **r, "epoch": (self.base.epochs if self.base else 0) + r["epoch"]}
+                for r in fit_state.history]  # fmt: skip
+        stretch = {**self.state(), "epochs": fit_state.epoch, "best_val_mse": fit_state.best_score}
+        save_autoencoder(
+            self.args.export_autoencoder,
+            AutoencoderArtefact(
+                width=self.args.width,
+                input_norm=self.args.input_norm,
+                encoder=encoder,
+                decoder=decoder,
+                best_val_mse=fit_state.best_score,
+                history=(self.base.history if self.base else []) + rows,
+                stretches=(self.base.stretches if self.base else []) + [stretch],
+            ),
+        )
+        logger.info("autoencoder exported to %s (val MSE %.5f)", self.args.export_autoencoder, fit_state.best_score)
+
+
 def load_encoder(model: CAEClassifier, path: str | os.PathLike[str]) -> None:
+    """The encoder of ``encoder.pt`` (pretrain's output) or of a committed autoencoder artefact."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(payload, dict) and payload.get("format") == AUTOENCODER_FORMAT:
+        payload = {"format": ENCODER_FORMAT, "width": payload["width"], "input_norm": payload["input_norm"],
+                   "state_dict": {k: v.float() for k, v in payload["encoder"].items()}}  # fmt: skip
     if not isinstance(payload, dict) or payload.get("format") != ENCODER_FORMAT:
         raise SystemExit(f"{path}: not a {ENCODER_FORMAT} file (write one with `python -m training pretrain`)")
     if payload["width"] != model.spec.width:
         raise SystemExit(f"{path}: encoder width {payload['width']} but the classifier has width {model.spec.width}")
+    norm = payload.get("input_norm", "none")
+    if norm != model.spec.input_norm:
+        raise SystemExit(
+            f"{path}: encoder trained with input_norm {norm!r}, the classifier has {model.spec.input_norm!r}"
+        )
     model.encoder.load_state_dict(payload["state_dict"])
 
 
@@ -277,7 +384,7 @@ def run_finetune(
     phases: phase 1 may use ``args.phase1_share`` of what remains once its features exist.
     """
     out = Path(out or args.out)
-    spec = ModelSpec(head=head or args.head, width=args.width, dense_units=args.dense_units)
+    spec = ModelSpec(head=head or args.head, width=args.width, dense_units=args.dense_units, input_norm=args.input_norm)
     state_path, model_path = out / "finetune_state.pt", out / "model.pt"
     seed_everything(args.seed, rt.rank)
     model = CAEClassifier(spec)

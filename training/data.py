@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from cxr_triage import CLASS_NAMES
-from cxr_triage.imaging import IMAGE_SIZE, to_model_batch, uint8_to_unit
+from cxr_triage.imaging import IMAGE_SIZE, normalise, to_model_batch, uint8_to_unit
 from training.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -409,12 +409,18 @@ def model_inputs(
     augment: bool = False,
     generator: torch.Generator | None = None,
     source_cues: bool = False,
+    size: int = IMAGE_SIZE,
+    input_norm: str = "none",
 ) -> torch.Tensor:
-    """(B, 224, 224) uint8 -> (B, 3, 224, 224) float in [0, 1], augmented when asked, on the images' device."""
+    """(B, 224, 224) uint8 -> (B, 3, size, size) float in [0, 1], augmented when asked, on the images' device.
+
+    ``input_norm`` applies the model's input normalisation here as well (the encoder applies it again, which
+    changes nothing): the autoencoder's target is the normalised image.
+    """
     x = uint8_to_unit(images_u8)[:, None]  # (B, 1, H, W)
     if augment:
         x = augment_batch(x, generator, source_cues=source_cues)
-    return to_model_batch(x)
+    return normalise(to_model_batch(x, size), input_norm)
 
 
 def _uniform(b: int, low: float, high: float, dev: torch.device, gen: torch.Generator | None) -> torch.Tensor:

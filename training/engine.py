@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxr_triage.files import write_atomic
+from cxr_triage.imaging import IMAGE_SIZE
 from cxr_triage.precision import autocast, resolve_precision
 from training.data import ImageSet, epoch_batches, iterate_inputs, model_inputs
 from training.progress import progress_bar
@@ -239,12 +240,19 @@ Inputs = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """Turns a batch of image indices into (model input, labels) on the training device."""
 
 
-def image_inputs(data: ImageSet, rt: Runtime, augment: bool, source_cues: bool = False) -> Inputs:
-    """Model inputs cut from the device-resident images, augmented when asked."""
+def image_inputs(
+    data: ImageSet,
+    rt: Runtime,
+    augment: bool,
+    source_cues: bool = False,
+    size: int = IMAGE_SIZE,
+    input_norm: str = "none",
+) -> Inputs:
+    """Model inputs cut from the device-resident images, augmented when asked, at ``size``, normalised."""
 
     def cut(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = idx.to(data.device, non_blocking=True)
-        x = model_inputs(data.images[idx], augment, source_cues=source_cues)
+        x = model_inputs(data.images[idx], augment, source_cues=source_cues, size=size, input_norm=input_norm)
         return rt.inputs(x), data.labels[idx]
 
     return cut
@@ -308,15 +316,18 @@ def classification_loss(output: torch.Tensor, x: torch.Tensor, y: torch.Tensor) 
 
 @torch.no_grad()
 def evaluate_cae(module: nn.Module, data: ImageSet, indices: torch.Tensor, rt: Runtime, batch_size: int) -> float:
-    """Mean reconstruction MSE over ``indices`` (sharded across ranks, all-reduced)."""
+    """Mean reconstruction MSE over ``indices`` at 224x224 (sharded across ranks, all-reduced), against the input as
+    the encoder sees it (``ConvAutoencoder.target``)."""
     module.eval()
     batches = epoch_batches(indices, batch_size, shuffle=False, rank=rt.rank, world_size=rt.world_size)
     total = torch.zeros((), dtype=torch.float64, device=data.device)
     n = 0
     for x, _ in iterate_inputs(data, batches, augment=False):
+        x = rt.inputs(x)
+        target = module.target(x).float() if hasattr(module, "target") else x
         with rt.autocast():
-            recon = module(rt.inputs(x))
-        total += F.mse_loss(recon.float(), x, reduction="sum").double() / x[0].numel()
+            recon = module(x)
+        total += F.mse_loss(recon.float(), target, reduction="sum").double() / x[0].numel()
         n += x.shape[0]
     s, count = rt.all_sum(total.item(), float(n))
     return s / max(count, 1.0)

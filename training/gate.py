@@ -57,6 +57,11 @@ def encode(network: Autoencoder, images: torch.Tensor, batch_size: int) -> torch
     return torch.cat(out)
 
 
+def _target(network: Autoencoder, images_u8: torch.Tensor) -> torch.Tensor:
+    """The grey channel the decoder reconstructs: the image as the encoder sees it (normalised)."""
+    return network.encoder.normalise(uint8_to_unit(images_u8)[:, None])
+
+
 def train_decoder(
     network: Autoencoder, images: torch.Tensor, val_images: torch.Tensor, epochs: int, batch_size: int, lr: float
 ) -> list[dict[str, float]]:
@@ -68,7 +73,7 @@ def train_decoder(
         started, total, seen = time.monotonic(), 0.0, 0
         network.decoder.train()
         for idx in torch.randperm(codes.shape[0]).split(batch_size):
-            target = uint8_to_unit(images[idx])[:, None]
+            target = _target(network, images[idx])
             loss = (network.decoder(codes[idx])[:, :1] - target).square().mean()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -78,7 +83,7 @@ def train_decoder(
         network.decoder.eval()
         with torch.inference_mode():
             val = sum(
-                float((network.decoder(val_codes[i])[:, :1] - uint8_to_unit(val_images[i])[:, None]).square().sum())
+                float((network.decoder(val_codes[i])[:, :1] - _target(network, val_images[i])).square().sum())
                 for i in torch.arange(val_codes.shape[0]).split(batch_size)
             ) / (val_codes.shape[0] * 224 * 224)
         row = {"epoch": epoch, "train_mse": total / seen, "val_mse": val, "seconds": time.monotonic() - started}
@@ -191,7 +196,7 @@ def _split(data: ImageSet, name: str, limit: int | None, seed: int) -> torch.Ten
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     loaded = load_classifier(args.model)
-    network = Autoencoder(loaded.card.spec.width)
+    network = Autoencoder(loaded.card.spec.width, loaded.card.spec.input_norm)
     network.encoder.load_state_dict(loaded.model.encoder.state_dict())
     network.encoder.requires_grad_(False)
     data = decode_pack(load_pack(args.pack))
