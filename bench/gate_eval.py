@@ -36,8 +36,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cxr_triage.gate import TypicalityGate, load_gate  # noqa: E402
-from cxr_triage.imaging import to_model_input  # noqa: E402
+from cxr_triage.ml.gate import TypicalityGate, load_gate  # noqa: E402
+from cxr_triage.ml.imaging import to_model_input  # noqa: E402
 
 SHARED_DICOM = REPO.parent / "shared" / "data" / "dicom"
 
@@ -67,7 +67,7 @@ def pydicom_images() -> Iterator[tuple[str, np.ndarray]]:
     import pydicom
     from pydicom.data import get_testdata_files
 
-    from cxr_triage.preprocess import decode_unit_image
+    from cxr_triage.ml.preprocess import decode_unit_image
 
     seen: set[str] = set()
     for path in sorted(get_testdata_files()):
@@ -156,7 +156,7 @@ def score_all(gate: TypicalityGate, items: Sequence[tuple[str, np.ndarray]]) -> 
 
 
 def shared_dicom_scores(gate: TypicalityGate) -> list[tuple[str, float]]:
-    from cxr_triage.preprocess import PreparedImage, prepare_path
+    from cxr_triage.ml.preprocess import PreparedImage, prepare_path
 
     out = []
     for path in sorted(SHARED_DICOM.glob("*.dcm")):

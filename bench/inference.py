@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cxr_triage import BUNDLED_MODEL  # noqa: E402
-from cxr_triage.model import CAEClassifier, ModelSpec  # noqa: E402
-from cxr_triage.precision import cpu_has_bf16  # noqa: E402
+from cxr_triage.ml.model import CAEClassifier, ModelSpec  # noqa: E402
+from cxr_triage.ml.precision import cpu_has_bf16  # noqa: E402
 
 CONFIGS = ("fp32", "fp32-cl", "bf16-cl", "bf16-cl-compile")
 
@@ -51,7 +51,7 @@ def load_model(args: argparse.Namespace) -> tuple[CAEClassifier, str]:
     if args.width is not None:
         torch.manual_seed(0)
         return CAEClassifier(ModelSpec(width=args.width)), f"random weights, width {args.width}"
-    from cxr_triage.checkpoint import load_classifier
+    from cxr_triage.ml.checkpoint import load_classifier
 
     path = args.model or BUNDLED_MODEL
     loaded = load_classifier(path)

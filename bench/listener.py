@@ -57,12 +57,13 @@ import torch  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
-from cxr_triage import CLASS_NAMES, db  # noqa: E402
-from cxr_triage.checkpoint import ModelCard, load_classifier, save_classifier  # noqa: E402
-from cxr_triage.inference import Predictor, pick_device  # noqa: E402
-from cxr_triage.model import CAEClassifier, ModelSpec  # noqa: E402
-from cxr_triage.preprocess import PreparedImage, prepare_path  # noqa: E402
-from cxr_triage.settings import ListenerSettings, load_settings  # noqa: E402
+from cxr_triage import CLASS_NAMES  # noqa: E402
+from cxr_triage.core import db  # noqa: E402
+from cxr_triage.core.settings import ListenerSettings, load_settings  # noqa: E402
+from cxr_triage.ml.checkpoint import ModelCard, load_classifier, save_classifier  # noqa: E402
+from cxr_triage.ml.inference import Predictor, pick_device  # noqa: E402
+from cxr_triage.ml.model import CAEClassifier, ModelSpec  # noqa: E402
+from cxr_triage.ml.preprocess import PreparedImage, prepare_path  # noqa: E402
 from cxr_triage.testing import peers, synthetic  # noqa: E402
 
 
@@ -170,8 +171,8 @@ def sr_alone(files: list[Path], model_path: Path) -> float:
     per model, finding and priority, filled per instance: ``cxr_triage.srtemplate``), in this process."""
     import pydicom
 
-    from cxr_triage import sr
-    from cxr_triage.srtemplate import TriageSRBuilder
+    from cxr_triage.outputs import sr
+    from cxr_triage.outputs.srtemplate import TriageSRBuilder
 
     loaded = load_classifier(model_path)
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
@@ -203,7 +204,7 @@ def receive_alone(files: list[Path], senders: int, listener: Any) -> float:
     success) from the same storescu senders: the listener library's own cost, measured in this process."""
     from pynetdicom import evt
 
-    from cxr_triage.listener import build_ae
+    from cxr_triage.dicom.listener import build_ae
 
     ae = build_ae(dataclasses.replace(listener, allowed_calling_aes=()))
     port = peers.free_port()

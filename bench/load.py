@@ -53,7 +53,7 @@ from pydicom.uid import (  # noqa: E402
 )
 from sqlalchemy import select  # noqa: E402
 
-from cxr_triage import db  # noqa: E402
+from cxr_triage.core import db  # noqa: E402
 from cxr_triage.testing import peers, synthetic  # noqa: E402
 
 SYNTAXES = {

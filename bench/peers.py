@@ -91,13 +91,17 @@ import pydicom  # noqa: E402
 import torch  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
-from cxr_triage import BUNDLED_MODEL, db, files, forward, jobqueue, pipeline, spool, worker  # noqa: E402
-from cxr_triage.checkpoint import load_classifier, resolve_model_path  # noqa: E402
-from cxr_triage.inference import pick_device  # noqa: E402
-from cxr_triage.listener import STATUS_SUCCESS, Listener, make_receiver  # noqa: E402
-from cxr_triage.precision import resolve_precision  # noqa: E402
-from cxr_triage.settings import Settings, load_settings  # noqa: E402
+from cxr_triage import BUNDLED_MODEL, files  # noqa: E402
+from cxr_triage.core import db  # noqa: E402
+from cxr_triage.core.settings import Settings, load_settings  # noqa: E402
+from cxr_triage.dicom.listener import STATUS_SUCCESS, Listener, make_receiver  # noqa: E402
+from cxr_triage.ml.checkpoint import load_classifier, resolve_model_path  # noqa: E402
+from cxr_triage.ml.inference import pick_device  # noqa: E402
+from cxr_triage.ml.precision import resolve_precision  # noqa: E402
+from cxr_triage.outputs import forward  # noqa: E402
+from cxr_triage.queue import jobqueue, spool  # noqa: E402
 from cxr_triage.testing import synthetic  # noqa: E402
+from cxr_triage.triage import pipeline, worker  # noqa: E402
 
 TARGET_RATE = 15.0
 """Instances per second the whole pipeline should reach with the shipped model."""

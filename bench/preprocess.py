@@ -32,9 +32,9 @@ import pydicom  # noqa: E402
 import torch  # noqa: E402
 from pydicom.uid import JPEG2000Lossless  # noqa: E402
 
-from cxr_triage import preprocess  # noqa: E402
-from cxr_triage.imaging import to_model_input  # noqa: E402
-from cxr_triage.preprocess import PreparedImage, check_header, prepare_path  # noqa: E402
+from cxr_triage.ml import preprocess  # noqa: E402
+from cxr_triage.ml.imaging import to_model_input  # noqa: E402
+from cxr_triage.ml.preprocess import PreparedImage, check_header, prepare_path  # noqa: E402
 from cxr_triage.testing import synthetic  # noqa: E402
 
 torch.set_num_threads(1)

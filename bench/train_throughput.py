@@ -21,7 +21,7 @@ import torch.nn.functional as F
 # A GPU host runs this from a bare checkout (torch only, the package not installed): find it next to bench/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cxr_triage.model import HEADS, CAEClassifier, ConvAutoencoder, ModelSpec  # noqa: E402
+from cxr_triage.ml.model import HEADS, CAEClassifier, ConvAutoencoder, ModelSpec  # noqa: E402
 from training.data import model_inputs  # noqa: E402
 from training.engine import setup_runtime  # noqa: E402
 

@@ -15,21 +15,27 @@ from collections.abc import Sequence
 from cxr_triage import __version__
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("cxr_triage.server", "run the DICOM listener with its workers (the service itself)"),
-    "send": ("cxr_triage.send", "send DICOM files to the listener (or another DICOM node) with C-STORE"),
-    "results": ("cxr_triage.results", "print what became of each received image, one line per instance"),
-    "status": ("cxr_triage.status", "the pipeline's health: queue, forwards, spool, model; exit 1 on problems"),
-    "classify": ("cxr_triage.classify", "classify DICOM/PNG/JPEG files or folders directly, without the listener"),
+    "serve": ("cxr_triage.commands.serve", "run the DICOM listener with its workers (the service itself)"),
+    "send": ("cxr_triage.commands.send", "send DICOM files to the listener (or another DICOM node) with C-STORE"),
+    "results": ("cxr_triage.commands.results", "print what became of each received image, one line per instance"),
+    "status": (
+        "cxr_triage.commands.status",
+        "the pipeline's health: queue, forwards, spool, model; exit 1 on problems",
+    ),
+    "classify": (
+        "cxr_triage.commands.classify",
+        "classify DICOM/PNG/JPEG files or folders directly, without the listener",
+    ),
     "forward": (
-        "cxr_triage.forward",
+        "cxr_triage.commands.forward",
         "list the results sent to the PACS, RIS and Orthanc, or resend failed ones",
     ),
-    "worker": ("cxr_triage.worker", "run one worker alone (more hosts sharing one PostgreSQL database)"),
-    "web": ("cxr_triage.webcli", "serve the radiologists' worklist page and its JSON API"),
-    "users": ("cxr_triage.users", "add, list or remove the worklist's users"),
-    "db": ("cxr_triage.dbcli", "create or upgrade the database schema (upgrade), or show its revision (current)"),
-    "models": ("cxr_triage.modelscli", "the model registry: list the versions, promote one, roll back"),
-    "retrain": ("cxr_triage.retraincli", "run the retraining job once now (--now), or list its recent runs"),
+    "worker": ("cxr_triage.commands.worker", "run one worker alone (more hosts sharing one PostgreSQL database)"),
+    "web": ("cxr_triage.commands.web", "serve the radiologists' worklist page and its JSON API"),
+    "users": ("cxr_triage.commands.users", "add, list or remove the worklist's users"),
+    "db": ("cxr_triage.commands.db", "create or upgrade the database schema (upgrade), or show its revision (current)"),
+    "models": ("cxr_triage.commands.models", "the model registry: list the versions, promote one, roll back"),
+    "retrain": ("cxr_triage.commands.retrain", "run the retraining job once now (--now), or list its recent runs"),
 }
 """Subcommand -> (module, one-line help). Each module defines ``add_arguments(parser)`` and ``run(args) -> int``."""
 
@@ -134,7 +140,7 @@ def _setup_argparser(args: Sequence[str] | None = None) -> argparse.ArgumentPars
 
 
 def main(args: Sequence[str] | None = None) -> int:
-    """Run ``cxr-triage ARGS``; each subcommand sets up logging and the rest in ``cxr_triage.bootstrap``."""
+    """Run ``cxr-triage ARGS``; each subcommand sets up logging and the rest in ``cxr_triage.core.bootstrap``."""
     parsed = _setup_argparser(args).parse_args(args)
     try:
         status = int(parsed._module.run(parsed))

@@ -7,7 +7,7 @@ so that start-up recovery can remove the ones a crash left behind (``spool.remov
 
 ``write_synced`` is the non-atomic half, for a caller that renames the file into place itself later and whose
 name for it says it is unfinished until then: a Structured Report is renamed only once its row has committed
-(``cxr_triage.srfiles``).
+(``cxr_triage.outputs.srfiles``).
 """
 
 from __future__ import annotations

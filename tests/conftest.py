@@ -40,8 +40,8 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A classifier checkpoint with random weights (ModelSpec(width=4, dense_units=8)): fast, meaningless."""
-    from cxr_triage.checkpoint import ModelCard, save_classifier
-    from cxr_triage.model import CAEClassifier, ModelSpec
+    from cxr_triage.ml.checkpoint import ModelCard, save_classifier
+    from cxr_triage.ml.model import CAEClassifier, ModelSpec
 
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
     model = CAEClassifier(ModelSpec(width=4, dense_units=8))
@@ -51,7 +51,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def config_values(tmp: Path, model: Path | None, **overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The default configuration pointed at ``tmp`` (spool, SRs, SQLite) and ``model``, with ``overrides``."""
-    from cxr_triage.config import load_config, merge
+    from cxr_triage.core.config import load_config, merge
 
     values = {k: dict(v) for k, v in load_config(None, environ={}).values.items()}
     base: dict[str, dict[str, Any]] = {
@@ -145,7 +145,7 @@ class Harness:
     """A migrated database, the running listener and a worker (not running: call ``work``)."""
 
     config: dict[str, dict[str, Any]]
-    settings: Any  # cxr_triage.settings.Settings of ``config``
+    settings: Any  # cxr_triage.core.settings.Settings of ``config``
     engine: Engine
     listener: Any
     worker: Any
@@ -158,7 +158,7 @@ class Harness:
 
     @property
     def sessions(self) -> Any:
-        from cxr_triage import db
+        from cxr_triage.core import db
 
         return db.session_factory(self.engine)
 
@@ -167,15 +167,15 @@ class Harness:
 
     def work(self) -> int:
         """Process the queue, then run the housekeeping once (forwarding, aggregation), as ``serve`` would."""
-        from cxr_triage.housekeeping import Housekeeping
+        from cxr_triage.ops.housekeeping import Housekeeping
 
         done = int(self.worker.run_until_idle())
         Housekeeping(self.settings, self.sessions).run_once()
         return done
 
     def rows(self, **filters: Any) -> list[dict[str, Any]]:
-        from cxr_triage import db
-        from cxr_triage.results import records
+        from cxr_triage.commands.results import records
+        from cxr_triage.core import db
 
         with db.read_session(self.engine) as session:
             return list(records(session, **filters))
@@ -188,8 +188,10 @@ class Harness:
 
 
 def start_harness(tmp: Path, model: Path | None, **overrides: dict[str, Any]) -> Harness:
-    from cxr_triage import db, listener, worker
-    from cxr_triage.settings import Settings
+    from cxr_triage.core import db
+    from cxr_triage.core.settings import Settings
+    from cxr_triage.dicom import listener
+    from cxr_triage.triage import worker
 
     config = config_values(tmp, model, **overrides)
     settings = Settings.from_values(config)
@@ -233,6 +235,6 @@ def dcmtk(name: str) -> str:
 def write_sr(sr: Dataset, path: Path) -> Path:
     """Write a report the way the recorder does (atomically, as a Part 10 file)."""
     from cxr_triage.files import write_atomic
-    from cxr_triage.sr import sr_to_bytes
+    from cxr_triage.outputs.sr import sr_to_bytes
 
     return write_atomic(path, sr_to_bytes(sr))

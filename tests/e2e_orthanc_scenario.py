@@ -36,8 +36,8 @@ from typing import Any
 import pydicom
 from sqlalchemy import select
 
-from cxr_triage import db
-from cxr_triage import orthanc as triage_orthanc
+from cxr_triage.core import db
+from cxr_triage.outputs import orthanc as triage_orthanc
 from cxr_triage.testing import peers, synthetic
 
 DEPLOY = peers.REPO / "deploy" / "orthanc"

@@ -1,8 +1,10 @@
-"""The package's shape: no import cycles between its modules, the runtime never imports the training package, and
-the training package never imports a DICOM library (a GPU host has only torch).
+"""The package's shape: rooms (subpackages) in one layer order, no import cycles, the runtime never imports the
+training package, the training package shares only the ml room (and the package's ground floor) with the runtime
+and never imports a DICOM library (a GPU host has only torch), and long modules and functions say why.
 
-The graph is read from the source with ``ast``: every ``import`` and ``from ... import``, at module level or inside
-a function (a lazy import is still a dependency), except those under ``if TYPE_CHECKING:`` (annotations only).
+The graph is read from the source with ``ast``: every ``import`` and ``from ... import``, at module level, inside
+a function (a lazy import is still a dependency) or under ``if TYPE_CHECKING:`` (an annotation is a dependency
+of the reader's understanding too: a cycle through one is still a cycle). docs/ARCHITECTURE.md draws the rooms.
 """
 
 from __future__ import annotations
@@ -21,30 +23,14 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
 def _imports(tree: ast.AST, package: str) -> set[str]:
     found: set[str] = set()
-
-    def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
             found.update(f"{node.module}.{alias.name}" for alias in node.names)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(tree)
     return found
 
 
@@ -97,13 +83,24 @@ def test_the_runtime_never_imports_training() -> None:
     assert {m: d for m, d in offenders.items() if m.startswith("cxr_triage") and d} == {}
 
 
-TRAINING_MAY_USE = {"cxr_triage", "cxr_triage.model", "cxr_triage.imaging", "cxr_triage.checkpoint",
-                    "cxr_triage.precision", "cxr_triage.files", "cxr_triage.gate"}  # fmt: skip
-"""What the training package shares with the runtime: the model, the last pixel steps, checkpoints, precision, and
-the typicality gate's features (fitted by ``training.gate`` with the code the runtime scores with)."""
+GROUND = ("cxr_triage", "cxr_triage.files")
+"""The package's ground floor, below every room: its constants (``CLASS_NAMES``, ``PRECISIONS``, ``BUNDLED_MODEL``,
+``log_name``) and the atomic file write that checkpoints, gate files, packs and reports share."""
+
+ROOMS = ("core", "queue", "dicom", "ml", "outputs", "triage", "retrain", "ops", "web", "commands")
+"""The rooms of ``cxr_triage`` from the bottom up: a module imports from its own room, the ground and the rooms below
+it, never from one above (docs/ARCHITECTURE.md says why this order)."""
+
+ENTRY_POINTS = ("cxr_triage.cli", "cxr_triage.__main__")
+"""Above every room: the ``cxr-triage`` command, which imports its subcommand's module by name."""
+
+TRAINING_MAY_USE = set(GROUND) | {_module_name(p) for p in (REPO / "cxr_triage" / "ml").glob("*.py")}
+"""What the training package shares with the runtime: the ml room (the model, the pixel steps, checkpoints,
+precision, the typicality gate's features, fitted by ``training.gate`` with the code the runtime scores with) and
+the ground floor; nothing that reads the configuration, the database or DICOM."""
 
 
-def test_training_shares_only_the_model_pixels_and_checkpoints_with_the_runtime() -> None:
+def test_training_shares_only_the_ml_room_with_the_runtime() -> None:
     graph = import_graph()
     for path in (REPO / "training").rglob("*.py"):
         name = _module_name(path)
@@ -111,6 +108,40 @@ def test_training_shares_only_the_model_pixels_and_checkpoints_with_the_runtime(
         assert not roots & {"pydicom", "pynetdicom", "highdicom", "pylibjpeg"}, path
         shared = {m for m in graph[name] if m.startswith("cxr_triage")}
         assert shared <= TRAINING_MAY_USE, (name, sorted(shared - TRAINING_MAY_USE))
+
+
+def room_of(module: str) -> int | None:
+    """A runtime module's floor: 0 the ground, 1.. its room's place in ROOMS, one above them the entry points; None
+    outside the layers (the test support, the training package)."""
+    if module in GROUND:
+        return 0
+    if module in ENTRY_POINTS:
+        return len(ROOMS) + 1
+    parts = module.split(".")
+    if parts[0] == "cxr_triage" and len(parts) > 1 and parts[1] in ROOMS:
+        return ROOMS.index(parts[1]) + 1
+    return None
+
+
+def test_every_runtime_module_stands_in_a_room() -> None:
+    runtime = [m for m in import_graph() if m.startswith("cxr_triage") and not m.startswith("cxr_triage.testing")]
+    assert [m for m in runtime if room_of(m) is None] == []
+
+
+def test_no_room_imports_from_a_room_above_it() -> None:
+    graph = import_graph()
+    upward = sorted(
+        f"{module} -> {dep}"
+        for module, deps in graph.items()
+        if (floor := room_of(module)) is not None
+        for dep in deps
+        if (other := room_of(dep)) is not None and other > floor
+    )
+    assert upward == []
+
+
+def test_the_package_keeps_few_top_level_modules() -> None:
+    assert len(list((REPO / "cxr_triage").glob("*.py"))) <= 12
 
 
 def test_the_runtime_never_imports_its_test_support() -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_training_run import TINY, tiny_pack  # noqa: F401  (fixture)
 
-from cxr_triage.model import CAEClassifier, ConvAutoencoder, ModelSpec
+from cxr_triage.ml.model import CAEClassifier, ConvAutoencoder, ModelSpec
 from training import cli
 from training.autoencoder import AutoencoderFileError, load_autoencoder
 from training.commands import load_encoder

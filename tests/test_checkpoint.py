@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cxr_triage import CLASS_NAMES, checkpoint
-from cxr_triage.checkpoint import (
+from cxr_triage import CLASS_NAMES
+from cxr_triage.ml import checkpoint
+from cxr_triage.ml.checkpoint import (
     FORMAT,
     CheckpointError,
     ModelCard,
@@ -19,8 +20,8 @@ from cxr_triage.checkpoint import (
     resolve_model_path,
     save_classifier,
 )
-from cxr_triage.imaging import PREPROCESSING_VERSION
-from cxr_triage.model import CAEClassifier, ModelSpec
+from cxr_triage.ml.imaging import PREPROCESSING_VERSION
+from cxr_triage.ml.model import CAEClassifier, ModelSpec
 
 SPEC = ModelSpec(width=4, dense_units=8)
 

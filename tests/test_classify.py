@@ -22,12 +22,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cxr_triage import CLASS_NAMES, checkpoint, classify
-from cxr_triage.checkpoint import ModelCard, load_classifier, save_classifier
+from cxr_triage import CLASS_NAMES
 from cxr_triage.cli import main
-from cxr_triage.inference import Predictor
-from cxr_triage.model import CAEClassifier, ModelSpec
-from cxr_triage.preprocess import PreparedImage, prepare_path
+from cxr_triage.commands import classify
+from cxr_triage.ml import checkpoint
+from cxr_triage.ml.checkpoint import ModelCard, load_classifier, save_classifier
+from cxr_triage.ml.inference import Predictor
+from cxr_triage.ml.model import CAEClassifier, ModelSpec
+from cxr_triage.ml.preprocess import PreparedImage, prepare_path
 
 KEYS = [
     "path",

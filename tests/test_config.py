@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from cxr_triage.config import DEFAULT_CONFIG, ConfigError, load_config
+from cxr_triage.core.config import DEFAULT_CONFIG, ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

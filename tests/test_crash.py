@@ -21,16 +21,22 @@ import pytest
 from conftest import chest_dataset, write_config
 from sqlalchemy import select
 
-from cxr_triage import db, files, jobqueue, server, srfiles
+from cxr_triage import files
+from cxr_triage.core import db
+from cxr_triage.ops import server
+from cxr_triage.outputs import srfiles
+from cxr_triage.queue import jobqueue
 from cxr_triage.testing import crash
 
 CRASHING_WORKER = """
 import os, signal, sys
 from pathlib import Path
-from cxr_triage import db, files, srfiles
-from cxr_triage.recorder import Recorder
-from cxr_triage.settings import load_settings
-from cxr_triage.worker import Worker
+from cxr_triage import files
+from cxr_triage.core import db
+from cxr_triage.outputs import srfiles
+from cxr_triage.triage.recorder import Recorder
+from cxr_triage.core.settings import load_settings
+from cxr_triage.triage.worker import Worker
 
 config, point = sys.argv[1:]
 die = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)

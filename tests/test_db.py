@@ -12,10 +12,10 @@ from conftest import config_values, write_config
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import StatementError
 
-from cxr_triage import db
-from cxr_triage.bootstrap import SERVICE, CommandError, open_database
 from cxr_triage.cli import main
-from cxr_triage.settings import Settings
+from cxr_triage.core import db
+from cxr_triage.core.bootstrap import SERVICE, CommandError, open_database
+from cxr_triage.core.settings import Settings
 
 
 def _config(tmp_path: Path) -> tuple[dict, Path]:

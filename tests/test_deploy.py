@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cxr_triage import cli
-from cxr_triage.config import load_config
+from cxr_triage.core.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

@@ -20,8 +20,9 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage
 from sqlalchemy import func, select
 
-from cxr_triage import db, forward
+from cxr_triage.core import db
 from cxr_triage.files import TEMP_PREFIX
+from cxr_triage.outputs import forward
 from cxr_triage.testing import faults, peers
 
 OUTAGE_SECONDS = 10

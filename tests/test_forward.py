@@ -18,9 +18,10 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage
 from sqlalchemy import select
 
-from cxr_triage import db, forward
 from cxr_triage.cli import main
-from cxr_triage.scu import retry_delay
+from cxr_triage.core import db
+from cxr_triage.dicom.scu import retry_delay
+from cxr_triage.outputs import forward
 
 
 @contextmanager
@@ -149,8 +150,8 @@ def test_sr_is_forwarded_over_tls_to_a_tls_destination(make_harness, tmp_path) -
 
 
 def test_an_orthanc_destination_takes_its_rest_url_and_credentials() -> None:
-    from cxr_triage.config import ConfigError
-    from cxr_triage.settings import ForwardSettings
+    from cxr_triage.core.config import ConfigError
+    from cxr_triage.core.settings import ForwardSettings
 
     entry = {"ae_title": "ORTHANC", "host": "pacs", "port": 4242, "orthanc_url": "http://pacs:8042/"}
     settings = ForwardSettings.from_table({"destinations": [entry, {"ae_title": "OTHER", "host": "h", "port": 104}]})

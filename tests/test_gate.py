@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_triage.gate import (
+from cxr_triage.ml.gate import (
     BUNDLED_GATE,
     REFUSAL_CODE,
     Autoencoder,
@@ -27,8 +27,8 @@ from cxr_triage.gate import (
     load_gate,
     save_gate,
 )
-from cxr_triage.imaging import to_model_input
-from cxr_triage.preprocess import PreparedImage, prepare_path
+from cxr_triage.ml.imaging import to_model_input
+from cxr_triage.ml.preprocess import PreparedImage, prepare_path
 from training.gate import fit_gate
 
 SHARED_DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom"
@@ -203,7 +203,7 @@ def test_classify_refuses_an_inverted_chest_and_reports_typicality(tmp_path: Pat
 def test_worker_records_typicality_and_refuses_atypical_images(
     make_harness: Any, tiny_gate: TypicalityGate, tmp_path: Path
 ) -> None:
-    from cxr_triage import db
+    from cxr_triage.core import db
     from cxr_triage.testing.synthetic import new_dataset
 
     gate_path = tmp_path / "tiny_gate.pt"

@@ -22,11 +22,12 @@ from hl7apy.mllp import AbstractHandler, MLLPServer
 from hl7apy.parser import parse_message
 from sqlalchemy import select
 
-from cxr_triage import db, hl7
 from cxr_triage.cli import main
-from cxr_triage.config import ConfigError
-from cxr_triage.scu import retry_delay
-from cxr_triage.settings import HL7Settings
+from cxr_triage.core import db
+from cxr_triage.core.config import ConfigError
+from cxr_triage.core.settings import HL7Settings
+from cxr_triage.dicom.scu import retry_delay
+from cxr_triage.outputs import hl7
 
 
 @dataclass

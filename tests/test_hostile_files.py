@@ -51,8 +51,10 @@ from pydicom.uid import (
 )
 from sqlalchemy import select
 
-from cxr_triage import db, listener, preprocess
-from cxr_triage.preprocess import (
+from cxr_triage.core import db
+from cxr_triage.dicom import listener
+from cxr_triage.ml import preprocess
+from cxr_triage.ml.preprocess import (
     CR_IMAGE_STORAGE,
     DX_FOR_PRESENTATION,
     DX_FOR_PROCESSING,
@@ -75,7 +77,7 @@ LISTENER_STATUSES = {
     listener.STATUS_INSTANCE_MISMATCH,
 }
 REFUSAL_CODES = set(re.findall(r'_refuse\(\s*"([a-z_]+)"', inspect.getsource(preprocess)))
-"""Every refusal code of ``cxr_triage.preprocess``, read from its source (a new one needs a case below)."""
+"""Every refusal code of ``cxr_triage.ml.preprocess``, read from its source (a new one needs a case below)."""
 NOT_THROUGH_THE_LISTENER = {
     "sop_class": "a SOP class the listener has no presentation context for is never received",
     "unreadable": "a file that cannot be opened: spool files are written by the listener",
@@ -630,7 +632,7 @@ def headers(draw: st.DrawFn) -> tuple[bytes, str]:
 def test_the_pixel_pipeline_refuses_or_prepares_any_small_dataset(caplog) -> None:
     from io import BytesIO
 
-    from cxr_triage.preprocess import read_dicom
+    from cxr_triage.ml.preprocess import read_dicom
 
     caplog.set_level(logging.ERROR, logger="pydicom")
 

@@ -25,8 +25,8 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom.dsutils import split_dataset
 
-from cxr_triage import listener
-from cxr_triage.preprocess import CR_IMAGE_STORAGE
+from cxr_triage.dicom import listener
+from cxr_triage.ml.preprocess import CR_IMAGE_STORAGE
 from cxr_triage.testing.peers import Server, echoscu, storescu, wait_until
 
 VERIFICATION = "1.2.840.10008.1.1"

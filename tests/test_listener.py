@@ -31,8 +31,9 @@ from pydicom.uid import (
 from pynetdicom.dsutils import split_dataset
 from sqlalchemy import func, select
 
-from cxr_triage import db, listener
-from cxr_triage.preprocess import CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING, SECONDARY_CAPTURE
+from cxr_triage.core import db
+from cxr_triage.dicom import listener
+from cxr_triage.ml.preprocess import CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING, SECONDARY_CAPTURE
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -173,7 +174,7 @@ def _raw_file(path: Path, sop_class: str, body: bytes) -> Path:
 @pytest.mark.filterwarnings("ignore:Expected explicit VR, but found implicit VR:UserWarning")  # the garbage input
 def test_bad_input_gets_a_recorded_reason_or_precise_status(harness, tmp_path: Path) -> None:
     # One scenario read top to bottom, each step depending on the last: split, it would read worse.
-    from cxr_triage.preprocess import CR_IMAGE_STORAGE
+    from cxr_triage.ml.preprocess import CR_IMAGE_STORAGE
 
     refused: dict[str, tuple[Dataset, str]] = {}
     refused["lateral"] = (chest_dataset(ViewPosition="LL"), "ViewPosition")

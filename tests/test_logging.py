@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cxr_triage.bootstrap import configure_logging
+from cxr_triage.core.bootstrap import configure_logging
 
 RECORD_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
 

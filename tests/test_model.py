@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from cxr_triage.model import (
+from cxr_triage.ml.model import (
     HEADS,
     CAEClassifier,
     ConvAutoencoder,

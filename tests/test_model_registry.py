@@ -19,9 +19,10 @@ from conftest import AE_TITLE, CALLING_AE, chest_dataset, config_values, write_c
 from pynetdicom import AE, build_context
 from sqlalchemy import Engine, select, text
 
-from cxr_triage import db, registry
-from cxr_triage.checkpoint import CheckpointError
 from cxr_triage.cli import main
+from cxr_triage.core import db
+from cxr_triage.ml import registry
+from cxr_triage.ml.checkpoint import CheckpointError
 from cxr_triage.testing import peers
 
 RACERS = 4
@@ -108,7 +109,7 @@ def test_migration_turns_the_active_model_into_the_champion_and_back(database_ur
 
 
 def test_store_model_file_keeps_one_copy_named_by_its_sha256(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
-    from cxr_triage.checkpoint import file_sha256
+    from cxr_triage.ml.checkpoint import file_sha256
 
     stored = registry.store_model_file(checkpoints["a"], tmp_path / "models")
     assert stored == tmp_path / "models" / f"{file_sha256(checkpoints['a'])}.pt"
@@ -294,7 +295,7 @@ def _model_of_each(engine: Engine) -> dict[str, str]:
 def test_a_worker_follows_promotions_and_rollbacks_and_a_restart_keeps_them(
     make_harness: Any, checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
-    from cxr_triage.worker import Worker
+    from cxr_triage.triage.worker import Worker
 
     configured = Path(shutil.copy(checkpoints["a"], tmp_path / "configured.pt"))
     harness = make_harness(model=configured)

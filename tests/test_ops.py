@@ -19,8 +19,11 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select, text
 
-from cxr_triage import db, health, jobqueue, metrics, registry
-from cxr_triage.settings import Settings
+from cxr_triage.core import db
+from cxr_triage.core.settings import Settings
+from cxr_triage.ml import registry
+from cxr_triage.ops import health, metrics
+from cxr_triage.queue import jobqueue
 from cxr_triage.testing.peers import PostgresCluster, wait_until
 from cxr_triage.web.app import create_app
 
@@ -240,7 +243,7 @@ def test_metrics_can_be_switched_off_and_allowed_networks_apply(harness) -> None
 
 @pytest.mark.postgres
 def test_postgresql_metrics_and_a_locked_table(tmp_path: Path, tiny_model: Path, monkeypatch) -> None:
-    from cxr_triage.checkpoint import load_classifier
+    from cxr_triage.ml.checkpoint import load_classifier
 
     monkeypatch.setattr(health, "DATABASE_TIMEOUT", 1.0)
     with PostgresCluster(database="ops") as cluster:

@@ -35,9 +35,9 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from cxr_triage import preprocess
-from cxr_triage.imaging import IMAGE_SIZE, to_model_input
-from cxr_triage.preprocess import (
+from cxr_triage.ml import preprocess
+from cxr_triage.ml.imaging import IMAGE_SIZE, to_model_input
+from cxr_triage.ml.preprocess import (
     PreparedImage,
     Refusal,
     check_header,
@@ -512,7 +512,7 @@ def test_codestream_larger_than_its_header_is_refused_before_decoding(
 BOMB_CHECK = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (5 << 30, 5 << 30))  # a 60000x60000 image needs 7.2 GB or more
-from cxr_triage.preprocess import prepare_path
+from cxr_triage.ml.preprocess import prepare_path
 for path in sys.argv[1:]:
     print(prepare_path(path).code)
 """

@@ -15,8 +15,11 @@ from pathlib import Path
 from conftest import chest_dataset, config_values, echo, save_dataset, send, write_config
 from sqlalchemy import select
 
-from cxr_triage import db, files, jobqueue, spool, srfiles
-from cxr_triage.results import records
+from cxr_triage import files
+from cxr_triage.commands.results import records
+from cxr_triage.core import db
+from cxr_triage.outputs import srfiles
+from cxr_triage.queue import jobqueue, spool
 from cxr_triage.testing.peers import tail, terminate, wait_until
 
 
@@ -126,7 +129,7 @@ CRASHING_DECODER = '''
 """Loaded by every Python of this test (PYTHONPATH): a decoder that crashes the worker process on one file."""
 import ctypes
 
-from cxr_triage import pipeline
+from cxr_triage.triage import pipeline
 
 _preprocess = pipeline.preprocess
 

@@ -17,7 +17,8 @@ from conftest import chest_dataset
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from cxr_triage import db, registry
+from cxr_triage.core import db
+from cxr_triage.ml import registry
 from cxr_triage.testing import peers
 
 RACERS = 6

@@ -77,8 +77,8 @@ def test_pending_instances_are_listed_as_queued(make_harness, capsys) -> None:
 def test_records_are_the_newest_prediction_refusal_and_sr_of_each_instance(harness) -> None:
     from sqlalchemy import select, update
 
-    from cxr_triage import db
-    from cxr_triage.results import STATUS_NAMES
+    from cxr_triage.commands.results import STATUS_NAMES
+    from cxr_triage.core import db
 
     rerun = chest_dataset(seed=3)
     harness.send([rerun, chest_dataset(seed=4, ViewPosition="LL"), chest_dataset(seed=5)])
@@ -160,7 +160,7 @@ def test_results_piped_into_head_ends_without_a_traceback(harness) -> None:
     import subprocess
     import sys
 
-    from cxr_triage import db
+    from cxr_triage.core import db
 
     # Far more output than a pipe holds, so that the writer is still writing when head leaves.
     now = db.utcnow()

@@ -25,9 +25,12 @@ from conftest import config_values, write_config
 from PIL import Image
 from sqlalchemy import select
 
-from cxr_triage import CLASS_NAMES, db, registry, retraining, schedlock
+from cxr_triage import CLASS_NAMES
 from cxr_triage.cli import main
-from cxr_triage.settings import Settings
+from cxr_triage.core import db, schedlock
+from cxr_triage.core.settings import Settings
+from cxr_triage.ml import registry
+from cxr_triage.retrain import retraining
 from cxr_triage.testing import peers
 from cxr_triage.testing.peers import wait_until
 from cxr_triage.testing.synthetic import new_dataset, phantom
@@ -72,8 +75,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Data:
     """A base pack of 90 synthetic images (30 per class), 45 more as PNGs for feedback, a random tiny champion."""
     import torch
 
-    from cxr_triage.checkpoint import ModelCard, save_classifier
-    from cxr_triage.model import CAEClassifier, ModelSpec
+    from cxr_triage.ml.checkpoint import ModelCard, save_classifier
+    from cxr_triage.ml.model import CAEClassifier, ModelSpec
     from training import cli
 
     folder = tmp_path_factory.mktemp("retrain-data")
@@ -142,7 +145,7 @@ def seed_feedback(sessions: Any, images: list[tuple[Path, str]]) -> None:
 
 
 def register_champion(sessions: Any, path: Path) -> int:
-    from cxr_triage.checkpoint import load_classifier
+    from cxr_triage.ml.checkpoint import load_classifier
 
     return registry.register_model(sessions, load_classifier(path))
 
@@ -267,7 +270,7 @@ def test_feedback_to_a_scheduled_promotion_then_a_worse_challenger_is_rejected_t
     assert len(champion.training_data["feedback_ids"]) == 3 * PER_CLASS
     assert champion.metrics["macro_auc"] == run.challenger_metrics["macro_auc"]
     assert Path(champion.path).parent == settings.model.models_dir.resolve()
-    from cxr_triage.checkpoint import load_classifier
+    from cxr_triage.ml.checkpoint import load_classifier
 
     card = load_classifier(champion.path).card
     assert card.provenance["parent"]["sha256"] == first_champion.sha256

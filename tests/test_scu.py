@@ -26,8 +26,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage
 
-from cxr_triage.scu import Destination, SendResult, client_tls_context, retry_delay, send_datasets
-from cxr_triage.sr import build_triage_sr, summarize_triage_sr
+from cxr_triage.dicom.scu import Destination, SendResult, client_tls_context, retry_delay, send_datasets
+from cxr_triage.outputs.sr import build_triage_sr, summarize_triage_sr
 from cxr_triage.testing.peers import Storescp, dcmtk_tool, free_port, netns_command, terminate, wait_until
 
 SHARED_DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"

@@ -66,7 +66,7 @@ def _instances(folder: Path) -> list[Path]:
 def test_no_patient_data_or_password_in_any_log_or_output(tmp_path: Path, tiny_model: Path) -> None:
     from pydicom.uid import ExplicitVRLittleEndian
 
-    from cxr_triage.preprocess import CR_IMAGE_STORAGE
+    from cxr_triage.ml.preprocess import CR_IMAGE_STORAGE
 
     with peers.PostgresCluster() as cluster:
         url = f"postgresql+psycopg://{cluster.user}:{PASSWORD}@127.0.0.1:{cluster.port}/{cluster.database}"

@@ -9,7 +9,8 @@ import pytest
 from conftest import chest_dataset, free_port, save_dataset
 from sqlalchemy import select
 
-from cxr_triage import cli, db
+from cxr_triage import cli
+from cxr_triage.core import db
 
 SHARED_DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
 

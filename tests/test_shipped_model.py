@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from cxr_triage import BUNDLED_MODEL, CLASS_NAMES
-from cxr_triage.checkpoint import load_classifier
 from cxr_triage.cli import main
-from cxr_triage.inference import Predictor
-from cxr_triage.preprocess import PreparedImage, prepare_path
+from cxr_triage.ml.checkpoint import load_classifier
+from cxr_triage.ml.inference import Predictor
+from cxr_triage.ml.preprocess import PreparedImage, prepare_path
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TOLERANCE = 0.01

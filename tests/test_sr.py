@@ -20,8 +20,9 @@ from highdicom.valuerep import check_person_name
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
-from cxr_triage import CLASS_NAMES, codes
-from cxr_triage.sr import (
+from cxr_triage import CLASS_NAMES
+from cxr_triage.outputs import codes
+from cxr_triage.outputs.sr import (
     ALGORITHM_NAME,
     build_triage_sr,
     device_observer_uid,

@@ -12,8 +12,8 @@ from pydicom.uid import generate_uid
 from test_sr import EVIDENCE_FILES, SHA_A, SHA_B, dciodvfy, read_evidence
 
 from cxr_triage import CLASS_NAMES
-from cxr_triage.sr import build_triage_sr, sr_to_bytes, summarize_triage_sr
-from cxr_triage.srtemplate import TriageSRBuilder, TriageSRTemplate
+from cxr_triage.outputs.sr import build_triage_sr, sr_to_bytes, summarize_triage_sr
+from cxr_triage.outputs.srtemplate import TriageSRBuilder, TriageSRTemplate
 from cxr_triage.testing import synthetic
 
 SHARED_DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"

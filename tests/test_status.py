@@ -9,8 +9,10 @@ import json
 
 from conftest import chest_dataset, free_port, write_config
 
-from cxr_triage import db, jobqueue, registry
 from cxr_triage.cli import main
+from cxr_triage.core import db
+from cxr_triage.ml import registry
+from cxr_triage.queue import jobqueue
 from cxr_triage.testing import peers
 
 

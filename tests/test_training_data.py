@@ -134,7 +134,7 @@ def test_augmentation_is_mild_seeded_and_in_range() -> None:
 
 
 def test_resize_matches_the_inference_pipeline() -> None:
-    from cxr_triage.imaging import to_model_input, uint8_to_unit
+    from cxr_triage.ml.imaging import to_model_input, uint8_to_unit
 
     img = torch.randint(0, 256, (1, 300, 250), dtype=torch.uint8)
     ours = resize_to_uint8(img).float() / 255

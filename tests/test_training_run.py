@@ -20,9 +20,9 @@ import torch
 import torch.multiprocessing as mp
 
 from cxr_triage import CLASS_NAMES
-from cxr_triage.checkpoint import load_classifier
-from cxr_triage.inference import Predictor
-from cxr_triage.model import CAEClassifier, ModelSpec
+from cxr_triage.ml.checkpoint import load_classifier
+from cxr_triage.ml.inference import Predictor
+from cxr_triage.ml.model import CAEClassifier, ModelSpec
 from training import cli, commands
 from training.engine import setup_runtime
 from training.metrics import classification_metrics

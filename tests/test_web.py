@@ -18,9 +18,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select
 
-from cxr_triage import db, flags
 from cxr_triage.cli import main
-from cxr_triage.settings import TriageSettings
+from cxr_triage.core import db
+from cxr_triage.core.settings import TriageSettings
+from cxr_triage.triage import flags
 from cxr_triage.web import auth
 from cxr_triage.web.app import create_app
 
@@ -92,7 +93,7 @@ def test_a_study_is_provisional_until_quiet_and_reopens_with_a_new_instance(make
     harness.work()
     (row,) = client(harness).get("/api/worklist").json()
     assert row["priority"] is not None and row["priority_final"] is False, "raised at once, final only when quiet"
-    from cxr_triage import studies
+    from cxr_triage.triage import studies
 
     later = db.utcnow() + dt.timedelta(hours=2)
     assert studies.aggregate_studies(harness.sessions, 3600, now=later, triage=harness.settings.triage)

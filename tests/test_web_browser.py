@@ -28,9 +28,9 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from cxr_triage import flags
-from cxr_triage.settings import TriageSettings
+from cxr_triage.core.settings import TriageSettings
 from cxr_triage.testing import peers, synthetic
+from cxr_triage.triage import flags
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 PASSWORD = "correct horse battery"

@@ -14,7 +14,10 @@ import pytest
 from conftest import chest_dataset, save_dataset
 from sqlalchemy import select
 
-from cxr_triage import db, jobqueue, pipeline, retention, studies, worker
+from cxr_triage.core import db
+from cxr_triage.ops import retention
+from cxr_triage.queue import jobqueue
+from cxr_triage.triage import pipeline, studies, worker
 
 
 def test_claims_are_exclusive_across_concurrent_connections(harness) -> None:
@@ -209,7 +212,7 @@ def test_a_zombie_or_a_reused_pid_does_not_keep_a_dead_workers_jobs(harness) -> 
 
 
 def test_sr_failure_keeps_the_classification(harness, monkeypatch) -> None:
-    from cxr_triage import sr
+    from cxr_triage.outputs import sr
 
     def broken(*args: object, **kwargs: object) -> None:
         raise ValueError("evidence lacks something")
@@ -326,7 +329,7 @@ def test_worker_processes_let_idle_openmp_threads_sleep_unless_told_otherwise() 
 
     code = (
         "import sys, os\n"
-        "import cxr_triage.worker as w\n"
+        "import cxr_triage.triage.worker as w\n"
         "assert 'torch' not in sys.modules, 'the worker module must not load torch before the policy is set'\n"
         "w.quiet_openmp_threads()\n"
         "print(os.environ['OMP_WAIT_POLICY'])\n"
@@ -455,7 +458,7 @@ def test_a_database_that_is_down_is_logged_once_and_retried_with_back_off(harnes
 def test_a_failing_housekeeping_job_is_logged_once_per_change(caplog) -> None:
     import logging
 
-    from cxr_triage import housekeeping
+    from cxr_triage.ops import housekeeping
 
     outcomes = iter([OSError("disk gone")] * 50 + [None, OSError("disk gone")])
 
@@ -489,14 +492,14 @@ def test_a_failing_housekeeping_job_is_logged_once_per_change(caplog) -> None:
     ],
 )
 def test_worker_layout_shares_the_cores(processes, threads, cores, cuda, expected) -> None:
-    from cxr_triage.worker import worker_layout
+    from cxr_triage.triage.worker import worker_layout
 
     assert worker_layout(processes, threads, cores, cuda) == expected
 
 
 @pytest.mark.parametrize("values", [{"processes": -1}, {"threads": 0}, {"processes": "two"}, {"threads": True}])
 def test_worker_counts_are_validated(values) -> None:
-    from cxr_triage.settings import WorkerSettings
+    from cxr_triage.core.settings import WorkerSettings
 
     with pytest.raises(ValueError, match='"auto" or a whole number'):
         WorkerSettings(**values)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from cxr_triage.files import write_atomic
-from cxr_triage.model import ConvAutoencoder
+from cxr_triage.ml.model import ConvAutoencoder
 
 FORMAT = "cxr-triage-autoencoder/1"
 

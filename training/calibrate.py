@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from cxr_triage.checkpoint import load_classifier, save_classifier
-from cxr_triage.imaging import to_model_batch, uint8_to_unit
+from cxr_triage.ml.checkpoint import load_classifier, save_classifier
+from cxr_triage.ml.imaging import to_model_batch, uint8_to_unit
 from training.pack import decode_pack, load_pack
 
 ECE_BINS = 15

@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cxr_triage.imaging import INPUT_NORMS
-from cxr_triage.model import DEFAULT_HEAD, HEADS
+from cxr_triage.ml.imaging import INPUT_NORMS
+from cxr_triage.ml.model import DEFAULT_HEAD, HEADS
 from training.pack import DEFAULT_MAX_MIB
 
 logger = logging.getLogger(__name__)

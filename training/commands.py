@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from cxr_triage import CLASS_NAMES
-from cxr_triage.checkpoint import ModelCard, load_classifier, save_classifier
-from cxr_triage.model import HEADS, CAEClassifier, ConvAutoencoder, ModelSpec, keras_parameter_count
+from cxr_triage.ml.checkpoint import ModelCard, load_classifier, save_classifier
+from cxr_triage.ml.model import HEADS, CAEClassifier, ConvAutoencoder, ModelSpec, keras_parameter_count
 from training import data as data_mod
 from training.autoencoder import FORMAT as AUTOENCODER_FORMAT
 from training.autoencoder import (

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from cxr_triage import CLASS_NAMES
-from cxr_triage.imaging import IMAGE_SIZE, normalise, to_model_batch, uint8_to_unit
+from cxr_triage.ml.imaging import IMAGE_SIZE, normalise, to_model_batch, uint8_to_unit
 from training.progress import progress_bar
 
 logger = logging.getLogger(__name__)

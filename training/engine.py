@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxr_triage.files import write_atomic
-from cxr_triage.imaging import IMAGE_SIZE
-from cxr_triage.precision import autocast, resolve_precision
+from cxr_triage.ml.imaging import IMAGE_SIZE
+from cxr_triage.ml.precision import autocast, resolve_precision
 from training.data import ImageSet, epoch_batches, iterate_inputs, model_inputs
 from training.progress import progress_bar
 

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as nn_f
 
-from cxr_triage.checkpoint import load_classifier
-from cxr_triage.gate import (
+from cxr_triage.ml.checkpoint import load_classifier
+from cxr_triage.ml.gate import (
     Autoencoder,
     GaussianModel,
     OutlierModel,
@@ -36,7 +36,7 @@ from cxr_triage.gate import (
     raw_values,
     save_gate,
 )
-from cxr_triage.imaging import to_model_batch, uint8_to_unit
+from cxr_triage.ml.imaging import to_model_batch, uint8_to_unit
 from training.data import ImageSet
 from training.pack import decode_pack, load_pack
 

@@ -29,7 +29,7 @@ import torch
 
 from cxr_triage import CLASS_NAMES
 from cxr_triage.files import write_atomic
-from cxr_triage.imaging import IMAGE_SIZE
+from cxr_triage.ml.imaging import IMAGE_SIZE
 from training.data import (
     ImageSet,
     Manifest,

@@ -43,9 +43,9 @@ from typing import Any
 import torch
 
 from cxr_triage import CLASS_NAMES
-from cxr_triage.checkpoint import load_classifier, save_classifier
-from cxr_triage.imaging import IMAGE_SIZE
-from cxr_triage.model import CAEClassifier
+from cxr_triage.ml.checkpoint import load_classifier, save_classifier
+from cxr_triage.ml.imaging import IMAGE_SIZE
+from cxr_triage.ml.model import CAEClassifier
 from training import data as data_mod
 from training.commands import evaluate_classifier, model_card, plain_args
 from training.engine import (

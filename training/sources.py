@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from cxr_triage.model import CAEClassifier, ModelSpec
+from cxr_triage.ml.model import CAEClassifier, ModelSpec
 from training import data as data_mod
 from training.engine import FeatureBank, Runtime, evaluate, seed_everything, train_one_epoch
 from training.metrics import per_source_metrics

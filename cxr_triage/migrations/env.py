@@ -1,11 +1,11 @@
 """Alembic environment for cxr-triage: run with a connection handed over in ``config.attributes["connection"]``
-(``cxr_triage.db.upgrade`` does this), or with ``sqlalchemy.url`` from the Alembic config."""
+(``cxr_triage.core.db.upgrade`` does this), or with ``sqlalchemy.url`` from the Alembic config."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from cxr_triage.db import Base, make_engine
+from cxr_triage.core.db import Base, make_engine
 
 config = context.config
 target_metadata = Base.metadata

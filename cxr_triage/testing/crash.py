@@ -83,7 +83,7 @@ class CrashReport:
 
 
 def _config(workdir: Path, model: Path) -> tuple[Path, int]:
-    from cxr_triage.config import load_config
+    from cxr_triage.core.config import load_config
 
     port = peers.free_port()
     values = {k: dict(v) for k, v in load_config(None, environ={}).values.items()}
@@ -182,7 +182,8 @@ def _sr_state(sr_dir: Path, url: str) -> tuple[set[Path], set[Path], dict[str, s
     """(final files, pending files, SR rows as SOP Instance UID -> path) as they are now."""
     from sqlalchemy import select
 
-    from cxr_triage import db, srfiles
+    from cxr_triage.core import db
+    from cxr_triage.outputs import srfiles
 
     every = {p for p in sr_dir.rglob("*") if p.is_file()} if sr_dir.exists() else set()
     pending = {p for p in every if p.parent.name == srfiles.PENDING_DIR}
@@ -213,7 +214,7 @@ def _after_kill(report: CrashReport, sr_dir: Path, url: str, run: int) -> None:
 def _drained(url: str) -> bool:
     from sqlalchemy import func, select
 
-    from cxr_triage import db
+    from cxr_triage.core import db
 
     engine = db.make_engine(url)
     try:
@@ -231,7 +232,7 @@ def _final_checks(report: CrashReport, sr_dir: Path, url: str, sent: dict[Path, 
     import pydicom
     from sqlalchemy import select
 
-    from cxr_triage import db
+    from cxr_triage.core import db
 
     engine = db.make_engine(url)
     try:

@@ -159,7 +159,7 @@ def _database_state(url: str) -> tuple[dict[str, tuple[str, int, int]], set[str]
     """SOP Instance UID -> (status, predictions, SR rows), and every spool path the database knows."""
     from sqlalchemy import func, select
 
-    from cxr_triage import db
+    from cxr_triage.core import db
 
     engine = db.make_engine(url)
     try:
@@ -187,7 +187,7 @@ def run_outage(workdir: Path, down_seconds: float, before: int = 6, per_send: in
     """The scenario of the module docstring; ``before`` instances are sent and classified before the outage,
     ``per_send`` new ones per association during it."""
     # One scenario read top to bottom (start, send, outage, restart, retries, checks): split, it would read worse.
-    from cxr_triage import db
+    from cxr_triage.core import db
 
     report = OutageReport(down_seconds=down_seconds)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -273,7 +273,7 @@ def run_outage(workdir: Path, down_seconds: float, before: int = 6, per_send: in
 def _all_done(url: str, inputs: Inputs, acked: set[Path]) -> bool:
     from sqlalchemy.exc import OperationalError
 
-    from cxr_triage import db
+    from cxr_triage.core import db
 
     try:
         state, _ = _database_state(url)

@@ -593,8 +593,8 @@ class PostgresCluster:
 
 def make_tiny_checkpoint(path: Path, version: str = "test-tiny") -> Path:
     """A classifier checkpoint with random weights and a tiny width: fast on the CPU, meaningless predictions."""
-    from cxr_triage.checkpoint import ModelCard, save_classifier
-    from cxr_triage.model import CAEClassifier, ModelSpec
+    from cxr_triage.ml.checkpoint import ModelCard, save_classifier
+    from cxr_triage.ml.model import CAEClassifier, ModelSpec
 
     model = CAEClassifier(ModelSpec(width=4, dense_units=8))
     save_classifier(path, model, ModelCard(spec=model.spec, model_version=version))
@@ -630,7 +630,7 @@ def example_config(name: str, overrides: Mapping[str, Mapping[str, Any]]) -> dic
 def gate_off(sections: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """``sections`` with the typicality gate turned off, where this release has one (a ``[gate]`` table in the
     defaults): the synthetic phantoms of the tests and benchmarks are not chest radiographs to it."""
-    from cxr_triage.config import load_config
+    from cxr_triage.core.config import load_config
 
     if "gate" in load_config(None, environ={}).values:
         sections.setdefault("gate", {})["enabled"] = False

@@ -26,12 +26,13 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from cxr_triage import CLASS_NAMES, __version__, db
-from cxr_triage.flags import PRIORITIES
-from cxr_triage.settings import Settings
+from cxr_triage import CLASS_NAMES, __version__, log_name
+from cxr_triage.core import db
+from cxr_triage.core.settings import Settings
+from cxr_triage.triage.flags import PRIORITIES
 from cxr_triage.web import auth, ops, worklist
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(log_name(__name__))
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 SECURITY_HEADERS = {

@@ -26,7 +26,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from cxr_triage import db
+from cxr_triage.core import db
 
 COOKIE = "cxr_session"
 MIN_PASSWORD_LENGTH = 10

@@ -1,8 +1,8 @@
 """The operations endpoints of the web app: ``/healthz`` for probes and ``/metrics`` for Prometheus.
 
 Neither needs a login (probes and scrapers have none) and neither shows patient data: ``/healthz`` answers 200
-when every check of ``cxr_triage.health`` passes and 503 with the failing ones named; ``/metrics`` is the text
-exposition of ``cxr_triage.metrics`` (OpenMetrics when the scraper asks for it), switched off with ``[web]
+when every check of ``cxr_triage.ops.health`` passes and 503 with the failing ones named; ``/metrics`` is the text
+exposition of ``cxr_triage.ops.metrics`` (OpenMetrics when the scraper asks for it), switched off with ``[web]
 metrics = false``. ``[web] allowed_networks`` applies to them as to every page. Both read the database under
 one ``TimedReader``, so a database that hangs makes them answer late by at most ``health.DATABASE_TIMEOUT``
 seconds, never hang.
@@ -15,8 +15,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client.exposition import choose_encoder
 from sqlalchemy import Engine
 
-from cxr_triage import health, metrics
-from cxr_triage.settings import Settings
+from cxr_triage.core.settings import Settings
+from cxr_triage.ops import health, metrics
 
 NO_CACHE = {"Cache-Control": "no-store"}
 

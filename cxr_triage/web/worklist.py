@@ -25,10 +25,11 @@ from typing import Any, TypeVar
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from cxr_triage import CLASS_NAMES, db
-from cxr_triage.flags import PRIORITIES, RANK
-from cxr_triage.settings import WebSettings
-from cxr_triage.studies import LABEL_SEVERITY
+from cxr_triage import CLASS_NAMES
+from cxr_triage.core import db
+from cxr_triage.core.settings import WebSettings
+from cxr_triage.triage.flags import PRIORITIES, RANK
+from cxr_triage.triage.studies import LABEL_SEVERITY
 
 MAX_ROWS = 500
 """Most studies one worklist request returns."""

@@ -17,7 +17,7 @@ depends_on = None
 
 
 def _delivery_columns() -> list[sa.Column]:
-    """The columns both tables share (``cxr_triage.db._StudyDelivery``)."""
+    """The columns both tables share (``cxr_triage.core.db._StudyDelivery``)."""
     return [
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("study_id", sa.Integer(), nullable=False),

@@ -1,0 +1,202 @@
+"""``cxr-triage forward``: forwarding of Structured Reports to the PACS, and the command to list or resend what
+goes out (SRs, HL7 messages to the RIS, Orthanc metadata).
+
+Each SR gets one ``forwards`` row per ``[forward] destinations`` entry, state ``pending``. The housekeeping sends
+due rows (``process_due``), one association per destination per round: success -> ``sent``; failure -> retried
+after ``scu.retry_delay(attempt, backoff_seconds, backoff_max_seconds)``, and after ``max_attempts`` attempts the
+row goes to the dead-letter state ``dead`` with its last error (``cxr_triage.outputs.delivery``, which HL7 messages and
+Orthanc metadata share). ``cxr-triage forward --retry`` puts dead rows of all three back to pending and sends every
+pending row now.
+
+A row being sent is leased by pushing its ``next_attempt_at`` past the send's timeout, so two workers never send
+the same SR at once; a worker killed mid-send leaves the row pending, to be retried when that lease passes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from cxr_triage import log_name
+from cxr_triage.core import db
+from cxr_triage.core.settings import ForwardSettings
+from cxr_triage.dicom.scu import SendResult, send_datasets
+from cxr_triage.outputs import delivery, srfiles
+
+if TYPE_CHECKING:
+    import ssl
+
+
+logger = logging.getLogger(log_name(__name__))
+
+MAX_PER_ROUND = 100
+"""Most forwards sent by one worker in one round."""
+
+
+def enqueue(session: Session, sr: db.SRDocument, forwarding: ForwardSettings, now: dt.datetime) -> int:
+    """Add a pending forward of ``sr`` to every configured destination; the number added."""
+    for destination in forwarding.destinations:
+        session.add(
+            db.Forward(
+                sr_id=sr.id,
+                destination=str(destination),
+                attempts=0,
+                state=db.FORWARD_PENDING,
+                next_attempt_at=now,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    return len(forwarding.destinations)
+
+
+@dataclass(frozen=True)
+class ForwardOutcome:
+    forward_id: int
+    sr_sop_instance_uid: str
+    destination: str
+    state: str
+    attempts: int
+    status: int | None
+    detail: str
+
+
+def _claim_due(
+    sessions: sessionmaker[Session], now: dt.datetime, lease: dt.timedelta, force: bool
+) -> list[tuple[int, str, str, str]]:
+    ids = delivery.claim_due(sessions, db.Forward, now, lease, force, MAX_PER_ROUND)
+    if not ids:
+        return []
+    with sessions() as session:
+        db.read_only(session)
+        rows = session.execute(
+            select(db.Forward.id, db.Forward.destination, db.SRDocument.path, db.SRDocument.sop_instance_uid)
+            .join(db.SRDocument, db.Forward.sr_id == db.SRDocument.id)
+            .where(db.Forward.id.in_(ids))
+            .order_by(db.Forward.id)
+        ).all()
+    return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+def process_due(
+    sessions: sessionmaker[Session],
+    forwarding: ForwardSettings,
+    now: dt.datetime | None = None,
+    force: bool = False,
+) -> list[ForwardOutcome]:
+    """Send the forwards that are due (all pending ones when ``force``), one association per destination."""
+    timeout = forwarding.timeout
+    now = now or db.utcnow()
+    claimed = _claim_due(sessions, now, dt.timedelta(seconds=4 * timeout + 60), force)
+    if not claimed:
+        return []
+    by_destination: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
+    for forward_id, destination, path, sr_uid in claimed:
+        by_destination[destination].append((forward_id, path, sr_uid))
+    outcomes: list[ForwardOutcome] = []
+    context = None  # built for the first TLS destination; a TLS error is recorded on its forwards
+    for destination_text, items in by_destination.items():
+        results, datasets, sendable = _read_datasets(items)
+        sent, context = _send_to(forwarding, destination_text, datasets, context)
+        results.update(zip(sendable, sent, strict=True))
+        outcomes += _record_results(sessions, forwarding, destination_text, items, results)
+    return outcomes
+
+
+def _read_datasets(items: list[tuple[int, str, str]]) -> tuple[dict[int, SendResult], list[Any], list[int]]:
+    """Read the SR files of ``items`` (forward id, path, SR UID): the failed results of the unreadable ones, the
+    datasets read, and the forward ids of those datasets (in the same order)."""
+    import pydicom
+
+    results: dict[int, SendResult] = {}
+    datasets = []
+    sendable = []
+    for forward_id, path, _ in items:
+        try:
+            srfiles.ensure_final(path)  # its rename may be a moment behind its commit
+            datasets.append(pydicom.dcmread(path))
+            sendable.append(forward_id)
+        except Exception as exc:
+            logger.exception("forward %s: cannot read SR file %s", forward_id, path)
+            results[forward_id] = SendResult(False, None, f"cannot read SR file: {type(exc).__name__}: {exc}")
+    return results, datasets, sendable
+
+
+def _send_to(
+    forwarding: ForwardSettings, destination_text: str, datasets: list[Any], context: ssl.SSLContext | None
+) -> tuple[list[SendResult], ssl.SSLContext | None]:
+    """Send ``datasets`` to the destination named ``destination_text``: one result per dataset, and the TLS context
+    (``context``, or the one built here for the first TLS destination) for the next destinations."""
+    try:
+        destination = forwarding.destination(destination_text)
+        if destination.tls and context is None:
+            context = forwarding.client_tls_context()
+        sent = send_datasets(
+            datasets, destination, forwarding.calling_ae_title, timeout=forwarding.timeout, tls_context=context
+        )
+    except Exception as exc:  # a malformed destination or calling AE title: a configuration error
+        logger.exception("forwarding to %s failed", destination_text)
+        sent = [SendResult(False, None, f"{type(exc).__name__}: {exc}")] * len(datasets)
+    return sent, context
+
+
+def _record_results(
+    sessions: sessionmaker[Session],
+    forwarding: ForwardSettings,
+    destination_text: str,
+    items: list[tuple[int, str, str]],
+    results: dict[int, SendResult],
+) -> list[ForwardOutcome]:
+    """Record the result of each forward of ``items`` in its row, in one transaction; the outcomes, in order."""
+    outcomes: list[ForwardOutcome] = []
+    finished = db.utcnow()
+    with sessions() as session, session.begin():
+        for forward_id, _, sr_uid in items:
+            result = results[forward_id]
+            row = session.get(db.Forward, forward_id)
+            if row is None:
+                continue
+            _apply_result(row, result, forwarding, finished, sr_uid, destination_text)
+            outcomes.append(
+                ForwardOutcome(
+                    forward_id, sr_uid, destination_text, row.state, row.attempts, result.status, result.detail
+                )
+            )
+    return outcomes
+
+
+def _apply_result(
+    row: db.Forward,
+    result: SendResult,
+    forwarding: ForwardSettings,
+    finished: dt.datetime,
+    sr_uid: str,
+    destination_text: str,
+) -> None:
+    """Count the attempt on ``row``: sent on success, else dead after ``max_attempts`` or retried after a delay."""
+    row.status = result.status
+    delay = delivery.count_attempt(row, result.ok, result.detail, forwarding, finished)
+    if row.state == db.FORWARD_SENT:
+        logger.info("SR %s forwarded to %s", sr_uid, destination_text)
+    elif row.state == db.FORWARD_DEAD:
+        logger.error("SR %s to %s: dead after %d attempts: %s", sr_uid, destination_text, row.attempts, result.detail)
+    elif delay is not None:
+        logger.warning(
+            "SR %s to %s: attempt %d failed (%s); retry in %.0f s",
+            sr_uid,
+            destination_text,
+            row.attempts,
+            result.detail,
+            delay,
+        )
+
+
+def requeue_dead(sessions: sessionmaker[Session], now: dt.datetime | None = None) -> int:
+    """Dead forwards back to pending with a fresh attempt budget; the number requeued."""
+    return delivery.requeue_dead(sessions, db.Forward, now or db.utcnow())

@@ -1,0 +1,650 @@
+"""HL7 v2.5.1 ORU^R01 with a finished study's result, sent to the RIS over MLLP, with retries and a dead letter.
+
+When ``studies.aggregate_studies`` completes a study (again after new instances: a corrected result, OBR-25 "C"),
+``enqueue`` adds one ``hl7_messages`` row per ``[hl7] destinations`` entry in the same transaction, holding the
+encoded message; the housekeeping sends due rows (``process_due``) and checks each ACK: MSA-1 ``AA`` (or ``CA``)
+accepted; ``AE``, ``AR``, another message's ACK or no ACK within ``[hl7] timeout`` is a failure, retried and
+dead-lettered like SR forwarding (``cxr_triage.outputs.delivery``). ``cxr-triage forward --retry`` resends dead ones.
+
+The message (built and validated with hl7apy; the ACK read with python-hl7, which takes any v2 version), after
+IHE RAD-128 as dcm4chee-arc sends it:
+
+- MSH: ``[hl7]`` sending application/facility, the destination's application/facility, control ID (echoed in
+  MSA-2), processing ID; MSH-18 ``UNICODE UTF-8`` when the text is not ASCII (always sent as UTF-8).
+- PID-3 Patient ID ^^^ Issuer of Patient ID, PID-5 name (HL7's null ``""`` where the header has none usable),
+  PID-7 birth date, PID-8 sex; PV1-2 ``U``.
+- ORC-1 ``RE``; ORC-2/OBR-2 placer order number (0040,2016), ORC-3/OBR-3 filler order number (0040,2017), else the
+  Accession Number; OBR-18 the Accession Number; OBR-4/OBR-44 the images' procedure code, else
+  ``[hl7] procedure_code``; OBR-7 Study Date/Time; OBR-22 when the result was made; OBR-25 ``F`` or ``C``;
+  the priority in TQ1-9 (table 0485) and OBR-27.6 (retired in v2.5.1, read by dcm4chee-arc and older RIS).
+- NTE: the priority's rule and reason, and that this is an AI triage suggestion for research use.
+- OBX: the finding (CWE ``[hl7] finding_values`` of the worst label, OBX-8 ``[hl7] abnormal_flags`` of the priority,
+  OBX-9 its probability 0-1; OBX-11 ``X`` when nothing was classified), one NM OBX per class probability in %
+  (``[hl7] probability_codes``), and the Study Instance UID as ``113014^DICOM Study^DCM`` (OBX-11 ``O``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import secrets
+import socket
+import time
+from collections import defaultdict
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from cxr_triage import CLASS_NAMES, log_name
+from cxr_triage.core import db
+from cxr_triage.core.config import ConfigError
+from cxr_triage.core.endpoints import HL7Code, HL7Destination
+from cxr_triage.outputs import delivery
+
+if TYPE_CHECKING:
+    from cxr_triage.core.settings import HL7Settings, Settings
+
+logger = logging.getLogger(log_name(__name__))
+
+VERSION = "2.5.1"
+MAX_PER_ROUND = 10
+"""Most messages sent in one round; each may take up to twice ``[hl7] timeout`` (connection, ACK)."""
+MAX_ACK_BYTES = 1 << 20
+START_BLOCK, END_BLOCK = b"\x0b", b"\x1c\x0d"
+"""MLLP framing: <VT> message <FS><CR>."""
+ACCEPTED = ("AA", "CA")
+"""MSA-1 codes of an accepted message (original mode; commit accept in enhanced mode)."""
+HL7_NULL = '""'
+"""HL7's explicit null: a required field whose value is not known."""
+MAX_PN_GROUP = 64
+"""DICOM PN: at most 64 characters in each component group (alphabetic, ideographic, phonetic)."""
+PRIORITY_NAMES = {"S": "Stat", "A": "ASAP", "R": "Routine", "P": "Preop", "C": "Callback", "T": "Timing critical"}
+"""HL7 table 0485 (TQ1-9), whose codes table 0027 (OBR-27.6) shares."""
+STUDY_UID_OBSERVATION = ("113014", "DICOM Study", "DCM")
+"""OBX-3 of the Study Instance UID (IHE RAD-128, as dcm4chee-arc sends it)."""
+PERCENT_UNITS = ("%", "percent", "UCUM")
+
+
+# --- what the message says -----------------------------------------------------------------------------------
+
+
+class ReportError(ValueError):
+    """A study's ORU^R01 cannot be built (no readable header, no Patient ID, a value HL7 cannot carry)."""
+
+
+@dataclass(frozen=True)
+class StudyReport:
+    """What an ORU^R01 says about one finished study: identifiers from its DICOM header, and its results."""
+
+    study_instance_uid: str
+    patient_id: str
+    issuer_of_patient_id: str = ""
+    patient_name: tuple[str, str, str, str, str] = ("", "", "", "", "")
+    """XPN order: family, given, middle, suffix, prefix."""
+    birth_date: str = ""
+    sex: str = ""
+    accession_number: str = ""
+    placer_order_number: str = ""
+    filler_order_number: str = ""
+    procedure_code: tuple[str, str, str] | None = None
+    """(code, text, system) from the images' Procedure Code Sequence; None: ``[hl7] procedure_code``."""
+    observed_at: str = ""
+    """HL7 DTM of the exam (Study Date and Time), or of its arrival."""
+    label: str | None = None
+    probabilities: Mapping[str, float] | None = None
+    priority: str = "review"
+    priority_rule: str = ""
+    priority_reason: str = ""
+    model_version: str = ""
+    corrected: bool = False
+
+
+def hl7_datetime(moment: dt.datetime) -> str:
+    """An aware datetime as HL7 DTM in UTC: ``YYYYMMDDHHMMSS+0000``."""
+    return moment.astimezone(dt.UTC).strftime("%Y%m%d%H%M%S+0000")
+
+
+def _dicom_datetime(date: object, time: object) -> str:
+    """Study Date and Time as HL7 DTM (local time, as DICOM gives it); empty when the date is not YYYYMMDD."""
+    date_text, time_text = str(date or ""), str(time or "").split(".")[0]
+    if not re.fullmatch(r"\d{8}", date_text):
+        return ""
+    return date_text + (time_text if re.fullmatch(r"\d{2}|\d{4}|\d{6}", time_text) else "")
+
+
+def _first(dataset: Any, keyword: str) -> str:
+    """``keyword`` at the top level, else in the first Request Attributes Sequence item."""
+    value = dataset.get(keyword)
+    if not value:
+        requests = dataset.get("RequestAttributesSequence") or []
+        value = requests[0].get(keyword) if requests else None
+    return str(value or "").strip()
+
+
+def _procedure_code(dataset: Any) -> tuple[str, str, str] | None:
+    items = dataset.get("ProcedureCodeSequence") or []
+    if not items:
+        requests = dataset.get("RequestAttributesSequence") or []
+        items = (requests[0].get("RequestedProcedureCodeSequence") or []) if requests else []
+    if not items or not items[0].get("CodeValue") or not items[0].get("CodingSchemeDesignator"):
+        return None
+    item = items[0]
+    return str(item.CodeValue), str(item.get("CodeMeaning", "")), str(item.CodingSchemeDesignator)
+
+
+def _patient_name(dataset: Any, study_uid: str) -> tuple[str, str, str, str, str]:
+    """PID-5's components from Patient Name; all empty (PID-5 is then sent as HL7's null) when the header's value
+    is not a Person Name a RIS could use (wrong VR, bytes, a component group over DICOM's 64 characters), so that
+    the result is still sent."""
+    from pydicom import config
+    from pydicom.valuerep import PersonName
+
+    element = dataset.get((0x0010, 0x0010))
+    empty = ("", "", "", "", "")
+    if element is None or element.value in (None, "", b""):
+        return empty
+    value = element.value
+    if isinstance(value, str) and not isinstance(value, PersonName):
+        value = PersonName(value, validation_mode=config.IGNORE)
+    if not isinstance(value, PersonName) or any(len(group) > MAX_PN_GROUP for group in value.components):
+        # Only the VR and the size are logged: the value is patient data.
+        length = len(str(value)) if isinstance(value, PersonName) else len(value) if hasattr(value, "__len__") else 1
+        logger.warning(
+            "study %s: Patient Name (VR %s, length %d) is not a usable Person Name; PID-5 is sent as HL7's null",
+            study_uid,
+            element.VR,
+            length,
+        )
+        return empty
+    return (value.family_name, value.given_name, value.middle_name, value.name_suffix, value.name_prefix)
+
+
+def report_from_header(dataset: Any) -> dict[str, Any]:
+    """The identifiers of a study from one of its instances' DICOM header (``StudyReport`` keyword arguments)."""
+    patient_id = str(dataset.get("PatientID") or "").strip()
+    if not patient_id:
+        raise ReportError("the study's images have no Patient ID: the RIS could not match the result to a patient")
+    study_uid = str(dataset.get("StudyInstanceUID") or "")
+    if not re.fullmatch(r"[0-9.]{1,64}", study_uid):
+        raise ReportError(f"the Study Instance UID {study_uid!r} is not a UID")
+    parts = _patient_name(dataset, study_uid)
+    sex = str(dataset.get("PatientSex") or "").strip().upper()
+    birth = str(dataset.get("PatientBirthDate") or "")
+    return {
+        "study_instance_uid": study_uid,
+        "patient_id": patient_id,
+        "issuer_of_patient_id": str(dataset.get("IssuerOfPatientID") or "").strip(),
+        "patient_name": tuple(str(p or "").strip() for p in parts),
+        "birth_date": birth if re.fullmatch(r"\d{8}", birth) else "",
+        "sex": sex if sex in ("M", "F", "O") else "",
+        "accession_number": str(dataset.get("AccessionNumber") or "").strip(),
+        "placer_order_number": _first(dataset, "PlacerOrderNumberImagingServiceRequest"),
+        "filler_order_number": _first(dataset, "FillerOrderNumberImagingServiceRequest"),
+        "procedure_code": _procedure_code(dataset),
+        "observed_at": _dicom_datetime(dataset.get("StudyDate"), dataset.get("StudyTime")),
+    }
+
+
+def read_report(session: Session, study: db.Study, corrected: bool = False) -> StudyReport:
+    """The report of an aggregated study: its results, and identifiers read from the first of its spool files
+    that is still there (the files are kept for ``[storage] spool_retention_days``)."""
+    import pydicom
+
+    instances = session.scalars(
+        select(db.Instance)
+        .where(db.Instance.study_id == study.id, db.Instance.spool_removed_at.is_(None))
+        .order_by(db.Instance.id)
+    ).all()
+    header: dict[str, Any] | None = None
+    problems = []
+    for instance in instances:
+        try:
+            dataset = pydicom.dcmread(instance.spool_path, stop_before_pixels=True)
+        except Exception as exc:
+            problems.append(f"{instance.sop_instance_uid}: {type(exc).__name__}: {exc}")
+            continue
+        header = report_from_header(dataset)
+        break
+    if header is None:
+        raise ReportError(f"no spool file of study {study.study_instance_uid} is readable ({'; '.join(problems)})")
+    summary = study.summary or {}
+    reason = study.priority_reason or ""
+    if study.priority_rule == "failed":
+        reason = "failed: processing failed (cxr-triage results has the error)"  # error texts stay out of the RIS
+    return StudyReport(
+        **{**header, "observed_at": header["observed_at"] or hl7_datetime(study.first_received_at)},
+        label=summary.get("label"),
+        probabilities=summary.get("max_probabilities"),
+        priority=study.priority or "review",
+        priority_rule=study.priority_rule or "",
+        priority_reason=reason,
+        model_version=study.priority_model_version or "",
+        corrected=corrected,
+    )
+
+
+# --- building ------------------------------------------------------------------------------------------------
+
+
+def _text(element: Any, name: str, value: str) -> None:
+    """Set the leaf ``name`` of ``element`` to ``value`` as text: HL7's delimiters in it are escaped (a plain string
+    would be parsed as ER7, its ``&`` taken for a subcomponent separator)."""
+    from hl7apy.factories import datatype_factory
+
+    leaf = getattr(element, name)
+    setattr(element, name, datatype_factory(leaf.datatype, value, version=VERSION))
+
+
+def _code(element: Any, code: HL7Code | tuple[str, str, str], prefix: str) -> None:
+    """Set the three components of a CE/CWE ``element`` (``prefix`` "ce" or "cwe"), each escaped."""
+    values = (code.code, code.text, code.system) if isinstance(code, HL7Code) else code
+    for index, value in enumerate(values, start=1):
+        if value:
+            _text(element, f"{prefix}_{index}", value)
+
+
+def _msh(message: Any, settings: HL7Settings, destination: HL7Destination, control_id: str, now: dt.datetime) -> None:
+    msh = message.msh
+    msh.msh_3.hd_1 = settings.sending_application
+    if settings.sending_facility:
+        msh.msh_4.hd_1 = settings.sending_facility
+    msh.msh_5.hd_1 = destination.application
+    if destination.facility:
+        msh.msh_6.hd_1 = destination.facility
+    msh.msh_7.ts_1 = hl7_datetime(now)
+    msh.msh_9.msg_1, msh.msh_9.msg_2, msh.msh_9.msg_3 = "ORU", "R01", "ORU_R01"
+    msh.msh_10 = control_id
+    msh.msh_11.pt_1 = settings.processing_id
+
+
+def _patient(result: Any, report: StudyReport) -> None:
+    patient = result.add_group("ORU_R01_PATIENT")
+    pid = patient.add_segment("PID")
+    pid.pid_1 = "1"
+    _text(pid.pid_3, "cx_1", report.patient_id)
+    if report.issuer_of_patient_id:
+        _text(pid.pid_3.cx_4, "hd_1", report.issuer_of_patient_id)
+    family, *others = report.patient_name
+    if family or not any(others):
+        _text(pid.pid_5.xpn_1, "fn_1", family or HL7_NULL)  # PID-5 is required; HL7's null says "no name known"
+    for index, part in enumerate(others, start=2):
+        if part:
+            _text(pid.pid_5, f"xpn_{index}", part)
+    if report.birth_date:
+        pid.pid_7.ts_1 = report.birth_date
+    if report.sex:
+        pid.pid_8 = report.sex
+    patient.add_group("ORU_R01_VISIT").add_segment("PV1").pv1_2 = "U"  # patient class unknown (IHE RAD-128)
+
+
+def _order(order: Any, report: StudyReport, settings: HL7Settings, now: dt.datetime) -> None:
+    from hl7apy.v2_5_1 import FT, ST
+
+    status = "C" if report.corrected else "F"
+    filler = report.filler_order_number or report.accession_number
+    priority = settings.priorities[report.priority]
+    orc = order.add_segment("ORC")
+    orc.orc_1 = "RE"
+    obr = order.add_segment("OBR")
+    obr.obr_1 = "1"
+    for segment, prefix in ((orc, "orc"), (obr, "obr")):
+        if report.placer_order_number:
+            _text(getattr(segment, f"{prefix}_2"), "ei_1", report.placer_order_number)
+        if filler:
+            _text(getattr(segment, f"{prefix}_3"), "ei_1", filler)
+    procedure = report.procedure_code or settings.procedure_code
+    _code(obr.obr_4, procedure, "ce")
+    obr.obr_7.ts_1 = report.observed_at
+    if report.accession_number:
+        obr.obr_18 = ST(report.accession_number)
+    obr.obr_22.ts_1 = hl7_datetime(now)
+    obr.obr_24 = "RAD"
+    obr.obr_25 = status
+    obr.obr_27.tq_6 = priority
+    _code(obr.obr_44, procedure, "ce")
+    nte = order.add_segment("NTE")
+    nte.nte_1 = "1"
+    reason = f" ({report.priority_reason})" if report.priority_reason else ""
+    nte.nte_3 = FT(
+        f"cxr-triage AI triage suggestion, research use only, not a diagnosis: priority {report.priority}{reason}"
+    )
+    tq1 = order.add_group("ORU_R01_TIMING_QTY").add_segment("TQ1")
+    tq1.tq1_1 = "1"
+    tq1.tq1_7.ts_1 = report.observed_at
+    _code(tq1.tq1_9, (priority, PRIORITY_NAMES.get(priority, ""), "HL70485"), "cwe")
+
+
+def _observations(order: Any, report: StudyReport, settings: HL7Settings, now: dt.datetime) -> None:
+
+    status = "C" if report.corrected else "F"
+    segments = []
+    finding = order.add_group("ORU_R01_OBSERVATION").add_segment("OBX")
+    _code(finding.obx_3, settings.finding_code, "ce")
+    if report.label is not None:
+        finding.obx_2 = "CWE"
+        finding.obx_5 = str(settings.finding_values[report.label])
+        if flag := settings.abnormal_flags[report.priority]:
+            finding.obx_8 = flag
+        if report.probabilities and report.label in report.probabilities:
+            finding.obx_9 = f"{float(report.probabilities[report.label]):.3f}"
+        finding.obx_11 = status
+    else:
+        finding.obx_11 = "X"  # nothing was classified: results cannot be obtained
+    segments.append(finding)
+    for name in CLASS_NAMES if report.probabilities else ():
+        obx = order.add_group("ORU_R01_OBSERVATION").add_segment("OBX")
+        obx.obx_2 = "NM"
+        _code(obx.obx_3, settings.probability_codes[name], "ce")
+        obx.obx_5 = f"{100 * float(report.probabilities[name]):.1f}"  # type: ignore[index]
+        _code(obx.obx_6, PERCENT_UNITS, "ce")
+        obx.obx_11 = status
+        segments.append(obx)
+    for obx in segments:
+        if report.model_version:
+            _text(obx.obx_18, "ei_1", report.model_version)
+            obx.obx_18.ei_2 = settings.sending_application
+        obx.obx_19.ts_1 = hl7_datetime(now)
+    uid = order.add_group("ORU_R01_OBSERVATION").add_segment("OBX")
+    uid.obx_2 = "ST"
+    _code(uid.obx_3, STUDY_UID_OBSERVATION, "ce")
+    uid.obx_5 = report.study_instance_uid  # digits and dots: nothing to escape
+    uid.obx_11 = "O"  # order detail, not a result
+    segments.append(uid)
+    for index, obx in enumerate(segments, start=1):
+        obx.obx_1 = str(index)
+
+
+def build_oru(
+    report: StudyReport, settings: HL7Settings, destination: HL7Destination, control_id: str, now: dt.datetime
+) -> str:
+    """The ORU^R01 of ``report`` for ``destination``, validated by hl7apy (v2.5.1, strict): ER7 text, segments
+    ending in CR. A value HL7 cannot carry (too long, say) raises ``ReportError``."""
+    from hl7apy.consts import VALIDATION_LEVEL
+    from hl7apy.core import Message
+    from hl7apy.exceptions import HL7apyException
+
+    try:
+        message = Message("ORU_R01", version=VERSION, validation_level=VALIDATION_LEVEL.STRICT)
+        _msh(message, settings, destination, control_id, now)
+        result = message.add_group("ORU_R01_PATIENT_RESULT")
+        _patient(result, report)
+        order = result.add_group("ORU_R01_ORDER_OBSERVATION")
+        _order(order, report, settings, now)
+        _observations(order, report, settings, now)
+        if not message.to_er7().isascii():
+            message.msh.msh_18 = "UNICODE UTF-8"
+        message.validate()
+    except (HL7apyException, ValueError, KeyError) as exc:
+        raise ReportError(f"HL7 v{VERSION} cannot carry this study's values: {type(exc).__name__}: {exc}") from exc
+    return str(message.to_er7()) + "\r"
+
+
+def sample_report() -> StudyReport:
+    """A report with every field set, to check a configuration's codes against hl7apy's rules at start-up."""
+    return StudyReport(
+        study_instance_uid="1.2.3",
+        patient_id="P",
+        patient_name=("F", "G", "", "", ""),
+        accession_number="A",
+        observed_at="20260101120000",
+        label=CLASS_NAMES[0],
+        probabilities={name: 1.0 / len(CLASS_NAMES) for name in CLASS_NAMES},
+        priority="urgent",
+        model_version="m",
+    )
+
+
+TRIAL_TIME = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def check_settings(settings: Settings) -> None:
+    """A start-up check of the commands that send HL7 (``serve``, ``worker``, ``forward``): a trial message built
+    with the ``[hl7]`` codes, so that a value HL7 cannot carry stops the start-up rather than the first result."""
+    hl7 = settings.hl7
+    if hl7.destinations:
+        try:
+            build_oru(sample_report(), hl7, hl7.destinations[0], "0" * 20, TRIAL_TIME)
+        except ReportError as exc:
+            raise ConfigError(f"[hl7] the codes do not fit an HL7 v2.5.1 message: {exc}") from exc
+
+
+def new_control_id() -> str:
+    """A message control ID (MSH-10, at most 20 characters): 20 random hex digits."""
+    return secrets.token_hex(10)
+
+
+# --- MLLP ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AckResult:
+    """What became of one message: accepted or not, MSA-1 (None when no ACK came) and a detail for the log."""
+
+    ok: bool
+    code: str | None
+    detail: str
+    connection_failed: bool = False
+    """No ACK at all (refused, timed out, closed): the destination is not tried again this round."""
+
+
+def parse_ack(raw: bytes, control_id: str) -> AckResult:
+    """Read an ACK (any v2 version) for the message ``control_id``: MSA-1, MSA-2 and the error text."""
+    import hl7
+    import hl7.exceptions
+
+    text = raw.decode("utf-8", errors="replace").strip("\x0b\x1c\r\n")
+    try:
+        ack = hl7.parse(text)
+        msa = ack.segment("MSA")
+    except (hl7.exceptions.HL7Exception, KeyError, ValueError, IndexError) as exc:
+        return AckResult(False, None, f"the answer is not an HL7 ACK ({exc}): {text[:200]!r}")
+    code = str(msa[1]).strip() if len(msa) > 1 else ""
+    acknowledged = str(msa[2]).strip() if len(msa) > 2 else ""
+    said = str(msa[3]).strip() if len(msa) > 3 else ""
+    try:
+        err = ack.segment("ERR")
+        said = "; ".join(
+            s for s in (said, str(err[8]) if len(err) > 8 else "", str(err[3]) if len(err) > 3 else "") if s
+        )
+    except KeyError:
+        pass
+    if acknowledged != control_id:
+        return AckResult(False, code or None, f"ACK {code} for message {acknowledged!r}, not {control_id!r}")
+    if code in ACCEPTED:
+        return AckResult(True, code, f"accepted ({code})")
+    meaning = {"AE": "application error", "AR": "application reject", "CE": "commit error", "CR": "commit reject"}
+    return AckResult(
+        False, code or None, f"ACK {code} ({meaning.get(code, 'not accepted')}){': ' + said if said else ''}"
+    )
+
+
+def _read_frame(sock: socket.socket, timeout: float) -> bytes:
+    """The answer between the MLLP start and end blocks, within ``timeout`` seconds in all; raises TimeoutError or
+    ConnectionError."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while END_BLOCK not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        sock.settimeout(remaining)
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("connection closed before an ACK came" + (f" (got {data[:80]!r})" if data else ""))
+        data += chunk
+        if len(data) > MAX_ACK_BYTES:
+            raise ConnectionError(f"no MLLP end block in the first {MAX_ACK_BYTES} bytes of the answer")
+    return data[data.find(START_BLOCK) + 1 if START_BLOCK in data else 0 : data.index(END_BLOCK)]
+
+
+def exchange(destination: HL7Destination, message: str, control_id: str, timeout: float) -> AckResult:
+    """Send one message over its own MLLP connection and read its ACK; never raises for network errors."""
+    try:
+        with socket.create_connection((destination.host, destination.port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(START_BLOCK + message.encode("utf-8") + END_BLOCK)
+            raw = _read_frame(sock, timeout)
+    except TimeoutError:
+        return AckResult(False, None, f"no ACK from {destination} within {timeout:g} s", True)
+    except ConnectionRefusedError:
+        return AckResult(False, None, f"connection refused: {destination}", True)
+    except socket.gaierror as exc:
+        return AckResult(False, None, f"cannot resolve host name {destination.host!r}: {exc.strerror or exc}", True)
+    except OSError as exc:
+        return AckResult(False, None, f"{destination}: {exc.strerror or exc}", True)
+    return parse_ack(raw, control_id)
+
+
+# --- the outbox ----------------------------------------------------------------------------------------------
+
+
+def enqueue(session: Session, study: db.Study, settings: HL7Settings, now: dt.datetime) -> int:
+    """Queue the ORU^R01 of the just-aggregated ``study`` for every ``[hl7]`` destination (inside the aggregation's
+    transaction); a correction (OBR-25 C) where an earlier one was sent. The number of rows added; a message that
+    cannot be built is added dead, with the reason."""
+    if not settings.destinations:
+        return 0
+    try:
+        report: StudyReport | None = read_report(session, study)
+        problem = ""
+    except ReportError as exc:
+        report, problem = None, str(exc)
+    except Exception as exc:  # an unexpected header must not stop the aggregation of every study after it
+        logger.exception("reading the header of study %s for HL7 failed", study.study_instance_uid)
+        report, problem = None, f"{type(exc).__name__}: {exc}"
+    for destination in settings.destinations:
+        name = str(destination)
+        corrected = delivery.supersede(session, db.HL7Message, study.id, name, now)
+        control_id = new_control_id()
+        message = None
+        if report is not None:
+            try:
+                message = build_oru(replace(report, corrected=corrected), settings, destination, control_id, now)
+            except ReportError as exc:
+                problem = str(exc)
+            except Exception as exc:  # as above: recorded on the row, never raised into the aggregation
+                logger.exception("building the ORU^R01 of study %s failed", study.study_instance_uid)
+                problem = f"{type(exc).__name__}: {exc}"
+        if message is None:
+            logger.error("HL7 result of study %s for %s not sent: %s", study.study_instance_uid, name, problem)
+        session.add(
+            db.HL7Message(
+                study_id=study.id,
+                destination=name,
+                control_id=control_id,
+                result_status="C" if corrected else "F",
+                message=message,
+                attempts=0,
+                state=db.FORWARD_PENDING if message else db.FORWARD_DEAD,
+                next_attempt_at=now if message else None,
+                last_error=None if message else f"cannot build the ORU^R01: {problem}",
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    return len(settings.destinations)
+
+
+@dataclass(frozen=True)
+class HL7Outcome:
+    row_id: int
+    study_instance_uid: str
+    control_id: str
+    destination: str
+    state: str
+    attempts: int
+    ack: str | None
+    detail: str
+
+
+def process_due(
+    sessions: sessionmaker[Session],
+    settings: HL7Settings,
+    now: dt.datetime | None = None,
+    force: bool = False,
+    exclude: Collection[int] = (),
+) -> list[HL7Outcome]:
+    """Send one round of the HL7 messages that are due (pending ones not in ``exclude`` when ``force``); after a
+    destination failed to answer, its other messages wait for the next round (their attempt counted, like a failed
+    association)."""
+    now = now or db.utcnow()
+    lease = dt.timedelta(seconds=2 * settings.timeout * MAX_PER_ROUND + 60)
+    ids = delivery.claim_due(sessions, db.HL7Message, now, lease, force, MAX_PER_ROUND, exclude)
+    if not ids:
+        return []
+    with sessions() as session:
+        db.read_only(session)
+        rows = session.execute(
+            select(db.HL7Message.id, db.HL7Message.destination, db.HL7Message.control_id, db.HL7Message.message)
+            .where(db.HL7Message.id.in_(ids))
+            .order_by(db.HL7Message.id)
+        ).all()
+    by_destination: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
+    for message_id, destination, control_id, message in rows:
+        by_destination[destination].append((message_id, control_id, message or ""))
+    outcomes: list[HL7Outcome] = []
+    for name, items in by_destination.items():
+        outcomes += _record(sessions, settings, name, _send_all(settings, name, items))
+    return outcomes
+
+
+def _send_all(settings: HL7Settings, name: str, items: Sequence[tuple[int, str, str]]) -> dict[int, AckResult]:
+    try:
+        destination = settings.destination(name) or HL7Destination.parse(name)
+    except ValueError as exc:
+        return {message_id: AckResult(False, None, f"bad destination {name!r}: {exc}") for message_id, _, _ in items}
+    results: dict[int, AckResult] = {}
+    unreachable: AckResult | None = None
+    for message_id, control_id, message in items:
+        if unreachable is not None:
+            results[message_id] = AckResult(False, None, f"not sent: {unreachable.detail} (earlier in this round)")
+            continue
+        result = exchange(destination, message, control_id, settings.timeout)
+        results[message_id] = result
+        if result.connection_failed:
+            unreachable = result
+    return results
+
+
+def _record(
+    sessions: sessionmaker[Session], settings: HL7Settings, name: str, results: Mapping[int, AckResult]
+) -> list[HL7Outcome]:
+    outcomes = []
+    finished = db.utcnow()
+    with sessions() as session, session.begin():
+        for message_id, result in results.items():
+            row = session.get(db.HL7Message, message_id)
+            if row is None:
+                continue
+            study_uid = session.scalar(select(db.Study.study_instance_uid).where(db.Study.id == row.study_id)) or ""
+            row.ack_code = result.code
+            delay = delivery.count_attempt(row, result.ok, result.detail, settings, finished)
+            if row.state == db.FORWARD_SENT:
+                logger.info("HL7 result of study %s (%s) accepted by %s", study_uid, row.control_id, name)
+            elif row.state == db.FORWARD_DEAD:
+                logger.error(
+                    "HL7 result of study %s to %s: dead after %d attempts: %s",
+                    study_uid,
+                    name,
+                    row.attempts,
+                    result.detail,
+                )
+            elif delay is not None:
+                logger.warning(
+                    "HL7 result of study %s to %s: attempt %d failed (%s); retry in %.0f s",
+                    study_uid,
+                    name,
+                    row.attempts,
+                    result.detail,
+                    delay,
+                )
+            outcomes.append(
+                HL7Outcome(
+                    message_id, study_uid, row.control_id, name, row.state, row.attempts, result.code, result.detail
+                )
+            )
+    return outcomes

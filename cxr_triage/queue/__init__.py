@@ -1,0 +1,3 @@
+"""The queue: spool files (``spool``) and the job queue over the ``instances`` table (``jobqueue``): every state
+change of a job.
+"""

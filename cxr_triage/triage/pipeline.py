@@ -1,0 +1,195 @@
+"""The processing stages of a claimed job, and what can become of it: ``Classified``, ``Refused`` or ``Failed``.
+
+``preprocess`` reads a spool file and prepares the model input (``cxr_triage.ml.preprocess``): a refusal (a lateral
+view, not a chest) or an error ends the job there; otherwise the prepared image goes on with the dataset, its
+pixel data dropped, kept as the SR's evidence. ``classify`` runs the model on prepared images and sets each
+one's worklist flag. Outcomes are frozen: the recorder (``cxr_triage.triage.recorder``) turns them into rows, SRs and
+forwards in one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cxr_triage import log_name
+from cxr_triage.core.settings import TriageSettings
+from cxr_triage.queue.jobqueue import ClaimedJob
+from cxr_triage.triage.studies import flag_for
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from cxr_triage.ml.gate import TypicalityGate
+    from cxr_triage.ml.inference import Prediction, Predictor
+    from cxr_triage.ml.preprocess import PreparedImage, Refusal
+
+logger = logging.getLogger(log_name(__name__))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A job whose image is ready for the model."""
+
+    job: ClaimedJob
+    image: PreparedImage
+    evidence: Dataset  # the classified dataset without its pixel data
+    preprocess_ms: float
+    thumbnail: bytes | None = None  # PNG of the model's input; None when the image may carry burned-in text
+
+
+@dataclass(frozen=True)
+class Classified:
+    """The model's finding for one instance, with the flag it raised."""
+
+    job: ClaimedJob
+    prediction: Prediction
+    evidence: Dataset
+    preprocess_ms: float
+    inference_ms: float
+    flagged: bool
+    flag_reason: str | None
+    model: Predictor  # the predictor that ran, even if a new model was loaded meanwhile
+    thumbnail: bytes | None = None
+    typicality: float | None = None  # the gate's score; None when no gate ran
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Not a frontal chest radiograph (or not decodable as one): the reason names the attribute."""
+
+    job: ClaimedJob
+    refusal: Refusal
+    typicality: float | None = None  # set when the typicality gate refused the image
+
+
+@dataclass(frozen=True)
+class Failed:
+    """An attempt that raised; the job is retried until ``[worker] max_attempts``."""
+
+    job: ClaimedJob
+    error: str
+
+    @classmethod
+    def of(cls, job: ClaimedJob, exc: BaseException) -> Failed:
+        return cls(job, f"{type(exc).__name__}: {exc}"[:4000])
+
+
+Outcome = Classified | Refused | Failed
+
+
+def preprocess(jobs: Sequence[ClaimedJob], stop: threading.Event) -> tuple[list[Outcome], list[Prepared]]:
+    """Read and prepare each job's spool file; jobs left when ``stop`` is set stay claimed (released later)."""
+    from cxr_triage.ml.preprocess import Refusal, prepare_dataset, read_dicom
+
+    outcomes: list[Outcome] = []
+    prepared: list[Prepared] = []
+    for job in jobs:
+        if stop.is_set():
+            break
+        started = time.perf_counter()
+        try:
+            if not Path(job.spool_path).is_file():
+                raise FileNotFoundError(f"spool file {job.spool_path} is missing")
+            ds = read_dicom(job.spool_path)
+            result: Any = ds if isinstance(ds, Refusal) else prepare_dataset(ds)
+        except Exception as exc:
+            logger.exception("job %s (SOP instance %s): preprocessing failed", job.id, job.sop_instance_uid)
+            outcomes.append(Failed.of(job, exc))
+            continue
+        elapsed = (time.perf_counter() - started) * 1000.0
+        if isinstance(result, Refusal):
+            outcomes.append(Refused(job, result))
+            continue
+        if "PixelData" in ds:
+            del ds.PixelData  # the header stays as the SR's evidence; the pixels are in the tensor now
+        prepared.append(Prepared(job, result, ds, elapsed, thumbnail_png(result.tensor, ds)))
+    return outcomes, prepared
+
+
+def screen(prepared: Sequence[Prepared], gate: TypicalityGate) -> tuple[list[Outcome], list[tuple[Prepared, float]]]:
+    """The typicality gate's verdict on ``prepared``: refusals, and the images that go on with their scores."""
+    from cxr_triage.ml.gate import REFUSAL_CODE
+    from cxr_triage.ml.preprocess import Refusal
+
+    outcomes: list[Outcome] = []
+    passed: list[tuple[Prepared, float]] = []
+    for item, score in zip(prepared, gate.scores([p.image.tensor for p in prepared]), strict=True):
+        if gate.refuses(score):
+            refusal = Refusal(REFUSAL_CODE, gate.reason(score), None, item.image.sop_instance_uid)
+            outcomes.append(Refused(item.job, refusal, score))
+        else:
+            passed.append((item, score))
+    return outcomes, passed
+
+
+def classify(
+    prepared: Sequence[Prepared], predictor: Predictor, triage: TriageSettings, gate: TypicalityGate | None = None
+) -> list[Outcome]:
+    """Screen ``prepared`` with the gate, then run the model on the rest in one call; an error in either fails
+    every job of the call."""
+    if not prepared:
+        return []
+    outcomes: list[Outcome] = []
+    try:
+        started = time.perf_counter()
+        if gate is None:
+            passed: list[tuple[Prepared, float | None]] = [(p, None) for p in prepared]
+        else:
+            outcomes, screened = screen(prepared, gate)
+            passed = list(screened)
+        predictions = predictor.predict([p.image.tensor for p, _ in passed]) if passed else []
+        inference_ms = (time.perf_counter() - started) * 1000.0 / len(prepared)
+    except Exception as exc:
+        logger.exception("inference failed for jobs %s", [p.job.id for p in prepared])
+        return [Failed.of(p.job, exc) for p in prepared]
+    for (item, typicality), prediction in zip(passed, predictions, strict=True):
+        flagged, reason = flag_for(prediction.probabilities, triage)
+        outcomes.append(
+            Classified(
+                item.job,
+                prediction,
+                item.evidence,
+                item.preprocess_ms,
+                inference_ms,
+                flagged,
+                reason,
+                predictor,
+                item.thumbnail,
+                typicality,
+            )
+        )
+    return outcomes
+
+
+def thumbnail_png(tensor: Any, header: Dataset) -> bytes | None:
+    """The model's input (the preprocessed 224x224 pixels, first channel) as an 8-bit grey PNG, for the worklist.
+
+    None when the header says the pixels carry burned-in annotation (``BurnedInAnnotation`` YES), which may be
+    patient data: the worklist then shows no picture.
+    """
+    if str(header.get("BurnedInAnnotation", "")).strip().upper() == "YES":
+        return None
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    # numpy, not torch: torch spreads these small operations over its threads, which costs more than they do
+    grey = np.rint(np.clip(tensor[0].numpy(), 0.0, 1.0) * 255.0).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def chunk_sizes(count: int, limit: int) -> list[int]:
+    """Split ``count`` jobs into the fewest chunks of at most ``limit``, as even as possible (5, 4 -> 3, 2)."""
+    if count <= 0:
+        return []
+    chunks = -(-count // max(1, limit))
+    return [count // chunks + (1 if i < count % chunks else 0) for i in range(chunks)]
