@@ -63,10 +63,18 @@ def test_the_artefact_refuses_a_model_it_does_not_fit(tiny_pack: Path, tmp_path:
         load_encoder(CAEClassifier(ModelSpec(width=4, dense_units=8)), artefact)
 
 
-def test_resume_continues_a_stretch(tiny_pack: Path, tmp_path: Path) -> None:  # noqa: F811
-    out = tmp_path / "run"
-    _pretrain(tiny_pack, out, "--pretrain-epochs", "1", "--pretrain-size", "64")
-    _pretrain(tiny_pack, out, "--pretrain-epochs", "2", "--pretrain-size", "64", "--resume")
+def test_resume_continues_a_stretch_without_counting_it_twice(tiny_pack: Path, tmp_path: Path) -> None:  # noqa: F811
+    artefact = tmp_path / "ae.pt"
+    _pretrain(tiny_pack, tmp_path / "s0", "--pretrain-epochs", "1", "--pretrain-size", "64",
+              "--export-autoencoder", str(artefact))  # fmt: skip
+    out, more = tmp_path / "s1", ("--pretrain-size", "64", "--pretrain-lr", "3e-3")
+    link = ("--init-autoencoder", str(artefact), "--export-autoencoder", str(artefact))
+    _pretrain(tiny_pack, out, "--pretrain-epochs", "1", *more, *link)
+    _pretrain(tiny_pack, out, "--pretrain-epochs", "2", *more, *link, "--resume")
     state = torch.load(out / "pretrain_state.pt", weights_only=True)
     assert [r["epoch"] for r in state["history"]] == [1, 2]
-    assert state["stretch"]["size"] == 64
+    assert state["stretch"]["size"] == 64 and state["stretch"]["base"]["epochs"] == 1
+    final = load_autoencoder(artefact)
+    exported = len(final.stretches) == 2  # stretch 1 is written only if it improved on stretch 0
+    assert [s["stretch"] for s in final.stretches] == ([0, 1] if exported else [0])
+    assert [(r["stretch"], r["epoch"]) for r in final.history] == ([(0, 1), (1, 2), (1, 3)] if exported else [(0, 1)])

@@ -182,8 +182,7 @@ def test_wheels_install_offline(tmp_path: Path, package_wheel: Path) -> None:
     if needs:
         got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), *needs],
                              capture_output=True, text=True, timeout=300)  # fmt: skip
-        if got.returncode != 0:
-            pytest.skip(f"no wheel of {needs} to be had here for the offline folder: {got.stderr[-300:]}")
+        assert got.returncode == 0, f"no wheel of {needs} to be had for the offline folder: {got.stderr[-300:]}"
     venv = tmp_path / "venv"
     done = _install(tmp_path, "--wheels", str(wheels), "--system-site-packages", "--venv", str(venv),
                     CXR_TRIAGE_TORCH_INDEX=f"http://127.0.0.1:{_closed_port()}/whl/cpu")  # fmt: skip

@@ -236,8 +236,8 @@ def test_training_imports_no_dicom_library() -> None:
     code = (
         "import sys, training.cli, training.commands, training.pack, training.report, training.engine\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('pydicom', 'highdicom', 'pynetdicom', "
-        "'cxr_triage.preprocess')]\n"
-        "bad += [m for m in sys.modules if m == 'cxr_triage.preprocess']\n"
+        "'cxr_triage.ml.preprocess')]\n"
+        "bad += [m for m in sys.modules if m == 'cxr_triage.ml.preprocess']\n"
         "print(bad); sys.exit(1 if bad else 0)"
     )
     proc = subprocess.run(

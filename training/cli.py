@@ -77,6 +77,12 @@ def _pretrain(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrain-lr", type=float, default=1e-3, help="Adam learning rate (paper 0.01)")
     g.add_argument("--pretrain-batch-size", type=int, default=64, help="batch size")
     g.add_argument(
+        "--pretrain-patience",
+        type=int,
+        default=0,
+        help="stop after this many epochs without a lower validation MSE (0: never; the authors used 20)",
+    )
+    g.add_argument(
         "--pretrain-size",
         type=int,
         default=224,

@@ -8,7 +8,7 @@ Files (all under ``--out``):
 
 - pretrain: ``encoder.pt`` (the encoder of the epoch with the lowest validation MSE, plus history),
   ``pretrain_state.pt`` (resumable: autoencoder, optimizer, epoch, args, RNG state, history);
-- finetune: ``model.pt`` (best classifier by validation loss, fp16, ``cxr_triage.checkpoint`` format, updated at
+- finetune: ``model.pt`` (best classifier by validation loss, fp16, ``cxr_triage.ml.checkpoint`` format, updated at
   every improvement so a stopped run keeps its best model), ``finetune_state.pt`` (resumable: model, optimizer,
   phase, epoch, best weights, early-stopping counters, args, RNG state, history);
 - evaluate: ``metrics.json``, ``report.md``, ``curves.png``, ``confusion.png``, ``roc.png``;
@@ -35,6 +35,7 @@ from torch import nn
 from cxr_triage import CLASS_NAMES
 from cxr_triage.ml.checkpoint import ModelCard, load_classifier, save_classifier
 from cxr_triage.ml.model import HEADS, CAEClassifier, ConvAutoencoder, ModelSpec, keras_parameter_count
+from cxr_triage.ml.precision import cpu_flags
 from training import data as data_mod
 from training.autoencoder import FORMAT as AUTOENCODER_FORMAT
 from training.autoencoder import (
@@ -199,7 +200,7 @@ def run_pretrain(
 
     def validate() -> Validation:
         mse = evaluate_cae(unwrap(net), data, val_idx, rt, args.eval_batch_size)
-        return Validation(mse, {"val_mse": mse, "size": args.pretrain_size})
+        return Validation(mse, {"val_mse": mse})
 
     def save(fit_state: FitState) -> None:
         save_state(state_path, {"model": cpu_state_dict(net), "optimizer": optimizer.state_dict(),
@@ -207,7 +208,9 @@ def run_pretrain(
                                 "rng": rng_state(), "stretch": stretch.state()})  # fmt: skip
         stretch.export(fit_state)
 
-    phase = Phase("pretrain", args.pretrain_epochs, checkpoint_seconds=args.checkpoint_seconds)
+    tags = {"size": args.pretrain_size}  # in every history row: the side this epoch trained at
+    patience = args.pretrain_patience or None
+    phase = Phase("pretrain", args.pretrain_epochs, patience, checkpoint_seconds=args.checkpoint_seconds, tags=tags)
     result = fit(phase, rt, train_epoch, validate, lambda: cpu_state_dict(unwrap(net)), save, deadline, resume)
     check_replicas_agree(net, rt, "pretrain")
     state = result.state
@@ -226,6 +229,13 @@ def run_pretrain(
     return PretrainResult(
         encoder_path, state.history, seconds, state.images_per_second, state.best_score, state.epoch, complete
     )
+
+
+def machine_description() -> str:
+    """The processor and what it computes bf16 with, e.g. ``AMD EPYC (2 cores, AVX512-BF16)``."""
+    flags = cpu_flags()
+    isa = "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "no bf16 hardware"
+    return f"{cpu_model_name()} ({os.cpu_count()} cores, {isa})"
 
 
 @dataclass
@@ -257,7 +267,7 @@ class _Stretch:
         row = {
             "stretch": len(base.stretches) if base is not None else 0,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": cpu_model_name(),
+            "machine": machine_description(),
             "device": rt.device_name,
             "precision": rt.precision,
             "size": args.pretrain_size,
@@ -271,25 +281,42 @@ class _Stretch:
         return cls(args, base, row, time.monotonic())
 
     def state(self) -> dict[str, Any]:
-        return {**self.row, "wall_seconds": self.row["wall_seconds"] + time.monotonic() - self.started}
+        """The stretch's row, with what it started from (``restore`` needs it: the artefact may have been
+        rewritten by this very stretch since)."""
+        base = None
+        if self.base is not None:
+            base = {"epochs": self.base.epochs, "stretches": len(self.base.stretches), "best_val_mse": self.floor}
+        return {**self.row, "wall_seconds": self.row["wall_seconds"] + time.monotonic() - self.started, "base": base}
+
+    @property
+    def floor(self) -> float:
+        """The validation MSE the stretch must beat to be exported."""
+        return self.base.best_val_mse if self.base is not None else math.inf
 
     def restore(self, state: dict[str, Any]) -> None:
-        if "stretch" in state:
-            self.row = dict(state["stretch"])
+        """Continue the stretch a state file was written by (``--resume``)."""
+        if "stretch" not in state:
+            return
+        self.row = {k: v for k, v in state["stretch"].items() if k != "base"}
+        base = state["stretch"].get("base")
+        if self.base is not None and base is not None:
+            self.base.history = self.base.history[: base["epochs"]]
+            self.base.stretches = self.base.stretches[: base["stretches"]]
+            self.base.best_val_mse = float(base["best_val_mse"])
 
     def export(self, fit_state: FitState) -> None:
         """Write the artefact when this stretch's best beats the one it started from (or there was none)."""
         if not self.args.export_autoencoder or fit_state.best is None:
             return
-        floor = self.base.best_val_mse if self.base is not None else math.inf
-        if fit_state.best_score >= floor:
-            logger.info("autoencoder not exported: val MSE %.5f is not below %.5f", fit_state.best_score, floor)
+        if fit_state.best_score >= self.floor:
+            logger.info("autoencoder not exported: val MSE %.5f is not below %.5f", fit_state.best_score, self.floor)
             return
         encoder, decoder = split_state(fit_state.best)
         n = self.number
         rows = [{"stretch": n, **r, "epoch": (self.base.epochs if self.base else 0) + r["epoch"]}
                 for r in fit_state.history]  # fmt: skip
         stretch = {**self.state(), "epochs": fit_state.epoch, "best_val_mse": fit_state.best_score}
+        del stretch["base"]
         save_autoencoder(
             self.args.export_autoencoder,
             AutoencoderArtefact(

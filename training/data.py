@@ -10,8 +10,8 @@ The split (73 / 13.5 / 13.5 by default) is made once, seeded, over connected com
 stratified by class. Packs store it, so every later command (and every sampling step) sees the same split and test
 images are never used for a choice.
 
-Pixels follow the inference pipeline (``cxr_triage.preprocess``): 8-bit images enter at the scaling step
-(``cxr_triage.imaging.uint8_to_unit``) and are resized by ``cxr_triage.imaging.to_model_batch``. Images are kept
+Pixels follow the inference pipeline (``cxr_triage.ml.preprocess``): 8-bit images enter at the scaling step
+(``cxr_triage.ml.imaging.uint8_to_unit``) and are resized by ``cxr_triage.ml.imaging.to_model_batch``. Images are kept
 as 224x224 uint8 (the output of the resize step, re-quantised to 8 bits; exact for the 224x224 sources) so that the
 whole training set fits on the GPU (11k images = 0.6 GB) and batches are cut and augmented there.
 

@@ -4,7 +4,7 @@
 a device-resident ``ImageSet``; ``training.loop.fit`` runs the epochs around them. ``Runtime`` holds the device,
 precision and distributed settings:
 
-- precision (``cxr_triage.precision``, ``--amp``): bf16 autocast on CUDA and on a CPU with bf16 in hardware
+- precision (``cxr_triage.ml.precision``, ``--amp``): bf16 autocast on CUDA and on a CPU with bf16 in hardware
   (AMX-BF16 / AVX512-BF16), float32 elsewhere; channels_last on both devices; optional ``torch.compile``;
 - images are held on the training device, so a step is a gather, an augmentation and a forward/backward with no
   host round trip;
@@ -137,7 +137,7 @@ def setup_runtime(
     """The runtime for this process; joins the process group when launched by torchrun (WORLD_SIZE > 1).
 
     ``amp``: True forces bf16 autocast, False float32, None or "auto" chooses by the hardware
-    (``cxr_triage.precision.resolve_precision``).
+    (``cxr_triage.ml.precision.resolve_precision``).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -1,4 +1,4 @@
-"""Fit the typicality gate (``cxr_triage.gate``) for a trained classifier: ``python -m training.gate``.
+"""Fit the typicality gate (``cxr_triage.ml.gate``) for a trained classifier: ``python -m training.gate``.
 
 1. The gate's encoder is the classifier's encoder, frozen. A decoder is trained for it with MSE on training-split
    images (the classifier checkpoint keeps only the encoder; the autoencoder's own decoder is refit, which takes

@@ -17,10 +17,10 @@ Data, all on the training device as one ``ImageSet``:
 Training: the champion's weights; ``--head-epochs`` with the encoder frozen (the head on the encoder's features,
 computed once), then ``--epochs`` with every layer at the low ``--lr`` on augmented images; the epoch with the
 lowest validation loss is the challenger (stored in fp16 and evaluated as stored). Precision follows
-``cxr_triage.precision`` (``--amp`` auto: bf16 only where the hardware computes it).
+``cxr_triage.ml.precision`` (``--amp`` auto: bf16 only where the hardware computes it).
 
 Outputs (under ``--out``, each written atomically, the JSON last, so its presence means a finished run):
-``challenger.pt`` (a ``cxr_triage.checkpoint`` classifier whose provenance names the parent's sha256, the
+``challenger.pt`` (a ``cxr_triage.ml.checkpoint`` classifier whose provenance names the parent's sha256, the
 feedback, the base pack and this command's configuration) and ``retrain.json`` (both models' metrics, data
 counts, history, wall seconds). With ``--watch-parent`` the process exits at once when the process that started
 it dies, so a killed retraining job leaves no training behind it and no half-written file.

@@ -18,7 +18,7 @@ import torch
 
 from cxr_triage import BUNDLED_MODEL, CLASS_NAMES
 from cxr_triage.files import write_atomic
-from cxr_triage.ml.imaging import PREPROCESSING_VERSION
+from cxr_triage.ml.imaging import preprocessing_version
 from cxr_triage.ml.model import CAEClassifier, ModelSpec
 
 FORMAT = "cxr-triage-checkpoint/1"
@@ -35,12 +35,15 @@ class ModelCard:
     spec: ModelSpec
     class_names: tuple[str, ...] = CLASS_NAMES
     model_version: str = "unversioned"
-    preprocessing_version: str = PREPROCESSING_VERSION
+    preprocessing_version: str = ""
+    """The pixel pipeline the model was trained with; empty: the one its spec's ``input_norm`` implies."""
     provenance: dict[str, Any] = field(default_factory=dict)
     temperature: float = 1.0
     """Temperature scaling fitted on the validation split: probabilities are ``softmax(logits / temperature)``."""
 
     def __post_init__(self) -> None:
+        if not self.preprocessing_version:
+            object.__setattr__(self, "preprocessing_version", preprocessing_version(self.spec.input_norm))
         if len(self.class_names) != self.spec.num_classes:
             raise CheckpointError(
                 f"{len(self.class_names)} class names for a model with {self.spec.num_classes} outputs"
@@ -110,9 +113,10 @@ def load_classifier(path: str | os.PathLike[str], map_location: str | torch.devi
         provenance=dict(payload.get("provenance") or {}),
         temperature=float(payload.get("temperature", 1.0)),  # checkpoints written before calibration have none
     )
-    if card.preprocessing_version != PREPROCESSING_VERSION:
+    expected = preprocessing_version(card.spec.input_norm)
+    if card.preprocessing_version != expected:
         raise CheckpointError(
-            f"{path}: trained with preprocessing {card.preprocessing_version}, this code runs {PREPROCESSING_VERSION}"
+            f"{path}: trained with preprocessing {card.preprocessing_version}, this code runs {expected} for it"
         )
     model = CAEClassifier(card.spec)
     state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}

@@ -17,6 +17,15 @@ PREPROCESSING_VERSION = "cxr-pp/1"
 """Bumped whenever the pipeline's output for the same input changes; stored in every checkpoint."""
 
 
+def preprocessing_version(input_norm: str = "none") -> str:
+    """What a checkpoint of a model with ``input_norm`` records: ``cxr-pp/1``, or ``cxr-pp/1+equalise``.
+
+    The normalisation is part of the pixel pipeline, so code that does not know it (which would feed the model
+    un-normalised images) refuses such a checkpoint instead of running it.
+    """
+    return PREPROCESSING_VERSION if input_norm == "none" else f"{PREPROCESSING_VERSION}+{input_norm}"
+
+
 def to_model_batch(images01: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
     """Resize a (N, 1, H, W) batch of [0, 1] grey images to (N, 3, size, size), antialiased.
 

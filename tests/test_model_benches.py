@@ -1,0 +1,36 @@
+"""The model issue's benchmark scripts run and print every figure they promise (tiny sizes; no figure is checked
+against a target: the figures belong to the scripts' own output)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from test_bench import run_bench
+
+SHARED_LABELS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr" / "labels.csv"
+
+
+def test_rendering_bench_prints_each_rendering_and_the_spread(tmp_path: Path) -> None:
+    out = run_bench(
+        "rendering.py", "--manifest", str(SHARED_LABELS), "--per-class", "1", "--json", str(tmp_path / "r.json")
+    )
+    for name in ("reference", "window x2", "percentile", "gamma 0.8", "gamma 1.25", "8-bit"):
+        assert any(line.startswith(name) and "%" in line for line in out.splitlines()), out
+    assert "spread over all renderings: median " in out and "largest accuracy gap" in out
+    figures = json.loads((tmp_path / "r.json").read_text())
+    assert figures["images"] == 3 and set(figures["renderings"]) >= {"reference", "8-bit"}
+    assert figures["renderings"]["reference"]["change_p90"] == 0.0
+    assert 0.0 <= figures["spread_median"] <= figures["spread_p90"] <= 1.0
+
+
+def test_train_compute_bench_prints_a_row_per_configuration_and_the_fastest() -> None:
+    out = run_bench(
+        "train_compute.py",
+        *("--width", "4", "--size", "64", "--seconds", "0.2", "--batches", "2", "4", "--threads", "1", "--no-compile"),
+    )
+    assert out.startswith("CPU: ") and "GFLOP per image per training step" in out
+    rows = [line for line in out.splitlines() if line.split()[:1] in (["float32"], ["bfloat16"])]
+    assert len(rows) >= 2 * 3  # per workload: the base, contiguous memory, the other batch (and float32 with bf16)
+    assert all(line.rstrip().endswith("%") for line in rows)
+    assert out.count("fastest for ") == 2
