@@ -12,6 +12,7 @@ name for it says it is unfinished until then: a Structured Report is renamed onl
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -84,3 +85,12 @@ def write_atomic(
     if sync_dir:
         fsync_dir(path.parent)
     return path
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file's bytes, read a MiB at a time: how a checkpoint, a gate file or a model version is named."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from cxr_triage import CLASS_NAMES
+from cxr_triage.files import file_sha256
 from cxr_triage.ml import checkpoint
 from cxr_triage.ml.checkpoint import (
     FORMAT,
     CheckpointError,
     ModelCard,
-    file_sha256,
     load_classifier,
     resolve_model_path,
     save_classifier,

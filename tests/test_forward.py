@@ -20,8 +20,8 @@ from sqlalchemy import select
 
 from cxr_triage.cli import main
 from cxr_triage.core import db
-from cxr_triage.dicom.scu import retry_delay
 from cxr_triage.outputs import forward
+from cxr_triage.outputs.delivery import retry_delay
 
 
 @contextmanager

@@ -26,8 +26,8 @@ from cxr_triage.cli import main
 from cxr_triage.core import db
 from cxr_triage.core.config import ConfigError
 from cxr_triage.core.settings import HL7Settings
-from cxr_triage.dicom.scu import retry_delay
 from cxr_triage.outputs import hl7
+from cxr_triage.outputs.delivery import retry_delay
 
 
 @dataclass

@@ -109,7 +109,7 @@ def test_migration_turns_the_active_model_into_the_champion_and_back(database_ur
 
 
 def test_store_model_file_keeps_one_copy_named_by_its_sha256(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
-    from cxr_triage.ml.checkpoint import file_sha256
+    from cxr_triage.files import file_sha256
 
     stored = registry.store_model_file(checkpoints["a"], tmp_path / "models")
     assert stored == tmp_path / "models" / f"{file_sha256(checkpoints['a'])}.pt"

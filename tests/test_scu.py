@@ -26,7 +26,9 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import ComprehensiveSRStorage
 
-from cxr_triage.dicom.scu import Destination, SendResult, client_tls_context, retry_delay, send_datasets
+from cxr_triage.core.endpoints import Destination, client_tls_context
+from cxr_triage.dicom.scu import SendResult, send_datasets
+from cxr_triage.outputs.delivery import retry_delay
 from cxr_triage.outputs.sr import build_triage_sr, summarize_triage_sr
 from cxr_triage.testing.peers import Storescp, dcmtk_tool, free_port, netns_command, terminate, wait_until
 

@@ -5,27 +5,24 @@ its state, or (``--retry``) put the dead rows of all three back to pending and s
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import sys
-from collections.abc import Callable, Collection
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from cxr_triage import log_name
 from cxr_triage.core import db
-from cxr_triage.outputs import delivery, hl7, orthanc
-from cxr_triage.outputs.forward import ForwardOutcome, process_due, requeue_dead
-
-logger = logging.getLogger(log_name(ForwardOutcome.__module__))
-"""The forward module's logger: the command's lines name what they report on."""
-
+from cxr_triage.outputs import delivery, forward
+from cxr_triage.outputs.registry import OUTPUTS, Output, start_up_checks
 
 if TYPE_CHECKING:
     from cxr_triage.core.bootstrap import Context
+    from cxr_triage.core.settings import Settings
+
+logger = logging.getLogger(log_name(forward.__name__))
+"""The forward module's logger: the command's lines name what they report on."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,112 +54,39 @@ def _print(records: list[dict[str, Any]], as_json: bool, empty: str = "") -> Non
         print(f"{uid}\t{destination}\t{record['state']}\tattempts={record['attempts']}{answer}{detail}")
 
 
-def _sr_record(o: ForwardOutcome) -> dict[str, Any]:
-    return {
-        "kind": "sr",
-        "sr_sop_instance_uid": o.sr_sop_instance_uid,
-        "destination": o.destination,
-        "state": o.state,
-        "attempts": o.attempts,
-        "status": o.status,
-        "detail": o.detail,
-    }
-
-
-def _hl7_record(o: hl7.HL7Outcome) -> dict[str, Any]:
-    return {
-        "kind": "hl7",
-        "study_instance_uid": o.study_instance_uid,
-        "control_id": o.control_id,
-        "destination": o.destination,
-        "state": o.state,
-        "attempts": o.attempts,
-        "ack": o.ack,
-        "detail": o.detail,
-    }
-
-
-def _orthanc_record(o: orthanc.OrthancOutcome) -> dict[str, Any]:
-    return {
-        "kind": "orthanc",
-        "study_instance_uid": o.study_instance_uid,
-        "destination": o.destination,
-        "state": o.state,
-        "attempts": o.attempts,
-        "detail": o.detail,
-    }
-
-
 def _retry(args: argparse.Namespace, context: Context) -> int:
     sessions = db.session_factory(context.db)
     settings = context.settings
     now = db.utcnow()
-    requeued = requeue_dead(sessions, now)
-    requeued += delivery.requeue_dead(sessions, db.HL7Message, now)
-    requeued += delivery.requeue_dead(sessions, db.OrthancMetadata, now)
-    records = [_sr_record(o) for o in process_due(sessions, settings.forward, force=True)]
-    messages = _drain(lambda tried: hl7.process_due(sessions, settings.hl7, force=True, exclude=tried))
-    records += [_hl7_record(o) for o in messages.values()]
-    updates = _drain(lambda tried: orthanc.process_due(sessions, settings.forward, force=True, exclude=tried))
-    records += [_orthanc_record(o) for o in updates.values()]
+    requeued = sum(delivery.requeue_dead(sessions, output.table, now) for output in OUTPUTS)
+    records = []
+    for output in OUTPUTS:
+        sent = _drain(output, sessions, settings) if output.drain else output.send_due(sessions, settings, True, ())
+        records += [output.as_record(o) for o in sent]
     logger.info("requeued %d dead row(s); sent %d", requeued, len(records))
     _print(records, args.json, empty=f"nothing to send: no forward was pending or dead ({requeued} requeued)")
+    stuck = 0
     with db.read_session(context.db) as session:
-        unbuilt = session.scalar(
-            select(func.count()).where(db.HL7Message.state == db.FORWARD_DEAD, db.HL7Message.message.is_(None))
-        )
-    if unbuilt:
-        print(
-            f"{unbuilt} HL7 message(s) could not be built and stay dead: `cxr-triage forward` says why", file=sys.stderr
-        )
-    return 0 if all(r["state"] == db.FORWARD_SENT for r in records) and not unbuilt else 1
+        for output in OUTPUTS:
+            unsendable = output.unsendable(session) if output.unsendable else 0
+            if unsendable:
+                print(f"{unsendable} {output.unsendable_note}", file=sys.stderr)
+            stuck += unsendable
+    return 0 if all(r["state"] == db.FORWARD_SENT for r in records) and not stuck else 1
 
 
-_Outcome = TypeVar("_Outcome", hl7.HL7Outcome, orthanc.OrthancOutcome)
-
-
-def _drain(send: Callable[[Collection[int]], list[_Outcome]]) -> dict[int, _Outcome]:
-    """Call ``send`` (one round of a ``process_due``, given the ids already tried) until nothing is left: every
-    pending row tried once, by row id."""
-    outcomes: dict[int, _Outcome] = {}
-    while batch := send(outcomes.keys()):
+def _drain(output: Output, sessions: sessionmaker[Session], settings: Settings) -> list[Any]:
+    """Rounds of ``output.send_due`` (given the row ids already tried) until nothing is left: every pending row
+    tried once, the last outcome of each."""
+    outcomes: dict[int, Any] = {}
+    while batch := output.send_due(sessions, settings, True, outcomes.keys()):
         outcomes.update((o.row_id, o) for o in batch)
-    return outcomes
+    return list(outcomes.values())
 
 
 def _list_records(session: Session) -> list[dict[str, Any]]:
-    """Every SR forward, then every HL7 message, then every Orthanc update, oldest first."""
-
-    def when(moment: dt.datetime | None) -> str | None:
-        return moment.isoformat() if moment else None
-
-    records = [
-        {
-            **_sr_record(ForwardOutcome(f.id, uid, f.destination, f.state, f.attempts, f.status, f.last_error or "")),
-            "detail": f.last_error,
-            "next_attempt_at": when(f.next_attempt_at),
-        }
-        for f, uid in session.execute(
-            select(db.Forward, db.SRDocument.sop_instance_uid)
-            .join(db.SRDocument, db.Forward.sr_id == db.SRDocument.id)
-            .order_by(db.Forward.id)
-        ).all()
-    ]
-    for m, uid in session.execute(
-        select(db.HL7Message, db.Study.study_instance_uid).join(db.Study).order_by(db.HL7Message.id)
-    ).all():
-        outcome = hl7.HL7Outcome(
-            m.id, uid, m.control_id, m.destination, m.state, m.attempts, m.ack_code, m.last_error or ""
-        )
-        records.append(
-            {**_hl7_record(outcome), "result_status": m.result_status, "next_attempt_at": when(m.next_attempt_at)}
-        )
-    for u, uid in session.execute(
-        select(db.OrthancMetadata, db.Study.study_instance_uid).join(db.Study).order_by(db.OrthancMetadata.id)
-    ).all():
-        outcome = orthanc.OrthancOutcome(u.id, uid, u.destination, u.state, u.attempts, u.last_error or "")
-        records.append({**_orthanc_record(outcome), "values": u.values, "next_attempt_at": when(u.next_attempt_at)})
-    return records
+    """Every output's rows in the registry's order (SR forwards, HL7 messages, Orthanc updates), oldest first."""
+    return [record for output in OUTPUTS for record in output.listed(session)]
 
 
 def _list(args: argparse.Namespace, context: Context) -> int:
@@ -179,6 +103,4 @@ def run(args: argparse.Namespace) -> int:
     from cxr_triage.core.bootstrap import CURRENT, run_command
 
     body = _retry if args.retry else _list
-    return run_command(
-        args, "forward", lambda context: body(args, context), database=CURRENT, checks=(hl7.check_settings,)
-    )
+    return run_command(args, "forward", lambda context: body(args, context), database=CURRENT, checks=start_up_checks())

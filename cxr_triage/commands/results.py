@@ -58,12 +58,8 @@ def _iso(value: dt.datetime | None) -> str | None:
 
 
 def _latest(model: Any) -> Any:
-    """Subquery: the id of the newest row of ``model`` per instance."""
-    return (
-        select(model.instance_id.label("instance_id"), func.max(model.id).label("id"))
-        .group_by(model.instance_id)
-        .subquery()
-    )
+    """Subquery: the id of the newest row of ``model`` per instance (``db.newest_ids``)."""
+    return db.newest_ids(model).subquery()
 
 
 def records(session: Session, study: str | None = None, since: dt.datetime | None = None) -> Iterator[dict[str, Any]]:

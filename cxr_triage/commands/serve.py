@@ -13,7 +13,7 @@ from typing import Any
 from cxr_triage import log_name
 from cxr_triage.core.bootstrap import SERVICE, CommandError, Context, run_command
 from cxr_triage.ops.server import Server, recover, warn_if_no_model
-from cxr_triage.outputs import hl7
+from cxr_triage.outputs.registry import start_up_checks
 
 logger = logging.getLogger(log_name(Server.__module__))
 """The server module's logger: the command's lines name what they report on."""
@@ -54,7 +54,7 @@ def _serve(args: argparse.Namespace, context: Context) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    checks = (hl7.check_settings,)
+    checks = start_up_checks()
     return run_command(
         args, "serve", lambda context: _serve(args, context), database=SERVICE, service=True, checks=checks
     )

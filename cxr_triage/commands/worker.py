@@ -9,7 +9,8 @@ import argparse
 from typing import TYPE_CHECKING
 
 from cxr_triage.core import db
-from cxr_triage.outputs import hl7, srfiles
+from cxr_triage.outputs import srfiles
+from cxr_triage.outputs.registry import start_up_checks
 from cxr_triage.queue import jobqueue
 from cxr_triage.triage.worker import (
     Worker,
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     quiet_openmp_threads()
     from cxr_triage.core.bootstrap import SERVICE, run_command
 
-    checks = (hl7.check_settings,)
+    checks = start_up_checks()
     return run_command(
         args, "worker", lambda context: _work(args, context), database=SERVICE, service=True, checks=checks
     )

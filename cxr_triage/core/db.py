@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -34,15 +34,19 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    func,
     inspect,
+    select,
     text,
     type_coerce,
 )
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.hybrid import hybrid_property
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.sql import Select
 
 from cxr_triage import log_name
+from cxr_triage.core.states import DeliveryState, InstanceState, ModelState, RetrainState, StudyState
 
 logger = logging.getLogger(log_name(__name__))
 
@@ -50,20 +54,13 @@ MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 """How long an SQLite connection waits for another writer before failing."""
 
-# Instance states. queued -> processing -> done | refused | failed (a lease expiry puts processing back to queued).
-QUEUED = "queued"
-PROCESSING = "processing"
-DONE = "done"
-REFUSED = "refused"
-FAILED = "failed"
+# The states (``cxr_triage.core.states``) under the names the code reads them by: ``db.DONE`` is InstanceState.DONE.
+QUEUED, PROCESSING, DONE, REFUSED, FAILED = InstanceState
+FORWARD_PENDING, FORWARD_SENT, FORWARD_DEAD, FORWARD_SUPERSEDED = DeliveryState
+MODEL_CANDIDATE, MODEL_CHAMPION, MODEL_RETIRED = MODEL_STATES = tuple(ModelState)
+RETRAIN_RUNNING, RETRAIN_SKIPPED, RETRAIN_FAILED, RETRAIN_REJECTED, RETRAIN_PROMOTED = RetrainState
 TERMINAL_STATES = (DONE, REFUSED, FAILED)
-
-# Forwarding states (SR forwards, HL7 messages, Orthanc metadata updates).
-FORWARD_PENDING = "pending"
-FORWARD_SENT = "sent"
-FORWARD_DEAD = "dead"
-FORWARD_SUPERSEDED = "superseded"
-"""An HL7 message or Orthanc update not sent because a newer one of the same study replaced it (re-aggregation)."""
+"""The states an instance ends in."""
 
 
 def utcnow() -> dt.datetime:
@@ -101,7 +98,7 @@ class Study(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    status: Mapped[str] = mapped_column(String(16), default="open")  # open | complete
+    status: Mapped[str] = mapped_column(String(16), default=StudyState.OPEN)  # open | complete
     first_received_at: Mapped[dt.datetime]
     last_received_at: Mapped[dt.datetime]
     completed_at: Mapped[dt.datetime | None]
@@ -289,13 +286,6 @@ class OrthancMetadata(_StudyDelivery, Base):
     values: Mapped[dict[str, Any]]  # metadata name -> value
 
 
-MODEL_CANDIDATE = "candidate"
-MODEL_CHAMPION = "champion"
-MODEL_RETIRED = "retired"
-MODEL_STATES = (MODEL_CANDIDATE, MODEL_CHAMPION, MODEL_RETIRED)
-"""A model version's states (``cxr_triage.ml.registry``): the workers run the one champion."""
-
-
 class ModelVersion(Base):
     """One classifier file (by sha256) in the model registry (``cxr_triage.ml.registry``): where it came from, how it
     scored on the fixed evaluation set, and its state (candidate, champion, retired; one champion at most)."""
@@ -426,14 +416,6 @@ class Lease(Base):
     expires_at: Mapped[dt.datetime | None]
 
 
-# Retraining run states (``cxr_triage.retrain.retraining``).
-RETRAIN_RUNNING = "running"
-RETRAIN_SKIPPED = "skipped"
-RETRAIN_FAILED = "failed"
-RETRAIN_REJECTED = "rejected"
-RETRAIN_PROMOTED = "promoted"
-
-
 class RetrainRun(Base):
     """One run of the retraining job: what it trained on, both models' metrics on the fixed evaluation set, and
     its outcome (running -> skipped | failed | rejected | promoted) with the reason."""
@@ -467,6 +449,27 @@ class RetrainRun(Base):
 
 
 # --- engine and sessions -------------------------------------------------------------------------------------
+
+
+_R = TypeVar("_R", PredictionRecord, RefusalRecord, SRDocument)
+
+
+def newest_ids(record: type[_R], instance_ids: Collection[int] | None = None) -> Select[tuple[int, int]]:
+    """``(instance_id, id)`` of each instance's newest ``record`` row (prediction, refusal, SR), of the instances in
+    ``instance_ids`` when given: an instance's latest record is its row with the highest id (another attempt or a
+    re-classification adds a row and changes none)."""
+    query = select(record.instance_id.label("instance_id"), func.max(record.id).label("id"))
+    if instance_ids is not None:
+        query = query.where(record.instance_id.in_(list(instance_ids)))
+    return query.group_by(record.instance_id)
+
+
+def newest(session: Session, record: type[_R], instance_ids: Collection[int]) -> dict[int, _R]:
+    """Instance id -> its newest ``record`` row (``newest_ids``) for those of ``instance_ids`` that have one."""
+    if not instance_ids:
+        return {}
+    ids = newest_ids(record, instance_ids).subquery()
+    return {row.instance_id: row for row in session.scalars(select(record).join(ids, record.id == ids.c.id))}
 
 
 def _sqlite_file(url: str) -> Path | None:

@@ -2,7 +2,7 @@
 
 :func:`send_datasets` sends a batch over one association and reports one :class:`SendResult` per dataset; network
 and association failures (refused connection, timeout, rejection, abort) come back as failed results with a clear
-detail and are never raised, so the worker can record them and schedule a retry with :func:`retry_delay`.
+detail and are never raised, so the caller can record them and retry later (``cxr_triage.outputs.delivery``).
 :class:`Destination` is one entry of the ``[forward] destinations`` configuration, validated at construction; a
 destination with ``tls`` is reached over TLS (DICOM PS3.15 B.1), the peer's certificate verified against
 :func:`client_tls_context`'s trust anchors and host name, with our own certificate for mutual TLS when configured.
@@ -44,16 +44,6 @@ class SendResult:
     ok: bool
     status: int | None
     detail: str
-
-
-def retry_delay(attempt: int, base: float, maximum: float) -> float:
-    """Delay before retry number ``attempt`` (1 for the first retry): ``base * 2**(attempt - 1)``, capped at maximum."""
-    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
-        raise ValueError(f"attempt must be an integer >= 1, got {attempt!r}")
-    if base < 0 or maximum < 0:
-        raise ValueError(f"base and maximum must not be negative, got {base!r} and {maximum!r}")
-    # The exponent is bounded so that huge attempt numbers cannot overflow a float.
-    return float(min(maximum, base * 2.0 ** min(attempt - 1, 1000)))
 
 
 def _transfer_syntax(dataset: Dataset) -> UID:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from cxr_triage import BUNDLED_MODEL, CLASS_NAMES
-from cxr_triage.files import write_atomic
+from cxr_triage.files import file_sha256, write_atomic
 from cxr_triage.ml.imaging import preprocessing_version
 from cxr_triage.ml.model import CAEClassifier, ModelSpec
 
@@ -58,14 +58,6 @@ class LoadedModel:
     card: ModelCard
     sha256: str
     path: Path | None
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_classifier(

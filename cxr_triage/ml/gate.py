@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from cxr_triage.files import file_sha256
 from cxr_triage.ml.model import Decoder, Encoder
 
 if TYPE_CHECKING:
@@ -291,14 +292,6 @@ class TypicalityGate:
             "scales": {k: [s.median, s.spread] for k, s in self.scales.items()},
             "validation_scores": self.validation_scores,
         }
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def as_stored(network: Autoencoder, gaussians: dict[str, GaussianModel]) -> dict[str, GaussianModel]:

@@ -84,7 +84,8 @@ class ModelStore:
 
     def _deploy_configured(self) -> None:
         """Register and promote the configured checkpoint if its file is new to the registry (module docstring)."""
-        from cxr_triage.ml.checkpoint import CheckpointError, file_sha256, load_classifier, resolve_model_path
+        from cxr_triage.files import file_sha256
+        from cxr_triage.ml.checkpoint import CheckpointError, load_classifier, resolve_model_path
 
         configured = self.settings.path
         try:

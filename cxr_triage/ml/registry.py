@@ -125,7 +125,7 @@ def store_model_file(source: Path, models_dir: Path) -> Path:
 
 
 def _sha256_of(path: Path) -> str | None:
-    from cxr_triage.ml.checkpoint import file_sha256
+    from cxr_triage.files import file_sha256
 
     try:
         return file_sha256(path)

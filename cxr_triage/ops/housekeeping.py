@@ -10,8 +10,9 @@ LOCKED), so a second ``serve`` on another host does no harm. ``run_once`` runs t
 Intervals: forwarding every ``FORWARD_INTERVAL`` seconds (a report reaches the PACS about that long after its
 result was committed, retries follow ``[forward] backoff_seconds``), aggregation every ``AGGREGATE_INTERVAL``
 (a completed study's HL7 messages and Orthanc metadata are queued in its transaction, ``study_complete``), their
-sending every ``FORWARD_INTERVAL`` (each kind its own job, so a slow RIS does not hold up the SRs), retention every
-``RETENTION_INTERVAL``.
+sending every ``FORWARD_INTERVAL`` (each output its own job, so a slow RIS does not hold up the SRs), retention every
+``RETENTION_INTERVAL``. The outputs come from ``cxr_triage.outputs.registry``: a new one gets its job here without
+a line changed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from cxr_triage.core import db
 from cxr_triage.core.failurelog import FailureLog
 from cxr_triage.core.settings import Settings
 from cxr_triage.ops import retention
-from cxr_triage.outputs import forward, hl7, orthanc
+from cxr_triage.outputs.registry import Needs, Output, needing
 from cxr_triage.triage import studies
 
 logger = logging.getLogger(log_name(__name__))
@@ -45,33 +46,29 @@ class Housekeeping:
         self.sessions = sessions
         self._scheduler: object | None = None
 
-    def forward_due(self) -> None:
-        forward.process_due(self.sessions, self.settings.forward)
-
     def aggregate(self) -> None:
         quiet = self.settings.worker.study_quiet_seconds
         studies.aggregate_studies(self.sessions, quiet, triage=self.settings.triage, on_complete=self.study_complete)
 
     def study_complete(self, session: Session, study: db.Study, now: dt.datetime) -> None:
-        """Queue what goes out for a just-aggregated study, in the aggregation's transaction."""
-        hl7.enqueue(session, study, self.settings.hl7, now)
-        orthanc.enqueue(session, study, self.settings.forward, now)
+        """Queue what goes out for a just-aggregated study (the outputs that need a study), in the aggregation's
+        transaction."""
+        for output in needing(Needs.STUDY):
+            output.enqueue(session, study, self.settings, now)
 
-    def send_hl7(self) -> None:
-        hl7.process_due(self.sessions, self.settings.hl7)
-
-    def set_orthanc_metadata(self) -> None:
-        orthanc.process_due(self.sessions, self.settings.forward)
+    def send_due(self, output: Output) -> Callable[[], None]:
+        """One round of sending ``output``'s due rows."""
+        return lambda: output.send_due(self.sessions, self.settings, False, ())
 
     def purge(self) -> None:
         retention.purge_spool(self.sessions, self.settings.storage.spool_retention_days)
 
     def jobs(self) -> list[tuple[str, Callable[[], None], float]]:
+        """The outputs made from instances, the study aggregate, the outputs made from studies, retention."""
         return [
-            ("forward SRs", self.forward_due, FORWARD_INTERVAL),
+            *((o.job, self.send_due(o), FORWARD_INTERVAL) for o in needing(Needs.INSTANCE)),
             ("aggregate studies", self.aggregate, AGGREGATE_INTERVAL),
-            ("send HL7 results", self.send_hl7, FORWARD_INTERVAL),
-            ("set Orthanc metadata", self.set_orthanc_metadata, FORWARD_INTERVAL),
+            *((o.job, self.send_due(o), FORWARD_INTERVAL) for o in needing(Needs.STUDY)),
             ("spool retention", self.purge, RETENTION_INTERVAL),
         ]
 

@@ -1,4 +1,4 @@
-"""What goes out: the outbox life every outgoing row shares (``delivery``), the Structured Report (``sr``,
-``srtemplate``, ``codes``, ``srfiles``) forwarded to the PACS (``forward``), the HL7 ORU^R01 to the RIS (``hl7``) and
-the priority as Orthanc metadata (``orthanc``).
+"""What goes out: every output declared in one place (``registry``), the outbox life their rows share
+(``delivery``), the Structured Report (``sr``, ``srtemplate``, ``codes``, ``srfiles``) forwarded to the PACS
+(``forward``), the HL7 ORU^R01 to the RIS (``hl7``) and the priority as Orthanc metadata (``orthanc``).
 """

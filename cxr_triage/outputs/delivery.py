@@ -4,30 +4,42 @@ Every kind is sent by the housekeeping the same way: ``claim_due`` takes the due
 leases them by pushing their ``next_attempt_at`` past the time a send may take, so two processes never send the
 same row at once and a process killed mid-send leaves the row pending, to be retried when the lease passes. Each
 attempt is counted by ``count_attempt``: success -> ``sent``; failure -> retried after
-``scu.retry_delay(attempt, backoff_seconds, backoff_max_seconds)``, and after ``max_attempts`` attempts the row goes
+``retry_delay(attempt, backoff_seconds, backoff_max_seconds)``, and after ``max_attempts`` attempts the row goes
 to the dead-letter state ``dead`` with its last error. ``requeue_dead`` (``cxr-triage forward --retry``) puts dead
 rows back to pending with a fresh attempt budget.
 
-A study's HL7 message or Orthanc update that a newer one replaces before it was sent is ``superseded``
-(``supersede``): it is never sent, so a stale result cannot arrive after the corrected one.
+Every row is made by ``new_row`` (pending and due now, or dead with why when its payload could not be built), in
+the transaction of what it reports on. A study's HL7 message or Orthanc update that a newer one replaces before it
+was sent is ``superseded`` (``supersede``): it is never sent, so a stale result cannot arrive after the corrected
+one.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Collection, Sequence
-from typing import Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxr_triage.core import db
-from cxr_triage.dicom.scu import retry_delay
 
 Outgoing: TypeAlias = db.Forward | db.HL7Message | db.OrthancMetadata
 """A row that is sent with retries."""
+_Row = TypeVar("_Row", db.Forward, db.HL7Message, db.OrthancMetadata)
 StudyOutgoing: TypeAlias = type[db.HL7Message] | type[db.OrthancMetadata]
 """A kind of row that carries a study's result to one destination."""
+
+
+def retry_delay(attempt: int, base: float, maximum: float) -> float:
+    """Delay before retry number ``attempt`` (1 for the first retry): ``base * 2**(attempt - 1)``, capped at maximum."""
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+        raise ValueError(f"attempt must be an integer >= 1, got {attempt!r}")
+    if base < 0 or maximum < 0:
+        raise ValueError(f"base and maximum must not be negative, got {base!r} and {maximum!r}")
+    # The exponent is bounded so that huge attempt numbers cannot overflow a float.
+    return float(min(maximum, base * 2.0 ** min(attempt - 1, 1000)))
 
 
 class RetryPolicy(Protocol):
@@ -39,6 +51,20 @@ class RetryPolicy(Protocol):
     def backoff_seconds(self) -> float: ...
     @property
     def backoff_max_seconds(self) -> float: ...
+
+
+def new_row(model: type[_Row], now: dt.datetime, dead_because: str | None = None, **columns: Any) -> _Row:
+    """A new outgoing row of ``model`` with ``columns`` (what it carries, where to): pending and due at ``now``, or,
+    with ``dead_because``, dead from the start (its payload could not be built) with that as its last error."""
+    return model(
+        **columns,
+        attempts=0,
+        state=db.FORWARD_DEAD if dead_because else db.FORWARD_PENDING,
+        next_attempt_at=None if dead_because else now,
+        last_error=dead_because,
+        created_at=now,
+        updated_at=now,
+    )
 
 
 def claim_due(

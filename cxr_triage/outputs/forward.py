@@ -3,7 +3,7 @@ goes out (SRs, HL7 messages to the RIS, Orthanc metadata).
 
 Each SR gets one ``forwards`` row per ``[forward] destinations`` entry, state ``pending``. The housekeeping sends
 due rows (``process_due``), one association per destination per round: success -> ``sent``; failure -> retried
-after ``scu.retry_delay(attempt, backoff_seconds, backoff_max_seconds)``, and after ``max_attempts`` attempts the
+after ``delivery.retry_delay(attempt, backoff_seconds, backoff_max_seconds)``, and after ``max_attempts`` attempts the
 row goes to the dead-letter state ``dead`` with its last error (``cxr_triage.outputs.delivery``, which HL7 messages and
 Orthanc metadata share). ``cxr-triage forward --retry`` puts dead rows of all three back to pending and sends every
 pending row now.
@@ -42,17 +42,7 @@ MAX_PER_ROUND = 100
 def enqueue(session: Session, sr: db.SRDocument, forwarding: ForwardSettings, now: dt.datetime) -> int:
     """Add a pending forward of ``sr`` to every configured destination; the number added."""
     for destination in forwarding.destinations:
-        session.add(
-            db.Forward(
-                sr_id=sr.id,
-                destination=str(destination),
-                attempts=0,
-                state=db.FORWARD_PENDING,
-                next_attempt_at=now,
-                created_at=now,
-                updated_at=now,
-            )
-        )
+        session.add(delivery.new_row(db.Forward, now, sr_id=sr.id, destination=str(destination)))
     return len(forwarding.destinations)
 
 
@@ -200,3 +190,32 @@ def _apply_result(
 def requeue_dead(sessions: sessionmaker[Session], now: dt.datetime | None = None) -> int:
     """Dead forwards back to pending with a fresh attempt budget; the number requeued."""
     return delivery.requeue_dead(sessions, db.Forward, now or db.utcnow())
+
+
+def as_record(o: ForwardOutcome) -> dict[str, Any]:
+    """An SR forward's outcome as ``cxr-triage forward`` prints it."""
+    return {
+        "kind": "sr",
+        "sr_sop_instance_uid": o.sr_sop_instance_uid,
+        "destination": o.destination,
+        "state": o.state,
+        "attempts": o.attempts,
+        "status": o.status,
+        "detail": o.detail,
+    }
+
+
+def listed(session: Session) -> list[dict[str, Any]]:
+    """Every SR forward, oldest first, as ``cxr-triage forward`` lists it."""
+    return [
+        {
+            **as_record(ForwardOutcome(f.id, uid, f.destination, f.state, f.attempts, f.status, f.last_error or "")),
+            "detail": f.last_error,
+            "next_attempt_at": f.next_attempt_at.isoformat() if f.next_attempt_at else None,
+        }
+        for f, uid in session.execute(
+            select(db.Forward, db.SRDocument.sop_instance_uid)
+            .join(db.SRDocument, db.Forward.sr_id == db.SRDocument.id)
+            .order_by(db.Forward.id)
+        ).all()
+    ]

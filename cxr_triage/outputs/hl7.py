@@ -36,7 +36,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxr_triage import CLASS_NAMES, log_name
@@ -531,20 +531,10 @@ def enqueue(session: Session, study: db.Study, settings: HL7Settings, now: dt.da
                 problem = f"{type(exc).__name__}: {exc}"
         if message is None:
             logger.error("HL7 result of study %s for %s not sent: %s", study.study_instance_uid, name, problem)
+        dead_because = None if message else f"cannot build the ORU^R01: {problem}"
+        columns = {"study_id": study.id, "destination": name, "control_id": control_id, "message": message}
         session.add(
-            db.HL7Message(
-                study_id=study.id,
-                destination=name,
-                control_id=control_id,
-                result_status="C" if corrected else "F",
-                message=message,
-                attempts=0,
-                state=db.FORWARD_PENDING if message else db.FORWARD_DEAD,
-                next_attempt_at=now if message else None,
-                last_error=None if message else f"cannot build the ORU^R01: {problem}",
-                created_at=now,
-                updated_at=now,
-            )
+            delivery.new_row(db.HL7Message, now, dead_because, result_status="C" if corrected else "F", **columns)
         )
     return len(settings.destinations)
 
@@ -648,3 +638,41 @@ def _record(
                 )
             )
     return outcomes
+
+
+def as_record(o: HL7Outcome) -> dict[str, Any]:
+    """An HL7 message's outcome as ``cxr-triage forward`` prints it."""
+    return {
+        "kind": "hl7",
+        "study_instance_uid": o.study_instance_uid,
+        "control_id": o.control_id,
+        "destination": o.destination,
+        "state": o.state,
+        "attempts": o.attempts,
+        "ack": o.ack,
+        "detail": o.detail,
+    }
+
+
+def listed(session: Session) -> list[dict[str, Any]]:
+    """Every HL7 message, oldest first, as ``cxr-triage forward`` lists it."""
+    records = []
+    for m, uid in session.execute(
+        select(db.HL7Message, db.Study.study_instance_uid).join(db.Study).order_by(db.HL7Message.id)
+    ).all():
+        outcome = HL7Outcome(
+            m.id, uid, m.control_id, m.destination, m.state, m.attempts, m.ack_code, m.last_error or ""
+        )
+        when = m.next_attempt_at.isoformat() if m.next_attempt_at else None
+        records.append({**as_record(outcome), "result_status": m.result_status, "next_attempt_at": when})
+    return records
+
+
+def unbuilt(session: Session) -> int:
+    """Messages that could not be built: dead for good (``forward --retry`` cannot send what does not exist)."""
+    return int(
+        session.scalar(
+            select(func.count()).where(db.HL7Message.state == db.FORWARD_DEAD, db.HL7Message.message.is_(None))
+        )
+        or 0
+    )

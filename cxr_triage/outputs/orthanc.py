@@ -26,7 +26,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -117,18 +117,8 @@ def enqueue(session: Session, study: db.Study, forwarding: ForwardSettings, now:
     values = study_values(study)
     for endpoint in forwarding.orthanc:
         delivery.supersede(session, db.OrthancMetadata, study.id, endpoint.destination, now)
-        session.add(
-            db.OrthancMetadata(
-                study_id=study.id,
-                destination=endpoint.destination,
-                values=values,
-                attempts=0,
-                state=db.FORWARD_PENDING,
-                next_attempt_at=now,
-                created_at=now,
-                updated_at=now,
-            )
-        )
+        columns = {"study_id": study.id, "destination": endpoint.destination, "values": values}
+        session.add(delivery.new_row(db.OrthancMetadata, now, **columns))
     return len(forwarding.orthanc)
 
 
@@ -222,3 +212,27 @@ def _record(
                 )
             outcomes.append(OrthancOutcome(update_id, study_uid, destination, row.state, row.attempts, detail))
     return outcomes
+
+
+def as_record(o: OrthancOutcome) -> dict[str, Any]:
+    """An Orthanc update's outcome as ``cxr-triage forward`` prints it."""
+    return {
+        "kind": "orthanc",
+        "study_instance_uid": o.study_instance_uid,
+        "destination": o.destination,
+        "state": o.state,
+        "attempts": o.attempts,
+        "detail": o.detail,
+    }
+
+
+def listed(session: Session) -> list[dict[str, Any]]:
+    """Every Orthanc update, oldest first, as ``cxr-triage forward`` lists it."""
+    records = []
+    for u, uid in session.execute(
+        select(db.OrthancMetadata, db.Study.study_instance_uid).join(db.Study).order_by(db.OrthancMetadata.id)
+    ).all():
+        outcome = OrthancOutcome(u.id, uid, u.destination, u.state, u.attempts, u.last_error or "")
+        when = u.next_attempt_at.isoformat() if u.next_attempt_at else None
+        records.append({**as_record(outcome), "values": u.values, "next_attempt_at": when})
+    return records

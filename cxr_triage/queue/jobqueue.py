@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cxr_triage import log_name
 from cxr_triage.core import db
+from cxr_triage.core.states import StudyState
 from cxr_triage.queue import spool
 
 logger = logging.getLogger(log_name(__name__))
@@ -96,13 +97,13 @@ def _open_study(session: Session, study_uid: str, now: dt.datetime, accession: s
         try:
             with session.begin_nested():
                 study = db.Study(
-                    study_instance_uid=study_uid, status="open", first_received_at=now, last_received_at=now
+                    study_instance_uid=study_uid, status=StudyState.OPEN, first_received_at=now, last_received_at=now
                 )
                 session.add(study)
         except IntegrityError:  # another association created it first (PostgreSQL; SQLite writers are serial)
             study = session.scalars(select(db.Study).where(db.Study.study_instance_uid == study_uid)).one()
-    if study.status != "open":
-        study.status = "open"
+    if study.status != StudyState.OPEN:
+        study.status = StudyState.OPEN
         study.completed_at = None
     study.priority_final = False  # provisional again until the study has been quiet (studies.aggregate_studies)
     study.last_received_at = max(study.last_received_at, now)

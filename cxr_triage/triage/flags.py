@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cxr_triage import CLASS_NAMES
+from cxr_triage.core import db
 from cxr_triage.core.settings import TriageSettings
 
 PRIORITIES: tuple[str, ...] = ("urgent", "priority", "review", "routine")
@@ -51,16 +53,34 @@ def thresholds(triage: TriageSettings) -> dict[str, float]:
     }
 
 
+THRESHOLD_PRIORITIES = {"covid": "urgent", "pneumonia": "priority"}
+"""The classes with a ``[triage]`` threshold, in the order they are tried, and the priority each raises."""
+
+
+def over_thresholds(probabilities: Mapping[str, float], triage: TriageSettings) -> list[tuple[str, str]]:
+    """``(class, reason)`` for each class of ``THRESHOLD_PRIORITIES`` whose probability reaches its threshold, in
+    that order: the one rule behind both an instance's flag (``flag_for``) and its priority (``instance_flag``)."""
+    limits = {"covid": triage.covid_threshold, "pneumonia": triage.pneumonia_threshold}
+    found = []
+    for name in THRESHOLD_PRIORITIES:
+        p = float(probabilities.get(name, 0.0))
+        if p >= limits[name]:
+            found.append((name, f"P({name})={p:.3f} >= {limits[name]:.3f}"))
+    return found
+
+
+def flag_for(probabilities: Mapping[str, float], triage: TriageSettings) -> tuple[bool, str | None]:
+    """The worklist flag of a classified instance: P(covid) or P(pneumonia) at or above its threshold; why."""
+    reasons = [reason for _, reason in over_thresholds(probabilities, triage)]
+    return bool(reasons), "; ".join(reasons) or None
+
+
 def instance_flag(probabilities: Mapping[str, float], triage: TriageSettings, model_version: str | None) -> Flag:
     """The priority of one classified instance (module docstring)."""
     limits = thresholds(triage)
-    covid, pneumonia = float(probabilities.get("covid", 0.0)), float(probabilities.get("pneumonia", 0.0))
     top_name, top = max(((k, float(v)) for k, v in probabilities.items()), key=lambda kv: kv[1])
-    if covid >= triage.covid_threshold:
-        return Flag("urgent", "covid", f"P(covid)={covid:.3f} >= {triage.covid_threshold:.3f}", limits, model_version)
-    if pneumonia >= triage.pneumonia_threshold:
-        reason = f"P(pneumonia)={pneumonia:.3f} >= {triage.pneumonia_threshold:.3f}"
-        return Flag("priority", "pneumonia", reason, limits, model_version)
+    for name, reason in over_thresholds(probabilities, triage)[:1]:
+        return Flag(THRESHOLD_PRIORITIES[name], name, reason, limits, model_version)
     if top < triage.review_below:
         reason = f"highest probability P({top_name})={top:.3f} < {triage.review_below:.3f}"
         return Flag("review", "low-confidence", reason, limits, model_version)
@@ -82,6 +102,25 @@ def most_urgent(flags: Iterable[Flag]) -> Flag | None:
         if best is None or RANK[flag.priority] < RANK[best.priority]:
             best = flag
     return best
+
+
+LABEL_SEVERITY = {"covid": 2, "pneumonia": 1, "normal": 0}
+"""Order used to pick a study's worst label."""
+
+
+def worst_and_highest(
+    predictions: Iterable[db.PredictionRecord],
+) -> tuple[db.PredictionRecord | None, dict[str, float]]:
+    """Over the newest predictions of a study's instances: the one with the worst label (the first of equals), and
+    the highest probability of each class. The study aggregate and the worklist both summarise a study with it."""
+    worst: db.PredictionRecord | None = None
+    highest = {name: 0.0 for name in CLASS_NAMES}
+    for prediction in predictions:
+        for name, p in prediction.probabilities.items():
+            highest[name] = max(highest.get(name, 0.0), float(p))
+        if worst is None or LABEL_SEVERITY.get(prediction.label, 0) > LABEL_SEVERITY.get(worst.label, 0):
+            worst = prediction
+    return worst, highest
 
 
 def as_record(flag: Flag) -> dict[str, Any]:

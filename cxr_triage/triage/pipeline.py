@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from cxr_triage import log_name
 from cxr_triage.core.settings import TriageSettings
 from cxr_triage.queue.jobqueue import ClaimedJob
-from cxr_triage.triage.studies import flag_for
+from cxr_triage.triage.flags import flag_for
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset

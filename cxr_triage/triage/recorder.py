@@ -33,8 +33,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cxr_triage import files, log_name
 from cxr_triage.core import db
-from cxr_triage.core.settings import ForwardSettings, SRSettings, TriageSettings
-from cxr_triage.outputs import forward, srfiles
+from cxr_triage.core.settings import Settings
+from cxr_triage.outputs import srfiles
+from cxr_triage.outputs.registry import Needs, needing
 from cxr_triage.queue import jobqueue, spool
 from cxr_triage.triage import studies
 from cxr_triage.triage.pipeline import Classified, Failed, Outcome, Refused
@@ -65,25 +66,16 @@ SRResult = WrittenSR | str
 class Recorder:
     """Records the outcomes of one worker (module docstring)."""
 
-    def __init__(
-        self,
-        sessions: sessionmaker[Session],
-        worker_id: str,
-        sr: SRSettings,
-        sr_dir: Path,
-        forwarding: ForwardSettings,
-        max_attempts: int,
-        triage: TriageSettings | None = None,
-        thumbnail_dir: Path | None = None,
-    ) -> None:
+    def __init__(self, sessions: sessionmaker[Session], worker_id: str, settings: Settings) -> None:
         self.sessions = sessions
         self.worker_id = worker_id
-        self.sr = sr
-        self.sr_dir = Path(sr_dir).resolve()
-        self.forwarding = forwarding
-        self.max_attempts = max_attempts
-        self.triage = triage or TriageSettings()
-        self.thumbnail_dir = Path(thumbnail_dir).resolve() if thumbnail_dir is not None else None
+        self.settings = settings
+        self.sr = settings.sr
+        self.sr_dir = Path(settings.storage.sr_dir).resolve()
+        self.max_attempts = settings.worker.max_attempts
+        self.triage = settings.triage
+        thumbnails = settings.storage.thumbnail_dir
+        self.thumbnail_dir = Path(thumbnails).resolve() if thumbnails is not None else None
         self._reports: TriageSRBuilder | None = None
         self._undecided: list[Path] = []
         """Pending SR files of outcomes not recorded whose fate the database could not tell yet."""
@@ -361,7 +353,8 @@ class Recorder:
         instance.error = written if isinstance(written, str) else None
         if isinstance(written, WrittenSR):
             row = self._add_sr(session, outcome, written, sr_rows, now)
-            forward.enqueue(session, row, self.forwarding, now)
+            for output in needing(Needs.INSTANCE):  # the SR's forwards, in this transaction
+                output.enqueue(session, row, self.settings, now)
         jobqueue.finish(instance, db.DONE, now)
 
     def _add_sr(

@@ -10,56 +10,35 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from cxr_triage import CLASS_NAMES, log_name
+from cxr_triage import log_name
 from cxr_triage.core import db
 from cxr_triage.core.settings import TriageSettings
+from cxr_triage.core.states import StudyState
 from cxr_triage.triage import flags
 
 logger = logging.getLogger(log_name(__name__))
 
-LABEL_SEVERITY = {"covid": 2, "pneumonia": 1, "normal": 0}
-"""Order used to pick a study's worst label."""
 AGGREGATE_BATCH = 500
 """Studies aggregated per round."""
-
-
-def flag_for(probabilities: Mapping[str, float], triage: TriageSettings) -> tuple[bool, str | None]:
-    """The worklist flag: P(covid) or P(pneumonia) at or above its configured threshold."""
-    reasons = []
-    for name, threshold in (("covid", triage.covid_threshold), ("pneumonia", triage.pneumonia_threshold)):
-        p = float(probabilities.get(name, 0.0))
-        if p >= threshold:
-            reasons.append(f"P({name})={p:.3f} >= {threshold:.3f}")
-    return bool(reasons), "; ".join(reasons) or None
 
 
 def study_summary(session: Session, instances: Sequence[db.Instance]) -> dict[str, Any]:
     """Counts, the worst label, the highest probability of each class and the flag over a study's instances."""
     counts = {status: 0 for status in db.TERMINAL_STATES}
-    max_probs = {name: 0.0 for name in CLASS_NAMES}
-    label: str | None = None
+    newest = db.newest(session, db.PredictionRecord, [i.id for i in instances])
     reasons = []
     for instance in instances:
         counts[instance.status] = counts.get(instance.status, 0) + 1
-        prediction = session.scalars(
-            select(db.PredictionRecord)
-            .where(db.PredictionRecord.instance_id == instance.id)
-            .order_by(db.PredictionRecord.id.desc())
-        ).first()
-        if prediction is None:
-            continue
-        for name, p in prediction.probabilities.items():
-            max_probs[name] = max(max_probs.get(name, 0.0), float(p))
-        if label is None or LABEL_SEVERITY.get(prediction.label, 0) > LABEL_SEVERITY.get(label, 0):
-            label = prediction.label
-        if instance.flagged and instance.flag_reason:
+        if instance.id in newest and instance.flagged and instance.flag_reason:
             reasons.append(f"{instance.sop_instance_uid}: {instance.flag_reason}")
+    worst, max_probs = flags.worst_and_highest(newest[i.id] for i in instances if i.id in newest)
+    label = worst.label if worst is not None else None
     return {
         "instances": len(instances),
         "classified": counts.get(db.DONE, 0),
@@ -72,21 +51,13 @@ def study_summary(session: Session, instances: Sequence[db.Instance]) -> dict[st
     }
 
 
-_R = TypeVar("_R", db.PredictionRecord, db.RefusalRecord)
-
-
-def _newest(session: Session, record: type[_R], instance_id: int) -> _R | None:
-    """The newest ``record`` row (prediction or refusal) of one instance."""
-    return session.scalars(select(record).where(record.instance_id == instance_id).order_by(record.id.desc())).first()
-
-
 def _instance_flag(session: Session, instance: db.Instance, triage: TriageSettings) -> flags.Flag | None:
     if instance.status == db.DONE:
-        prediction = _newest(session, db.PredictionRecord, instance.id)
+        prediction = db.newest(session, db.PredictionRecord, [instance.id]).get(instance.id)
         if prediction is not None:
             return flags.instance_flag(prediction.probabilities, triage, prediction.model_version)
     if instance.status == db.REFUSED:
-        refusal = _newest(session, db.RefusalRecord, instance.id)
+        refusal = db.newest(session, db.RefusalRecord, [instance.id]).get(instance.id)
         return flags.refused_flag(refusal.reason if refusal else "not a frontal chest radiograph", triage)
     if instance.status == db.FAILED:
         return flags.failed_flag(instance.error or "processing failed", triage)
@@ -115,7 +86,7 @@ def refresh_priority(
 def refresh_priorities(session: Session, study_uids: Sequence[str], triage: TriageSettings) -> None:
     """Provisional priorities for the studies of a just-recorded chunk (inside the recorder's transaction)."""
     for study in session.scalars(select(db.Study).where(db.Study.study_instance_uid.in_(sorted(set(study_uids))))):
-        refresh_priority(session, study, triage, final=study.status == "complete")
+        refresh_priority(session, study, triage, final=study.status == StudyState.COMPLETE)
 
 
 def aggregate_studies(
@@ -134,7 +105,7 @@ def aggregate_studies(
     with sessions() as session, session.begin():
         studies = session.scalars(
             select(db.Study)
-            .where(db.Study.status == "open", db.Study.last_received_at <= cutoff)
+            .where(db.Study.status == StudyState.OPEN, db.Study.last_received_at <= cutoff)
             .order_by(db.Study.id)
             .limit(AGGREGATE_BATCH)
             .with_for_update(skip_locked=True)
@@ -148,7 +119,7 @@ def aggregate_studies(
             study.label = summary["label"]
             study.flagged = summary["flagged"]
             study.flag_reason = summary["flag_reason"]
-            study.status = "complete"
+            study.status = StudyState.COMPLETE
             study.completed_at = now
             refresh_priority(session, study, triage or TriageSettings(), final=True, now=now)
             if on_complete is not None:

@@ -121,16 +121,7 @@ class Worker:
         from cxr_triage.ml.inference import pick_device
 
         self.gate = gate_from_settings(settings.gate, pick_device(settings.model.device))
-        self.recorder = Recorder(
-            self.sessions,
-            self.worker_id,
-            settings.sr,
-            settings.storage.sr_dir,
-            settings.forward,
-            settings.worker.max_attempts,
-            settings.triage,
-            settings.storage.thumbnail_dir,
-        )
+        self.recorder = Recorder(self.sessions, self.worker_id, settings)
         self._recording: ThreadPoolExecutor | None = None
         self._preparing: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None

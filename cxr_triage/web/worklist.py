@@ -22,14 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cxr_triage import CLASS_NAMES
 from cxr_triage.core import db
 from cxr_triage.core.settings import WebSettings
-from cxr_triage.triage.flags import PRIORITIES, RANK
-from cxr_triage.triage.studies import LABEL_SEVERITY
+from cxr_triage.triage.flags import PRIORITIES, RANK, worst_and_highest
 
 MAX_ROWS = 500
 """Most studies one worklist request returns."""
@@ -45,15 +44,6 @@ _R = TypeVar("_R", db.PredictionRecord, db.RefusalRecord)
 
 def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
-
-
-def _latest(session: Session, record: type[_R], instance_ids: Sequence[int]) -> dict[int, _R]:
-    """The newest ``record`` row (prediction or refusal) of each of ``instance_ids``, in one query."""
-    if not instance_ids:
-        return {}
-    newest = select(func.max(record.id)).where(record.instance_id.in_(instance_ids)).group_by(record.instance_id)
-    rows = session.scalars(select(record).where(record.id.in_(newest))).all()
-    return {row.instance_id: row for row in rows}
 
 
 def patient_fields(study: db.Study, instances: Sequence[db.Instance], web: WebSettings) -> dict[str, str]:
@@ -99,20 +89,11 @@ def _status(instances: Sequence[db.Instance], refusals: dict[int, db.RefusalReco
 
 
 def _summary(instances: Sequence[db.Instance], predictions: dict[int, db.PredictionRecord]) -> dict[str, Any]:
-    label, model_version = None, None
-    probabilities = {name: 0.0 for name in CLASS_NAMES}
-    for instance in instances:
-        prediction = predictions.get(instance.id)
-        if prediction is None:
-            continue
-        for name, p in prediction.probabilities.items():
-            probabilities[name] = max(probabilities.get(name, 0.0), float(p))
-        if label is None or LABEL_SEVERITY.get(prediction.label, 0) > LABEL_SEVERITY.get(label, 0):
-            label, model_version = prediction.label, prediction.model_version
+    worst, probabilities = worst_and_highest(predictions[i.id] for i in instances if i.id in predictions)
     return {
-        "label": label,
-        "probabilities": {k: round(v, 4) for k, v in probabilities.items()} if label else None,
-        "model_version": model_version,
+        "label": worst.label if worst else None,
+        "probabilities": {k: round(v, 4) for k, v in probabilities.items()} if worst else None,
+        "model_version": worst.model_version if worst else None,
     }
 
 
@@ -176,7 +157,7 @@ def worklist(
     for instance in instances:
         by_study.setdefault(instance.study_id, []).append(instance)
     ids = [i.id for i in instances]
-    predictions, refusals = _latest(session, db.PredictionRecord, ids), _latest(session, db.RefusalRecord, ids)
+    predictions, refusals = db.newest(session, db.PredictionRecord, ids), db.newest(session, db.RefusalRecord, ids)
     records = [study_record(session, s, by_study.get(s.id, []), predictions, refusals, web) for s in studies]
     return sorted(records, key=_sort_key)
 
@@ -190,7 +171,7 @@ def study_detail(session: Session, uid: str, web: WebSettings) -> dict[str, Any]
         select(db.Instance).where(db.Instance.study_id == study.id).order_by(db.Instance.id)
     ).all()
     ids = [i.id for i in instances]
-    predictions, refusals = _latest(session, db.PredictionRecord, ids), _latest(session, db.RefusalRecord, ids)
+    predictions, refusals = db.newest(session, db.PredictionRecord, ids), db.newest(session, db.RefusalRecord, ids)
     record = study_record(session, study, instances, predictions, refusals, web)
     srs: dict[int, list[str]] = {}
     for instance_id, sr_uid in session.execute(
@@ -254,7 +235,7 @@ def record_feedback(session: Session, uid: str, username: str, label: str, comme
     if study is None:
         raise FeedbackError(f"no study {uid!r}")
     instances = session.scalars(select(db.Instance).where(db.Instance.study_id == study.id)).all()
-    summary = _summary(instances, _latest(session, db.PredictionRecord, [i.id for i in instances]))
+    summary = _summary(instances, db.newest(session, db.PredictionRecord, [i.id for i in instances]))
     row = db.Feedback(
         study_id=study.id,
         username=username,
