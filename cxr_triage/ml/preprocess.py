@@ -43,6 +43,7 @@ from pydicom.uid import (
 
 from cxr_triage import log_name
 from cxr_triage.ml.imaging import to_model_input, uint8_to_unit
+from cxr_triage.ml.view import Projection, projection_from_header
 
 logger = logging.getLogger(log_name(__name__))
 
@@ -187,8 +188,17 @@ def _check_anatomy(ds: Dataset) -> tuple[Refusal | None, tuple[str, ...]]:
         if view not in FRONTAL_VIEWS:
             kind = "a lateral view" if view in {"LL", "RL", "LLD", "RLD", "LAT", "LATERAL"} else "not a frontal view"
             return _refuse("not_frontal", "ViewPosition", f"is {view!r}: {kind}; only PA and AP are classified"), ()
-    else:
+        return None, tuple(notes)
+    evidence = projection_from_header(ds)
+    if evidence is None:
         notes.append("ViewPosition is absent: frontal view assumed")
+    elif evidence.projection is Projection.FRONTAL:
+        notes.append(f"ViewPosition is absent: frontal view from {evidence.describe()}")
+    else:
+        message = (
+            f"is {evidence.value!r}: {evidence.projection.value} (ViewPosition absent); only PA and AP are classified"
+        )
+        return _refuse("not_frontal", evidence.keyword, message), ()
     return None, tuple(notes)
 
 
