@@ -170,22 +170,11 @@ def run_pretrain(
     model = rt.prepare(ConvAutoencoder(args.width, args.input_norm))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.pretrain_lr, fused=rt.device.type == "cuda")
     stretch = _Stretch.start(args, rt, unwrap(model))
-    resume = None
-    if args.resume and state_path.is_file():
-        state = load_state(state_path)
-        resume = _fit_state(state, "best_mse", "best_autoencoder")
-        stretch.restore(state)
-        if resume.epoch >= args.pretrain_epochs and encoder_path.is_file():
-            logger.info("pretraining already ran %d epochs in %s; keeping %s", resume.epoch, state_path, encoder_path)
-            return PretrainResult(encoder_path, resume.history, 0.0, 0.0, resume.best_score, resume.epoch, True)
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        logger.info("resuming pretraining after epoch %d from %s", resume.epoch, state_path)
-    train_idx, val_idx = data.indices("train"), data.indices("val")
-    if len(val_idx) > VAL_CAE_IMAGES:  # a fixed, seeded subset: the curve stays comparable across epochs
-        pick = torch.randperm(len(val_idx), generator=torch.Generator().manual_seed(args.seed))[:VAL_CAE_IMAGES]
-        val_idx = val_idx[pick.to(val_idx.device)]
+    resume = _resume_pretrain(args, state_path, unwrap(model), optimizer, stretch)
+    if resume is not None and resume.epoch >= args.pretrain_epochs and encoder_path.is_file():
+        logger.info("pretraining already ran %d epochs in %s; keeping %s", resume.epoch, state_path, encoder_path)
+        return PretrainResult(encoder_path, resume.history, 0.0, 0.0, resume.best_score, resume.epoch, True)
+    train_idx, val_idx = data.indices("train"), _cae_validation_images(data, args.seed)
     net = rt.wrap(model)
     inputs = image_inputs(
         data, rt, args.augment, args.augment and args.source_cues, size=args.pretrain_size, input_norm=args.input_norm
@@ -214,21 +203,51 @@ def run_pretrain(
     result = fit(phase, rt, train_epoch, validate, lambda: cpu_state_dict(unwrap(net)), save, deadline, resume)
     check_replicas_agree(net, rt, "pretrain")
     state = result.state
-    best = state.best if state.best is not None else cpu_state_dict(unwrap(net))
-    best_encoder, _ = split_state(best)
     if rt.is_main:
-        encoder = {"format": ENCODER_FORMAT, "width": args.width, "input_norm": args.input_norm,
-                   "state_dict": best_encoder, "history": state.history, "best_val_mse": state.best_score,
-                   "args": plain_args(args)}  # fmt: skip
-        save_state(encoder_path, encoder)
+        _save_encoder(encoder_path, args, state, state.best if state.best is not None else cpu_state_dict(unwrap(net)))
         save(state)
-        logger.info("encoder (val MSE %.5f after %d epochs) saved to %s", state.best_score, state.epoch, encoder_path)
     rt.barrier()
     complete = state.epoch >= args.pretrain_epochs
     seconds = time.perf_counter() - t0
     return PretrainResult(
         encoder_path, state.history, seconds, state.images_per_second, state.best_score, state.epoch, complete
     )
+
+
+def _resume_pretrain(
+    args: argparse.Namespace, state_path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, stretch: _Stretch
+) -> FitState | None:
+    """With ``--resume`` and a state file: the stretch, weights, Adam moments and RNG it holds; its FitState."""
+    if not (args.resume and state_path.is_file()):
+        return None
+    state = load_state(state_path)
+    resume = _fit_state(state, "best_mse", "best_autoencoder")
+    stretch.restore(state)
+    if resume.epoch < args.pretrain_epochs:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        logger.info("resuming pretraining after epoch %d from %s", resume.epoch, state_path)
+    return resume
+
+
+def _cae_validation_images(data: data_mod.ImageSet, seed: int) -> torch.Tensor:
+    """At most VAL_CAE_IMAGES validation images, a fixed seeded subset: the curve stays comparable across epochs."""
+    val_idx = data.indices("val")
+    if len(val_idx) > VAL_CAE_IMAGES:
+        pick = torch.randperm(len(val_idx), generator=torch.Generator().manual_seed(seed))[:VAL_CAE_IMAGES]
+        val_idx = val_idx[pick.to(val_idx.device)]
+    return val_idx
+
+
+def _save_encoder(path: Path, args: argparse.Namespace, state: FitState, best: dict[str, torch.Tensor]) -> None:
+    """``encoder.pt``: the best autoencoder's encoder, for ``finetune --encoder``."""
+    best_encoder, _ = split_state(best)
+    encoder = {"format": ENCODER_FORMAT, "width": args.width, "input_norm": args.input_norm,
+               "state_dict": best_encoder, "history": state.history, "best_val_mse": state.best_score,
+               "args": plain_args(args)}  # fmt: skip
+    save_state(path, encoder)
+    logger.info("encoder (val MSE %.5f after %d epochs) saved to %s", state.best_score, state.epoch, path)
 
 
 def machine_description() -> str:
