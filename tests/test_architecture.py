@@ -194,8 +194,6 @@ LONG_MODULE = 600
 LONG_MODULES = {
     "cxr_triage/core/db.py": "the schema in one namespace: every table, its states and the engine and revision "
     "helpers are read as ``db.<name>`` by every room and the tests; a split would make ``db`` a facade of re-exports",
-    "cxr_triage/outputs/hl7.py": "the HL7 output: the report's data, the ORU^R01 it becomes, MLLP and its outbox; "
-    "to be split into the report, the message and the transport once the report is read from the database",
     "cxr_triage/retrain/retraining.py": "the retraining job, its scheduler and its status; to be split along them",
     "cxr_triage/testing/peers.py": "test support, not the runtime: every real DICOM peer the tests start, in one place",
     "training/commands.py": "the training commands (pretrain, fine-tune, evaluate) of the model work; to be split "

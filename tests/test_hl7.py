@@ -26,7 +26,7 @@ from cxr_triage.cli import main
 from cxr_triage.core import db
 from cxr_triage.core.config import ConfigError
 from cxr_triage.core.settings import HL7Settings
-from cxr_triage.outputs import hl7
+from cxr_triage.outputs import hl7, hl7report
 from cxr_triage.outputs.delivery import retry_delay
 
 
@@ -291,7 +291,7 @@ def test_an_unusable_or_empty_patient_name_is_sent_as_the_hl7_null(vr: str, valu
     dataset = chest_dataset(PatientID="PID-77")
     dataset.add_new((0x0010, 0x0010), vr, value)
     with caplog.at_level("WARNING", logger="cxr_triage.hl7"):
-        header = hl7.report_from_header(_read_back(dataset))
+        header = hl7report.report_from_header(_read_back(dataset))
     assert header["patient_name"] == ("", "", "", "", "")
     assert (f"VR {vr}" in caplog.text) == (value != "")
     assert "AAAA" not in caplog.text and "BBBB" not in caplog.text and "CCCC" not in caplog.text
@@ -303,5 +303,5 @@ def test_an_unusable_or_empty_patient_name_is_sent_as_the_hl7_null(vr: str, valu
 
 def test_a_person_name_keeps_its_components_in_pid5() -> None:
     dataset = chest_dataset(PatientID="PID-78", PatientName="Doe^Jane^Q^Dr^III")
-    header = hl7.report_from_header(_read_back(dataset))
+    header = hl7report.report_from_header(_read_back(dataset))
     assert header["patient_name"] == ("Doe", "Jane", "Q", "III", "Dr")
