@@ -58,13 +58,13 @@ class ListenerSettings:
     ae_title: str = "CXR_TRIAGE"
     host: str = "127.0.0.1"
     port: int = 11112
-    max_associations: int = 8
+    max_associations: int = 32
     max_pdu: int = 262144
     acse_timeout: float = 30.0
     dimse_timeout: float = 30.0
     network_timeout: float = 60.0
     association_request_timeout: float = 5.0
-    max_connections_per_peer: int = 4
+    max_connections_per_peer: int = 32
     allowed_calling_aes: tuple[str, ...] = ()
     require_called_ae: bool = True
     tls_enabled: bool = False

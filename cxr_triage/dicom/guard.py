@@ -12,7 +12,9 @@ The guard stands between the listening socket and pynetdicom, through pynetdicom
 custom ``AssociationServer``, whose request handler hands pynetdicom the accepted socket.
 
 * **Accept** (``GuardedServer.verify_request``, the accept loop): a peer address that already has
-  ``[listener] max_connections_per_peer`` connections open gets its new one closed at once.
+  ``[listener] max_connections_per_peer`` connections waiting for their association (not yet handed to
+  pynetdicom) gets its new one closed at once. Associations that work do not count: a PACS may open as many in
+  parallel as ``[listener] max_associations`` allows; what the cap bounds is what is idle or slow.
 * **Before the association** (``GuardedRequestHandler.handle``, the connection's own thread): the TLS handshake and
   the A-ASSOCIATE-RQ must arrive within ``[listener] association_request_timeout``. The first PDU must be an
   A-ASSOCIATE-RQ of at most ``MAX_REQUEST_BYTES`` whose fixed fields and items are laid out as one
@@ -421,6 +423,11 @@ class ConnectionGuard:
         with self._lock:
             return sum(1 for s in self._open if s.fileno() >= 0 and (address is None or s.peer[0] == address))
 
+    def waiting_connections(self, address: str) -> int:
+        """Connections from ``address`` open now and not yet handed to pynetdicom (no association yet)."""
+        with self._lock:
+            return sum(1 for s in self._open if s.fileno() >= 0 and not s.handed_off and s.peer[0] == address)
+
     def accept(self, client: socket.socket, address: tuple[str, int]) -> GuardedSocket:
         """``client`` (just accepted) as a GuardedSocket, tracked, its A-ASSOCIATE-RQ due in ``request_timeout``."""
         sock = GuardedSocket(client.family, client.type, client.proto, fileno=client.detach())
@@ -432,14 +439,15 @@ class ConnectionGuard:
         return time.monotonic() + self.policy.request_timeout
 
     def allow(self, sock: Guarded) -> bool:
-        """Whether the peer of ``sock`` (tracked already) is within ``max_per_peer`` connections."""
-        count = self.open_connections(sock.peer[0])
+        """Whether the peer of ``sock`` (tracked already) is within ``max_per_peer`` connections that wait for
+        their association (its established associations are not counted: they are bounded by max_associations)."""
+        count = self.waiting_connections(sock.peer[0])
         if count <= self.policy.max_per_peer:
             return True
         self.peer_log.warning(
             sock.peer,
-            f"this address already has {count - 1} connections open ([listener] max_connections_per_peer = "
-            f"{self.policy.max_per_peer})",
+            f"this address already has {count - 1} connections open without an association "
+            f"([listener] max_connections_per_peer = {self.policy.max_per_peer})",
         )
         return False
 
