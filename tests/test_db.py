@@ -116,3 +116,14 @@ def test_upgrade_from_the_first_revision_keeps_the_rows(tmp_path: Path) -> None:
         instance = session.get(db.Instance, 1)
         assert instance is not None and instance.sop_instance_uid == "1.2.3.4" and instance.spool_removed_at is None
     engine.dispose()
+
+
+def test_the_instance_identifiers_migration_goes_down_and_up(tmp_path: Path) -> None:
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'ids.sqlite'}")
+    db.upgrade(engine)
+    assert "identifiers" in {c["name"] for c in inspect(engine).get_columns("instances")}
+    command.downgrade(db.alembic_config(engine), "0009")
+    assert "identifiers" not in {c["name"] for c in inspect(engine).get_columns("instances")}
+    db.upgrade(engine)
+    assert db.schema_state(engine) == "current"
+    engine.dispose()

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -26,6 +27,8 @@ from cxr_triage.cli import main
 from cxr_triage.core import db
 from cxr_triage.core.config import ConfigError
 from cxr_triage.core.settings import HL7Settings
+from cxr_triage.ops import retention
+from cxr_triage.ops.housekeeping import Housekeeping
 from cxr_triage.outputs import hl7, hl7report
 from cxr_triage.outputs.delivery import retry_delay
 
@@ -154,6 +157,50 @@ def test_oru_is_accepted_with_the_dicom_identifiers_and_a_correction_follows_new
         corrected = _parse(receiver.received[1]).oru_r01_patient_result.oru_r01_order_observation
         assert corrected.obr.obr_25.to_er7() == "C"
         assert {g.obx.obx_11.to_er7() for g in corrected.oru_r01_observation} == {"C", "O"}
+
+
+def test_the_message_is_built_from_the_database_after_retention_deleted_the_spool_file(make_harness, caplog) -> None:
+    caplog.set_level("DEBUG", logger="cxr_triage")
+    port = free_port()
+    harness = make_harness(hl7=_hl7_config(port, timeout=10))
+    procedure = pydicom.Dataset()
+    procedure.CodeValue, procedure.CodingSchemeDesignator, procedure.CodeMeaning = "RPID42", "RADLEX", "XR chest PA"
+    header = {"StudyInstanceUID": pydicom.uid.generate_uid(), "PatientID": "PAT-43", "IssuerOfPatientID": "HOSP-MRN",
+              "PatientName": "Roe^Richard^Q^^Dr", "AccessionNumber": "ACC124", "PatientSex": "M",
+              "PatientBirthDate": "19700203", "StudyDate": "20260304", "StudyTime": "101500",
+              "ProcedureCodeSequence": pydicom.Sequence([procedure])}  # fmt: skip
+    dataset = chest_dataset(seed=6, **header)
+    expected = hl7.StudyReport(**hl7report.report_from_header(_read_back(dataset)))
+    with mllp_server(port, "AA") as receiver:
+        harness.send([dataset])
+        harness.worker.run_until_idle()
+        (row,) = harness.rows()
+        assert retention.purge_spool(harness.sessions, 1, now=db.utcnow() + dt.timedelta(days=2)) == 1
+        assert not Path(row["path"]).exists()
+        Housekeeping(harness.settings, harness.sessions).run_once()  # aggregation: the ORU^R01 is built now
+        (message_row,) = _messages(harness)
+        assert (message_row.state, message_row.ack_code) == (db.FORWARD_SENT, "AA"), message_row.last_error
+        settings = harness.settings.hl7
+        want = _parse(hl7.build_oru(expected, settings, settings.destinations[0], "X", dt.datetime.now(dt.UTC)))
+        got = _parse(receiver.received[0])
+        want_pid, got_pid = (m.oru_r01_patient_result.oru_r01_patient.pid for m in (want, got))
+        assert got_pid.to_er7() == want_pid.to_er7()
+        assert got_pid.pid_5.to_er7() == "Roe^Richard^Q^Dr" and got_pid.pid_3.to_er7() == "PAT-43^^^HOSP-MRN"
+        assert (got_pid.pid_7.to_er7(), got_pid.pid_8.to_er7()) == ("19700203", "M")
+        want_obr, got_obr = (m.oru_r01_patient_result.oru_r01_order_observation.obr for m in (want, got))
+        for field_name in ("obr_2", "obr_3", "obr_4", "obr_7", "obr_18", "obr_44"):
+            assert getattr(got_obr, field_name).to_er7() == getattr(want_obr, field_name).to_er7(), field_name
+        assert got_obr.obr_4.to_er7() == "RPID42^XR chest PA^RADLEX" and got_obr.obr_7.to_er7() == "20260304101500"
+        assert got_obr.obr_3.to_er7() == got_obr.obr_18.to_er7() == "ACC124"
+
+        harness.send([chest_dataset(seed=7, **header)])  # a later image; the first file is still gone
+        harness.work()
+        first, second = _messages(harness)
+        assert (second.state, second.result_status) == (db.FORWARD_SENT, "C")
+        corrected = _parse(receiver.received[1]).oru_r01_patient_result.oru_r01_patient.pid
+        assert corrected.to_er7() == want_pid.to_er7()
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("cxr_triage")]
+    assert ours and not [m for m in ours if "PAT-43" in m or "Richard" in m], "logs carry UIDs, never patient data"
 
 
 def test_ae_is_retried_after_the_backoff_and_then_accepted(make_harness) -> None:

@@ -316,7 +316,7 @@ def enqueue(session: Session, study: db.Study, settings: HL7Settings, now: dt.da
     except ReportError as exc:
         report, problem = None, str(exc)
     except Exception as exc:  # an unexpected header must not stop the aggregation of every study after it
-        logger.exception("reading the header of study %s for HL7 failed", study.study_instance_uid)
+        logger.exception("building the HL7 report of study %s failed", study.study_instance_uid)
         report, problem = None, f"{type(exc).__name__}: {exc}"
     for destination in settings.destinations:
         name = str(destination)

@@ -1,7 +1,9 @@
 """What a finished study's HL7 result says, as data: ``StudyReport``, built by ``read_report`` from the study's
-aggregate and the identifiers in one of its instances' DICOM header (``report_from_header``: Patient ID and its
-issuer, name, birth date, sex, accession and order numbers, procedure code, study date and time), checked for what
-HL7 can carry. ``cxr_triage.outputs.hl7`` turns it into the ORU^R01.
+aggregate and the identifiers its first processed instance recorded (``instances.identifiers``), checked for what
+HL7 can carry. The worker records them when it processes an instance (``recorded_identifiers``, which reads them
+from its DICOM header with ``report_from_header``: Patient ID and its issuer, name, birth date, sex, accession and
+order numbers, procedure code, study date and time), so the report never needs the spool file, which retention
+may have deleted. ``cxr_triage.outputs.hl7`` turns it into the ORU^R01.
 """
 
 from __future__ import annotations
@@ -11,16 +13,13 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cxr_triage import CLASS_NAMES, log_name
 from cxr_triage.core import db
-
-if TYPE_CHECKING:
-    pass
 
 logger = logging.getLogger(log_name("hl7"))
 """The HL7 output's logger: what the header cannot give the RIS is the HL7 output's to say."""
@@ -146,28 +145,50 @@ def report_from_header(dataset: Any) -> dict[str, Any]:
     }
 
 
-def read_report(session: Session, study: db.Study, corrected: bool = False) -> StudyReport:
-    """The report of an aggregated study: its results, and identifiers read from the first of its spool files
-    that is still there (the files are kept for ``[storage] spool_retention_days``)."""
-    import pydicom
+def recorded_identifiers(dataset: Any) -> dict[str, Any]:
+    """What ``instances.identifiers`` records of an instance's header when it is processed (JSON): the
+    ``report_from_header`` fields, or ``{"error": why}`` when no report can be built from this header (so that
+    ``read_report`` refuses the study as it would have when reading the file). Never raises."""
+    try:
+        return report_from_header(dataset)
+    except ReportError as exc:
+        return {"error": str(exc)}
+    except Exception as exc:  # an unexpected header must not stop the instance's classification
+        # The type only: the text may quote header values, which are patient data.
+        logger.warning("SOP instance %s: reading its identifiers failed (%s)", _uid(dataset), type(exc).__name__)
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
-    instances = session.scalars(
-        select(db.Instance)
-        .where(db.Instance.study_id == study.id, db.Instance.spool_removed_at.is_(None))
+
+def _uid(dataset: Any) -> str:
+    try:
+        return str(dataset.get("SOPInstanceUID") or "?")
+    except Exception:
+        return "?"
+
+
+def _header_from_record(recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """``StudyReport`` keyword arguments from what ``recorded_identifiers`` stored (JSON lists back to tuples)."""
+    if "error" in recorded:
+        raise ReportError(str(recorded["error"]))
+    header = dict(recorded)
+    header["patient_name"] = tuple(header.get("patient_name") or ("", "", "", "", ""))
+    code = header.get("procedure_code")
+    header["procedure_code"] = tuple(code) if code else None
+    return header
+
+
+def read_report(session: Session, study: db.Study, corrected: bool = False) -> StudyReport:
+    """The report of an aggregated study: its results, and the identifiers recorded by the first of its instances
+    that has them (``instances.identifiers``; its spool file is not read, it may be gone)."""
+    recorded = session.scalars(
+        select(db.Instance.identifiers)
+        .where(db.Instance.study_id == study.id, db.Instance.identifiers.is_not(None))
         .order_by(db.Instance.id)
-    ).all()
-    header: dict[str, Any] | None = None
-    problems = []
-    for instance in instances:
-        try:
-            dataset = pydicom.dcmread(instance.spool_path, stop_before_pixels=True)
-        except Exception as exc:
-            problems.append(f"{instance.sop_instance_uid}: {type(exc).__name__}: {exc}")
-            continue
-        header = report_from_header(dataset)
-        break
-    if header is None:
-        raise ReportError(f"no spool file of study {study.study_instance_uid} is readable ({'; '.join(problems)})")
+        .limit(1)
+    ).first()
+    if recorded is None:
+        raise ReportError(f"no instance of study {study.study_instance_uid} has its identifiers recorded")
+    header = _header_from_record(recorded)
     summary = study.summary or {}
     reason = study.priority_reason or ""
     if study.priority_rule == "failed":

@@ -2,7 +2,9 @@
 
 ``preprocess`` reads a spool file and prepares the model input (``cxr_triage.ml.preprocess``): a refusal (a lateral
 view, not a chest) or an error ends the job there; otherwise the prepared image goes on with the dataset, its
-pixel data dropped, kept as the SR's evidence. ``classify`` runs the model on prepared images and sets each
+pixel data dropped, kept as the SR's evidence. Every outcome of a readable header carries the identifiers the
+recorder stores for the outputs that name the patient (``identifiers``: ``outputs.hl7report.recorded_identifiers``),
+so that no output reads the spool file again. ``classify`` runs the model on prepared images and sets each
 one's worklist flag. Outcomes are frozen: the recorder (``cxr_triage.triage.recorder``) turns them into rows, SRs and
 forwards in one transaction.
 """
@@ -18,7 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cxr_triage import log_name
+from cxr_triage.core import dicomwarnings
 from cxr_triage.core.settings import TriageSettings
+from cxr_triage.outputs.hl7report import recorded_identifiers
 from cxr_triage.queue.jobqueue import ClaimedJob
 from cxr_triage.triage.flags import flag_for
 
@@ -41,6 +45,7 @@ class Prepared:
     evidence: Dataset  # the classified dataset without its pixel data
     preprocess_ms: float
     thumbnail: bytes | None = None  # PNG of the model's input; None when the image may carry burned-in text
+    identifiers: dict[str, Any] | None = None  # what instances.identifiers records; None: header not read
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class Classified:
     model: Predictor  # the predictor that ran, even if a new model was loaded meanwhile
     thumbnail: bytes | None = None
     typicality: float | None = None  # the gate's score; None when no gate ran
+    identifiers: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class Refused:
     job: ClaimedJob
     refusal: Refusal
     typicality: float | None = None  # set when the typicality gate refused the image
+    identifiers: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,10 +81,11 @@ class Failed:
 
     job: ClaimedJob
     error: str
+    identifiers: dict[str, Any] | None = None
 
     @classmethod
-    def of(cls, job: ClaimedJob, exc: BaseException) -> Failed:
-        return cls(job, f"{type(exc).__name__}: {exc}"[:4000])
+    def of(cls, job: ClaimedJob, exc: BaseException, identifiers: dict[str, Any] | None = None) -> Failed:
+        return cls(job, f"{type(exc).__name__}: {exc}"[:4000], identifiers)
 
 
 Outcome = Classified | Refused | Failed
@@ -93,22 +101,32 @@ def preprocess(jobs: Sequence[ClaimedJob], stop: threading.Event) -> tuple[list[
         if stop.is_set():
             break
         started = time.perf_counter()
+        identifiers = None
         try:
             if not Path(job.spool_path).is_file():
                 raise FileNotFoundError(f"spool file {job.spool_path} is missing")
-            ds = read_dicom(job.spool_path)
-            result: Any = ds if isinstance(ds, Refusal) else prepare_dataset(ds)
+            with dicomwarnings.collected() as complaints:
+                ds = read_dicom(job.spool_path)
+                if not isinstance(ds, Refusal):
+                    for _ in ds.iterall():  # every value parsed (and complained about) now, not in the SR's build
+                        pass
+                    identifiers = recorded_identifiers(ds)
+                result: Any = ds if isinstance(ds, Refusal) else prepare_dataset(ds)
+            if complaints:  # one record per dataset, however many times pydicom warned
+                logger.warning(
+                    "job %s (SOP instance %s): %s", job.id, job.sop_instance_uid, dicomwarnings.summary(complaints)
+                )
         except Exception as exc:
             logger.exception("job %s (SOP instance %s): preprocessing failed", job.id, job.sop_instance_uid)
-            outcomes.append(Failed.of(job, exc))
+            outcomes.append(Failed.of(job, exc, identifiers))
             continue
         elapsed = (time.perf_counter() - started) * 1000.0
         if isinstance(result, Refusal):
-            outcomes.append(Refused(job, result))
+            outcomes.append(Refused(job, result, identifiers=identifiers))
             continue
         if "PixelData" in ds:
             del ds.PixelData  # the header stays as the SR's evidence; the pixels are in the tensor now
-        prepared.append(Prepared(job, result, ds, elapsed, thumbnail_png(result.tensor, ds)))
+        prepared.append(Prepared(job, result, ds, elapsed, thumbnail_png(result.tensor, ds), identifiers))
     return outcomes, prepared
 
 
@@ -122,7 +140,7 @@ def screen(prepared: Sequence[Prepared], gate: TypicalityGate) -> tuple[list[Out
     for item, score in zip(prepared, gate.scores([p.image.tensor for p in prepared]), strict=True):
         if gate.refuses(score):
             refusal = Refusal(REFUSAL_CODE, gate.reason(score), None, item.image.sop_instance_uid)
-            outcomes.append(Refused(item.job, refusal, score))
+            outcomes.append(Refused(item.job, refusal, score, item.identifiers))
         else:
             passed.append((item, score))
     return outcomes, passed
@@ -147,7 +165,7 @@ def classify(
         inference_ms = (time.perf_counter() - started) * 1000.0 / len(prepared)
     except Exception as exc:
         logger.exception("inference failed for jobs %s", [p.job.id for p in prepared])
-        return [Failed.of(p.job, exc) for p in prepared]
+        return [Failed.of(p.job, exc, p.identifiers) for p in prepared]
     for (item, typicality), prediction in zip(passed, predictions, strict=True):
         flagged, reason = flag_for(prediction.probabilities, triage)
         outcomes.append(
@@ -162,6 +180,7 @@ def classify(
                 predictor,
                 item.thumbnail,
                 typicality,
+                item.identifiers,
             )
         )
     return outcomes

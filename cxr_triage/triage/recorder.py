@@ -5,7 +5,8 @@ For each ``Classified`` outcome an SR is built (from a template per model, findi
 (``cxr_triage.outputs.srfiles``); the pending folder is fsynced once per chunk, before the commit, so a committed
 result always has its SR on disk.
 Then one transaction: the jobs still leased to this worker (``jobqueue.held``) get their prediction (with the SR's
-row, which holds the final path, and one pending forward per destination), refusal or error, and leave the queue
+row, which holds the final path, and one pending forward per destination), refusal or error, and the identifiers
+read from their header (``instances.identifiers``, from which the HL7 result is built later), and leave the queue
 (``jobqueue.finish`` / ``retry_or_fail``). Once it has committed, the SRs are renamed to their final paths; so a
 crash at any point leaves no SR file without its row (``srfiles`` settles what it leaves at the next start). If
 that transaction fails the outcomes are recorded one by one, and one that still cannot be recorded is recorded as a
@@ -270,6 +271,8 @@ class Recorder:
                     discarded.append(outcome)
                     continue
                 final = False
+                if outcome.identifiers is not None:  # for the outputs that name the patient (hl7report)
+                    instance.identifiers = outcome.identifiers
                 if isinstance(outcome, Failed):
                     final = jobqueue.retry_or_fail(instance, outcome.error, self.max_attempts, now)
                 elif isinstance(outcome, Refused):
