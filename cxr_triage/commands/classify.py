@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cxr_triage import log_name
+from cxr_triage.core import dicomwarnings
 from cxr_triage.core.bootstrap import CommandError, Context, run_command
 from cxr_triage.ml.checkpoint import CheckpointError, load_classifier, resolve_model_path
 from cxr_triage.ml.gate import REFUSAL_CODE, GateError, TypicalityGate, gate_from_settings
@@ -114,7 +115,11 @@ def format_result(record: dict[str, Any], as_json: bool) -> str:
 
 def _prepare(path: Path) -> PreparedImage | Refusal | Exception:
     try:
-        return prepare_path(path)
+        with dicomwarnings.collected() as complaints:
+            prepared = prepare_path(path)
+        if complaints:  # one record per file, however many times pydicom warned
+            logger.warning("%s: %s", path, dicomwarnings.summary(complaints))
+        return prepared
     except Exception as exc:  # one bad file must not stop the others
         logger.exception("unexpected failure preparing %s", path)
         return exc

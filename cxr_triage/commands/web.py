@@ -29,7 +29,7 @@ def _web(args: argparse.Namespace, context: Context) -> int:
     web = context.settings.web
     host, port = args.host or web.host, args.port if args.port is not None else web.port
     app = create_app(context.settings, context.db)
-    logger.warning("worklist on http://%s:%d/ (API under /api/, documented at /docs)", host, port)
+    logger.info("worklist on http://%s:%d/ (API under /api/, documented at /docs)", host, port)
     level = (getattr(args, "log_level", None) or context.settings.logging.level).lower()
     uvicorn.run(app, host=host, port=port, log_level=level, access_log=False, server_header=False)
     return 0

@@ -164,7 +164,7 @@ def _checked(engine: Engine, config_path: str | None, mode: DatabaseMode) -> Non
     except SQLAlchemyError as exc:
         raise CommandError(unreadable(engine, exc)) from exc
     if state in ("missing", "empty") and mode is SERVICE:
-        logger.warning("database %s has no tables: creating the schema (migrations to head)", db.describe_url(engine))
+        logger.info("database %s has no tables: creating the schema (migrations to head)", db.describe_url(engine))
         db.upgrade(engine)
     elif state == "ahead":
         raise CommandError(

@@ -56,7 +56,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxr_triage import files, log_name
-from cxr_triage.core import db
+from cxr_triage.core import db, dicomwarnings
 from cxr_triage.core.failurelog import FailureLog
 from cxr_triage.core.settings import ListenerSettings, StorageSettings
 from cxr_triage.dicom import guard
@@ -162,7 +162,16 @@ class Receiver:
         key = id(event.assoc)
         with self._lock:  # busy until the response has been sent (see handle_sent)
             self._handling[key] = self._handling.get(key, 0) + 1
-        return self._handle_store(event)
+        with dicomwarnings.collected() as complaints:
+            status = self._handle_store(event)
+        if complaints:  # the worker, which reads the whole dataset, gives its one record; here only at DEBUG
+            logger.debug(
+                "SOP instance %s from AE %r: %s",
+                event.request.AffectedSOPInstanceUID,
+                event.assoc.requestor.ae_title,
+                dicomwarnings.summary(complaints),
+            )
+        return status
 
     def handle_sent(self, event: Event) -> None:
         """EVT_DIMSE_SENT: a response went out, so that request is finished."""

@@ -226,6 +226,7 @@ def build_triage_sr(
     series_description: str = "cxr-triage AI triage (research use only)",
     series_number: int = DEFAULT_SERIES_NUMBER,
     sop_instance_uid: str | None = None,
+    template: bool = False,
 ) -> hd.sr.ComprehensiveSR:
     """Build the Comprehensive SR reporting the triage of one classified image.
 
@@ -247,6 +248,9 @@ def build_triage_sr(
         An earlier report on the same image that this one supersedes (Predecessor Documents Sequence).
     series_instance_uid, sop_instance_uid:
         UIDs of the report; new ones are generated when not given.
+    template:
+        The build of a template for placeholder evidence (``cxr_triage.outputs.srtemplate``): logged at DEBUG, not
+        as a result.
 
     Raises
     ------
@@ -298,7 +302,8 @@ def build_triage_sr(
     sr.CodingSchemeIdentificationSequence = [cxr_codes.private_coding_scheme_identification()]
     if sr.SeriesInstanceUID == evidence.SeriesInstanceUID or sr.SOPInstanceUID == evidence.SOPInstanceUID:
         raise ValueError("the report must not reuse the series or instance UID of the evidence")
-    logger.info(
+    logger.log(
+        logging.DEBUG if template else logging.INFO,  # a template's build reports no result
         "built triage SR %s for instance %s (label %s, flagged %s, model %s)",
         sr.SOPInstanceUID,
         evidence.SOPInstanceUID,

@@ -108,6 +108,7 @@ class TriageSRTemplate:
             manufacturer=manufacturer,
             series_description=series_description,
             series_number=series_number,
+            template=True,
         )
         self._tracking_uid = _tracking_uid(report)
         own = self._header(sr.validate_evidence(placeholder), self._report_series, self._report_instance)
