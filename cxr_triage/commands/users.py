@@ -1,7 +1,9 @@
 """``cxr-triage users``: the worklist's users (add, list, remove); passwords are stored as argon2 hashes only.
 
 ``add NAME`` asks for the password twice on a terminal, or reads one line from standard input with
-``--password-stdin`` (scripts). There is no default user and no default password.
+``--password-stdin`` (scripts), as it also does when standard input is not a terminal (a pipe: ``printf
+'%s\n' "$PW" | cxr-triage users add rad1``). A name that exists already is refused before any password is asked
+for. There is no default user and no default password.
 """
 
 from __future__ import annotations
@@ -20,14 +22,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=("add", "list", "remove"), help="what to do")
     parser.add_argument("name", nargs="?", help="the user name (add, remove)")
     parser.add_argument("--config", default=None, help="configuration file (TOML)")
-    parser.add_argument("--password-stdin", action="store_true", help="add: read the password from standard input")
+    parser.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="add: read the password (one line) from standard input, not from a terminal prompt; the default when "
+        "standard input is not a terminal",
+    )
 
 
 def _password(args: argparse.Namespace) -> str:
-    if args.password_stdin:
-        return sys.stdin.readline().rstrip("\n")
-    first = getpass.getpass(f"password for {args.name}: ")
-    if getpass.getpass("again: ") != first:
+    if args.password_stdin or not sys.stdin.isatty():  # a pipe or a file: no prompt to answer, one line to read
+        line = sys.stdin.readline()
+        if not line:
+            raise CommandError("no password on standard input: pipe one line, or run on a terminal (--password-stdin)")
+        return line.rstrip("\r\n")
+    try:
+        first = getpass.getpass(f"password for {args.name}: ")
+        again = getpass.getpass("again: ")
+    except EOFError as exc:
+        raise CommandError("no password given (--password-stdin reads one line from standard input)") from exc
+    if again != first:
         raise CommandError("the two passwords differ")
     return first
 
@@ -50,6 +64,8 @@ def _users(args: argparse.Namespace, context: Context) -> int:
             auth.audit(session, "user-removed", None, None, args.name)
             print(f"removed {args.name}")
             return 0
+        if session.scalar(select(db.User).where(db.User.username == args.name.strip())) is not None:
+            raise CommandError(f"user {args.name.strip()!r} exists already")  # before the password is asked for
         try:
             auth.add_user(session, args.name, _password(args))
         except auth.AuthError as exc:
