@@ -121,6 +121,8 @@ def test_metrics_equal_the_rows_of_the_database_and_show_no_patient_data(make_ha
         (("state", "pending"),): 0, (("state", "sent"),): 0, (("state", "dead"),): 2
     }  # fmt: skip
     assert value(families, "cxr_triage_forwards_retrying") == 0
+    for outbox in ("cxr_triage_hl7_messages", "cxr_triage_orthanc_metadata"):  # every output of the registry
+        assert samples(families, outbox) == {} and value(families, f"{outbox}_retrying") == 0, outbox
     ((labels, one),) = samples(families, "cxr_triage_model_info").items()
     assert dict(labels)["version"] == "tiny-test" and dict(labels)["latest"] == "true" and one == 1
     assert value(families, "cxr_triage_spool_reserve_bytes") == 1024 * 1024  # [storage] min_free_mb = 1
@@ -223,13 +225,29 @@ def test_a_hung_database_fails_the_probes_within_the_timeout(harness, monkeypatc
 
 
 def test_hl7_messages_are_counted_where_their_table_exists(harness, monkeypatch) -> None:
-    monkeypatch.setattr(metrics, "HL7_TABLE", "ops_test_hl7_messages")
+    monkeypatch.setitem(metrics.OUTBOX_TABLES, "hl7", "ops_test_hl7_messages")
     web = client(harness.settings, harness.engine)
     assert "cxr_triage_hl7_messages" not in scrape(web)
     with harness.engine.begin() as conn:
         conn.execute(text("CREATE TABLE ops_test_hl7_messages (id INTEGER PRIMARY KEY, state VARCHAR(16) NOT NULL)"))
         conn.execute(text("INSERT INTO ops_test_hl7_messages (state) VALUES ('sent'), ('sent'), ('failed')"))
     assert samples(scrape(web), "cxr_triage_hl7_messages") == {(("state", "failed"),): 1, (("state", "sent"),): 2}
+
+
+def test_orthanc_metadata_updates_are_counted_by_state(harness) -> None:
+    assert harness.send([chest_dataset(seed=7)]) == [0]
+    assert harness.work() == 1
+    now = db.utcnow()
+    with harness.sessions() as session, session.begin():
+        study_id = session.scalar(select(db.Study.id))
+        for state, attempts in (("pending", 0), ("pending", 2), ("sent", 1), ("superseded", 0)):
+            row = {"study_id": study_id, "destination": "PACS@pacs:4242", "values": {}, "created_at": now}
+            session.add(db.OrthancMetadata(**row, state=state, attempts=attempts, updated_at=now))
+    families = scrape(client(harness.settings, harness.engine))
+    assert samples(families, "cxr_triage_orthanc_metadata") == {
+        (("state", "pending"),): 2, (("state", "sent"),): 1, (("state", "superseded"),): 1
+    }  # fmt: skip
+    assert value(families, "cxr_triage_orthanc_metadata_retrying") == 1
 
 
 def test_metrics_can_be_switched_off_and_allowed_networks_apply(harness) -> None:

@@ -8,6 +8,11 @@ are counts by current state. Every query is one aggregate over a table (``COUNT`
 histogram buckets), so a scrape costs a few scans and no row reaches Python; the metrics carry no patient, study
 or instance identifiers, only counts, durations, states, refusal codes, labels and model versions.
 
+The outboxes are counted for every output of the registry (``cxr_triage.outputs.registry``): each has a series
+named after its table (``cxr_triage_forwards``, ``cxr_triage_hl7_messages``, ``cxr_triage_orthanc_metadata``) by
+state, and ``..._retrying``, its pending rows that failed at least once; a new output is counted without a change
+here.
+
 When the database cannot be read (gone, hung past ``health.DATABASE_TIMEOUT``), the scrape still answers, with
 ``cxr_triage_database_up 0`` and the metrics that need no database (spool space, build), so that an alert can
 name the cause rather than a failed scrape.
@@ -40,17 +45,17 @@ from cxr_triage.core.failurelog import FailureLog
 from cxr_triage.core.settings import Settings
 from cxr_triage.ops import status
 from cxr_triage.ops.health import DATABASE_ERRORS, TimedReader, ensure_database_file
+from cxr_triage.outputs.registry import OUTPUTS, Needs, Output
 from cxr_triage.queue import spool
 
 logger = logging.getLogger(log_name(__name__))
 
 LATENCY_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 """Upper bounds (seconds) of the duration histograms' buckets; ``+Inf`` is added."""
-HL7_TABLE = "hl7_messages"
-"""The table of HL7 messages, read only where it exists (HL7 output is optional)."""
-HL7_STATE_COLUMNS: tuple[str, ...] = ("state", "status")
-"""The first of these columns that the HL7 table has is the one its messages are counted by."""
-FORWARD_STATES = (db.FORWARD_PENDING, db.FORWARD_SENT, db.FORWARD_DEAD)
+OUTBOX_TABLES: dict[str, str] = {output.kind: output.table.__tablename__ for output in OUTPUTS}
+"""The table read for each output of the registry, by its kind; a table that does not exist is not counted."""
+OUTBOX_STATE_COLUMNS: tuple[str, ...] = ("state", "status")
+"""The first of these columns that an outbox table has is the one its rows are counted by."""
 MIB = 1024 * 1024
 
 
@@ -69,6 +74,16 @@ class Histogram:
 
 
 @dataclass(frozen=True)
+class Outbox:
+    """One output's outbox rows, as a scrape read them."""
+
+    output: Output
+    states: dict[str, int]
+    retrying: int | None
+    """Pending rows that failed at least once; None where the table has no ``attempts``."""
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """What one scrape read from the database."""
 
@@ -81,10 +96,8 @@ class Snapshot:
     """Refusals by their code (``cxr_triage.ml.preprocess``)."""
     inference: Histogram
     classification: Histogram
-    forwards: dict[str, int]
-    forwards_retrying: int
-    hl7: dict[str, int] | None
-    """HL7 messages by state, or None where there is no HL7 table."""
+    outboxes: tuple[Outbox, ...]
+    """The rows of each output's outbox, in the registry's order (outputs without a table left out)."""
     models: list[tuple[str, str, bool, bool]]
     """(version, sha256, active, latest) of each registered model."""
 
@@ -106,18 +119,27 @@ def _histograms(session: Session) -> tuple[Histogram, Histogram]:
     return histogram(1), histogram(1 + width)
 
 
-def _hl7_states(session: Session) -> dict[str, int] | None:
-    """HL7 messages by state where the table exists (checked on every scrape: a migration may add it)."""
+def _outbox(session: Session, output: Output) -> Outbox | None:
+    """An output's rows by state where its table exists (checked on every scrape: a migration may add it)."""
+    name = OUTBOX_TABLES.get(output.kind, output.table.__tablename__)
     inspector = inspect(session.connection())
-    if not inspector.has_table(HL7_TABLE):
+    if not inspector.has_table(name):
         return None
-    names = {c["name"] for c in inspector.get_columns(HL7_TABLE)}
-    state = next((name for name in HL7_STATE_COLUMNS if name in names), None)
+    names = {c["name"] for c in inspector.get_columns(name)}
+    state = next((column_name for column_name in OUTBOX_STATE_COLUMNS if column_name in names), None)
     if state is None:
-        logger.debug("table %s has none of the columns %s; not counted", HL7_TABLE, HL7_STATE_COLUMNS)
+        logger.debug("table %s has none of the columns %s; not counted", name, OUTBOX_STATE_COLUMNS)
         return None
-    rows = session.execute(select(column(state), func.count()).select_from(table(HL7_TABLE)).group_by(column(state)))
-    return {"" if value is None else str(value): int(n) for value, n in rows}
+    rows = session.execute(select(column(state), func.count()).select_from(table(name)).group_by(column(state)))
+    states = {"" if value is None else str(value): int(n) for value, n in rows}
+    retrying = None
+    if "attempts" in names:
+        retrying = session.scalar(
+            select(func.count())
+            .select_from(table(name))
+            .where(column(state) == db.FORWARD_PENDING.value, column("attempts") > 0)
+        )
+    return Outbox(output, states, None if retrying is None else int(retrying))
 
 
 def read_snapshot(engine: Engine, now: dt.datetime | None = None) -> Snapshot:
@@ -125,7 +147,7 @@ def read_snapshot(engine: Engine, now: dt.datetime | None = None) -> Snapshot:
     now = now or db.utcnow()
     ensure_database_file(engine)
     counts = status.read_counts(engine, now)
-    p, r, f, m = db.PredictionRecord, db.RefusalRecord, db.Forward, db.ModelVersion
+    p, r, m = db.PredictionRecord, db.RefusalRecord, db.ModelVersion
     with db.read_session(engine) as session:
         classifications = [
             (str(label), str(version), int(n))
@@ -135,9 +157,8 @@ def read_snapshot(engine: Engine, now: dt.datetime | None = None) -> Snapshot:
         ]
         refusals = {str(code): int(n) for code, n in session.execute(select(r.code, func.count()).group_by(r.code))}
         inference, classification = _histograms(session)
-        retrying = session.scalar(select(func.count()).where(f.state == db.FORWARD_PENDING, f.attempts > 0))
         models = session.execute(select(m.version, m.sha256, m.active).order_by(m.registered_at, m.id)).all()
-        hl7 = _hl7_states(session)
+        outboxes = tuple(outbox for output in OUTPUTS if (outbox := _outbox(session, output)) is not None)
     oldest = counts.oldest_queued
     return Snapshot(
         by_state={str(k): int(v) for k, v in counts.by_state.items()},
@@ -147,9 +168,7 @@ def read_snapshot(engine: Engine, now: dt.datetime | None = None) -> Snapshot:
         refusals=refusals,
         inference=inference,
         classification=classification,
-        forwards={str(k): int(v) for k, v in counts.forwards.items()},
-        forwards_retrying=int(retrying or 0),
-        hl7=hl7,
+        outboxes=outboxes,
         models=[
             (str(version), str(sha256), bool(active), index == len(models) - 1)
             for index, (version, sha256, active) in enumerate(models)
@@ -223,30 +242,32 @@ def _result_families(snapshot: Snapshot) -> Iterator[Metric]:
         yield HistogramMetricFamily(
             f"cxr_triage_{name}", documentation, buckets=histogram.buckets(), sum_value=histogram.sum_seconds
         )
-    yield _by_label(
-        GaugeMetricFamily,
-        "forwards",
-        "SR forwards by state (pending, sent, dead: gave up after [forward] max_attempts)",
-        ["state"],
-        [((state,), snapshot.forwards.get(state, 0)) for state in FORWARD_STATES],
-    )
-    yield _gauge(
-        "forwards_retrying", "pending SR forwards that failed at least once (retried)", snapshot.forwards_retrying
-    )
-    if snapshot.hl7 is not None:
-        yield _by_label(
-            GaugeMetricFamily,
-            "hl7_messages",
-            "HL7 messages by state",
-            ["state"],
-            sorted(((state,), n) for state, n in snapshot.hl7.items()),
-        )
+    for outbox in snapshot.outboxes:
+        yield from _outbox_families(outbox)
     model = InfoMetricFamily("cxr_triage_model", "models a worker has loaded (latest: the last one registered)")
     for version, sha256, active, latest in snapshot.models:
         model.add_metric(
             [], {"version": version, "sha256": sha256, "active": str(active).lower(), "latest": str(latest).lower()}
         )
     yield model
+
+
+def _outbox_families(outbox: Outbox) -> Iterator[Metric]:
+    """An output's series: its rows by state (the states it declares always, 0 when none), its retrying rows."""
+    output = outbox.output
+    name = output.table.__tablename__
+    shown = [((state,), outbox.states.get(state, 0)) for state in output.states]
+    shown += sorted(((state,), n) for state, n in outbox.states.items() if state not in output.states)
+    yield _by_label(
+        GaugeMetricFamily,
+        name,
+        f"{output.noun} by state (pending, sent, dead: gave up after its max_attempts"
+        f"{'' if output.needs is Needs.INSTANCE else '; superseded: a newer result of the study replaced it'})",
+        ["state"],
+        shown,
+    )
+    if outbox.retrying is not None:
+        yield _gauge(f"{name}_retrying", f"pending {output.noun} that failed at least once (retried)", outbox.retrying)
 
 
 class PipelineCollector(Collector):

@@ -15,7 +15,9 @@ the graph in one ``compose`` method, each output here declares:
   pending row was tried (one forced round sends every pending SR forward);
 - ``as_record`` and ``listed``: its outcomes and rows as ``cxr-triage forward`` prints them; ``unsendable``: rows
   that stay dead whatever is retried (an HL7 message that could not be built), with the note that says so;
-- ``check``: a start-up check of its configuration, run by the commands that send (``start_up_checks``).
+- ``check``: a start-up check of its configuration, run by the commands that send (``start_up_checks``);
+- ``noun`` and ``states``: how ``/metrics`` (``cxr_triage.ops.metrics``) names its rows in the help of its series
+  (named after its table), and the states that series always shows (0 when no row has them).
 
 ``compose`` wires them in the order they run (the housekeeping's jobs, the ``forward`` command's output). Adding
 an output (a heatmap object, FHIR, DICOMweb) is its module, its table (a migration) and one entry in ``compose``.
@@ -63,6 +65,8 @@ class Output:
     check: Callable[[Settings], None] | None = None
     unsendable: Callable[[Session], int] | None = None
     unsendable_note: str = ""
+    noun: str = "rows"
+    states: tuple[str, ...] = ()
 
 
 def compose() -> tuple[Output, ...]:
@@ -78,6 +82,8 @@ def compose() -> tuple[Output, ...]:
             as_record=forward.as_record,
             listed=forward.listed,
             drain=False,
+            noun="SR forwards",
+            states=(db.FORWARD_PENDING, db.FORWARD_SENT, db.FORWARD_DEAD),
         ),
         Output(
             "hl7",
@@ -93,6 +99,7 @@ def compose() -> tuple[Output, ...]:
             check=hl7.check_settings,
             unsendable=hl7.unbuilt,
             unsendable_note="HL7 message(s) could not be built and stay dead: `cxr-triage forward` says why",
+            noun="HL7 messages",
         ),
         Output(
             "orthanc",
@@ -105,6 +112,7 @@ def compose() -> tuple[Output, ...]:
             ),
             as_record=orthanc.as_record,
             listed=orthanc.listed,
+            noun="Orthanc metadata updates",
         ),
     )
 
