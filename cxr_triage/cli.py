@@ -58,9 +58,14 @@ CXR_TRIAGE on 127.0.0.1:11112), so `cxr-triage send FILES` then `cxr-triage resu
 One line per file with what the receiver answered; exit 1 if any file was not stored.""",
     "results": """\
 What became of each received image: classified (label and probabilities), refused (with the reason), failed,
-or still queued. Run it in the folder `serve` runs in, or pass the same --config. --json prints one object per
-line with the keys path, sop_instance_uid, status, label, probabilities, reason, model_version, precision,
-study_instance_uid, received_at, completed_at, sr_sop_instance_uid, flagged, spool_removed_at.""",
+or still queued. Run it in the folder `serve` runs in, or pass the same --config. The text output has the
+columns received_at, sop_instance_uid, status, priority (the worklist's: urgent, priority, review, routine),
+accession_number, then the label, probabilities and FLAGGED (or the reason); a header line names them when
+standard output is a terminal (--header, --no-header). --json prints one object per line with the keys path,
+sop_instance_uid, status, label, probabilities, reason, model_version, precision, typicality,
+study_instance_uid, received_at, completed_at, sr_sop_instance_uid, flagged, spool_removed_at.
+typicality is the typicality gate's score: higher = less like a chest radiograph (about 0-2 for one; over the
+gate's threshold the image is refused as atypical); null when the gate did not score the image.""",
     "status": """\
 The pipeline's health at a glance: images by state and how long the oldest has waited, failures of the last
 24 hours, Structured Reports waiting or dead-lettered, free spool space against its reserve, the model and its
@@ -69,8 +74,10 @@ a monitoring probe. Never loads the model.""",
     "classify": """\
 Classify DICOM, PNG or JPEG files (or folders of them, searched recursively) without the listener or a database.
 One line per input, refusals and unreadable files included; --json prints one object per line with path,
-sop_instance_uid, status (ok, rejected, error), label, probabilities, reason, model_version and precision.
-Exit 0 when every input got a line; 2 when it cannot run (no model, a path that does not exist).""",
+sop_instance_uid, status (ok, rejected, error), label, probabilities, reason, model_version, precision and
+typicality. typicality is the typicality gate's score: higher = less like a chest radiograph (about 0-2 for one;
+over the gate's threshold the image is refused as atypical); null with --no-gate. The text line shows it as
+typicality=SCORE. Exit 0 when every input got a line; 2 when it cannot run (no model, a path that does not exist).""",
     "forward": """\
 List every Structured Report sent (or to be sent) to the [forward] destinations, every HL7 ORU^R01 message to
 the [hl7] destinations and every Orthanc metadata update, with its state (pending, sent, dead, superseded) and

@@ -1,7 +1,8 @@
 """``cxr-triage classify``: classify DICOM, PNG or JPEG files (or folders of them) from the command line.
 
 One line per input, in input order, JSON with ``--json`` (keys ``path``, ``sop_instance_uid``, ``status``,
-``label``, ``probabilities``, ``reason``, ``model_version``, ``precision``, ``typicality``). Images the typicality
+``label``, ``probabilities``, ``reason``, ``model_version``, ``precision``, ``typicality``: the gate's score,
+higher = less like a chest radiograph, None without the gate). Images the typicality
 gate (``cxr_triage.ml.gate``, ``[gate]`` settings) finds unlike a chest radiograph are refused with code ``atypical``
 (``--no-gate`` turns it off). Refusals and per-file errors are lines
 too, so the exit status is 0 whenever every input got a line; it is non-zero only when the command itself
@@ -52,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--gate",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="refuse images unlike a chest radiograph (default: [gate] enabled, on)",
+        help="refuse images unlike a chest radiograph (default: [gate] enabled, on); its score is the typicality "
+        "key: higher = less like a chest radiograph",
     )
 
 

@@ -3,10 +3,16 @@
 Keys: ``path`` (the spool file), ``sop_instance_uid``, ``status`` (``ok``, ``rejected``, ``error``, or ``queued``
 / ``processing`` while pending), ``label``, ``probabilities`` {covid, normal, pneumonia}, ``reason``,
 ``model_version``, ``precision`` (``float32`` or ``bfloat16``) and ``typicality`` (the typicality gate's score, on
-classified and gate-refused instances), as ``classify --json`` has them; plus
+classified and gate-refused instances: higher = less like a chest radiograph; about 0-2 for one, refused over the
+gate's threshold), as ``classify --json`` has them; plus
 ``study_instance_uid``, ``received_at``, ``completed_at``, ``sr_sop_instance_uid``, ``flagged`` and
 ``spool_removed_at`` (when the retention policy deleted the spool file ``path``; null while it is kept), in order
 of arrival.
+
+The text output (one tab-separated line per instance, a header line first when standard output is a terminal or
+with ``--header``) has the columns of ``TEXT_COLUMNS``: the priority is the worklist's (``triage.flags``: urgent,
+priority, review, routine; ``-`` while pending) and the accession number the one stored at receipt (``-`` when
+the images had none).
 """
 
 from __future__ import annotations
@@ -23,12 +29,25 @@ from sqlalchemy import Engine, Select, func, select
 from sqlalchemy.orm import Session
 
 from cxr_triage.core import db
+from cxr_triage.core.settings import TriageSettings
+from cxr_triage.triage import flags
 
 if TYPE_CHECKING:
     from cxr_triage.core.bootstrap import Context
 
 STATUS_NAMES = {db.DONE: "ok", db.REFUSED: "rejected", db.FAILED: "error"}
 """Database job states as ``classify`` names them; pending states keep their own names."""
+TEXT_COLUMNS = (
+    "received_at",
+    "sop_instance_uid",
+    "status",
+    "priority",
+    "accession_number",
+    "label (or reason)",
+    "probabilities",
+    "flagged",
+)
+"""The header of the text output; a line that is not ``ok`` has its reason in the sixth column and ends there."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SECONDS",
         help="first wait until no instance is queued or processing (at most SECONDS, default 120)",
+    )
+    parser.add_argument(
+        "--header",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="text output: print a header line first (default: when standard output is a terminal)",
     )
 
 
@@ -64,8 +89,16 @@ def _latest(model: Any) -> Any:
 
 def records(session: Session, study: str | None = None, since: dt.datetime | None = None) -> Iterator[dict[str, Any]]:
     """One record per instance, in order of arrival; one query (the newest prediction, refusal and SR joined)."""
+    for record, _ in listed(session, study, since):
+        yield record
+
+
+def listed(
+    session: Session, study: str | None = None, since: dt.datetime | None = None
+) -> Iterator[tuple[dict[str, Any], str | None]]:
+    """``records``, each with its study's accession number (the text output's column)."""
     for row in session.execute(_records_query(study, since).execution_options(yield_per=500)):
-        yield _record(row)
+        yield _record(row), row.accession_number
 
 
 def _records_query(study: str | None, since: dt.datetime | None) -> Select[Any]:
@@ -97,7 +130,9 @@ def _records_query(study: str | None, since: dt.datetime | None) -> Select[Any]:
             db.RefusalRecord.reason.label("refusal_reason"),
             db.RefusalRecord.typicality.label("refusal_typicality"),
             db.SRDocument.sop_instance_uid.label("sr_sop_instance_uid"),
+            db.Study.accession_number,
         )
+        .outerjoin(db.Study, db.Study.id == instance.study_id)
         .outerjoin(latest_prediction, latest_prediction.c.instance_id == instance.id)
         .outerjoin(db.PredictionRecord, db.PredictionRecord.id == latest_prediction.c.id)
         .outerjoin(latest_refusal, latest_refusal.c.instance_id == instance.id)
@@ -147,10 +182,23 @@ def _record(row: Any) -> dict[str, Any]:
     }
 
 
-def format_record(record: dict[str, Any], as_json: bool) -> str:
+def priority(record: dict[str, Any], triage: TriageSettings) -> str | None:
+    """The worklist's priority of one instance (``triage.flags``): from its probabilities when classified, review
+    when refused or failed, None while pending."""
+    if record["status"] == "ok" and record["probabilities"]:
+        return flags.instance_flag(record["probabilities"], triage, record["model_version"]).priority
+    if record["status"] in ("rejected", "error"):
+        return "review"
+    return None
+
+
+def format_record(
+    record: dict[str, Any], as_json: bool, priority: str | None = None, accession_number: str | None = None
+) -> str:
     if as_json:
         return json.dumps(record)
     fields = [record["received_at"], record["sop_instance_uid"], record["status"]]
+    fields += [priority or "-", accession_number or "-"]
     if record["status"] == "ok":
         probs = " ".join(f"{k}={v:.3f}" for k, v in record["probabilities"].items())
         fields += [record["label"], probs, "FLAGGED" if record["flagged"] else ""]
@@ -181,11 +229,21 @@ def wait_until_finished(engine: Engine, seconds: float, study: str | None, since
         time.sleep(0.5)
 
 
-def print_results(engine: Engine, as_json: bool, study: str | None, since: dt.datetime | None) -> int:
+def print_results(
+    engine: Engine,
+    as_json: bool,
+    study: str | None,
+    since: dt.datetime | None,
+    triage: TriageSettings | None = None,
+    header: bool = False,
+) -> int:
+    triage = triage or TriageSettings()
     count = 0
+    if header and not as_json:
+        print("\t".join(TEXT_COLUMNS))
     with db.read_session(engine) as session:
-        for record in records(session, study, since):
-            print(format_record(record, as_json))
+        for record, accession_number in listed(session, study, since):
+            print(format_record(record, as_json, priority(record, triage), accession_number))
             count += 1
     sys.stdout.flush()
     return count
@@ -195,7 +253,8 @@ def _results(args: argparse.Namespace, context: Context) -> int:
     since = parse_since(args.since) if args.since else None
     if args.wait is not None and not wait_until_finished(context.db, args.wait, args.study, since):
         print(f"cxr-triage results: instances still pending after {args.wait:g} s", file=sys.stderr)
-    print_results(context.db, args.json, args.study, since)
+    header = sys.stdout.isatty() if args.header is None else args.header
+    print_results(context.db, args.json, args.study, since, context.settings.triage, header)
     return 0
 
 
