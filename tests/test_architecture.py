@@ -194,7 +194,6 @@ LONG_MODULE = 600
 LONG_MODULES = {
     "cxr_triage/core/db.py": "the schema in one namespace: every table, its states and the engine and revision "
     "helpers are read as ``db.<name>`` by every room and the tests; a split would make ``db`` a facade of re-exports",
-    "cxr_triage/retrain/retraining.py": "the retraining job, its scheduler and its status; to be split along them",
     "cxr_triage/testing/peers.py": "test support, not the runtime: every real DICOM peer the tests start, in one place",
     "training/commands.py": "the training commands (pretrain, fine-tune, evaluate) of the model work; to be split "
     "along them with it",

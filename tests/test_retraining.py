@@ -30,7 +30,8 @@ from cxr_triage.cli import main
 from cxr_triage.core import db, schedlock
 from cxr_triage.core.settings import Settings
 from cxr_triage.ml import registry
-from cxr_triage.retrain import retraining
+from cxr_triage.retrain import decision, retraining
+from cxr_triage.retrain.scheduler import SCHEDULER_LEASE, RetrainScheduler
 from cxr_triage.testing import peers
 from cxr_triage.testing.peers import wait_until
 from cxr_triage.testing.synthetic import new_dataset, phantom
@@ -160,14 +161,14 @@ def _summary(auc: float, sensitivities: tuple[float, float, float]) -> dict[str,
 
 def test_the_decision_needs_the_margin_and_every_class_within_the_tolerance() -> None:
     champion = _summary(0.90, (0.80, 0.90, 0.85))
-    assert retraining.decide(champion, _summary(0.92, (0.81, 0.89, 0.85)), 0.01, 0.02).promote
-    low = retraining.decide(champion, _summary(0.905, (0.9, 0.9, 0.9)), 0.01, 0.02)
+    assert decision.decide(champion, _summary(0.92, (0.81, 0.89, 0.85)), 0.01, 0.02).promote
+    low = decision.decide(champion, _summary(0.905, (0.9, 0.9, 0.9)), 0.01, 0.02)
     assert not low.promote and "less than the margin 0.01" in low.reason
-    dropped = retraining.decide(champion, _summary(0.95, (0.77, 0.95, 0.95)), 0.01, 0.02)
+    dropped = decision.decide(champion, _summary(0.95, (0.77, 0.95, 0.95)), 0.01, 0.02)
     assert not dropped.promote and "covid sensitivity fell 0.0300" in dropped.reason
     assert dropped.figures["sensitivity"]["covid"]["change"] == pytest.approx(-0.03)
-    assert not retraining.decide(champion, _summary(0.90, (0.8, 0.9, 0.85)), 0.0, 0.02).promote, "equal is no better"
-    undefined = retraining.decide({"macro_auc": None}, _summary(0.9, (1, 1, 1)), 0.0, 1.0)
+    assert not decision.decide(champion, _summary(0.90, (0.8, 0.9, 0.85)), 0.0, 0.02).promote, "equal is no better"
+    undefined = decision.decide({"macro_auc": None}, _summary(0.9, (1, 1, 1)), 0.0, 1.0)
     assert not undefined.promote and "undefined" in undefined.reason
 
 
@@ -248,7 +249,7 @@ def test_feedback_to_a_scheduled_promotion_then_a_worse_challenger_is_rejected_t
     _feedback(harness, truth)
 
     # The scheduled run: the scheduler leads (its lease), the cron job is made due now.
-    scheduler = retraining.RetrainScheduler(settings, harness.sessions)
+    scheduler = RetrainScheduler(settings, harness.sessions)
     scheduler.start()
     try:
         wait_until(lambda: scheduler.leading, 60, "the scheduler to lead")
@@ -378,7 +379,7 @@ def _alive(pid: int) -> bool:
 def _scheduler_process(values: dict[str, Any], barrier: Any, fire: Any, stop_file: Path, results: Any) -> None:
     settings = Settings.from_values(values)
     engine = db.make_engine(settings.database.url)
-    scheduler = retraining.RetrainScheduler(settings, db.session_factory(engine))
+    scheduler = RetrainScheduler(settings, db.session_factory(engine))
     try:
         barrier.wait(timeout=120)
         scheduler.start()
@@ -449,5 +450,5 @@ def _held(sessions: Any, name: str) -> bool:
 
 def _lease_holder(sessions: Any) -> str | None:
     with sessions() as session:
-        state = schedlock.read(session, retraining.SCHEDULER_LEASE)
+        state = schedlock.read(session, SCHEDULER_LEASE)
     return state.holder if state is not None and state.held(db.utcnow()) else None

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from cxr_triage.core import db
 from cxr_triage.core.bootstrap import CURRENT, run_command
 from cxr_triage.retrain import retraining
+from cxr_triage.retrain import runs as run_records
 
 if TYPE_CHECKING:
     from cxr_triage.core.bootstrap import Context
@@ -53,8 +54,8 @@ def _now(args: argparse.Namespace, context: Context) -> int:
 def _list(args: argparse.Namespace, context: Context) -> int:
     now = db.utcnow()
     with db.read_session(context.db) as session:
-        summary = retraining.status(session, context.settings, now)
-        runs = [retraining.run_json(run) for run in retraining.recent_runs(session, args.limit)]
+        summary = run_records.status(session, context.settings, now)
+        runs = [run_records.run_json(run) for run in run_records.recent_runs(session, args.limit)]
     if args.json:
         for run in runs:
             print(json.dumps(run))

@@ -6,7 +6,7 @@ temporaries removed, spool files without a row enqueued, jobs held by dead local
 (the SR files a crash left between write and rename settled, ``cxr_triage.outputs.srfiles``); then the
 listener, the workers (multiprocessing, spawn), the housekeeping scheduler (``cxr_triage.ops.housekeeping``:
 forwarding, study aggregation, spool retention, in this process only), with ``[retrain] enabled`` the retraining
-schedule (``cxr_triage.retrain.retraining``: one process leads it among all that share the database) and, once, in a
+schedule (``cxr_triage.retrain.scheduler``: one process leads it among all that share the database) and, once, in a
 background thread, the sweep of SR files without a row (``srfiles.sweep_orphans``). A worker process that dies is
 restarted. SIGTERM or SIGINT: stop accepting associations, let associations in progress finish, ask the workers to
 stop (each finishes or releases its claimed jobs), stop the retraining (a run in progress is recorded as failed)
@@ -33,7 +33,7 @@ from cxr_triage.dicom import listener
 from cxr_triage.ops.housekeeping import Housekeeping
 from cxr_triage.outputs import srfiles
 from cxr_triage.queue import jobqueue, spool
-from cxr_triage.retrain.retraining import RetrainScheduler
+from cxr_triage.retrain.scheduler import RetrainScheduler
 
 logger = logging.getLogger(log_name(__name__))
 
@@ -90,7 +90,7 @@ class Server:
         self.listener = listener.Listener(settings.listener, receiver)
         self.housekeeping = Housekeeping(settings, db.session_factory(engine))
         self.retraining: RetrainScheduler | None = None
-        if settings.retrain.enabled:  # the retraining schedule ([retrain], cxr_triage.retrain.retraining)
+        if settings.retrain.enabled:  # the retraining schedule ([retrain], cxr_triage.retrain.scheduler)
             self.retraining = RetrainScheduler(settings, db.session_factory(engine))
         self.processes: list[BaseProcess] = []
         self.threads: int | None = None

@@ -23,7 +23,7 @@ from cxr_triage import BUNDLED_MODEL
 from cxr_triage.core import db
 from cxr_triage.core.settings import Settings
 from cxr_triage.queue import spool
-from cxr_triage.retrain import retraining
+from cxr_triage.retrain import runs
 
 if TYPE_CHECKING:
     pass
@@ -130,8 +130,8 @@ def collect(engine: Engine, settings: Settings, max_queue_age: float, now: dt.da
 
     problems = _problems(counts, model_path, model_present, free, reserve, queued_for, max_queue_age)
     with db.read_session(engine) as session:
-        retrain = retraining.status(session, settings, now)
-    problems += retraining.status_problems(retrain)
+        retrain = runs.status(session, settings, now)
+    problems += runs.status_problems(retrain)
     by_state, forwards, champion = counts.by_state, counts.forwards, counts.champion
     return {
         "instances": {state: int(by_state.get(state, 0)) for state in (db.QUEUED, db.PROCESSING, *db.TERMINAL_STATES)},

@@ -26,16 +26,13 @@ One run (``RetrainJob.run``), each step logged and written to its ``retrain_runs
 6. record the outcome and give the lease back.
 
 A run that dies at any point leaves the champion as it was: promotion is one registry transaction, after
-everything else. ``RetrainScheduler`` runs the job on ``[retrain] schedule`` inside ``serve``: every ``serve``
-process competes for the ``retrain-scheduler`` lease and only its holder runs an APScheduler cron job, so exactly
-one scheduler runs however many processes and hosts share the database; when its holder dies, another takes over
-once the lease has expired (a fire time that passes during the hand-over is not made up: ``retrain --now``).
+everything else. The rest of the room: what a run learns from (``cxr_triage.retrain.feedback``), its verdict
+(``cxr_triage.retrain.decision``), the schedule inside ``serve`` (``cxr_triage.retrain.scheduler``) and what the runs
+did, for ``status`` and ``retrain`` (``cxr_triage.retrain.runs``).
 """
 
 from __future__ import annotations
 
-import csv
-import datetime as dt
 import json
 import logging
 import os
@@ -46,23 +43,24 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from cxr_triage import CLASS_NAMES, log_name
+from cxr_triage import log_name
 from cxr_triage.core import db, schedlock
 from cxr_triage.core.settings import Settings
 from cxr_triage.files import write_atomic
 from cxr_triage.ml import registry
+from cxr_triage.retrain.decision import Decision, decide
+from cxr_triage.retrain.feedback import Collected, collect_feedback, write_manifest
 
 logger = logging.getLogger(log_name(__name__))
 
 RUN_LEASE = "retrain"
-SCHEDULER_LEASE = "retrain-scheduler"
 SCHEDULE, MANUAL = "schedule", "manual"
 STOP_GRACE_SECONDS = 30.0
 """After SIGTERM, seconds the training process gets to exit before it is killed."""
@@ -74,100 +72,6 @@ EPOCH_LINE = re.compile(r"(retrain-\w+ epoch \d+/\d+).*?(val loss [0-9.]+)")
 
 class RunAborted(RuntimeError):
     """The run was stopped from outside (the server stops, the lease was lost, SIGTERM to `retrain --now`)."""
-
-
-@dataclass(frozen=True)
-class Decision:
-    """Whether the challenger replaces the champion, and why (the figures)."""
-
-    promote: bool
-    reason: str
-    figures: dict[str, Any] = field(default_factory=dict)
-
-
-def decide(champion: dict[str, Any], challenger: dict[str, Any], margin: float, tolerance: float) -> Decision:
-    """Promote when ``challenger``'s macro AUC >= ``champion``'s + ``margin`` (and is higher) and no class's
-    sensitivity falls by more than ``tolerance``; both are ``training.retrain`` summaries of the SAME fixed set."""
-    before, after = champion.get("macro_auc"), challenger.get("macro_auc")
-    figures: dict[str, Any] = {"margin": margin, "sensitivity_tolerance": tolerance}
-    if before is None or after is None:
-        return Decision(False, "macro AUC is undefined on the evaluation set (a class has no image there)", figures)
-    gain = after - before
-    figures.update(champion_macro_auc=before, challenger_macro_auc=after, macro_auc_gain=gain, sensitivity={})
-    problems = []
-    auc_text = f"macro AUC {before:.4f} -> {after:.4f} ({gain:+.4f}"
-    if gain < margin or gain <= 0:
-        problems.append(f"{auc_text}, less than the margin {margin:g})")
-    changes = []
-    for name in CLASS_NAMES:
-        was = champion["per_class"][name]["sensitivity"]
-        now = challenger["per_class"][name]["sensitivity"]
-        figures["sensitivity"][name] = {"champion": was, "challenger": now, "change": now - was}
-        changes.append(f"{name} {was:.3f} -> {now:.3f}")
-        if was - now > tolerance + 1e-12:
-            problems.append(
-                f"{name} sensitivity fell {was - now:.4f} ({was:.3f} -> {now:.3f}), more than {tolerance:g}"
-            )
-    if problems:
-        return Decision(False, "; ".join(problems), figures)
-    return Decision(
-        True,
-        f"{auc_text} >= margin {margin:g}); sensitivity {', '.join(changes)} (none fell more than {tolerance:g})",
-        figures,
-    )
-
-
-@dataclass(frozen=True)
-class Collected:
-    """The new labelled images of a run."""
-
-    rows: list[tuple[str, str, str]]  # (image path, label, study instance UID)
-    feedback_ids: list[int]
-    studies: int
-    after_id: int
-    to_id: int
-
-
-def feedback_watermark(session: Session) -> int:
-    """Feedback ids up to this were used by a promoted or rejected run (0: none yet)."""
-    done = (db.RETRAIN_PROMOTED, db.RETRAIN_REJECTED)
-    value = session.scalar(select(func.max(db.RetrainRun.feedback_to_id)).where(db.RetrainRun.state.in_(done)))
-    return int(value or 0)
-
-
-def collect_feedback(session: Session) -> Collected:
-    """The latest label of every study whose latest feedback is newer than the watermark, one row per classified
-    image whose model input (thumbnail) is on disk."""
-    after = feedback_watermark(session)
-    to_id = int(session.scalar(select(func.max(db.Feedback.id))) or 0)
-    latest_ids = select(func.max(db.Feedback.id)).where(db.Feedback.id <= to_id).group_by(db.Feedback.study_id)
-    latest = session.scalars(
-        select(db.Feedback).where(db.Feedback.id.in_(latest_ids), db.Feedback.id > after).order_by(db.Feedback.id)
-    ).all()
-    by_study = {row.study_id: row for row in latest}
-    rows: list[tuple[str, str, str]] = []
-    if by_study:
-        instances = session.execute(
-            select(db.Instance.study_id, db.Instance.thumbnail_path, db.Instance.study_instance_uid)
-            .where(db.Instance.study_id.in_(list(by_study)), db.Instance.thumbnail_path.is_not(None))
-            .order_by(db.Instance.id)
-        ).all()
-        for study_id, path, study_uid in instances:
-            if by_study[study_id].label_after in CLASS_NAMES and Path(path).is_file():
-                rows.append((str(Path(path).resolve()), by_study[study_id].label_after, study_uid))
-    return Collected(rows, [row.id for row in latest], len(by_study), after, to_id)
-
-
-def write_manifest(path: Path, rows: list[tuple[str, str, str]]) -> Path:
-    """The training module's manifest CSV (the format of the worklist's feedback export)."""
-    import io
-
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["path", "label", "group", "patient_id", "source"])
-    for image, label, study_uid in rows:
-        writer.writerow([image, label, f"study:{study_uid}", "", "feedback"])
-    return write_atomic(path, out.getvalue().encode("utf-8"))
 
 
 def challenger_version(parent: str, run_id: int) -> str:
@@ -607,171 +511,3 @@ def _plain(value: Any) -> dict[str, Any]:
     from dataclasses import asdict
 
     return json.loads(json.dumps(asdict(value), default=str))
-
-
-# --- the schedule ----------------------------------------------------------------------------------------------
-
-
-class RetrainScheduler:
-    """The retraining schedule inside ``serve`` (module docstring): leader election on the ``retrain-scheduler``
-    lease, an APScheduler cron job in the leader."""
-
-    JOB_ID = "retrain"
-
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
-        self.settings = settings
-        self.sessions = sessions
-        self.holder = schedlock.holder_id()
-        self.lease = schedlock.Lease(sessions, SCHEDULER_LEASE, self.holder, settings.retrain.lock_seconds)
-        self.job = RetrainJob(settings, sessions, self.holder)
-        self._scheduler: Any = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._guard = threading.Lock()
-        self.runs = 0
-
-    @property
-    def leading(self) -> bool:
-        return self._scheduler is not None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._lead, name="retrain-scheduler", daemon=True)
-        self._thread.start()
-
-    def _lead(self) -> None:
-        interval = self.settings.retrain.lock_seconds / 3
-        while True:
-            try:
-                held = self.lease.acquire()
-            except Exception as exc:  # the database is away: keep what we have until the lease would expire
-                logger.warning("retraining scheduler: cannot renew the scheduler lease (%s)", exc)
-                held = self.leading
-            with self._guard:
-                if self._stop.is_set():
-                    return
-                if held and not self.leading:
-                    self._start_cron()
-                elif not held and self.leading:
-                    logger.warning("retraining scheduler: another process leads now; this one stops scheduling")
-                    self._stop_cron()
-            if self._stop.wait(interval):
-                return
-
-    def _start_cron(self) -> None:
-        from apscheduler.schedulers.background import BackgroundScheduler
-
-        logging.getLogger("apscheduler").setLevel(logging.WARNING)
-        scheduler = BackgroundScheduler(daemon=True, job_defaults={"coalesce": True, "max_instances": 1})
-        scheduler.add_job(
-            self._scheduled, self.settings.retrain.trigger(), id=self.JOB_ID, name="retraining",
-            misfire_grace_time=3600,
-        )  # fmt: skip
-        scheduler.start()
-        self._scheduler = scheduler
-        logger.info(
-            "retraining scheduler: this process (%s) leads; schedule %r, next run at %s",
-            self.holder,
-            self.settings.retrain.schedule,
-            self.next_run_time(),
-        )
-
-    def _stop_cron(self) -> None:
-        scheduler, self._scheduler = self._scheduler, None
-        if scheduler is not None:
-            scheduler.shutdown(wait=False)
-
-    def _scheduled(self) -> None:
-        self.runs += 1
-        try:
-            outcome = self.job.run(SCHEDULE)
-            logger.info("retraining scheduler: %s; next run at %s", outcome.describe(), self.next_run_time())
-        except Exception:  # recorded by the job where it could be; the schedule goes on
-            logger.exception("retraining scheduler: the run failed")
-
-    def next_run_time(self) -> dt.datetime | None:
-        scheduler = self._scheduler
-        if scheduler is None:
-            return None
-        job = scheduler.get_job(self.JOB_ID)
-        return job.next_run_time if job is not None else None
-
-    def fire_now(self) -> bool:
-        """Make the scheduled job run at once (if this process leads); whether it does."""
-        with self._guard:
-            scheduler = self._scheduler
-            if scheduler is None:
-                return False
-            scheduler.modify_job(self.JOB_ID, next_run_time=dt.datetime.now(dt.UTC))
-            scheduler.wakeup()
-            return True
-
-    def stop(self) -> None:
-        """Stop scheduling, stop a run in progress (recorded as failed), give the scheduler lease back."""
-        with self._guard:
-            self._stop.set()
-            scheduler, self._scheduler = self._scheduler, None
-        self.job.abort("the server is stopping")
-        if scheduler is not None:
-            scheduler.shutdown(wait=True)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        try:
-            self.lease.release()
-        except Exception:  # it expires by itself
-            logger.exception("retraining scheduler: the lease could not be released")
-
-
-# --- reading ---------------------------------------------------------------------------------------------------
-
-
-def run_json(run: db.RetrainRun) -> dict[str, Any]:
-    """A ``retrain_runs`` row as plain JSON values."""
-    moments = ("started_at", "updated_at", "finished_at")
-    out: dict[str, Any] = {}
-    for column in db.RetrainRun.__table__.columns:
-        value = getattr(run, column.name)
-        out[column.name] = value.isoformat() if column.name in moments and value is not None else value
-    return out
-
-
-def recent_runs(session: Session, limit: int = 10) -> list[db.RetrainRun]:
-    return list(session.scalars(select(db.RetrainRun).order_by(db.RetrainRun.id.desc()).limit(limit)))
-
-
-def status(session: Session, settings: Settings, now: dt.datetime) -> dict[str, Any]:
-    """Retraining for ``cxr-triage status``: the schedule, its leader, the last run and a run in progress."""
-    r = settings.retrain
-    next_run = r.trigger().get_next_fire_time(None, now) if r.enabled else None
-    leader = schedlock.read(session, SCHEDULER_LEASE)
-    running = schedlock.read(session, RUN_LEASE)
-    runs = recent_runs(session, 1)
-    return {
-        "enabled": r.enabled,
-        "schedule": r.schedule,
-        "timezone": r.timezone or "local",
-        "next_run": next_run.isoformat() if next_run is not None else None,
-        "scheduler": leader.holder if leader is not None and leader.held(now) else None,
-        "running": running.holder if running is not None and running.held(now) else None,
-        "last_run": run_json(runs[0]) if runs else None,
-    }
-
-
-def status_problems(retraining: dict[str, Any]) -> list[str]:
-    """The conditions of retraining that need someone's attention."""
-    problems = []
-    last = retraining.get("last_run")
-    if last and last["state"] == db.RETRAIN_FAILED:
-        log = (last.get("details") or {}).get("log")
-        problems.append(
-            f"retraining run {last['id']} failed: {last['reason']}"
-            + (f" (log: {log})" if log else "")
-            + "; the champion is unchanged"
-        )
-    if last and last["state"] == db.RETRAIN_RUNNING and not retraining.get("running"):
-        problems.append(
-            f"retraining run {last['id']} is marked running but no process holds its lease (it died); the next run "
-            "records it as failed"
-        )
-    if retraining["enabled"] and not retraining.get("scheduler"):
-        problems.append("[retrain] enabled but no `serve` process runs the retraining schedule")
-    return problems
