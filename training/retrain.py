@@ -1,6 +1,6 @@
 """``python -m training retrain``: a challenger fine-tuned from the champion on radiologist-confirmed images.
 
-The runtime's retraining job (``cxr_triage.retraining``) runs this command as a subprocess and reads the JSON it
+The runtime's retraining job (``cxr_triage.retrain.retraining``) runs this command as a subprocess and reads the JSON it
 writes; nothing of the runtime is imported here beyond the model, checkpoint and pixel modules.
 
 Data, all on the training device as one ``ImageSet``:
