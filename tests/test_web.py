@@ -29,7 +29,9 @@ PASSWORD = "correct horse battery"
 
 
 def client(harness: Any, **web: Any) -> TestClient:
-    settings = harness.settings.with_values(web=web) if web else harness.settings
+    """A client that reads without a login (``anonymous_read``, off by default: test_web_reading.py tests that)."""
+    web = {"anonymous_read": True, **web}
+    settings = harness.settings.with_values(web=web)
     return TestClient(create_app(settings, harness.engine), base_url="http://worklist.test")
 
 

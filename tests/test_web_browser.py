@@ -87,6 +87,23 @@ class _Web:
             peers.terminate(self.proc, timeout=20, group=True)
 
 
+def _log_in(driver: webdriver.Chrome, base: str, target: str, user: str = "rad1") -> None:
+    """Open ``target``, which sends the browser to the login form first, and log in there."""
+    driver.get(base + target)
+    _wait(driver).until(lambda d: d.find_elements(By.NAME, "username"))
+    driver.find_element(By.NAME, "username").send_keys(user)
+    driver.find_element(By.NAME, "password").send_keys(PASSWORD)
+    driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+    _wait(driver).until(lambda d: d.get_cookie("cxr_session") and not d.find_elements(By.NAME, "password"))
+
+
+def _as_logged_in(driver: webdriver.Chrome, url: str) -> urllib.request.Request:
+    """A request for ``url`` with the browser's session cookie."""
+    cookie = driver.get_cookie("cxr_session")
+    assert cookie, "logged in"
+    return urllib.request.Request(url, headers={"Cookie": f"cxr_session={cookie['value']}"})
+
+
 def _evil_site(target: str, port: int) -> http.server.ThreadingHTTPServer:
     """Another origin whose page posts a feedback form to ``target`` as soon as it loads."""
     page = (
@@ -137,7 +154,7 @@ def test_a_study_appears_with_its_flag_and_a_radiologist_corrects_it(browser: we
         peers.Server(config, dicom_port, log=tmp_path / "serve.log", ready_timeout=WAIT),
         _Web(config, web_port, tmp_path / "web.log"),
     ):
-        browser.get(base + "/")
+        _log_in(browser, base, "/")  # reads need a login ([web] anonymous_read = false)
         assert browser.find_elements(By.CSS_SELECTOR, f'tr[data-study="{study}"]') == [], "empty before the send"
         sent = peers.storescu(dicom_port, [image])
         assert "Received Store Response (Success)" in sent.stdout + sent.stderr or sent.returncode == 0
@@ -153,7 +170,7 @@ def test_a_study_appears_with_its_flag_and_a_radiologist_corrects_it(browser: we
                 None,
             )
         )
-        with urllib.request.urlopen(f"{base}/api/studies/{study}", timeout=30) as response:
+        with urllib.request.urlopen(_as_logged_in(browser, f"{base}/api/studies/{study}"), timeout=30) as response:
             (instance,) = json.loads(response.read())["instance_list"]
         expected = flags.instance_flag(instance["probabilities"], TriageSettings(), instance["model_version"])
         assert badge == expected.priority, "the page shows the priority the rules give this result"
@@ -178,7 +195,7 @@ def test_a_study_appears_with_its_flag_and_a_radiologist_corrects_it(browser: we
             _wait(browser).until(lambda d: d.current_url.startswith(base) or "refused" in d.page_source)
         finally:
             evil.shutdown()
-        with urllib.request.urlopen(f"{base}/api/feedback", timeout=30) as response:
+        with urllib.request.urlopen(_as_logged_in(browser, f"{base}/api/feedback"), timeout=30) as response:
             feedback = json.loads(response.read())
     assert [(f["username"], f["label_after"]) for f in feedback] == [("rad1", "pneumonia")], (
         "the forged post wrote nothing"

@@ -412,6 +412,7 @@ class WebSettings:
     patient_fields: tuple[str, ...] = ("AccessionNumber",)
     metrics: bool = True
     max_queue_age_seconds: float = 300.0
+    anonymous_read: bool = False
 
     def __post_init__(self) -> None:
         import ipaddress

@@ -1,8 +1,11 @@
 """The worklist application: Jinja2 pages for people, a JSON API under ``/api/`` (OpenAPI at ``/docs``).
 
-Reads (the worklist, a study, thumbnails, feedback and its CSV export) need no login but are limited to
-``[web] allowed_networks``; every write (log in, log out, feedback) needs a session and its CSRF token
-(``cxr_triage.web.auth``) and leaves an audit row. The worklist page refreshes itself from ``/api/worklist``
+Everything is limited to ``[web] allowed_networks``. Reads (the worklist, a study, thumbnails, feedback and its
+CSV export) need a login unless ``[web] anonymous_read`` (a page sends the browser to ``/login``, the API answers
+401); ``/login``, ``/healthz``, ``/metrics``, ``/docs`` and the page script hold no patient data and stay open.
+Viewing a study leaves an audit row (``study-viewed``, once per user and study within ``VIEW_AUDIT_MINUTES``).
+Every write (log in, log out, feedback) needs a session and its CSRF token (``cxr_triage.web.auth``) and leaves
+an audit row. The worklist page refreshes itself from ``/api/worklist``
 every ``[web] refresh_seconds`` without reloading. Form posts are ``application/x-www-form-urlencoded`` and read
 with the standard library, so no multipart parser is needed. ``/healthz`` and ``/metrics`` (``cxr_triage.web.ops``)
 are for probes and Prometheus.
@@ -42,6 +45,9 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY",
 }
+OPEN_PATHS = ("/login", "/healthz", "/metrics", "/docs", "/openapi.json", "/static/")
+"""Paths without patient data: served without a login (prefixes)."""
+VIEW_AUDIT_MINUTES = 10
 
 
 class FeedbackIn(BaseModel):
@@ -91,12 +97,23 @@ class _Context:
                 session, self.web, priority, _parse_date(since, "since"), _parse_date(until, "until")
             )
 
-    def study(self, uid: str) -> dict[str, Any]:
+    def study(self, uid: str, request: Request | None = None) -> dict[str, Any]:
         with self.reading() as session:
             record = worklist.study_detail(session, uid, self.web)
         if record is None:
             raise HTTPException(404, f"no study {uid}")
+        if request is not None:
+            self.audit_view(uid, request)
         return record
+
+    def audit_view(self, uid: str, request: Request) -> None:
+        """A ``study-viewed`` audit row for a logged-in reader, unless they touched the study a moment ago."""
+        user = self.who(request)
+        if user is None:
+            return
+        with self.writing() as session:
+            if not auth.recently_audited(session, user.username, uid, VIEW_AUDIT_MINUTES):
+                auth.audit(session, "study-viewed", user.username, _client(request), uid)
 
     def store_feedback(self, uid: str, user: auth.LoggedIn, label: str, comment: str | None, request: Request) -> dict:
         try:
@@ -139,6 +156,9 @@ def _add_guard(app: FastAPI, ctx: _Context) -> None:
             return PlainTextResponse("this address may not use the worklist", status_code=403)
         if request.method not in ("GET", "HEAD", "OPTIONS") and not _same_origin(request):
             return PlainTextResponse("cross-site request refused", status_code=403)
+        reading = request.method in ("GET", "HEAD") and not ctx.web.anonymous_read and not _open(request.url.path)
+        if reading and await run_in_threadpool(ctx.who, request) is None:
+            return _login_first(request)
         response: Response = await call_next(request)
         for key, value in SECURITY_HEADERS.items():
             response.headers.setdefault(key, value)
@@ -157,8 +177,8 @@ def _add_api_routes(app: FastAPI, ctx: _Context) -> None:
         return ctx.worklist(priority, since, until)
 
     @app.get("/api/studies/{uid}", summary="One study: instances, reasons, SR UIDs, priority and feedback")
-    def api_study(uid: str) -> dict[str, Any]:
-        return ctx.study(uid)
+    def api_study(uid: str, request: Request) -> dict[str, Any]:
+        return ctx.study(uid, request)
 
     @app.get("/api/feedback", summary="Every radiologist confirmation and correction")
     def api_feedback() -> list[dict[str, Any]]:
@@ -198,7 +218,7 @@ def _add_page_routes(app: FastAPI, ctx: _Context) -> None:
 
     @app.get("/studies/{uid}", response_class=HTMLResponse, include_in_schema=False)
     def page_study(request: Request, uid: str) -> HTMLResponse:
-        record = ctx.study(uid)
+        record = ctx.study(uid, request)
         return ctx.templates.TemplateResponse(request, "study.html", {
             "study": record, "user": ctx.who(request), "classes": CLASS_NAMES, "patient_fields": web.patient_fields,
         })  # fmt: skip
@@ -310,6 +330,18 @@ def _same_origin(request: Request) -> bool:
         return False
     parts = urlsplit(origin)
     return parts.netloc == request.headers.get("host", "")
+
+
+def _open(path: str) -> bool:
+    return any(path == p or (p.endswith("/") and path.startswith(p)) or path.startswith(p + "/") for p in OPEN_PATHS)
+
+
+def _login_first(request: Request) -> Response:
+    """An anonymous read: 401 from the API, the login page (then back here) for a page."""
+    if request.url.path.startswith("/api/") or request.url.path.startswith("/thumbnails/"):
+        return JSONResponse({"detail": "log in first"}, status_code=401)
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return RedirectResponse(f"/login?next={quote(_local(target), safe='')}", status_code=303)
 
 
 def _local(target: str | None) -> str:

@@ -8,7 +8,8 @@
   API call) and, when the browser sends an ``Origin`` header, it must be this site's own. SameSite=Strict already
   keeps the cookie off cross-site requests; the token is the second line.
 - **Networks**: ``[web] allowed_networks`` (CIDRs) limits who may use the page at all, reads included.
-- **Audit**: one ``audit`` row per write (log in, failed log in, log out, feedback), with the user and address.
+- **Audit**: one ``audit`` row per write (log in, failed log in, log out, feedback), with the user and address,
+  and one when a logged-in user views a study (``study-viewed``; not again while they touched it a moment ago).
 """
 
 from __future__ import annotations
@@ -133,6 +134,15 @@ def address_allowed(address: str | None, networks: tuple[str, ...]) -> bool:
     except ValueError:
         return False
     return any(ip in ipaddress.ip_network(n, strict=False) for n in networks)
+
+
+def recently_audited(session: Session, username: str, target: str, minutes: float) -> bool:
+    """Whether ``username`` has an audit row on ``target`` from the last ``minutes``."""
+    since = db.utcnow() - dt.timedelta(minutes=minutes)
+    query = select(db.AuditEntry.id).where(
+        db.AuditEntry.username == username, db.AuditEntry.target == target, db.AuditEntry.at >= since
+    )
+    return session.scalar(query.limit(1)) is not None
 
 
 def audit(
