@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from conftest import chest_dataset
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -81,3 +82,86 @@ def test_viewing_a_study_is_audited_once_a_moment(make_harness) -> None:
             select(db.AuditEntry.action, db.AuditEntry.username, db.AuditEntry.target).order_by(db.AuditEntry.id)
         ).all()
     assert [tuple(r) for r in rows if r[0] == "study-viewed"] == [("study-viewed", "rad1", uid)]
+
+
+def test_rows_say_why_in_words_with_the_probability_of_that_image_most_probable_first(make_harness) -> None:
+    harness = make_harness(triage={"covid_threshold": 0.0})
+    sent = [chest_dataset(seed=s) for s in (23, 24, 25)]
+    for ds in sent:
+        harness.send([ds])
+    harness.work()
+    add_user(harness)
+    web = reader(harness)
+    log_in(web)
+    rows = web.get("/api/worklist").json()
+    assert {r["priority"] for r in rows} == {"urgent"} and len(rows) == 3
+    values = [r["key_probability"]["value"] for r in rows]
+    assert values == sorted(values, reverse=True), "within a priority, the most probable first"
+    for r in rows:
+        assert r["key_probability"]["class"] == "covid"
+        assert f"P(covid)={r['key_probability']['value']:.3f}" in r["priority_reason"], "the same image as the why"
+        assert r["reason_text"].startswith("COVID-19 suspected: probability") and r["read"] is False
+    page = web.get("/").text
+    assert "COVID-19 suspected" in page and 'class="study-link"' in page and page.count("tiny-test") == 1
+    assert ">" + rows[0]["study_instance_uid"] + "<" not in page, "the UID is the link's target, not its text"
+
+
+def test_feedback_moves_a_study_out_of_the_unread_view_and_filters_by_status(make_harness) -> None:
+    harness = make_harness()
+    done, other = chest_dataset(seed=26), chest_dataset(seed=27, ViewPosition="LL")
+    harness.send([done, other])
+    harness.work()
+    add_user(harness)
+    web = reader(harness)
+    log_in(web)
+    csrf = web.get("/").text.split('name="csrf-token" content="')[1].split('"')[0]
+    answer = web.post(f"/api/studies/{done.StudyInstanceUID}/feedback", json={"label": "normal"},
+                      headers={"X-CSRF-Token": csrf})  # fmt: skip
+    assert answer.status_code == 200
+    unread = [r["study_instance_uid"] for r in web.get("/api/worklist?read=unread").json()]
+    read = [r["study_instance_uid"] for r in web.get("/api/worklist?read=read").json()]
+    assert (unread, read) == ([other.StudyInstanceUID], [done.StudyInstanceUID])
+    assert done.StudyInstanceUID not in web.get("/").text, "the page shows the unread studies by default"
+    assert done.StudyInstanceUID in web.get("/?read=all").text
+    assert [r["status"] for r in web.get("/api/worklist?status=refused").json()] == ["refused"]
+    assert web.get("/api/worklist?read=maybe").status_code == 422
+    assert web.get("/api/worklist?status=lost").status_code == 422
+
+
+def test_age_sex_and_description_when_patient_fields_allow_them(make_harness) -> None:
+    harness = make_harness()
+    ds = chest_dataset(seed=28, AccessionNumber="ACC-28", PatientAge="054Y", PatientSex="F",
+                       StudyDescription="CHEST PA", PatientName="Secret^Patient")  # fmt: skip
+    harness.send([ds])
+    harness.work()
+    add_user(harness)
+    fields = ["AccessionNumber", "PatientAge", "PatientSex", "StudyDescription"]
+    web = reader(harness, patient_fields=fields)
+    log_in(web)
+    page = web.get("/").text
+    assert "054Y F" in page and ">CHEST PA</a>" in page and "ACC-28" in page and "Secret" not in page
+    plain = reader(harness)
+    log_in(plain)
+    assert "054Y" not in plain.get("/").text and "CHEST PA" not in plain.get("/").text, "not allowed by default"
+
+
+def test_viewer_url_links_every_row_and_the_study_page(make_harness) -> None:
+    harness = make_harness()
+    ds = chest_dataset(seed=29)
+    harness.send([ds])
+    harness.work()
+    add_user(harness)
+    web = reader(harness, viewer_url="https://pacs.example/ohif/viewer?StudyInstanceUIDs={StudyInstanceUID}")
+    log_in(web)
+    link = f"https://pacs.example/ohif/viewer?StudyInstanceUIDs={ds.StudyInstanceUID}"
+    (row,) = web.get("/api/worklist").json()
+    assert row["viewer_url"] == link
+    assert f'class="viewer-link" href="{link}"' in web.get("/").text
+    assert f'id="viewer-link" href="{link}"' in web.get(f"/studies/{ds.StudyInstanceUID}").text
+    plain = reader(harness)
+    log_in(plain)
+    assert plain.get("/api/worklist").json()[0]["viewer_url"] is None and "viewer-link" not in plain.get("/").text
+    with pytest.raises(ValueError, match="StudyInstanceUID"):
+        harness.settings.with_values(web={"viewer_url": "https://pacs.example/viewer"})
+    with pytest.raises(ValueError, match="http"):
+        harness.settings.with_values(web={"viewer_url": "javascript:alert({StudyInstanceUID})"})

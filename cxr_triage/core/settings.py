@@ -413,6 +413,7 @@ class WebSettings:
     metrics: bool = True
     max_queue_age_seconds: float = 300.0
     anonymous_read: bool = False
+    viewer_url: str = ""
 
     def __post_init__(self) -> None:
         import ipaddress
@@ -429,6 +430,10 @@ class WebSettings:
         unknown = sorted(set(self.patient_fields) - set(WEB_PATIENT_FIELDS))
         if unknown:
             raise ValueError(f"patient_fields {unknown}: allowed are {', '.join(WEB_PATIENT_FIELDS)}")
+        if self.viewer_url and "{StudyInstanceUID}" not in self.viewer_url:
+            raise ValueError(f"viewer_url = {self.viewer_url!r}: must contain {{StudyInstanceUID}}")
+        if self.viewer_url and not self.viewer_url.startswith(("http://", "https://", "/")):
+            raise ValueError(f"viewer_url = {self.viewer_url!r}: must be an http(s) URL or a path on this site")
         if self.refresh_seconds <= 0 or self.session_hours <= 0 or self.max_queue_age_seconds <= 0:
             raise ValueError("refresh_seconds, session_hours and max_queue_age_seconds must be > 0")
 

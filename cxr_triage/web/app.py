@@ -89,12 +89,19 @@ class _Context:
         with self.reading() as session:
             return auth.current(session, request.cookies.get(auth.COOKIE))
 
-    def worklist(self, priority: str | None, since: str | None, until: str | None) -> list[dict[str, Any]]:
+    def worklist(
+        self, priority: str | None, since: str | None, until: str | None, status: str | None = None,
+        read: str | None = None,
+    ) -> list[dict[str, Any]]:  # fmt: skip
         if priority and priority not in (*PRIORITIES, "pending"):
             raise HTTPException(422, f"priority must be one of {', '.join(PRIORITIES)} or pending")
+        if status and status not in worklist.STATUSES:
+            raise HTTPException(422, f"status must be one of {', '.join(worklist.STATUSES)}")
+        if read and read not in worklist.READ_STATES:
+            raise HTTPException(422, f"read must be one of {', '.join(worklist.READ_STATES)}")
         with self.reading() as session:
             return worklist.worklist(
-                session, self.web, priority, _parse_date(since, "since"), _parse_date(until, "until")
+                session, self.web, priority, _parse_date(since, "since"), _parse_date(until, "until"), status, read
             )
 
     def study(self, uid: str, request: Request | None = None) -> dict[str, Any]:
@@ -173,8 +180,10 @@ def _add_api_routes(app: FastAPI, ctx: _Context) -> None:
         priority: str | None = Query(None, description=f"one of {', '.join(PRIORITIES)} or pending"),
         since: str | None = Query(None, description="first arrival on or after this date (YYYY-MM-DD, UTC)"),
         until: str | None = Query(None, description="first arrival on or before this date (YYYY-MM-DD, UTC)"),
+        status: str | None = Query(None, description=f"one of {', '.join(worklist.STATUSES)}"),
+        read: str | None = Query(None, description="unread (no radiologist feedback yet) or read"),
     ) -> list[dict[str, Any]]:
-        return ctx.worklist(priority, since, until)
+        return ctx.worklist(priority, since, until, status, read)
 
     @app.get("/api/studies/{uid}", summary="One study: instances, reasons, SR UIDs, priority and feedback")
     def api_study(uid: str, request: Request) -> dict[str, Any]:
@@ -208,12 +217,19 @@ def _add_page_routes(app: FastAPI, ctx: _Context) -> None:
     web = ctx.web
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page_worklist(request: Request, priority: str = "", since: str = "", until: str = "") -> HTMLResponse:
-        rows = ctx.worklist(priority or None, since or None, until or None)
+    def page_worklist(
+        request: Request, priority: str = "", since: str = "", until: str = "", status: str = "", read: str = "unread"
+    ) -> HTMLResponse:
+        read = "" if read == "all" else read  # the page shows the unread studies unless asked for all
+        rows = ctx.worklist(priority or None, since or None, until or None, status or None, read or None)
+        filters = {"priority": priority, "since": since, "until": until, "status": status, "read": read or "all"}
+        query = {k: v for k, v in filters.items() if v}
+        models = sorted({r["model_version"] or r["priority_model_version"] for r in rows} - {None})
         return ctx.templates.TemplateResponse(request, "worklist.html", {
-            "rows": rows, "user": ctx.who(request), "priorities": PRIORITIES, "filters": {
-                "priority": priority, "since": since, "until": until}, "refresh_ms": int(web.refresh_seconds * 1000),
-            "patient_fields": web.patient_fields,
+            "rows": rows, "user": ctx.who(request), "priorities": PRIORITIES, "filters": filters,
+            "api_query": "?" + "&".join(f"{k}={quote(v)}" for k, v in query.items() if v != "all"),
+            "statuses": worklist.STATUSES, "models": models, "refresh_ms": int(web.refresh_seconds * 1000),
+            "patient_fields": web.patient_fields, "viewer": bool(web.viewer_url),
         })  # fmt: skip
 
     @app.get("/studies/{uid}", response_class=HTMLResponse, include_in_schema=False)

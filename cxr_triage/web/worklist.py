@@ -1,8 +1,12 @@
 """What the worklist shows, as plain values: the page and the JSON API serve the same records.
 
-Studies are sorted by priority (urgent, priority, review, routine; studies without a result yet last), then by
-arrival, oldest first. Each record holds its priority with the rule, reason, thresholds and model version that
-raised it (``final`` once the study has been quiet for ``[worker] study_quiet_seconds``), the worst label and the
+Studies are sorted by priority (urgent, priority, review, routine; studies without a result yet last); within
+urgent and priority the most probable first (the probability of the rule that raised it), then by arrival, oldest
+first. Each record says why in words (``reason_text``) with the one probability that matters (``key_probability``,
+read from the same image as the reason), whether a radiologist has read it (``read``: confirmed or corrected) and,
+with ``[web] viewer_url``, a link to open the study in the PACS viewer. Each record holds its priority with the
+rule, reason, thresholds and model version that raised it (``final`` once the study has been quiet for
+``[worker] study_quiet_seconds``), the worst label and the
 highest probability of each class, the status (queued, processing, done or refused with the reasons), and the
 patient fields ``[web] patient_fields`` allows: the accession number is stored at receipt; the others are read
 from the received file's header while the spool keeps it.
@@ -17,10 +21,12 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -40,6 +46,43 @@ class FeedbackError(ValueError):
 
 
 _R = TypeVar("_R", db.PredictionRecord, db.RefusalRecord)
+
+
+CLASS_WORDS = {"covid": "COVID-19", "pneumonia": "pneumonia", "normal": "normal"}
+STATUSES = ("queued", "processing", "done", "refused", "failed")
+READ_STATES = ("unread", "read")
+_PROBABILITY = re.compile(r"P\((\w+)\)=([0-9.]+)")
+
+
+def key_probability(reason: str | None) -> dict[str, Any] | None:
+    """The probability behind a priority: the first ``P(class)=value`` of its reason (the image that raised it)."""
+    found = _PROBABILITY.search(reason or "")
+    return {"class": found.group(1), "value": float(found.group(2))} if found else None
+
+
+def reason_text(rule: str | None, reason: str | None, thresholds: dict[str, float] | None) -> str:
+    """A priority's reason in words, for a radiologist rather than an engineer."""
+    key, limits = key_probability(reason), thresholds or {}
+    if not rule:
+        return "no result yet"
+    if rule in ("covid", "pneumonia") and key:
+        limit = limits.get(f"{rule}_threshold")
+        over = f" (threshold {limit:.2f})" if limit is not None else ""
+        return f"{CLASS_WORDS[rule]} suspected: probability {key['value']:.2f}{over}"
+    if rule == "low-confidence" and key:
+        return f"model unsure: best guess {CLASS_WORDS.get(key['class'], key['class'])} at {key['value']:.2f}"
+    if rule == "refused":
+        return "image not analysed: " + (reason or "").removeprefix("refused: ")
+    if rule == "failed":
+        return "analysis failed: " + (reason or "").removeprefix("failed: ")
+    if key:
+        return f"no finding over threshold: most likely {CLASS_WORDS.get(key['class'], key['class'])}"
+    return reason or rule
+
+
+def viewer_link(template: str, uid: str) -> str | None:
+    """``[web] viewer_url`` for this study (``{StudyInstanceUID}`` replaced), None when not configured."""
+    return template.replace("{StudyInstanceUID}", quote(uid, safe="")) if template else None
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -123,12 +166,18 @@ def study_record(
         "received_at": _iso(study.first_received_at),
         "last_received_at": _iso(study.last_received_at),
         "feedback_label": latest.label_after if latest else None,
+        "read": latest is not None,
+        "reason_text": reason_text(study.priority_rule, study.priority_reason, study.priority_thresholds),
+        "key_probability": key_probability(study.priority_reason),
+        "viewer_url": viewer_link(web.viewer_url, study.study_instance_uid),
     }
 
 
-def _sort_key(record: dict[str, Any]) -> tuple[int, str]:
+def _sort_key(record: dict[str, Any]) -> tuple[int, float, str]:
     rank = RANK.get(record["priority"], len(PRIORITIES)) if record["priority"] else len(PRIORITIES)
-    return rank, record["received_at"] or ""
+    key = record["key_probability"]
+    most_probable = -key["value"] if key and record["priority"] in ("urgent", "priority") else 0.0
+    return rank, most_probable, record["received_at"] or ""
 
 
 def worklist(
@@ -137,8 +186,10 @@ def worklist(
     priority: str | None = None,
     since: dt.date | None = None,
     until: dt.date | None = None,
+    status: str | None = None,
+    read: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Studies by priority then arrival (module docstring), filtered by priority and arrival date (UTC)."""
+    """Studies in the module docstring's order, filtered by priority, arrival date (UTC), status and read state."""
     query = select(db.Study)
     if priority == "pending":
         query = query.where(db.Study.priority.is_(None))
@@ -159,7 +210,12 @@ def worklist(
     ids = [i.id for i in instances]
     predictions, refusals = db.newest(session, db.PredictionRecord, ids), db.newest(session, db.RefusalRecord, ids)
     records = [study_record(session, s, by_study.get(s.id, []), predictions, refusals, web) for s in studies]
+    records = [r for r in records if (not status or r["status"] == status) and (not read or _is(read, r["read"]))]
     return sorted(records, key=_sort_key)
+
+
+def _is(read: str, done: bool) -> bool:
+    return done if read == "read" else not done
 
 
 def study_detail(session: Session, uid: str, web: WebSettings) -> dict[str, Any] | None:
