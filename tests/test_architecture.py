@@ -195,8 +195,6 @@ LONG_MODULES = {
     "cxr_triage/core/db.py": "the schema in one namespace: every table, its states and the engine and revision "
     "helpers are read as ``db.<name>`` by every room and the tests; a split would make ``db`` a facade of re-exports",
     "cxr_triage/testing/peers.py": "test support, not the runtime: every real DICOM peer the tests start, in one place",
-    "training/commands.py": "the training commands (pretrain, fine-tune, evaluate) of the model work; to be split "
-    "along them with it",
 }
 """Modules over ``LONG_MODULE`` lines, each with why (the reason a long function writes in a comment)."""
 

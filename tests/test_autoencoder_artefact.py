@@ -14,7 +14,7 @@ from test_training_run import TINY, tiny_pack  # noqa: F401  (fixture)
 from cxr_triage.ml.model import CAEClassifier, ConvAutoencoder, ModelSpec
 from training import cli
 from training.autoencoder import AutoencoderFileError, load_autoencoder
-from training.commands import load_encoder
+from training.pretrain import load_encoder
 
 
 def _pretrain(pack: Path, out: Path, *extra: str) -> None:

@@ -23,7 +23,7 @@ from cxr_triage import CLASS_NAMES
 from cxr_triage.ml.checkpoint import load_classifier
 from cxr_triage.ml.inference import Predictor
 from cxr_triage.ml.model import CAEClassifier, ModelSpec
-from training import cli, commands
+from training import cli, commands, finetune, pretrain
 from training.engine import setup_runtime
 from training.metrics import classification_metrics
 
@@ -71,7 +71,7 @@ def _encoder_file(path: Path, width: int = 4) -> dict[str, torch.Tensor]:
     """An encoder file as pretrain writes it (the flags' default normalisation, equalise)."""
     torch.manual_seed(123)
     state = CAEClassifier(ModelSpec(width=width, dense_units=8, input_norm="equalise")).encoder.state_dict()
-    torch.save({"format": commands.ENCODER_FORMAT, "width": width, "input_norm": "equalise", "state_dict": state}, path)
+    torch.save({"format": pretrain.ENCODER_FORMAT, "width": width, "input_norm": "equalise", "state_dict": state}, path)
     return state
 
 
@@ -94,7 +94,7 @@ def test_phase1_freezes_the_encoder_then_resume_trains_phase2(tiny_pack: Path, t
     args = cli.parse_args([*base, "--phase1-epochs", "1", "--phase2-epochs", "0"])
     rt = setup_runtime("cpu", progress=False)
     data = commands.load_data(args, rt)
-    first = commands.run_finetune(args, rt, data)
+    first = finetune.run_finetune(args, rt, data)
     assert [h["phase"] for h in first.history] == [1]
     for k, v in first.model.encoder.state_dict().items():
         assert torch.equal(v, encoder[k]), f"encoder weight {k} moved in phase 1"
@@ -105,7 +105,7 @@ def test_phase1_freezes_the_encoder_then_resume_trains_phase2(tiny_pack: Path, t
     assert state["args"]["phase1_epochs"] == 1 and state["optimizer"] is not None
 
     resumed = cli.parse_args([*base, "--phase1-epochs", "2", "--phase2-epochs", "1", "--resume"])
-    second = commands.run_finetune(resumed, rt, data)
+    second = finetune.run_finetune(resumed, rt, data)
     assert [(h["phase"], h["epoch"]) for h in second.history] == [(1, 1), (1, 2), (2, 1)]
     moved = [k for k, v in second.model.encoder.state_dict().items() if not torch.equal(v, encoder[k])]
     best_phase = [h["phase"] for h in second.history if h["best"]][-1]
@@ -297,7 +297,7 @@ def test_commands_chain_from_a_manifest(tiny_pack: Path, tmp_path: Path) -> None
     data = ["--manifest", str(manifest), "--root", str(SHARED), *TINY]
     assert cli.main(["pretrain", *data, "--out", str(tmp_path / "pre"), "--pretrain-epochs", "1"]) == 0
     encoder = tmp_path / "pre" / "encoder.pt"
-    assert torch.load(encoder, weights_only=True)["format"] == commands.ENCODER_FORMAT
+    assert torch.load(encoder, weights_only=True)["format"] == pretrain.ENCODER_FORMAT
     tuning = ["--encoder", str(encoder), "--phase1-epochs", "1", "--phase2-epochs", "0", "--phase1-batch-size", "8"]
     assert cli.main(["finetune", *data, *tuning, "--out", str(tmp_path / "ft")]) == 0
     prov = load_classifier(tmp_path / "ft" / "model.pt").card.provenance

@@ -7,7 +7,7 @@ lower than the artefact's. Adam's moments are not kept in the artefact (it would
 starts from it starts with fresh optimiser moments. Inside one stretch, ``--resume`` continues from the resumable
 state in the ``--out`` folder with the moments.
 
-Who changes what: ``run_pretrain`` (``training.commands``) reads the artefact at the start of a stretch and calls
+Who changes what: ``run_pretrain`` (``training.pretrain``) reads the artefact at the start of a stretch and calls
 ``save_autoencoder`` when the stretch improved on it; nothing else writes it.
 
 File format ``cxr-triage-autoencoder/1`` (``torch.save``, loaded with ``weights_only=True``):

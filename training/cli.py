@@ -372,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_pack(args)
     if args.command == "report":
         return run_report(args)
-    from training import commands
+    from training import commands, finetune, pretrain
 
     rt = setup_runtime(args.device, args.amp, args.channels_last, args.compile, args.progress)
     try:
@@ -385,9 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_retrain(args, rt)
         data = commands.load_data(args, rt)
         if args.command == "pretrain":
-            commands.run_pretrain(args, rt, data, _deadline(args))
+            pretrain.run_pretrain(args, rt, data, _deadline(args))
         elif args.command == "finetune":
-            commands.run_finetune(args, rt, data, _deadline(args), provenance=commands.base_provenance(args, rt, data))
+            finetune.run_finetune(args, rt, data, _deadline(args), provenance=commands.base_provenance(args, rt, data))
         elif args.command == "evaluate":
             commands.run_evaluate(args, rt, data)
         elif args.command == "sources":

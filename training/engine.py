@@ -17,6 +17,7 @@ precision and distributed settings:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import math
@@ -524,3 +525,13 @@ def check_replicas_agree(module: nn.Module, rt: Runtime, what: str) -> None:
 
 def seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(seed + rank)
+
+
+def plain_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments as plain JSON values (for checkpoints and provenance)."""
+    out: dict[str, Any] = {}
+    for k, v in sorted(vars(args).items()):
+        if k.startswith("_"):
+            continue
+        out[k] = v if isinstance(v, str | int | float | bool | type(None)) else str(v)
+    return out

@@ -192,3 +192,29 @@ def _log_epoch(phase: Phase, state: FitState, stats: EpochStats, result: Validat
         stats.seconds,
         f"{stats.images_per_second:,.0f}",
     )
+
+
+def fit_state_from(state: dict[str, Any], score_key: str, best_key: str) -> FitState:
+    """The FitState kept in a state file (``state_fields`` wrote it)."""
+    return FitState(
+        epoch=state["epoch"],
+        bad_epochs=state.get("bad_epochs", 0),
+        best_score=state[score_key],
+        best=state.get(best_key),
+        history=list(state["history"]),
+        seconds=state.get("fit_seconds", 0.0),
+        images=state.get("fit_images", 0),
+    )
+
+
+def state_fields(fit_state: FitState, score_key: str, best_key: str) -> dict[str, Any]:
+    """A FitState as the documented keys of a state file (epoch, bad_epochs, the best score and weights)."""
+    return {
+        "epoch": fit_state.epoch,
+        "bad_epochs": fit_state.bad_epochs,
+        score_key: fit_state.best_score,
+        best_key: fit_state.best,
+        "history": fit_state.history,
+        "fit_seconds": fit_state.seconds,
+        "fit_images": fit_state.images,
+    }

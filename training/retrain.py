@@ -47,7 +47,7 @@ from cxr_triage.ml.checkpoint import load_classifier, save_classifier
 from cxr_triage.ml.imaging import IMAGE_SIZE
 from cxr_triage.ml.model import CAEClassifier
 from training import data as data_mod
-from training.commands import evaluate_classifier, model_card, plain_args
+from training.commands import evaluate_classifier
 from training.engine import (
     Deadline,
     EpochStats,
@@ -56,9 +56,11 @@ from training.engine import (
     cpu_state_dict,
     evaluate,
     image_inputs,
+    plain_args,
     train_one_epoch,
     unwrap,
 )
+from training.finetune import model_card
 from training.loop import FitState, Phase, Validation, fit
 from training.pack import decode_pack, load_pack
 from training.report import write_json
