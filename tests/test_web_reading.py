@@ -165,3 +165,18 @@ def test_viewer_url_links_every_row_and_the_study_page(make_harness) -> None:
         harness.settings.with_values(web={"viewer_url": "https://pacs.example/viewer"})
     with pytest.raises(ValueError, match="http"):
         harness.settings.with_values(web={"viewer_url": "javascript:alert({StudyInstanceUID})"})
+
+
+def test_docs_serves_swagger_ui_from_the_application_under_its_csp(make_harness) -> None:
+    harness = make_harness()
+    web = reader(harness)
+    page = web.get("/docs")
+    assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
+    assert "cdn" not in page.text.lower() and "http" not in page.text.split("<body>")[1], "nothing from elsewhere"
+    assert "<script>" not in page.text, "no inline script (the CSP forbids it)"
+    for path, kind in (("/docs/assets/swagger-ui-bundle.js", "javascript"), ("/docs/assets/swagger-ui.css", "css"),
+                       ("/docs/init.js", "javascript")):  # fmt: skip
+        response = web.get(path)
+        assert response.status_code == 200 and kind in response.headers["content-type"] and response.content, path
+    assert web.get("/docs/assets/index.html").status_code == 404 and web.get("/docs/assets/..%2Fx").status_code == 404
+    assert "/api/worklist" in web.get("/openapi.json").json()["paths"]

@@ -33,7 +33,7 @@ from cxr_triage import CLASS_NAMES, __version__, log_name
 from cxr_triage.core import db
 from cxr_triage.core.settings import Settings
 from cxr_triage.triage.flags import PRIORITIES
-from cxr_triage.web import auth, ops, worklist
+from cxr_triage.web import apidocs, auth, ops, worklist
 
 logger = logging.getLogger(log_name(__name__))
 
@@ -143,6 +143,8 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
         version=__version__,
         description="Chest X-ray triage results, priorities and radiologist feedback. Research use only: not a "
         "medical device.",
+        docs_url=None,  # served by apidocs from a local copy of Swagger UI (the CDN breaks the CSP and offline use)
+        redoc_url=None,
     )
     _add_guard(app, ctx)
     _add_api_routes(app, ctx)
@@ -150,6 +152,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     _add_auth_routes(app, ctx)
     _add_feedback_form_route(app, ctx)
     app.include_router(ops.router(settings, engine))
+    app.include_router(apidocs.router(app.title))
     _add_error_handler(app)
     return app
 
