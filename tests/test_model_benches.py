@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+import torch
 from test_bench import run_bench
 
 SHARED_LABELS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr" / "labels.csv"
@@ -34,3 +36,19 @@ def test_train_compute_bench_prints_a_row_per_configuration_and_the_fastest() ->
     assert len(rows) >= 2 * 3  # per workload: the base, contiguous memory, the other batch (and float32 with bf16)
     assert all(line.rstrip().endswith("%") for line in rows)
     assert out.count("fastest for ") == 2
+
+
+def test_calibration_reports_ece_per_source() -> None:
+    from training.calibrate import ece_per_source, expected_calibration_error
+
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (60,))
+    logits = torch.nn.functional.one_hot(labels, 3).float() * 4.0  # confident and right...
+    logits[40:] = torch.nn.functional.one_hot((labels[40:] + 1) % 3, 3).float() * 4.0  # ...but source b is wrong
+    sources = torch.tensor([0] * 40 + [1] * 20)
+    table = ece_per_source(logits, labels, sources, ("a", "b", "unused"), temperature=2.0)
+    assert set(table) == {"a", "b"} and table["a"]["images"] == 40 and table["b"]["images"] == 20
+    assert table["a"]["accuracy"] == 1.0 and table["b"]["accuracy"] == 0.0
+    probs_b = torch.softmax(logits[40:], 1)
+    assert table["b"]["ece_before"] == pytest.approx(expected_calibration_error(probs_b, labels[40:]))
+    assert table["b"]["ece_before"] > 0.9 and table["b"]["ece_after"] < table["b"]["ece_before"]
