@@ -3,15 +3,14 @@ with the real processes and the shipped model: ``cxr-triage serve`` receives a (
 storescu, the open worklist page shows it with the priority the rules give its result without a reload, a
 radiologist logs in and corrects the label, and a cross-site form post from another origin writes nothing.
 
-Screenshots of the worklist and of the study page are written to ``CXR_SCREENSHOT_DIR`` (a folder; default:
-the test's temporary folder): the README's pictures are made this way.
+Screenshots of the worklist and of the study page are written to the test's temporary folder; the README's
+pictures come from ``test_web_browser_reading.py`` (real radiographs, ``CXR_SCREENSHOT_DIR``).
 """
 
 from __future__ import annotations
 
 import http.server
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -131,7 +130,7 @@ def test_a_study_appears_with_its_flag_and_a_radiologist_corrects_it(browser: we
     # One scenario read top to bottom, each step depending on the last: split, it would read worse.
     from conftest import config_values
 
-    shots = Path(os.environ.get("CXR_SCREENSHOT_DIR") or tmp_path)
+    shots = tmp_path / "screenshots"
     shots.mkdir(parents=True, exist_ok=True)
     dicom_port, web_port, evil_port = peers.free_ports(3)
     values = config_values(

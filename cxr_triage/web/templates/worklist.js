@@ -41,6 +41,7 @@
 
   function ago(iso) {
     const minutes = Math.max(0, Math.round((Date.now() - new Date(iso).getTime()) / 60000));
+    if (minutes < 1) { return "just now"; }
     if (minutes < 60) { return minutes + " min ago"; }
     if (minutes < 48 * 60) { return Math.floor(minutes / 60) + " h " + (minutes % 60) + " min ago"; }
     return Math.floor(minutes / 1440) + " days ago";
@@ -166,6 +167,13 @@
     }
   }
 
+  function showModels(list) {
+    const line = document.getElementById("model");
+    const names = Array.from(new Set(list.map(function (s) { return s.model_version || s.priority_model_version; })
+      .filter(Boolean))).sort();
+    if (line && names.length) { line.textContent = "model: " + names.join(", "); }
+  }
+
   function seen() {
     newUrgent = 0;
     document.title = title;
@@ -178,6 +186,7 @@
       .then(function (list) {
         studies = list;
         alertUrgent(list);
+        showModels(list);
         render();
         if (status) { status.textContent = "updated " + new Date().toLocaleTimeString(); }
       })
