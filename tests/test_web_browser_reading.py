@@ -114,6 +114,10 @@ def test_login_then_an_urgent_alert_then_keys_confirm_and_correct(browser: webdr
         browser.get(base + "/?read=all")
         _wait(browser).until(lambda d: sorted(_rows(d)) == sorted(uids))
         assert not browser.find_element(By.ID, "alert").is_displayed(), "studies there at load raise no alert"
+        browser.find_element(By.CSS_SELECTOR, 'th[data-sort="arrived"]').click()
+        _wait(browser).until(lambda d: _rows(d) == uids[::-1])  # by arrival, newest first
+        browser.find_element(By.CSS_SELECTOR, 'th[data-sort="probability"]').click()
+        _wait(browser).until(lambda d: _rows(d) == order)  # by the probability that matters
         link = browser.find_element(By.CSS_SELECTOR, f'tr[data-study="{order[1]}"] a.viewer-link')
         assert link.get_attribute("href") == viewer.replace("{StudyInstanceUID}", order[1])
         _press(browser, "j")

@@ -224,6 +224,18 @@ class GateSettings:
 
 
 @dataclass(frozen=True)
+class HeatmapSettings:
+    """``[heatmap]``: where the model looked (``cxr_triage.ml.heatmap``, docs/HEATMAP.md)."""
+
+    enabled: bool = True
+    method: str = "gradcam"
+
+    def __post_init__(self) -> None:
+        if self.method != "gradcam":
+            raise ValueError(f"method = {self.method!r}: expected gradcam")
+
+
+@dataclass(frozen=True)
 class SRSettings:
     """``[sr]``: the Structured Report written for each classified instance."""
 
@@ -522,6 +534,7 @@ class Settings:
     triage: TriageSettings = field(default_factory=TriageSettings)
     gate: GateSettings = field(default_factory=GateSettings)
     sr: SRSettings = field(default_factory=SRSettings)
+    heatmap: HeatmapSettings = field(default_factory=HeatmapSettings)
     forward: ForwardSettings = field(default_factory=ForwardSettings)
     hl7: HL7Settings = field(default_factory=HL7Settings)
     web: WebSettings = field(default_factory=WebSettings)
@@ -546,6 +559,7 @@ class Settings:
             triage=_from_table(TriageSettings, "triage", values["triage"]),
             gate=_from_table(GateSettings, "gate", values.get("gate", {})),
             sr=_from_table(SRSettings, "sr", values["sr"]),
+            heatmap=_from_table(HeatmapSettings, "heatmap", values.get("heatmap", {})),
             forward=ForwardSettings.from_table(values["forward"]),
             hl7=HL7Settings.from_table(values.get("hl7", {})),
             web=_from_table(WebSettings, "web", values["web"]),
