@@ -35,6 +35,7 @@ from torch import nn
 
 from cxr_triage.files import write_atomic
 from cxr_triage.ml.imaging import IMAGE_SIZE
+from cxr_triage.ml.model import ConvAutoencoder
 from cxr_triage.ml.precision import autocast, resolve_precision
 from training.data import ImageSet, epoch_batches, iterate_inputs, model_inputs
 from training.progress import progress_bar
@@ -316,7 +317,7 @@ def classification_loss(output: torch.Tensor, x: torch.Tensor, y: torch.Tensor) 
 
 
 @torch.no_grad()
-def evaluate_cae(module: nn.Module, data: ImageSet, indices: torch.Tensor, rt: Runtime, batch_size: int) -> float:
+def evaluate_cae(module: ConvAutoencoder, data: ImageSet, indices: torch.Tensor, rt: Runtime, batch_size: int) -> float:
     """Mean reconstruction MSE over ``indices`` at 224x224 (sharded across ranks, all-reduced), against the input as
     the encoder sees it (``ConvAutoencoder.target``)."""
     module.eval()
@@ -325,7 +326,7 @@ def evaluate_cae(module: nn.Module, data: ImageSet, indices: torch.Tensor, rt: R
     n = 0
     for x, _ in iterate_inputs(data, batches, augment=False):
         x = rt.inputs(x)
-        target = module.target(x).float() if hasattr(module, "target") else x
+        target = module.target(x).float()
         with rt.autocast():
             recon = module(x)
         total += F.mse_loss(recon.float(), target, reduction="sum").double() / x[0].numel()

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import logging
 import os
 import re
@@ -43,6 +42,7 @@ from typing import Any
 import torch
 
 from cxr_triage import CLASS_NAMES
+from cxr_triage.files import file_sha256
 from cxr_triage.ml.checkpoint import load_classifier, save_classifier
 from cxr_triage.ml.imaging import IMAGE_SIZE
 from cxr_triage.ml.model import CAEClassifier
@@ -93,14 +93,6 @@ def watch_parent() -> None:
                 os._exit(EXIT_PARENT_GONE)
 
     threading.Thread(target=watch, name="watch-parent", daemon=True).start()
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------- data
