@@ -158,6 +158,9 @@ class Instance(Base):
     """When the retention policy deleted the spool file (``[storage] spool_retention_days``); null while kept."""
     thumbnail_path: Mapped[str | None] = mapped_column(String(1024))
     """A 224x224 PNG of the classified pixels (the model's input), for the worklist; null without one."""
+    heatmap_path: Mapped[str | None] = mapped_column(String(1024))
+    """The Grad-CAM map of the predicted class at the encoder's grid (``cxr_triage.ml.heatmap.save_coarse``), for
+    the study page and the heatmap object; null when none was built."""
     identifiers: Mapped[dict[str, Any] | None]
     """The patient and order identifiers read from the header when the instance was processed, for the outputs
     that name the patient (``outputs.hl7report.recorded_identifiers``); null when the header could not be read."""

@@ -14,13 +14,18 @@ gradients; only the last max-pool and the head are differentiated, so the backwa
 from __future__ import annotations
 
 import copy
+import io
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cxr_triage.files import write_atomic
 from cxr_triage.ml.imaging import IMAGE_SIZE
 from cxr_triage.ml.model import CAEClassifier
 
@@ -111,3 +116,27 @@ def upsample(coarse: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     full = full.clamp_min(0)
     peak = full.max()
     return full / peak if peak > 0 else torch.zeros_like(full)
+
+
+def save_coarse(path: str | os.PathLike[str], coarse: torch.Tensor) -> Path:
+    """Store one (h, w) coarse map, scaled to [0, 1] by its maximum, as a float16 ``.npy`` file (written atomically).
+
+    This is what the worker keeps per classified instance (``instances.heatmap_path``): the map over the squashed
+    224x224 input, so stretching it over the radiograph's own rows and columns (``upsample``, or a browser scaling
+    it onto the displayed image) undoes the squash."""
+    if coarse.ndim != 2:
+        raise ValueError(f"expected an (h, w) map, got shape {tuple(coarse.shape)}")
+    scaled = coarse.detach().float().clamp_min(0).cpu()
+    peak = scaled.max()
+    scaled = scaled / peak if peak > 0 else torch.zeros_like(scaled)
+    buffer = io.BytesIO()
+    np.save(buffer, scaled.numpy().astype(np.float16), allow_pickle=False)
+    return write_atomic(path, buffer.getvalue())
+
+
+def load_coarse(path: str | os.PathLike[str]) -> np.ndarray:
+    """A map ``save_coarse`` stored: (h, w) float32 in [0, 1]."""
+    values = np.load(Path(path), allow_pickle=False)
+    if values.ndim != 2:
+        raise ValueError(f"{path}: expected an (h, w) map, got shape {values.shape}")
+    return values.astype(np.float32)

@@ -1,0 +1,22 @@
+"""DICOMweb outbox (issue 32): revision reserved so that parallel work keeps one chain.
+Its tables are added with the output.
+
+Revision ID: 0013
+Revises: 0012
+Create Date: 2026-12-08
+"""
+
+from __future__ import annotations
+
+revision = "0013"
+down_revision = "0012"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
