@@ -102,7 +102,22 @@ def _pretrain(p: argparse.ArgumentParser) -> None:
 
 def _finetune(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning (gradual unfreezing)")
-    g.add_argument("--encoder", default=None, help="encoder.pt from pretrain (omit: random encoder)")
+    g.add_argument(
+        "--encoder",
+        default=None,
+        help="encoder.pt from pretrain or the committed autoencoder artefact (omit: random encoder)",
+    )
+    g.add_argument(
+        "--init-classifier",
+        default=None,
+        help="committed classifier to continue (same model flags), with fresh Adam moments; --encoder is then "
+        "ignored; add --phase1-epochs 0 to continue in phase 2",
+    )
+    g.add_argument(
+        "--export-classifier",
+        default=None,
+        help="write the classifier with its whole history here whenever this run beats --init-classifier",
+    )
     for phase, epochs, lr, bs in ((1, 10, 1e-3, 16), (2, 20, 1e-4, 32)):
         what = "encoder frozen, head trained" if phase == 1 else "all layers trained"
         g.add_argument(f"--phase{phase}-epochs", type=int, default=epochs, help=f"phase {phase} ({what}) max epochs")

@@ -217,6 +217,42 @@ class Deadline:
 
 
 @dataclass
+class EpochProgress:
+    """How far an interrupted epoch got: the batches done and the running sums of this process.
+
+    Resuming skips those batches of the epoch's permutation (``epoch_batches`` draws the same one again for the
+    same seed and epoch) and starts the sums from here; augmentation draws differ after a resume. Under DDP the
+    sums are rank 0's, so a resumed epoch's training loss is that rank's share (its weights are exact)."""
+
+    batches: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EpochProgress:
+        return cls(**{k: data[k] for k in vars(cls()) if k in data})
+
+
+@dataclass
+class Within:
+    """Checkpoints inside an epoch (``training.loop.fit`` makes one per epoch): where to start, and ``save`` to
+    call with the progress at most every ``every`` seconds (``last`` is when the phase last saved)."""
+
+    start: EpochProgress | None = None
+    save: Callable[[EpochProgress], None] | None = None
+    every: float = math.inf
+    last: float = field(default_factory=time.monotonic)
+
+    def due(self) -> bool:
+        return self.save is not None and time.monotonic() - self.last >= self.every
+
+
+@dataclass
 class EpochStats:
     loss: float
     images: int
@@ -267,21 +303,28 @@ def _run_epoch(
     rt: Runtime,
     deadline: Deadline | None,
     desc: str,
+    within: Within | None = None,
     check_every: int = 20,
 ) -> EpochStats:
+    within = within or Within()
+    done = within.start or EpochProgress()
     _sync(rt)
-    t0 = time.perf_counter()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
-    correct = torch.zeros((), dtype=torch.int64, device=rt.device)
-    seen = 0
-    stopped = False
-    has_logits = False
+    t0 = time.perf_counter() - done.seconds
+    loss_sum = torch.full((), done.loss_sum, dtype=torch.float64, device=rt.device)
+    correct = torch.full((), done.correct, dtype=torch.int64, device=rt.device)
+    seen, stopped, has_logits = done.seen, False, done.correct > 0
     pbar = _progress(len(batches), rt, desc)
-    for i, idx in enumerate(batches):
-        if deadline is not None and i % check_every == 0 and i > 0 and rt.any(deadline.expired()):
-            stopped = True
-            break
-        x, y = inputs(idx)
+    pbar.update(done.batches)
+    for i in range(done.batches, len(batches)):
+        if i % check_every == 0 and i > done.batches:
+            if deadline is not None and rt.any(deadline.expired()):
+                stopped = True
+                break
+            if within.due() and rt.is_main:
+                assert within.save is not None
+                within.save(EpochProgress(i, loss_sum.item(), int(correct.item()), seen, time.perf_counter() - t0))
+                within.last = time.monotonic()
+        x, y = inputs(batches[i])
         loss, logits = step(x, y)
         loss_sum += loss.detach().double() * y.shape[0]
         if logits is not None:
@@ -348,12 +391,13 @@ def train_one_epoch(
     epoch: int,
     weights: torch.Tensor | None = None,
     deadline: Deadline | None = None,
+    within: Within | None = None,
 ) -> EpochStats:
     """One training epoch: the autoencoder (``reconstruction_loss``) or the classifier (``classification_loss``).
 
     ``inputs`` turns index batches into model inputs: augmented images (``image_inputs``), or cached encoder
     features (``FeatureBank.inputs``) for the head alone. ``weights`` (one per index) draws the epoch with
-    replacement in proportion to them.
+    replacement in proportion to them. ``within`` resumes an interrupted epoch and checkpoints inside it.
     """
     model.train()
     batches = epoch_batches(
@@ -377,7 +421,7 @@ def train_one_epoch(
         return loss, logits
 
     desc = "train cae" if criterion is reconstruction_loss else "train cls"
-    return _run_epoch(step, inputs, batches, rt, deadline, desc)
+    return _run_epoch(step, inputs, batches, rt, deadline, desc, within)
 
 
 class FeatureBank:

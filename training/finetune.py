@@ -23,6 +23,7 @@ from cxr_triage import CLASS_NAMES
 from cxr_triage.ml.checkpoint import ModelCard, save_classifier
 from cxr_triage.ml.model import CAEClassifier, ModelSpec
 from training import data as data_mod
+from training.classifier import ClassifierStretch
 from training.data import independence_weights
 from training.engine import (
     Deadline,
@@ -30,6 +31,7 @@ from training.engine import (
     FeatureBank,
     Inputs,
     Runtime,
+    Within,
     check_replicas_agree,
     cpu_state_dict,
     evaluate,
@@ -111,13 +113,14 @@ def run_finetune(
     state_path, model_path = out / "finetune_state.pt", out / "model.pt"
     seed_everything(args.seed, rt.rank)
     model = CAEClassifier(spec)
-    if args.encoder:
+    if args.encoder and not getattr(args, "init_classifier", None):
         load_encoder(model, args.encoder)
-    elif rt.is_main:
+    elif not getattr(args, "init_classifier", None) and rt.is_main:
         logger.warning("no --encoder: fine-tuning from a randomly initialised encoder (no CAE pretraining)")
     start_phase, progress, opt_state = 1, FitState(), None
     phase_seconds: dict[str, float] = {}
     phase_ips: dict[str, float] = {}
+    stretch = ClassifierStretch.start(args, rt, model)
     if args.resume and state_path.is_file():
         state = load_state(state_path)
         model.load_state_dict(state["model"])
@@ -125,9 +128,11 @@ def run_finetune(
         phase_seconds, phase_ips = dict(state["phase_seconds"]), dict(state["phase_images_per_second"])
         opt_state = state["optimizer"]
         set_rng_state(state["rng"])
+        stretch.restore(state.get("stretch"))
         logger.info("resuming fine-tuning at phase %d after epoch %d from %s", start_phase, progress.epoch, state_path)
     model = rt.prepare(model)
     run = _FinetuneRun(args, rt, data, model, spec, state_path, model_path, dict(provenance or {}))
+    run.stretch = stretch
     run.phase_seconds, run.phase_ips = phase_seconds, phase_ips
     progress = run.phases(start_phase, progress, opt_state, deadline)
     check_replicas_agree(model, rt, "finetune")
@@ -165,6 +170,7 @@ class _FinetuneRun:
             self.weights = independence_weights(data.labels[self.train_idx], data.sources[self.train_idx])
         self.phase_seconds: dict[str, float] = {}
         self.phase_ips: dict[str, float] = {}
+        self.stretch: ClassifierStretch | None = None
 
     def save_best(self, progress: FitState) -> None:
         best_model = CAEClassifier(self.spec)
@@ -178,6 +184,8 @@ class _FinetuneRun:
         }
         card = model_card(self.spec, prov, self.args.model_version)
         save_classifier(self.model_path, best_model, card, dtype=torch.float16)
+        if self.stretch is not None and self.stretch.export(progress.history, progress.best_score, best_model, card):
+            logger.info("classifier exported to %s (val loss %.4f)", self.args.export_classifier, progress.best_score)
 
     def phases(
         self, start_phase: int, progress: FitState, opt_state: dict[str, Any] | None, deadline: Deadline | None
@@ -187,6 +195,8 @@ class _FinetuneRun:
             if ph["phase"] < start_phase:
                 continue
             resumed = ph["phase"] == start_phase and opt_state is not None
+            if ph["epochs"] <= 0:  # e.g. --phase1-epochs 0 when continuing a classifier artefact in phase 2
+                continue
             if resumed and _phase_done(ph, progress):
                 continue
             if not resumed:  # a new phase: patience and epochs from zero, the best so far carried over
@@ -231,10 +241,10 @@ class _FinetuneRun:
         # phase 1's share is of the time left once its features exist, so that they are never computed in vain
         limit = deadline.sub(args.phase1_share * deadline.remaining()) if ph["phase"] == 1 and deadline else deadline
 
-        def train_epoch(epoch: int, until: Deadline | None) -> EpochStats:
+        def train_epoch(epoch: int, until: Deadline | None, within: Within) -> EpochStats:
             return train_one_epoch(
                 net, optimizer, train_inputs, self.train_idx, rt, batch_size=ph["batch_size"],
-                seed=args.seed + 1000 * ph["phase"], epoch=epoch, weights=self.weights, deadline=until,
+                seed=args.seed + 1000 * ph["phase"], epoch=epoch, weights=self.weights, deadline=until, within=within,
             )  # fmt: skip
 
         def validate() -> Validation:
@@ -246,7 +256,7 @@ class _FinetuneRun:
                 "model": cpu_state_dict(model), "optimizer": optimizer.state_dict(), "phase": ph["phase"],
                 **state_fields(state, "best_loss", "best_state"), "phase_seconds": self.phase_seconds,
                 "phase_images_per_second": self.phase_ips, "args": plain_args(args), "rng": rng_state(),
-                "spec": self.spec.to_dict(),
+                "spec": self.spec.to_dict(), "stretch": self.stretch.state() if self.stretch else None,
             })  # fmt: skip
 
         phase = Phase(key, ph["epochs"], ph["patience"], args.checkpoint_seconds, tags={"phase": ph["phase"]})

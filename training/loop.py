@@ -9,9 +9,10 @@ deadline) -> EpochStats`` and ``validate() -> Validation``. It owns everything a
   short inside, every 20 steps), and SIGTERM stops it the same way; decisions are all-reduced under DDP;
 - the best weights: ``snapshot()`` is taken at every improvement, and ``on_improve`` runs (fine-tuning writes its
   best model there, so a stopped run keeps it);
-- checkpoints: ``save(state)`` at most every ``checkpoint_seconds`` and at the end of the phase; ``state`` is a
-  ``FitState`` whose ``to_dict`` goes into the caller's state file, and ``fit(..., resume=FitState.from_dict(d))``
-  continues where it stopped (the optimizer and RNG are restored by the caller, who owns them).
+- checkpoints: ``save(state)`` at most every ``checkpoint_seconds``, inside an epoch too (``state.partial`` then
+  says how far the epoch got: ``engine.EpochProgress``), and at the end of the phase; ``state`` is a ``FitState``
+  whose ``to_dict`` goes into the caller's state file, and ``fit(..., resume=FitState.from_dict(d))`` continues
+  where it stopped, mid-epoch included (the optimizer and RNG are restored by the caller, who owns them).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from training.engine import Deadline, EpochStats, Runtime
+from training.engine import Deadline, EpochProgress, EpochStats, Runtime, Within
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class FitState:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     images: int = 0
+    partial: dict[str, Any] | None = None  # an interrupted epoch's EpochProgress; None between epochs
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -95,7 +97,7 @@ def _fits_another_epoch(deadline: Deadline | None, last_epoch_seconds: float, rt
 def fit(
     phase: Phase,
     rt: Runtime,
-    train_epoch: Callable[[int, Deadline | None], EpochStats],
+    train_epoch: Callable[[int, Deadline | None, Within], EpochStats],
     validate: Callable[[], Validation],
     snapshot: Callable[[], Any],
     save: Callable[[FitState], None],
@@ -116,7 +118,10 @@ def fit(
             logger.info("%s: stopping before epoch %d to stay within the time budget", phase.name, state.epoch + 1)
             break
         e0 = time.perf_counter()
-        stats = train_epoch(state.epoch, deadline)
+        within = _within(state, phase, save, last_save)
+        stats = train_epoch(state.epoch, deadline, within)
+        last_save = within.last
+        state.partial = None  # an epoch cut short by the budget or a signal counts as done, as before
         result = validate()
         state.epoch += 1
         last_epoch_seconds = time.perf_counter() - e0
@@ -147,6 +152,17 @@ def fit(
         save(state)
     complete = not diverged and (state.epoch >= phase.epochs or patience_hit)
     return FitResult(state=state, complete=complete, stopped_early=patience_hit)
+
+
+def _within(state: FitState, phase: Phase, save: Callable[[FitState], None], last_save: float) -> Within:
+    """Checkpoints inside the next epoch: resume it where ``state.partial`` says, save with the progress."""
+
+    def save_partial(progress: EpochProgress) -> None:
+        state.partial = progress.to_dict()
+        save(state)
+
+    start = EpochProgress.from_dict(state.partial) if state.partial else None
+    return Within(start=start, save=save_partial, every=phase.checkpoint_seconds, last=last_save)
 
 
 def _record_epoch(
@@ -204,6 +220,7 @@ def fit_state_from(state: dict[str, Any], score_key: str, best_key: str) -> FitS
         history=list(state["history"]),
         seconds=state.get("fit_seconds", 0.0),
         images=state.get("fit_images", 0),
+        partial=state.get("partial"),
     )
 
 
@@ -217,4 +234,5 @@ def state_fields(fit_state: FitState, score_key: str, best_key: str) -> dict[str
         "history": fit_state.history,
         "fit_seconds": fit_state.seconds,
         "fit_images": fit_state.images,
+        "partial": fit_state.partial,
     }

@@ -35,6 +35,7 @@ from training.engine import (
     Deadline,
     EpochStats,
     Runtime,
+    Within,
     check_replicas_agree,
     cpu_model_name,
     cpu_state_dict,
@@ -95,10 +96,11 @@ def run_pretrain(
     )
     t0 = time.perf_counter()
 
-    def train_epoch(epoch: int, limit: Deadline | None) -> EpochStats:
+    def train_epoch(epoch: int, limit: Deadline | None, within: Within) -> EpochStats:
         return train_one_epoch(
             net, optimizer, inputs, train_idx, rt, criterion=reconstruction_loss,
             batch_size=args.pretrain_batch_size, seed=args.seed + stretch.number, epoch=epoch, deadline=limit,
+            within=within,
         )  # fmt: skip
 
     def validate() -> Validation:

@@ -53,6 +53,7 @@ from training.engine import (
     EpochStats,
     FeatureBank,
     Runtime,
+    Within,
     cpu_state_dict,
     evaluate,
     image_inputs,
@@ -254,11 +255,11 @@ def fine_tune(
         module = rt.wrap(trained)
         optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
 
-        def train_epoch(epoch: int, until: Deadline | None, module=module, optimizer=optimizer, inputs=train_inputs,
-                        number=number) -> EpochStats:  # fmt: skip
+        def train_epoch(epoch: int, until: Deadline | None, within: Within, module=module, optimizer=optimizer,
+                        inputs=train_inputs, number=number) -> EpochStats:  # fmt: skip
             return train_one_epoch(
                 module, optimizer, inputs, train_idx, rt, batch_size=args.batch_size,
-                seed=args.seed + 1000 * number, epoch=epoch, deadline=until,
+                seed=args.seed + 1000 * number, epoch=epoch, deadline=until, within=within,
             )  # fmt: skip
 
         def validate(module=module, inputs=val_inputs) -> Validation:
