@@ -38,6 +38,7 @@ from cxr_triage.outputs.codes import (
     PROBABILITY_CODES,
 )
 from cxr_triage.outputs.hl7report import StudyReport
+from cxr_triage.outputs.sr import ALGORITHM_NAME, RESEARCH_USE_NOTICE
 
 if TYPE_CHECKING:
     from pydicom.sr.coding import Code
@@ -125,9 +126,12 @@ def _device(report: StudyReport, system: str) -> Any:
         identifier=[_identifier(system, report.model_version)],
         status="active",
         manufacturer=MANUFACTURER,
-        deviceName=[{"name": report.model_version, "type": "model-name"}],
+        deviceName=[
+            {"name": ALGORITHM_NAME, "type": "user-friendly-name"},
+            {"name": report.model_version, "type": "model-name"},
+        ],
         version=[{"value": report.model_version}],
-        note=[{"text": RESEARCH_NOTE}],
+        note=[{"text": RESEARCH_USE_NOTICE}],
     )
 
 
