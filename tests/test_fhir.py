@@ -197,6 +197,9 @@ def test_a_failed_send_is_retried_then_dead_lettered_and_forward_retry_resends(m
         assert main(["forward", "--json", "--config", str(config)]) == 0
         (listed,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         assert (listed["kind"], listed["state"], listed["attempts"], listed["destination"]) == ("fhir", "dead", 2, url)
+        assert main(["forward", "--config", str(config)]) == 0
+        (line,) = capsys.readouterr().out.splitlines()
+        assert f"\tfhir:{url}\tdead\tattempts=2 HTTP 500\t" in line
         assert main(["forward", "--retry", "--json", "--config", str(config)]) == 0
         (resent,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         assert (resent["kind"], resent["state"], resent["attempts"], resent["http_status"]) == ("fhir", "sent", 1, 200)
@@ -272,7 +275,7 @@ def test_https_is_verified_against_the_configured_ca_bundle(make_harness, tmp_pa
         assert len(store.of_type("DiagnosticReport")) == 1
 
 
-def test_status_and_metrics_count_the_fhir_outbox(make_harness) -> None:
+def test_status_and_metrics_count_the_fhir_outbox(make_harness, capsys) -> None:
     url = f"http://127.0.0.1:{free_port()}/fhir"
     harness = make_harness(fhir={**_config(url), "max_attempts": 1})
     harness.send([chest_dataset(seed=9)])
@@ -280,6 +283,9 @@ def test_status_and_metrics_count_the_fhir_outbox(make_harness) -> None:
     assert [r.state for r in _rows(harness)] == [db.FORWARD_DEAD]
     report = status.collect(harness.engine, harness.settings, 3600)
     assert report["outboxes"]["fhir"] == {"pending": 0, "sent": 0, "dead": 1}
+    config = write_config(harness.tmp / "cxr.toml", harness.config)
+    assert main(["status", "--config", str(config)]) == 1, "a dead report is a problem"
+    assert "fhir: 0 pending, 0 sent, 1 dead" in capsys.readouterr().out.splitlines()
     assert any("1 FHIR reports dead-lettered" in p and "forward --retry" in p for p in report["problems"])
     web = TestClient(create_app(harness.settings, harness.engine), base_url="http://ops.test")
     response = web.get("/metrics")
