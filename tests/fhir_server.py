@@ -4,7 +4,7 @@ makes): it takes transaction Bundles at its base URL, validates every Bundle and
 conditional update (none found: created, one: updated in place with a new version, more: 412), rewriting the
 Bundle's ``urn:uuid:`` references to the ids it gave and refusing one that resolves nowhere. It records each
 request, checks the ``Authorization`` header it was told to expect (401 otherwise) and can be told to answer the
-next requests with an error status first.
+next requests with an error status (or a redirect to itself) first.
 
 No FHIR server that runs offline here installs from PyPI, npm or Debian (docs/FHIR.md says what was looked at), so
 this one stands in for it: what it checks is what a server would refuse.
@@ -134,6 +134,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, status: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
+        if 300 <= status < 400:  # a redirect: to this same server's base URL, which a client must not follow
+            self.send_header("Location", f"http://127.0.0.1:{self.server.server_address[1]}/fhir")
         self.send_header("Content-Type", "application/fhir+json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()

@@ -217,6 +217,30 @@ def test_an_unreachable_server_is_retried_with_the_reason(make_harness) -> None:
     assert "refused" in row.last_error.lower() and url in row.last_error
 
 
+def test_a_redirect_is_not_followed_and_says_where_it_pointed(make_harness) -> None:
+    with fhir_server(FHIRStore(failures=[307])) as (url, store):
+        harness = make_harness(fhir=_config(url))
+        harness.send([chest_dataset(seed=10)])
+        harness.work()
+        (row,) = _rows(harness)
+        assert (row.state, row.http_status) == (db.FORWARD_PENDING, 307)
+        assert f"redirected to {url}" in row.last_error
+        assert len(store.received) == 1 and store.of_type("DiagnosticReport") == [], "not resent to the new place"
+
+
+def test_a_study_without_patient_id_is_dead_with_the_reason_and_not_resent(make_harness, capsys) -> None:
+    with fhir_server() as (url, store):
+        harness = make_harness(fhir=_config(url))
+        config = write_config(harness.tmp / "cxr.toml", harness.config)
+        harness.send([chest_dataset(seed=11, PatientID="")])
+        harness.work()
+        (row,) = _rows(harness)
+        assert row.state == db.FORWARD_DEAD and row.bundle is None and "no Patient ID" in row.last_error
+        assert main(["forward", "--retry", "--config", str(config)]) == 1
+        assert "FHIR report(s) could not be built" in capsys.readouterr().err
+        assert _rows(harness)[0].state == db.FORWARD_DEAD and store.received == []
+
+
 def test_a_bearer_token_from_the_environment_and_a_password_from_a_file_are_sent_and_never_logged(
     make_harness, monkeypatch, tmp_path: Path, caplog
 ) -> None:

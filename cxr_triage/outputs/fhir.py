@@ -55,7 +55,20 @@ CONTENT_TYPE = "application/fhir+json"
 
 
 class FHIRError(RuntimeError):
-    """A Bundle was not accepted, or could not be sent; the message says why (never a secret)."""
+    """A Bundle was not accepted, or could not be sent; the message says why (never a secret), ``status`` the HTTP
+    status of the answer (None when none came)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are refused, not followed: urllib would resend the Authorization header to wherever a redirect
+    points and turn the POST into a GET; a moved server is a configuration change."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        return None
 
 
 def _secret(variable: str, file: str, what: str) -> str:
@@ -100,35 +113,37 @@ def _failed_entries(answer: bytes) -> list[str]:
         bundle = json.loads(answer or b"{}")
     except ValueError as exc:
         raise FHIRError(f"the answer is not JSON: {answer[:ERROR_BODY_CHARS]!r}") from exc
-    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+    if not isinstance(bundle, dict) or (bundle.get("resourceType"), bundle.get("type")) != (
+        "Bundle",
+        "transaction-response",
+    ):
         raise FHIRError(f"the answer is not a transaction-response Bundle: {answer[:ERROR_BODY_CHARS]!r}")
     statuses = [str((entry.get("response") or {}).get("status", "")) for entry in bundle.get("entry") or ()]
     return [f"entry {index}: {status or 'no status'}" for index, status in enumerate(statuses) if status[:1] != "2"]
 
 
 def send_bundle(destination: FHIRDestination, bundle: str, timeout: float) -> tuple[int, str]:
-    """POST ``bundle`` to ``destination``'s base URL: (HTTP status, what the server said). Raises FHIRError (with
-    the status when one came, as ``.status``)."""
+    """POST ``bundle`` to ``destination``'s base URL: (HTTP status, what the server said). Raises FHIRError."""
     headers = {"Content-Type": CONTENT_TYPE, "Accept": CONTENT_TYPE}
     if header := authorization(destination):
         headers["Authorization"] = header
     request = urllib.request.Request(destination.url, data=bundle.encode("utf-8"), method="POST", headers=headers)
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=tls_context(destination)), _NoRedirect)
     try:
-        with urllib.request.urlopen(request, timeout=timeout, context=tls_context(destination)) as response:
+        with opener.open(request, timeout=timeout) as response:
             status, answer = int(response.status), bytes(response.read())
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode("utf-8", errors="replace")[:ERROR_BODY_CHARS]
-        error = FHIRError(f"HTTP {exc.code} from {destination}: {detail}")
-        error.status = exc.code  # type: ignore[attr-defined]
-        raise error from exc
+        moved = f" (redirected to {exc.headers.get('Location')}: set that URL)" if 300 <= exc.code < 400 else ""
+        raise FHIRError(f"HTTP {exc.code} from {destination}{moved}: {detail}", exc.code) from exc
     except urllib.error.URLError as exc:
         raise FHIRError(f"{destination}: {exc.reason}") from exc
     except (TimeoutError, OSError) as exc:
         raise FHIRError(f"{destination}: {exc or type(exc).__name__}") from exc
     if failed := _failed_entries(answer):
-        error = FHIRError(f"HTTP {status} from {destination}, but not every update succeeded: {'; '.join(failed)}")
-        error.status = status  # type: ignore[attr-defined]
-        raise error
+        raise FHIRError(
+            f"HTTP {status} from {destination}, but not every update succeeded: {'; '.join(failed)}", status
+        )
     return status, f"accepted (HTTP {status})"
 
 
@@ -194,7 +209,7 @@ def _attempt(settings: FHIRSettings, name: str, bundle: str) -> tuple[bool, int 
     try:
         status, detail = send_bundle(destination, bundle, settings.timeout)
     except FHIRError as exc:
-        return False, getattr(exc, "status", None), str(exc)
+        return False, exc.status, str(exc)
     except (ValueError, ssl.SSLError) as exc:
         return False, None, f"{name}: {type(exc).__name__}: {exc}"
     return True, status, detail
