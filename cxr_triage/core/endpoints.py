@@ -1,8 +1,10 @@
 """The endpoints that the configuration names, as values checked at construction: a DICOM destination
-(``[forward] destinations``), an MLLP receiver and the codes of HL7 messages (``[hl7]``), an Orthanc REST API.
+(``[forward] destinations``), an MLLP receiver and the codes of HL7 messages (``[hl7]``), an Orthanc REST API, a
+FHIR server (``[fhir] destinations``: its base URL, where its secrets are read from, its CA bundle).
 
 They stand here, below both ``cxr_triage.core.settings`` (which parses the configuration into them) and the
-outputs that use them (``cxr_triage.dicom.scu``, ``cxr_triage.outputs.hl7``, ``cxr_triage.outputs.orthanc``), so
+outputs that use them (``cxr_triage.dicom.scu``, ``cxr_triage.outputs.hl7``, ``cxr_triage.outputs.orthanc``,
+``cxr_triage.outputs.fhir``), so
 that loading the configuration imports no output. Nothing here opens a connection: ``client_tls_context`` builds
 the TLS context that a destination with ``tls`` is reached with.
 """

@@ -1,4 +1,5 @@
-"""The life of an outgoing row (an SR forward, an HL7 message, an Orthanc metadata update): pending -> sent | dead.
+"""The life of an outgoing row (an SR forward, an HL7 message, an Orthanc metadata update, a FHIR report): pending
+-> sent | dead.
 
 Every kind is sent by the housekeeping the same way: ``claim_due`` takes the due pending rows (SKIP LOCKED) and
 leases them by pushing their ``next_attempt_at`` past the time a send may take, so two processes never send the
@@ -9,9 +10,9 @@ to the dead-letter state ``dead`` with its last error. ``requeue_dead`` (``cxr-t
 rows back to pending with a fresh attempt budget.
 
 Every row is made by ``new_row`` (pending and due now, or dead with why when its payload could not be built), in
-the transaction of what it reports on. A study's HL7 message or Orthanc update that a newer one replaces before it
-was sent is ``superseded`` (``supersede``): it is never sent, so a stale result cannot arrive after the corrected
-one.
+the transaction of what it reports on. A study's HL7 message, Orthanc update or FHIR report that a newer one
+replaces before it was sent is ``superseded`` (``supersede``): it is never sent, so a stale result cannot arrive
+after the corrected one.
 """
 
 from __future__ import annotations

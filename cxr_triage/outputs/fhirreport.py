@@ -135,7 +135,7 @@ def _device(report: StudyReport, system: str) -> Any:
     )
 
 
-def _observation(report: StudyReport, common: dict[str, Any], identifier: dict[str, str], **values: Any) -> Any:
+def _observation(common: dict[str, Any], identifier: dict[str, str], **values: Any) -> Any:
     from fhir.resources.R4B.observation import Observation
 
     return Observation(
@@ -145,6 +145,17 @@ def _observation(report: StudyReport, common: dict[str, Any], identifier: dict[s
         **common,
         **values,
     )
+
+
+def _probability_values(name: str, probability: float) -> dict[str, Any]:
+    """A probability Observation's code and value: the SR's concept of the class, the probability in % (UCUM)."""
+    quantity = {
+        "value": round(100 * float(probability), 2),
+        "unit": "%",
+        "system": SYSTEMS["UCUM"],
+        "code": PERCENT.value,
+    }
+    return {"code": concept(PROBABILITY_CODES[name]), "valueQuantity": quantity}
 
 
 def _finding_values(report: StudyReport) -> dict[str, Any]:
@@ -188,7 +199,6 @@ def _accession(report: StudyReport) -> dict[str, Any]:
 def build_bundle(report: StudyReport, settings: FHIRSettings, issued: dt.datetime) -> Any:
     """The transaction Bundle of ``report`` (a ``fhir.resources`` model, validated as it is built). A value FHIR
     cannot carry raises ValueError (pydantic's ValidationError is one)."""
-    # 50 lines: the resources in the order the server must apply them (the Device before what points at it).
     from fhir.resources.R4B.bundle import Bundle
     from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 
@@ -210,13 +220,9 @@ def build_bundle(report: StudyReport, settings: FHIRSettings, issued: dt.datetim
         entries.append(("Device", report.model_version, _device(report, system)))
         common["device"] = {"reference": _full_url("Device", system, report.model_version)}
     for name in CLASS_NAMES if report.probabilities else ():
-        percent = round(100 * float(report.probabilities[name]), 2)  # type: ignore[index]
-        quantity = {"value": percent, "unit": "%", "system": SYSTEMS["UCUM"], "code": PERCENT.value}
-        values = {"code": concept(PROBABILITY_CODES[name]), "valueQuantity": quantity}
-        entries.append(
-            ("Observation", ids[name], _observation(report, common, _identifier(system, ids[name]), **values))
-        )
-    finding = _observation(report, common, _identifier(system, ids["finding"]), **_finding_values(report))
+        values = _probability_values(name, report.probabilities[name])  # type: ignore[index]
+        entries.append(("Observation", ids[name], _observation(common, _identifier(system, ids[name]), **values)))
+    finding = _observation(common, _identifier(system, ids["finding"]), **_finding_values(report))
     entries.append(("Observation", ids["finding"], finding))
     results = [{"reference": _full_url(kind, system, value)} for kind, value, _ in entries if kind == "Observation"]
     diagnostic = DiagnosticReport(
