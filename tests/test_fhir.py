@@ -19,7 +19,7 @@ from conftest import chest_dataset, config_values, free_port, write_config
 from fastapi.testclient import TestClient
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
-from fhir_server import FHIRStore, fhir_server, make_ca_and_server_certificate
+from fhir_server import FHIRStore, apply_transaction, fhir_server, make_ca_and_server_certificate
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
@@ -348,3 +348,26 @@ def test_an_unreadable_secret_or_ca_file_stops_the_start_up(tmp_path: Path) -> N
         with pytest.raises(ConfigError) as raised:
             fhir.check_settings(settings)
         assert message in str(raised.value)
+
+
+def test_the_test_server_refuses_what_a_fhir_server_would() -> None:
+    """The checks the other tests rely on: an invalid resource, a dangling reference and a second match are refused."""
+    good = json.loads(fhirreport.bundle_json(_report(), FHIRSettings(), dt.datetime.now(dt.UTC)))
+    store = FHIRStore()
+    assert apply_transaction(store, good)[0] == 200 and len(store.of_type("Observation")) == 4
+
+    bad_value = json.loads(json.dumps(good))
+    bad_value["entry"][1]["resource"]["valueQuantity"]["value"] = "eighty"
+    with pytest.raises(ValueError):
+        apply_transaction(FHIRStore(), bad_value)
+    unknown = json.loads(json.dumps(good))
+    unknown["entry"][1]["resource"]["probability"] = 0.8
+    with pytest.raises(ValueError):
+        apply_transaction(FHIRStore(), unknown)
+    dangling = json.loads(json.dumps(good))
+    dangling["entry"][-1]["resource"]["result"].append({"reference": "urn:uuid:00000000-0000-0000-0000-000000000000"})
+    status_code, outcome = apply_transaction(FHIRStore(), dangling)
+    assert status_code == 400 and "resolve to nothing" in outcome["issue"][0]["diagnostics"]
+    report = store.of_type("DiagnosticReport")[0]
+    store.resources["DiagnosticReport"]["copy"] = {**report, "id": "copy"}
+    assert apply_transaction(store, good)[0] == 412
