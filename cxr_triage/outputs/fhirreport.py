@@ -38,7 +38,6 @@ from cxr_triage.outputs.codes import (
     PROBABILITY_CODES,
 )
 from cxr_triage.outputs.hl7report import StudyReport
-from cxr_triage.outputs.sr import ALGORITHM_NAME, RESEARCH_USE_NOTICE
 
 if TYPE_CHECKING:
     from pydicom.sr.coding import Code
@@ -121,6 +120,8 @@ def _subject(report: StudyReport, settings: FHIRSettings) -> dict[str, Any]:
 
 def _device(report: StudyReport, system: str) -> Any:
     from fhir.resources.R4B.device import Device
+
+    from cxr_triage.outputs.sr import ALGORITHM_NAME, RESEARCH_USE_NOTICE  # here: highdicom is slow to import
 
     return Device(
         identifier=[_identifier(system, report.model_version)],
