@@ -217,6 +217,20 @@ def test_an_unreachable_server_is_retried_with_the_reason(make_harness) -> None:
     assert "refused" in row.last_error.lower() and url in row.last_error
 
 
+def test_an_answer_that_is_not_a_transaction_response_is_a_failure(make_harness) -> None:
+    with fhir_server(FHIRStore(failures=[200])) as (url, store):  # 200 with an OperationOutcome
+        harness = make_harness(fhir={**_config(url), "backoff_seconds": 1})
+        harness.send([chest_dataset(seed=12)])
+        harness.work()
+        (row,) = _rows(harness)
+        assert (row.state, row.http_status) == (db.FORWARD_PENDING, 200)
+        assert "not a transaction-response Bundle" in row.last_error
+        later = db.utcnow() + dt.timedelta(seconds=2)
+        (outcome,) = fhir.process_due(harness.sessions, harness.settings.fhir, now=later)
+        assert (outcome.state, outcome.attempts) == (db.FORWARD_SENT, 2)
+        assert len(store.of_type("DiagnosticReport")) == 1
+
+
 def test_a_redirect_is_not_followed_and_says_where_it_pointed(make_harness) -> None:
     with fhir_server(FHIRStore(failures=[307])) as (url, store):
         harness = make_harness(fhir=_config(url))

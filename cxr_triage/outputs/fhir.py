@@ -140,7 +140,11 @@ def send_bundle(destination: FHIRDestination, bundle: str, timeout: float) -> tu
         raise FHIRError(f"{destination}: {exc.reason}") from exc
     except (TimeoutError, OSError) as exc:
         raise FHIRError(f"{destination}: {exc or type(exc).__name__}") from exc
-    if failed := _failed_entries(answer):
+    try:
+        failed = _failed_entries(answer)
+    except FHIRError as exc:
+        raise FHIRError(f"HTTP {status} from {destination}: {exc}", status) from exc
+    if failed:
         raise FHIRError(
             f"HTTP {status} from {destination}, but not every update succeeded: {'; '.join(failed)}", status
         )
