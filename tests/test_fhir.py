@@ -1,9 +1,10 @@
 """FHIR R4 out: each finished study's DiagnosticReport, Observations and Device as a transaction of conditional
 updates, received by the test FHIR server (``fhir_server``: every body validated with ``fhir.resources``, the
 updates applied by identifier, references resolved); the codes and identifiers, a re-aggregated study updating the
-same resources, retries and the dead letter with ``cxr-triage forward --retry``, a bearer token from the environment
-and basic credentials from a file (never logged), HTTPS with the site's CA bundle, ``status`` and ``/metrics``, and
-the ``[fhir]`` configuration's errors."""
+same resources, retries and the dead letter with ``cxr-triage forward --retry``, answers that are failures (an error
+status, a redirect, a body that is not a transaction-response, no server), a bearer token from the environment and
+basic credentials from a file (never logged), HTTPS with the site's CA bundle, ``status`` and ``/metrics``, the
+``[fhir]`` configuration's errors, and that the test server refuses what a FHIR server would."""
 
 from __future__ import annotations
 
