@@ -80,8 +80,9 @@ over the gate's threshold the image is refused as atypical); null with --no-gate
 typicality=SCORE. Exit 0 when every input got a line; 2 when it cannot run (no model, a path that does not exist).""",
     "forward": """\
 List every Structured Report sent (or to be sent) to the [forward] destinations, every HL7 ORU^R01 message to
-the [hl7] destinations and every Orthanc metadata update, with its state (pending, sent, dead, superseded) and
-the last error. --retry puts dead ones back and sends everything pending now; exit 1 if any still failed.""",
+the [hl7] destinations, every Orthanc metadata update and every FHIR report to the [fhir] destinations, with its
+state (pending, sent, dead, superseded) and the last error. --retry puts dead ones back and sends everything
+pending now; exit 1 if any still failed.""",
     "worker": """\
 Run one worker without a listener: it takes received images from the shared database, classifies them and
 records the results. For more hosts sharing one PostgreSQL database with a `serve` elsewhere.""",

@@ -1,5 +1,6 @@
-"""``cxr-triage forward``: list what goes out (SRs to the PACS, HL7 messages to the RIS, Orthanc metadata) and
-its state, or (``--retry``) put the dead rows of all three back to pending and send every pending row now.
+"""``cxr-triage forward``: list what goes out (SRs to the PACS, HL7 messages to the RIS, Orthanc metadata, FHIR
+reports) and its state, or (``--retry``) put the dead rows of every output back to pending and send every pending
+row now.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--retry",
         action="store_true",
-        help="put dead SR forwards, HL7 messages and Orthanc updates back to pending and send all now",
+        help="put dead SR forwards, HL7 messages, Orthanc updates and FHIR reports back to pending and send all now",
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
 
@@ -50,6 +51,7 @@ def _print(records: list[dict[str, Any]], as_json: bool, empty: str = "") -> Non
         else:
             uid, destination = record["study_instance_uid"], f"{record['kind']}:{record['destination']}"
             answer = f" {record['ack']}" if record.get("ack") else ""
+            answer += f" HTTP {record['http_status']}" if record.get("http_status") else ""
         detail = f"\t{record['detail']}" if record.get("detail") else ""
         print(f"{uid}\t{destination}\t{record['state']}\tattempts={record['attempts']}{answer}{detail}")
 

@@ -39,6 +39,10 @@ def format_text(status: Mapping[str, Any]) -> str:
         + f", {counts['processing']} processing, {counts['done']} classified, {counts['refused']} refused, "
         f"{counts['failed']} failed ({status['failed_last_24h']} in the last 24 h)",
         f"forwards: {forwards['pending']} pending, {forwards['sent']} sent, {forwards['dead']} dead",
+        *(
+            f"{kind}: {counts['pending']} pending, {counts['sent']} sent, {counts['dead']} dead"
+            for kind, counts in status.get("outboxes", {}).items()
+        ),
         f"spool: {spool_info['path']}, {spool_info['free_mb']} MiB free (reserve {spool_info['reserve_mb']:g} MiB)",
         f"model: {model['path']}"
         + ("" if model["present"] else " (missing)")

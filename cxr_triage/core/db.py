@@ -292,6 +292,19 @@ class OrthancMetadata(_StudyDelivery, Base):
     values: Mapped[dict[str, Any]]  # metadata name -> value
 
 
+class FHIRReport(_StudyDelivery, Base):
+    """A finished study's FHIR R4 transaction Bundle (DiagnosticReport, Observations, Device) for one ``[fhir]
+    destinations`` entry (``cxr_triage.outputs.fhir``); ``destination`` is its base URL. ``bundle`` is the JSON sent
+    as it is on every attempt; null when it could not be built (the row is dead then, ``last_error`` says why)."""
+
+    __tablename__ = "fhir_reports"
+    __table_args__ = (Index("ix_fhir_reports_state_next", "state", "next_attempt_at"),)
+
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    bundle: Mapped[str | None] = mapped_column(Text)
+    http_status: Mapped[int | None] = mapped_column(Integer)  # of the last answer; None when none came
+
+
 class ModelVersion(Base):
     """One classifier file (by sha256) in the model registry (``cxr_triage.ml.registry``): where it came from, how it
     scored on the fixed evaluation set, and its state (candidate, champion, retired; one champion at most)."""

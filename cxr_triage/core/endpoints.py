@@ -1,8 +1,10 @@
 """The endpoints that the configuration names, as values checked at construction: a DICOM destination
-(``[forward] destinations``), an MLLP receiver and the codes of HL7 messages (``[hl7]``), an Orthanc REST API.
+(``[forward] destinations``), an MLLP receiver and the codes of HL7 messages (``[hl7]``), an Orthanc REST API, a
+FHIR server (``[fhir] destinations``: its base URL, where its secrets are read from, its CA bundle).
 
 They stand here, below both ``cxr_triage.core.settings`` (which parses the configuration into them) and the
-outputs that use them (``cxr_triage.dicom.scu``, ``cxr_triage.outputs.hl7``, ``cxr_triage.outputs.orthanc``), so
+outputs that use them (``cxr_triage.dicom.scu``, ``cxr_triage.outputs.hl7``, ``cxr_triage.outputs.orthanc``,
+``cxr_triage.outputs.fhir``), so
 that loading the configuration imports no output. Nothing here opens a connection: ``client_tls_context`` builds
 the TLS context that a destination with ``tls`` is reached with.
 """
@@ -190,3 +192,61 @@ class OrthancEndpoint:
         object.__setattr__(self, "url", url)
         if bool(self.username) != bool(self.password):
             raise ValueError("orthanc_username and orthanc_password go together (HTTP basic authentication)")
+
+
+FHIR_DESTINATION_KEYS = frozenset(
+    {"url", "bearer_token_env", "bearer_token_file", "username", "password_env", "password_file", "tls_ca_file"}
+)
+"""The keys of an ``[fhir] destinations`` entry."""
+
+
+@dataclass(frozen=True)
+class FHIRDestination:
+    """A FHIR R4 server's base URL and how to authenticate to it: a bearer token, or a user name and password for
+    HTTP basic authentication, each secret read from an environment variable or a file (never from the
+    configuration itself), and a PEM CA bundle for its TLS certificate. Only the names of the variables and files
+    are held here: the secrets are read when a report is sent (``cxr_triage.outputs.fhir``)."""
+
+    url: str
+    bearer_token_env: str = ""
+    bearer_token_file: str = ""
+    username: str = ""
+    password_env: str = ""
+    password_file: str = ""
+    tls_ca_file: str = ""
+
+    def __post_init__(self) -> None:
+        for name in FHIR_DESTINATION_KEYS:
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string")
+        url = self.url.strip().rstrip("/")
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.query or parsed.fragment:
+            raise ValueError(f"url = {self.url!r}: expected the server's base URL, http(s)://host[:port]/path")
+        if parsed.username or parsed.password:
+            raise ValueError("url must not hold credentials: use username and password_env / password_file")
+        object.__setattr__(self, "url", url)
+        bearer = bool(self.bearer_token_env or self.bearer_token_file)
+        basic = bool(self.username or self.password_env or self.password_file)
+        if self.bearer_token_env and self.bearer_token_file:
+            raise ValueError("bearer_token_env and bearer_token_file: name one source of the token")
+        if self.password_env and self.password_file:
+            raise ValueError("password_env and password_file: name one source of the password")
+        if bearer and basic:
+            raise ValueError("a bearer token and basic authentication: choose one")
+        if basic and not (self.username and (self.password_env or self.password_file)):
+            raise ValueError("basic authentication needs username and password_env or password_file")
+
+    @classmethod
+    def from_mapping(cls, mapping: object) -> FHIRDestination:
+        """An ``[fhir] destinations`` entry ``{ url }`` (+ authentication and ``tls_ca_file``)."""
+        if not isinstance(mapping, Mapping):
+            raise ValueError(f"a destination must be a table {{url, ...}}, got {mapping!r}")
+        missing, unknown = sorted({"url"} - set(mapping)), sorted(set(mapping) - FHIR_DESTINATION_KEYS)
+        if missing or unknown:
+            raise ValueError(f"missing keys {missing}, unknown keys {unknown} (known: {sorted(FHIR_DESTINATION_KEYS)})")
+        return cls(**{str(k): v for k, v in mapping.items()})  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        """How a row names its destination: the base URL (it holds no credentials)."""
+        return self.url

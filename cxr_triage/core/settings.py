@@ -31,6 +31,7 @@ from cxr_triage.core.endpoints import (
     client_tls_context,
     validate_ae_title,
 )
+from cxr_triage.core.fhirsettings import FHIRSettings
 
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -537,6 +538,7 @@ class Settings:
     heatmap: HeatmapSettings = field(default_factory=HeatmapSettings)
     forward: ForwardSettings = field(default_factory=ForwardSettings)
     hl7: HL7Settings = field(default_factory=HL7Settings)
+    fhir: FHIRSettings = field(default_factory=FHIRSettings)
     web: WebSettings = field(default_factory=WebSettings)
     retrain: RetrainSettings = field(default_factory=RetrainSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
@@ -562,6 +564,7 @@ class Settings:
             heatmap=_from_table(HeatmapSettings, "heatmap", values.get("heatmap", {})),
             forward=ForwardSettings.from_table(values["forward"]),
             hl7=HL7Settings.from_table(values.get("hl7", {})),
+            fhir=FHIRSettings.from_table(values.get("fhir", {})),
             web=_from_table(WebSettings, "web", values["web"]),
             retrain=_from_table(RetrainSettings, "retrain", values.get("retrain", {})),
             logging=_from_table(LoggingSettings, "logging", values["logging"]),

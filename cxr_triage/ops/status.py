@@ -2,8 +2,9 @@
 
 Reads the database and the spool (never loads torch or the model): instances by state and the age of the oldest
 queued one, jobs whose worker vanished (lease expired), failures of the last 24 hours, SR forwards by state, the
-spool's free space against its reserve, the model configured and the champion the workers run, and retraining
-(the schedule, which process runs it, the last run with its outcome and reason, a run in progress with its step).
+other outputs' outboxes by state (every output of ``cxr_triage.outputs.registry``), the spool's free space against
+its reserve, the model configured and the champion the workers run, and retraining (the schedule, which process
+runs it, the last run with its outcome and reason, a run in progress with its step).
 Each condition that needs someone's attention is listed as a problem, with what to do.
 
 Exit status, as monitoring plugins expect: 0 nothing needs attention, 1 at least one problem, 2 the status cannot
@@ -22,6 +23,7 @@ from sqlalchemy import Engine, func, select
 from cxr_triage import BUNDLED_MODEL
 from cxr_triage.core import db
 from cxr_triage.core.settings import Settings
+from cxr_triage.outputs.registry import OUTPUTS
 from cxr_triage.queue import spool
 from cxr_triage.retrain import runs
 
@@ -69,6 +71,30 @@ def read_counts(engine: Engine, now: dt.datetime) -> DatabaseCounts:
             select(db.PredictionRecord.precision).order_by(db.PredictionRecord.id.desc()).limit(1)
         )
     return DatabaseCounts(by_state, oldest_queued, expired, recent_failures, forwards, champion, last_precision)
+
+
+def _outboxes(engine: Engine) -> dict[str, dict[str, int]]:
+    """The rows of every output but the SR forwards (``forwards``) by state: pending, sent, dead."""
+    shown = (db.FORWARD_PENDING, db.FORWARD_SENT, db.FORWARD_DEAD)
+    outboxes = {}
+    with db.read_session(engine) as session:
+        for output in OUTPUTS:
+            if output.table is db.Forward:
+                continue
+            table = output.table
+            counts = dict(session.execute(select(table.state, func.count()).group_by(table.state)).all())
+            outboxes[output.kind] = {state: int(counts.get(state, 0)) for state in shown}
+    return outboxes
+
+
+def _outbox_problems(outboxes: dict[str, dict[str, int]]) -> list[str]:
+    nouns = {output.kind: output.noun for output in OUTPUTS}
+    return [
+        f"{counts[db.FORWARD_DEAD]} {nouns[kind]} dead-lettered: `cxr-triage forward` says why; fix the destination, "
+        "then `cxr-triage forward --retry`"
+        for kind, counts in outboxes.items()
+        if counts[db.FORWARD_DEAD]
+    ]
 
 
 def _problems(
@@ -132,6 +158,8 @@ def collect(engine: Engine, settings: Settings, max_queue_age: float, now: dt.da
     with db.read_session(engine) as session:
         retrain = runs.status(session, settings, now)
     problems += runs.status_problems(retrain)
+    outboxes = _outboxes(engine)
+    problems += _outbox_problems(outboxes)
     by_state, forwards, champion = counts.by_state, counts.forwards, counts.champion
     return {
         "instances": {state: int(by_state.get(state, 0)) for state in (db.QUEUED, db.PROCESSING, *db.TERMINAL_STATES)},
@@ -141,6 +169,7 @@ def collect(engine: Engine, settings: Settings, max_queue_age: float, now: dt.da
         "forwards": {
             state: int(forwards.get(state, 0)) for state in (db.FORWARD_PENDING, db.FORWARD_SENT, db.FORWARD_DEAD)
         },
+        "outboxes": outboxes,
         "spool": {"path": str(Path(storage.spool_dir).resolve()), "free_mb": round(free), "reserve_mb": reserve},
         "model": {
             "path": str(model_path),

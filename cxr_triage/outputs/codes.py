@@ -71,6 +71,10 @@ Pixelmed validates against; docs/SR.md says why not a more specific code.
 """
 
 
+CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
+"""What the FHIR DiagnosticReport reports on (its ``code``); also ``[hl7] procedure_code``'s default."""
+
+
 def private_coding_scheme_identification() -> Dataset:
     """Return the Coding Scheme Identification Sequence item that declares the private ``99CXRT`` scheme."""
     item = Dataset()

@@ -1,4 +1,5 @@
-"""The life of an outgoing row (an SR forward, an HL7 message, an Orthanc metadata update): pending -> sent | dead.
+"""The life of an outgoing row (an SR forward, an HL7 message, an Orthanc metadata update, a FHIR report): pending
+-> sent | dead.
 
 Every kind is sent by the housekeeping the same way: ``claim_due`` takes the due pending rows (SKIP LOCKED) and
 leases them by pushing their ``next_attempt_at`` past the time a send may take, so two processes never send the
@@ -9,9 +10,9 @@ to the dead-letter state ``dead`` with its last error. ``requeue_dead`` (``cxr-t
 rows back to pending with a fresh attempt budget.
 
 Every row is made by ``new_row`` (pending and due now, or dead with why when its payload could not be built), in
-the transaction of what it reports on. A study's HL7 message or Orthanc update that a newer one replaces before it
-was sent is ``superseded`` (``supersede``): it is never sent, so a stale result cannot arrive after the corrected
-one.
+the transaction of what it reports on. A study's HL7 message, Orthanc update or FHIR report that a newer one
+replaces before it was sent is ``superseded`` (``supersede``): it is never sent, so a stale result cannot arrive
+after the corrected one.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cxr_triage.core import db
 
-Outgoing: TypeAlias = db.Forward | db.HL7Message | db.OrthancMetadata
+Outgoing: TypeAlias = db.Forward | db.HL7Message | db.OrthancMetadata | db.FHIRReport
 """A row that is sent with retries."""
-_Row = TypeVar("_Row", db.Forward, db.HL7Message, db.OrthancMetadata)
-StudyOutgoing: TypeAlias = type[db.HL7Message] | type[db.OrthancMetadata]
+_Row = TypeVar("_Row", db.Forward, db.HL7Message, db.OrthancMetadata, db.FHIRReport)
+StudyOutgoing: TypeAlias = type[db.HL7Message] | type[db.OrthancMetadata] | type[db.FHIRReport]
 """A kind of row that carries a study's result to one destination."""
 
 
@@ -123,11 +124,13 @@ def count_attempt(row: Outgoing, ok: bool, detail: str, policy: RetryPolicy, fin
 
 
 def requeue_dead(sessions: sessionmaker[Session], model: type[Outgoing], now: dt.datetime) -> int:
-    """Dead rows of ``model`` back to pending with a fresh attempt budget; the number requeued. HL7 messages that
-    could not be built (no message to send) stay dead."""
+    """Dead rows of ``model`` back to pending with a fresh attempt budget; the number requeued. HL7 messages and
+    FHIR bundles that could not be built (nothing to send) stay dead."""
     condition = [model.state == db.FORWARD_DEAD]
     if model is db.HL7Message:
         condition.append(db.HL7Message.message.is_not(None))
+    if model is db.FHIRReport:
+        condition.append(db.FHIRReport.bundle.is_not(None))
     with sessions() as session, session.begin():
         result = session.execute(
             update(model)
@@ -141,7 +144,7 @@ def requeue_dead(sessions: sessionmaker[Session], model: type[Outgoing], now: dt
 def supersede(session: Session, model: StudyOutgoing, study_id: int, destination: str, now: dt.datetime) -> bool:
     """Mark the unsent (pending or dead) rows of ``model`` for this study and destination ``superseded``, before a
     newer one is added; whether an earlier one was sent (the newer one is then a correction)."""
-    rows: Sequence[db.HL7Message | db.OrthancMetadata] = session.scalars(
+    rows: Sequence[db.HL7Message | db.OrthancMetadata | db.FHIRReport] = session.scalars(
         select(model).where(model.study_id == study_id, model.destination == destination)
     ).all()
     for row in rows:

@@ -1,9 +1,9 @@
 """Every output in one place: what it needs, how it builds its payload, how it delivers it, its configuration.
 
 An output is a result that leaves cxr-triage: the Structured Report of a classified instance forwarded to the PACS
-(``forward``), a finished study's HL7 ORU^R01 to the RIS (``hl7``) and its priority as Orthanc metadata
-(``orthanc``). As an operator of MONAI Deploy's App SDK declares its inputs and outputs and the application wires
-the graph in one ``compose`` method, each output here declares:
+(``forward``), a finished study's HL7 ORU^R01 to the RIS (``hl7``), its priority as Orthanc metadata
+(``orthanc``) and its FHIR R4 DiagnosticReport (``fhir``). As an operator of MONAI Deploy's App SDK declares its
+inputs and outputs and the application wires the graph in one ``compose`` method, each output here declares:
 
 - ``needs``: ``INSTANCE``, the SR row of a classified instance (the recorder calls ``enqueue`` inside the
   transaction that records the result, after the SR file is durable), or ``STUDY``, a study just aggregated (the
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxr_triage.core import db
-from cxr_triage.outputs import delivery, forward, hl7, orthanc
+from cxr_triage.outputs import delivery, fhir, forward, hl7, orthanc
 
 if TYPE_CHECKING:
     from cxr_triage.core.settings import Settings
@@ -71,6 +71,7 @@ class Output:
 
 def compose() -> tuple[Output, ...]:
     """The outputs, wired to what they need and the settings they read, in the order they run."""
+    # Long: one entry per output, the whole wiring in one place; it grows by one entry with each output.
     return (
         Output(
             "sr",
@@ -113,6 +114,22 @@ def compose() -> tuple[Output, ...]:
             as_record=orthanc.as_record,
             listed=orthanc.listed,
             noun="Orthanc metadata updates",
+        ),
+        Output(
+            "fhir",
+            Needs.STUDY,
+            db.FHIRReport,
+            "send FHIR reports",
+            enqueue=lambda session, study, settings, now: fhir.enqueue(session, study, settings.fhir, now),
+            send_due=lambda sessions, settings, force, tried: fhir.process_due(
+                sessions, settings.fhir, force=force, exclude=tried
+            ),
+            as_record=fhir.as_record,
+            listed=fhir.listed,
+            check=fhir.check_settings,
+            unsendable=fhir.unbuilt,
+            unsendable_note="FHIR report(s) could not be built and stay dead: `cxr-triage forward` says why",
+            noun="FHIR reports",
         ),
     )
 
