@@ -127,6 +127,7 @@
     }
     readout.textContent = text;
     root.dataset.zoom = String(state.scale);
+    root.dataset.origin = state.x + "," + state.y;  // where the image's top-left pixel is on the canvas
     root.dataset.heatmap = state.heat ? (state.heatOn ? "on" : "off") : "none";
     root.dataset.rendered = String(Number(root.dataset.rendered || 0) + 1);
   }
