@@ -11,6 +11,7 @@ The listener and worker run in-process (the harness); the page is the real ``cxr
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from cxr_triage.core import db
 from cxr_triage.ml.checkpoint import load_classifier
 from cxr_triage.ml.heatmap import GradCAMHeatmap, save_coarse
 from cxr_triage.ml.preprocess import PreparedImage, prepare_path
+from cxr_triage.ops.retention import purge_spool
 from cxr_triage.testing import peers
 
 RADIOGRAPH = SHARED_DICOM / "pydicom-data_RG1_J2KR.dcm"
@@ -38,7 +40,7 @@ UNCOMPRESSED = SHARED_DICOM / "pydicom-data_RG1_UNCR.dcm"  # the same pixels, to
 PATCH = 8  # pixels a side of the canvas patch read back
 
 
-def _store_heatmap(harness: Any, path: Path) -> None:
+def _store_heatmap(harness: Any, path: Path) -> Path:
     """The shipped model's Grad-CAM of ``path``, stored and recorded on its instance as the worker will."""
     prepared = prepare_path(path)
     assert isinstance(prepared, PreparedImage), prepared
@@ -46,6 +48,7 @@ def _store_heatmap(harness: Any, path: Path) -> None:
     stored = save_coarse(harness.tmp / "heatmaps" / "1.npy", coarse)
     with harness.sessions() as session, session.begin():
         session.execute(update(db.Instance).values(heatmap_path=str(stored)))
+    return stored
 
 
 def _state(driver: webdriver.Chrome, name: str) -> str:
@@ -73,6 +76,22 @@ def _rendered(driver: webdriver.Chrome, before: str) -> Any:
     return _wait(driver).until(lambda d: _state(d, "rendered") != before)
 
 
+def _after_retention(browser: webdriver.Chrome, harness: Any, heatmap: Path) -> None:
+    """Once the spool no longer keeps the file and the map is gone, the page says so and shows the thumbnail."""
+    assert purge_spool(harness.sessions, 1.0, now=db.utcnow() + dt.timedelta(days=2)) == 1
+    heatmap.unlink()
+    browser.refresh()
+    _wait(browser).until(lambda d: _state(d, "state") == "thumbnail")
+    note = browser.find_element(By.ID, "viewer-note").text
+    assert "no longer kept" in note and "the model's 224x224 input instead" in note and "No heatmap" in note
+    assert (_state(browser, "rows"), _state(browser, "columns"), _state(browser, "heatmap")) == ("224", "224", "none")
+    assert not browser.find_element(By.ID, "heatmap-toggle").is_enabled(), "no map: the toggle is disabled"
+    assert not browser.find_element(By.ID, "window-reset").is_enabled(), "8-bit thumbnail: no window/level"
+    cx, cy = browser.execute_script("const c = document.getElementById('viewer-canvas'); return [c.width >> 1, "
+                                    "c.height >> 1];")  # fmt: skip
+    assert _patch(browser, cx, cy).max() > 20, "the thumbnail is drawn (the canvas is black without a picture)"
+
+
 def test_the_radiograph_at_its_resolution_with_the_heatmap_toggled_and_windowed(
     browser: webdriver.Chrome, make_harness: Any, tmp_path: Path
 ) -> None:
@@ -80,7 +99,7 @@ def test_the_radiograph_at_its_resolution_with_the_heatmap_toggled_and_windowed(
     harness = make_harness(model=BUNDLED_MODEL)
     assert harness.send([RADIOGRAPH]) == [0]
     harness.work()
-    _store_heatmap(harness, RADIOGRAPH)
+    heatmap = _store_heatmap(harness, RADIOGRAPH)
     with harness.sessions() as session:
         uid = session.scalar(select(db.Instance.study_instance_uid))
     (web_port,) = peers.free_ports(1)
@@ -146,4 +165,5 @@ def test_the_radiograph_at_its_resolution_with_the_heatmap_toggled_and_windowed(
         browser.find_element(By.CSS_SELECTOR, "#heatmap-meaning summary").click()  # open the note on what the map means
         browser.execute_script("document.getElementById('viewer-heading').scrollIntoView()")
         browser.save_screenshot(str(shots / "viewer.png"))
+        _after_retention(browser, harness, heatmap)
     assert (shots / "viewer.png").stat().st_size > 10_000

@@ -18,6 +18,7 @@ import pydicom
 import torch
 from conftest import SHARED_DICOM, chest_dataset
 from fastapi.testclient import TestClient
+from pydicom.dataset import Dataset
 from sqlalchemy import select, update
 from test_web import add_user
 from test_web_reading import log_in, reader
@@ -177,3 +178,17 @@ def test_a_radiograph_over_the_cap_is_reduced_by_a_whole_factor() -> None:
     assert step == 2 and odd.shape == (4, 3) and np.all(odd == 1), "edges repeated, not dropped"
     same, step = radiograph.reduce(np.ones((64, 64), dtype=np.uint16))
     assert step == 1 and same.shape == (64, 64)
+
+
+def test_the_window_is_the_headers_first_else_the_pixel_range() -> None:
+    header = Dataset()
+    header.WindowCenter, header.WindowWidth, header.VOILUTFunction = [40, 300], [400, 1500], "SIGMOID"
+    assert radiograph.window_of(header, 0, 100) == radiograph.Window(
+        40.0, 400.0, "SIGMOID", "the DICOM header (WindowCenter / WindowWidth)"
+    )
+    header.WindowWidth = 0  # not a window (PS3.3 C.11.2.1.2: at least 1)
+    fallback = radiograph.window_of(header, -1000.0, 3000.0)
+    assert (fallback.center, fallback.width, fallback.function) == (1000.5, 4001.0, "LINEAR")
+    lut_only = Dataset()
+    lut_only.VOILUTSequence = [Dataset()]
+    assert "VOI LUT Sequence" in radiograph.window_of(lut_only, 0.0, 4095.0).source

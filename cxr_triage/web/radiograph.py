@@ -18,6 +18,9 @@ smallest whole factor that brings it under, each served pixel the mean of a fact
 repeated); ``step`` says by how much. Chest detectors reach about 4,300 pixels a side, so only the largest are
 reduced, by 2. The header check caps what is decoded at all (``preprocess.MAX_SIDE``, ``MAX_PIXELS``).
 
+The first radiograph a ``cxr-triage web`` process serves imports the pixel pipeline (torch with it): that request
+takes a few seconds longer; the worklist itself never needs it.
+
 The heatmap is the coarse map (14 x 14 today, values in [0, 1]) over the squashed 224 x 224 model input:
 stretched over the radiograph's rows and columns, it is registered (docs/HEATMAP.md).
 """
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom.multival import MultiValue
 
 MAX_PIXELS = 4096 * 4096
 """Most pixels served for one radiograph; larger ones are reduced by a whole factor (module docstring)."""
@@ -100,8 +104,7 @@ def _first(value: Any) -> float | None:
     if value is None or value == "":
         return None
     try:
-        first = value[0] if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue" else value
-        number = float(first)
+        number = float(value[0] if isinstance(value, MultiValue | list | tuple) else value)
     except (TypeError, ValueError, IndexError):
         return None
     return number if math.isfinite(number) else None
@@ -115,7 +118,7 @@ def window_of(ds: Any, lo: float, hi: float) -> Window:
         return Window(center, width, function if function in ("LINEAR", "LINEAR_EXACT", "SIGMOID") else "LINEAR",
                       "the DICOM header (WindowCenter / WindowWidth)")  # fmt: skip
     why = "a VOI LUT Sequence the viewer does not apply" if ds.get("VOILUTSequence") else "no window in the header"
-    return Window((lo + hi + 1) / 2, max(hi - lo + 1, 1.0), "LINEAR", f"the image's pixel range ({why})")
+    return Window((lo + hi + 1) / 2, float(max(hi - lo + 1, 1.0)), "LINEAR", f"the image's pixel range ({why})")
 
 
 def _coding(modality_table: np.ndarray) -> tuple[float, float]:
@@ -157,6 +160,10 @@ def decode(path: Path) -> Radiograph:
         codes = preprocess.container_codes(ds, code_dtype)
     except Exception as exc:  # pydicom and its plugins raise many types for bad data
         raise Unavailable(f"the pixels cannot be decoded: {type(exc).__name__}: {exc}") from exc
+    except BaseException as exc:  # pylibjpeg-rle's PanicException (see preprocess.prepare_dataset)
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise Unavailable(f"the pixels cannot be decoded: the decoder failed: {exc}") from exc
     slope, intercept = _coding(table)
     coded = np.clip(np.rint((table - intercept) / slope), 0, UINT16_LEVELS).astype(np.uint16)
     values = preprocess.apply_table(coded, codes)
