@@ -19,6 +19,7 @@ import torch
 from conftest import SHARED_DICOM, chest_dataset
 from fastapi.testclient import TestClient
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 from test_web import add_user
 from test_web_reading import log_in, reader
@@ -99,6 +100,17 @@ def test_rescaled_values_are_coded_exactly_and_the_page_carries_the_viewer(make_
     assert "script-src 'self'" in page.headers["content-security-policy"], "the script is served, not inline"
     script = web.get("/static/viewer.js")
     assert script.status_code == 200 and "radiograph.raw" in script.text
+
+
+def test_a_study_of_several_images_offers_each_to_the_viewer(make_harness) -> None:
+    harness = make_harness()
+    study = generate_uid()
+    sent = [chest_dataset(seed=s, StudyInstanceUID=study) for s in (46, 47)]
+    ids = _received(harness, sent)
+    page = _viewer(harness).get(f"/studies/{study}").text
+    first, second = (ids[str(ds.SOPInstanceUID)] for ds in sent)
+    assert f'id="viewer" data-instance="{first}"' in page and '<select id="viewer-instance">' in page
+    assert f'<option value="{first}" selected>' in page and f'<option value="{second}" >' in page
 
 
 def test_the_heatmap_is_served_as_the_worker_stored_it_and_404_without_one(make_harness) -> None:

@@ -19,7 +19,7 @@
   const chooser = document.getElementById("viewer-instance");
   const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
   const state = {
-    meta: null, values: null, image: null, heat: null, heatOn: false, mode: "loading", lut: null,
+    meta: null, values: null, image: null, rgba: null, heat: null, heatOn: false, mode: "loading",
     center: 0, width: 1, scale: 1, x: 0, y: 0, fit: true, drag: null, pending: false, loads: 0,
   };
 
@@ -54,13 +54,13 @@
       lut[v] = Math.round(255 * (m.invert ? 1 - y : y));
     }
     const g = state.image.getContext("2d");
-    const data = g.createImageData(m.columns, m.rows);
-    const out = data.data;
+    if (!state.rgba) { state.rgba = g.createImageData(m.columns, m.rows); state.rgba.data.fill(255); }
+    const out = state.rgba.data;  // reused while windowing: only the grey levels change
     for (let i = 0, j = 0; i < values.length; i += 1, j += 4) {
       const level = lut[values[i]];
-      out[j] = level; out[j + 1] = level; out[j + 2] = level; out[j + 3] = 255;
+      out[j] = level; out[j + 1] = level; out[j + 2] = level;
     }
-    g.putImageData(data, 0, 0);
+    g.putImageData(state.rgba, 0, 0);
   }
 
   function size() {
@@ -124,6 +124,9 @@
       if (m.step > 1) { text += " (reduced by " + m.step + " from " + m.source_columns + " x " + m.source_rows + ")"; }
       root.dataset.windowCenter = String(state.center);
       root.dataset.windowWidth = String(state.width);
+    } else {
+      delete root.dataset.windowCenter;
+      delete root.dataset.windowWidth;
     }
     readout.textContent = text;
     root.dataset.zoom = String(state.scale);
@@ -309,7 +312,7 @@
         message = meta.reason + "; there is no other picture of this image.";
       }
       if (mine !== state.loads) { return; }
-      Object.assign(state, { meta: meta, values: values, image: image || null, heat: heat, mode: mode });
+      Object.assign(state, { meta: meta, values: values, image: image || null, heat: heat, mode: mode, rgba: null });
       if (!heat) { message += " No heatmap for this image."; }
       note.textContent = message;
       root.dataset.state = mode;
