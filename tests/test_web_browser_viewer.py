@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+import pytest
 from conftest import SHARED_DICOM, write_config
 from selenium import webdriver
 from selenium.webdriver.common.action_chains import ActionChains
@@ -70,6 +71,11 @@ def _windowed(values: np.ndarray, center: float, width: float) -> np.ndarray:
     """PS3.3 C.11.2.1.2.1 (LINEAR) then the MONOCHROME1 inversion, as 8-bit grey."""
     y = np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
     return np.rint(255 * (1 - y)).astype(np.int32)
+
+
+def _js_number(value: float) -> str:
+    """A number as JavaScript's String() writes it (no trailing .0)."""
+    return str(int(value)) if value == int(value) else repr(value)
 
 
 def _rendered(driver: webdriver.Chrome, before: str) -> Any:
@@ -154,6 +160,14 @@ def test_the_radiograph_at_its_resolution_with_the_heatmap_toggled_and_windowed(
         canvas.send_keys("r")
         _wait(browser).until(lambda d: float(_state(d, "window-width")) == 30000)
         _wait(browser).until(lambda d: np.array_equal(_patch(d, x, y), grey))
+        canvas.send_keys("+")  # zoom in about the canvas's middle, then drag to pan
+        _wait(browser).until(lambda d: _state(d, "zoom") == "1.25")
+        zoomed = [float(v) for v in _state(browser, "origin").split(",")]
+        ActionChains(browser).click_and_hold(canvas).move_by_offset(40, 30).release().perform()
+        _wait(browser).until(lambda d: _state(d, "origin") != ",".join(map(_js_number, zoomed)))
+        panned = [float(v) for v in _state(browser, "origin").split(",")]
+        moved = (panned[0] - zoomed[0], panned[1] - zoomed[1])
+        assert moved == pytest.approx((40, 30)) and _state(browser, "zoom") == "1.25", "a plain drag pans"
 
         shots = Path(os.environ.get("CXR_SCREENSHOT_DIR") or tmp_path)
         shots.mkdir(parents=True, exist_ok=True)
