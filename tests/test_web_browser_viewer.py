@@ -22,6 +22,9 @@ import pytest
 from conftest import SHARED_DICOM, write_config
 from selenium import webdriver
 from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.actions.action_builder import ActionBuilder
+from selenium.webdriver.common.actions.mouse_button import MouseButton
+from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from sqlalchemy import select, update
@@ -73,9 +76,9 @@ def _windowed(values: np.ndarray, center: float, width: float) -> np.ndarray:
     return np.rint(255 * (1 - y)).astype(np.int32)
 
 
-def _js_number(value: float) -> str:
-    """A number as JavaScript's String() writes it (no trailing .0)."""
-    return str(int(value)) if value == int(value) else repr(value)
+def _origin(driver: webdriver.Chrome) -> list[float]:
+    """Where the image's top-left pixel is on the canvas (canvas pixels)."""
+    return [float(v) for v in _state(driver, "origin").split(",")]
 
 
 def _rendered(driver: webdriver.Chrome, before: str) -> Any:
@@ -162,18 +165,28 @@ def test_the_radiograph_at_its_resolution_with_the_heatmap_toggled_and_windowed(
         _wait(browser).until(lambda d: np.array_equal(_patch(d, x, y), grey))
         canvas.send_keys("+")  # zoom in about the canvas's middle, then drag to pan
         _wait(browser).until(lambda d: _state(d, "zoom") == "1.25")
-        zoomed = [float(v) for v in _state(browser, "origin").split(",")]
+        zoomed = _origin(browser)
         ActionChains(browser).click_and_hold(canvas).move_by_offset(40, 30).release().perform()
-        _wait(browser).until(lambda d: _state(d, "origin") != ",".join(map(_js_number, zoomed)))
-        panned = [float(v) for v in _state(browser, "origin").split(",")]
+        _wait(browser).until(lambda d: _origin(d) != zoomed)
+        panned = _origin(browser)
         moved = (panned[0] - zoomed[0], panned[1] - zoomed[1])
         assert moved == pytest.approx((40, 30)) and _state(browser, "zoom") == "1.25", "a plain drag pans"
+        ActionChains(browser).scroll_from_origin(ScrollOrigin.from_element(canvas), 0, -300).perform()
+        _wait(browser).until(lambda d: float(_state(d, "zoom")) > 1.25)  # the wheel zooms in
+        right = ActionBuilder(browser)
+        right.pointer_action.move_to(canvas).pointer_down(MouseButton.RIGHT).move_by(0, -50)
+        right.pointer_action.pointer_up(MouseButton.RIGHT)
+        right.perform()  # the right button drags the level (up: lower), the width stays
+        _wait(browser).until(lambda d: float(_state(d, "window-center")) < 15000)
+        assert float(_state(browser, "window-width")) == 30000
 
         shots = Path(os.environ.get("CXR_SCREENSHOT_DIR") or tmp_path)
         shots.mkdir(parents=True, exist_ok=True)
         browser.set_window_size(1500, 1250)
+        canvas.send_keys("r")  # the DICOM's window
         canvas.send_keys("0")  # fit
         canvas.send_keys("h")
+        _wait(browser).until(lambda d: float(_state(d, "window-center")) == 15000)
         _wait(browser).until(lambda d: _state(d, "heatmap") == "on" and d.find_element(By.ID, "heatmap-legend")
                              .is_displayed())  # fmt: skip
         browser.find_element(By.CSS_SELECTOR, "#heatmap-meaning summary").click()  # open the note on what the map means
