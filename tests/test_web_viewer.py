@@ -82,7 +82,7 @@ def test_a_real_radiograph_is_served_at_its_own_resolution_with_the_dicoms_windo
     assert (nih["window"]["center"], nih["window"]["width"]) == ((low + high + 1) / 2, high - low + 1)
 
 
-def test_rescaled_values_are_coded_exactly_and_the_page_carries_the_viewer(make_harness) -> None:
+def test_rescaled_values_are_coded_exactly_and_the_page_carries_the_viewer(make_harness, monkeypatch) -> None:
     harness = make_harness()
     ds = synthetic.rescaled_dx(96)
     ids = _received(harness, [ds])
@@ -100,6 +100,13 @@ def test_rescaled_values_are_coded_exactly_and_the_page_carries_the_viewer(make_
     assert "script-src 'self'" in page.headers["content-security-policy"], "the script is served, not inline"
     script = web.get("/static/viewer.js")
     assert script.status_code == 200 and "radiograph.raw" in script.text
+
+    monkeypatch.setattr(radiograph, "MAX_PIXELS", 48 * 48)  # over the cap: reduced by 2, and the page told so
+    capped = reader(harness)
+    log_in(capped)
+    small = capped.get(f"/api/instances/{instance}/radiograph").json()
+    assert (small["rows"], small["columns"], small["step"], small["source_rows"]) == (48, 48, 2, 96)
+    assert len(capped.get(small["pixels"]).content) == 48 * 48 * 2
 
 
 def test_a_study_of_several_images_offers_each_to_the_viewer(make_harness) -> None:
