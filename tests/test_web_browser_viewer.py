@@ -99,6 +99,11 @@ def _after_retention(browser: webdriver.Chrome, harness: Any, heatmap: Path) -> 
     cx, cy = browser.execute_script("const c = document.getElementById('viewer-canvas'); return [c.width >> 1, "
                                     "c.height >> 1];")  # fmt: skip
     assert _patch(browser, cx, cy).max() > 20, "the thumbnail is drawn (the canvas is black without a picture)"
+    canvas, start = browser.find_element(By.ID, "viewer-canvas"), _origin(browser)
+    ActionChains(browser).key_down(Keys.SHIFT).click_and_hold(canvas).move_by_offset(30, 0).release().key_up(
+        Keys.SHIFT
+    ).perform()  # no window to drag on an 8-bit thumbnail: the drag pans
+    _wait(browser).until(lambda d: _origin(d)[0] == pytest.approx(start[0] + 30))
 
 
 def test_the_radiograph_at_its_resolution_with_the_heatmap_toggled_and_windowed(

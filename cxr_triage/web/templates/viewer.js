@@ -167,7 +167,7 @@
     canvas.addEventListener("contextmenu", function (e) { e.preventDefault(); });
     canvas.addEventListener("pointerdown", function (e) {
       if (!state.image) { return; }
-      const windowing = e.button === 2 || e.shiftKey;
+      const windowing = (e.button === 2 || e.shiftKey) && state.mode === "radiograph";  // a thumbnail only pans
       state.drag = { x: e.clientX, y: e.clientY, windowing: windowing, center: state.center, width: state.width };
       canvas.setPointerCapture(e.pointerId);
       canvas.focus();
@@ -177,7 +177,7 @@
       if (!d) { return; }
       const ratio = window.devicePixelRatio || 1;
       const dx = e.clientX - d.x, dy = e.clientY - d.y;
-      if (d.windowing) {  // right or left-right: width; up-down: level
+      if (d.windowing) {  // left-right: the width; up-down: the level
         setWindow(d.center + dy * windowStep(), d.width + dx * windowStep());
         return;
       }
