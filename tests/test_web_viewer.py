@@ -164,6 +164,17 @@ def test_when_the_spool_no_longer_keeps_the_file_the_thumbnail_is_offered(make_h
     assert [(i["radiograph"], i["thumbnail"]) for i in study["instance_list"]] == [(False, True)]
 
 
+def test_pixels_with_burned_in_annotation_are_not_served(make_harness) -> None:
+    harness = make_harness()
+    ds = chest_dataset(seed=45, BurnedInAnnotation="YES")
+    instance = _received(harness, [ds])[str(ds.SOPInstanceUID)]
+    web = _viewer(harness)
+    meta = web.get(f"/api/instances/{instance}/radiograph").json()
+    assert meta["available"] is False and "BurnedInAnnotation (0028,0301) is YES" in meta["reason"]
+    assert meta["thumbnail"] is None, "the worklist keeps no thumbnail of them either"
+    assert web.get(f"/api/instances/{instance}/radiograph.raw").status_code == 404
+
+
 def test_the_viewer_routes_need_a_login_and_leave_the_study_viewed_audit(make_harness) -> None:
     harness = make_harness()
     ds = chest_dataset(seed=44)

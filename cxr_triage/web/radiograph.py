@@ -18,6 +18,9 @@ smallest whole factor that brings it under, each served pixel the mean of a fact
 repeated); ``step`` says by how much. Chest detectors reach about 4,300 pixels a side, so only the largest are
 reduced, by 2. The header check caps what is decoded at all (``preprocess.MAX_SIDE``, ``MAX_PIXELS``).
 
+Pixels whose header says they carry burned-in annotation (``BurnedInAnnotation`` YES) are not served, as the
+worklist keeps no thumbnail of them: the text may be patient data beyond ``[web] patient_fields``.
+
 The first radiograph a ``cxr-triage web`` process serves imports the pixel pipeline (torch with it): that request
 takes a few seconds longer; the worklist itself never needs it.
 
@@ -155,6 +158,8 @@ def decode(path: Path) -> Radiograph:
     refusal, _ = preprocess.check_header(ds)
     if refusal is not None:
         raise Unavailable(f"not shown: {refusal.reason}")
+    if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":  # as the worklist's thumbnails
+        raise Unavailable("not shown: BurnedInAnnotation (0028,0301) is YES: the pixels may carry patient data")
     try:
         _, table, code_dtype = preprocess.modality_table(ds)
         codes = preprocess.container_codes(ds, code_dtype)
