@@ -177,5 +177,6 @@ def test_the_readme_pictures_on_real_radiographs(browser: webdriver.Chrome, tmp_
         browser.get(f"{base}/studies/{top}")
         _wait(browser).until(lambda d: d.find_elements(By.ID, "feedback-form"))
         browser.set_window_size(1500, 1250)
+        _wait(browser).until(lambda d: d.find_element(By.ID, "viewer").get_attribute("data-state") == "radiograph")
         browser.save_screenshot(str(shots / "study.png"))
     assert (shots / "worklist.png").stat().st_size > 10_000 and (shots / "study.png").stat().st_size > 10_000

@@ -415,14 +415,23 @@ def grey_lut(ds: Dataset) -> tuple[np.ndarray, np.dtype]:
     return cached
 
 
-def build_grey_lut(ds: Dataset) -> tuple[np.ndarray, np.dtype]:
-    """Steps 3-6 as one table over every stored value of ``ds``'s header: modality LUT or rescale, VOI LUT or
-    window, MONOCHROME1 inversion, scaling to [0, 1]; with the dtype of the codes that index it."""
+def modality_table(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.dtype]:
+    """Step 3 as a table: (stored value of every container code, its modality value (float64), the codes' dtype).
+
+    Shared by ``build_grey_lut`` and the study page's viewer (``cxr_triage.web.radiograph``), which serves the
+    modality values and leaves the window to the browser."""
     stored, code_dtype = _value_domain(ds)
     try:
         modality_values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
     except Exception as exc:
         raise _VOIError("ModalityLUTSequence", f"cannot be applied: {exc}") from exc
+    return stored, modality_values, code_dtype
+
+
+def build_grey_lut(ds: Dataset) -> tuple[np.ndarray, np.dtype]:
+    """Steps 3-6 as one table over every stored value of ``ds``'s header: modality LUT or rescale, VOI LUT or
+    window, MONOCHROME1 inversion, scaling to [0, 1]; with the dtype of the codes that index it."""
+    stored, modality_values, code_dtype = modality_table(ds)
     if ds.get("VOILUTSequence"):
         voi_values, lo, hi = _apply_voi_lut_sequence(ds, modality_values)
     elif _has_window(ds):

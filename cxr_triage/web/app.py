@@ -8,7 +8,8 @@ Every write (log in, log out, feedback) needs a session and its CSRF token (``cx
 an audit row. The worklist page refreshes itself from ``/api/worklist``
 every ``[web] refresh_seconds`` without reloading. Form posts are ``application/x-www-form-urlencoded`` and read
 with the standard library, so no multipart parser is needed. ``/healthz`` and ``/metrics`` (``cxr_triage.web.ops``)
-are for probes and Prometheus.
+are for probes and Prometheus. The study page's viewer (a radiograph at its own resolution, its heatmap) reads
+through ``cxr_triage.web.viewer``'s routes, under the same guard.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from cxr_triage import CLASS_NAMES, __version__, log_name
 from cxr_triage.core import db
 from cxr_triage.core.settings import Settings
 from cxr_triage.triage.flags import PRIORITIES
-from cxr_triage.web import apidocs, auth, ops, worklist
+from cxr_triage.web import apidocs, auth, ops, viewer, worklist
 
 logger = logging.getLogger(log_name(__name__))
 
@@ -151,6 +152,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     _add_page_routes(app, ctx)
     _add_auth_routes(app, ctx)
     _add_feedback_form_route(app, ctx)
+    app.include_router(viewer.router(ctx.reading, ctx.audit_view))  # the study page's radiograph and heatmap
     app.include_router(ops.router(settings, engine))
     app.include_router(apidocs.router(app.title))
     _add_error_handler(app)

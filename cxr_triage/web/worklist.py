@@ -219,7 +219,8 @@ def _is(read: str, done: bool) -> bool:
 
 
 def study_detail(session: Session, uid: str, web: WebSettings) -> dict[str, Any] | None:
-    """One study with its instances (status, label, probabilities, reason, SR UIDs, thumbnail) and feedback."""
+    """One study with its instances (status, label, probabilities, reason, SR UIDs, whether its thumbnail, its
+    received file and its heatmap are there) and feedback."""
     study = session.scalar(select(db.Study).where(db.Study.study_instance_uid == uid))
     if study is None:
         return None
@@ -249,6 +250,8 @@ def study_detail(session: Session, uid: str, web: WebSettings) -> dict[str, Any]
             "reason": refusals[i.id].reason if i.id in refusals else i.error,
             "sr_sop_instance_uids": srs.get(i.id, []),
             "thumbnail": i.thumbnail_path is not None and Path(i.thumbnail_path).is_file(),
+            "radiograph": i.spool_removed_at is None and Path(i.spool_path).is_file(),
+            "heatmap": bool(i.heatmap_path) and Path(str(i.heatmap_path)).is_file(),
             "received_at": _iso(i.received_at),
         }
         for i in instances
