@@ -78,3 +78,18 @@ def test_resume_continues_a_stretch_without_counting_it_twice(tiny_pack: Path, t
     exported = len(final.stretches) == 2  # stretch 1 is written only if it improved on stretch 0
     assert [s["stretch"] for s in final.stretches] == ([0, 1] if exported else [0])
     assert [(r["stretch"], r["epoch"]) for r in final.history] == ([(0, 1), (1, 2), (1, 3)] if exported else [(0, 1)])
+
+
+def test_resuming_a_fresh_stretch_with_its_own_export_does_not_count_it_twice(
+    tiny_pack: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A stretch that began without an artefact, resumed with --init-autoencoder naming the artefact it wrote
+    itself (the command documented for continuing): its epochs stay stretch 0's, once."""
+    artefact, out = tmp_path / "ae.pt", tmp_path / "s0"
+    link = ("--pretrain-size", "64", "--export-autoencoder", str(artefact))
+    _pretrain(tiny_pack, out, "--pretrain-epochs", "1", *link)
+    _pretrain(tiny_pack, out, "--pretrain-epochs", "2", *link, "--init-autoencoder", str(artefact), "--resume")
+    final = load_autoencoder(artefact)
+    assert [s["stretch"] for s in final.stretches] == [0]
+    assert [(r["stretch"], r["epoch"]) for r in final.history] == [(0, 1), (0, 2)]

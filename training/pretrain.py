@@ -234,7 +234,9 @@ class _Stretch:
             return
         self.row = {k: v for k, v in state["stretch"].items() if k != "base"}
         base = state["stretch"].get("base")
-        if self.base is not None and base is not None:
+        if base is None:  # the stretch began from nothing: an artefact given now is this stretch's own export
+            self.base = None
+        elif self.base is not None:
             self.base.history = self.base.history[: base["epochs"]]
             self.base.stretches = self.base.stretches[: base["stretches"]]
             self.base.best_val_mse = float(base["best_val_mse"])
