@@ -22,6 +22,7 @@ from typing import Any, Self
 
 from cxr_triage import PRECISIONS
 from cxr_triage.core.config import ConfigError, load_config, merge
+from cxr_triage.core.dicomweb import DicomwebSettings
 from cxr_triage.core.endpoints import (
     Destination,
     HL7Code,
@@ -537,6 +538,7 @@ class Settings:
     heatmap: HeatmapSettings = field(default_factory=HeatmapSettings)
     forward: ForwardSettings = field(default_factory=ForwardSettings)
     hl7: HL7Settings = field(default_factory=HL7Settings)
+    dicomweb: DicomwebSettings = field(default_factory=DicomwebSettings)
     web: WebSettings = field(default_factory=WebSettings)
     retrain: RetrainSettings = field(default_factory=RetrainSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
@@ -562,6 +564,7 @@ class Settings:
             heatmap=_from_table(HeatmapSettings, "heatmap", values.get("heatmap", {})),
             forward=ForwardSettings.from_table(values["forward"]),
             hl7=HL7Settings.from_table(values.get("hl7", {})),
+            dicomweb=_dicomweb(values.get("dicomweb", {})),
             web=_from_table(WebSettings, "web", values["web"]),
             retrain=_from_table(RetrainSettings, "retrain", values.get("retrain", {})),
             logging=_from_table(LoggingSettings, "logging", values["logging"]),
@@ -581,6 +584,13 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return replace(self, **changes)
+
+
+def _dicomweb(table: Mapping[str, Any]) -> DicomwebSettings:
+    try:
+        return DicomwebSettings.from_table(table)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[dicomweb] {exc}") from exc
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
