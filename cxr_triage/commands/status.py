@@ -39,6 +39,7 @@ def format_text(status: Mapping[str, Any]) -> str:
         + f", {counts['processing']} processing, {counts['done']} classified, {counts['refused']} refused, "
         f"{counts['failed']} failed ({status['failed_last_24h']} in the last 24 h)",
         f"forwards: {forwards['pending']} pending, {forwards['sent']} sent, {forwards['dead']} dead",
+        *_outbox_lines(status.get("outboxes", {})),
         f"spool: {spool_info['path']}, {spool_info['free_mb']} MiB free (reserve {spool_info['reserve_mb']:g} MiB)",
         f"model: {model['path']}"
         + ("" if model["present"] else " (missing)")
@@ -56,6 +57,14 @@ def format_text(status: Mapping[str, Any]) -> str:
     lines.append("problems: none" if not problems else "problems:")
     lines += [f"  - {problem}" for problem in problems]
     return "\n".join(lines)
+
+
+def _outbox_lines(outboxes: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """The STOW-RS outbox (``[dicomweb] destinations``), when it has rows; the SR forwards have their own line."""
+    stow = outboxes.get("dicomweb", {})
+    if not stow:
+        return []
+    return [f"STOW-RS: {stow.get('pending', 0)} pending, {stow.get('sent', 0)} sent, {stow.get('dead', 0)} dead"]
 
 
 def _retraining_lines(retrain: Mapping[str, Any] | None) -> list[str]:

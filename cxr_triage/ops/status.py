@@ -1,7 +1,8 @@
 """``cxr-triage status``: the pipeline's health at a glance, for the PACS team and for monitoring probes.
 
 Reads the database and the spool (never loads torch or the model): instances by state and the age of the oldest
-queued one, jobs whose worker vanished (lease expired), failures of the last 24 hours, SR forwards by state, the
+queued one, jobs whose worker vanished (lease expired), failures of the last 24 hours, SR forwards by state (and
+every output of ``cxr_triage.outputs.registry`` by state, under ``outboxes``), the
 spool's free space against its reserve, the model configured and the champion the workers run, and retraining
 (the schedule, which process runs it, the last run with its outcome and reason, a run in progress with its step).
 Each condition that needs someone's attention is listed as a problem, with what to do.
@@ -22,6 +23,7 @@ from sqlalchemy import Engine, func, select
 from cxr_triage import BUNDLED_MODEL
 from cxr_triage.core import db
 from cxr_triage.core.settings import Settings
+from cxr_triage.outputs.registry import OUTPUTS
 from cxr_triage.queue import spool
 from cxr_triage.retrain import runs
 
@@ -43,6 +45,8 @@ class DatabaseCounts:
     forwards: dict[str, int]
     champion: Any
     last_precision: str | None
+    outboxes: dict[str, dict[str, int]]
+    """Every output's rows by state, by its kind (``cxr_triage.outputs.registry``)."""
 
 
 def read_counts(engine: Engine, now: dt.datetime) -> DatabaseCounts:
@@ -68,7 +72,15 @@ def read_counts(engine: Engine, now: dt.datetime) -> DatabaseCounts:
         last_precision = session.scalar(
             select(db.PredictionRecord.precision).order_by(db.PredictionRecord.id.desc()).limit(1)
         )
-    return DatabaseCounts(by_state, oldest_queued, expired, recent_failures, forwards, champion, last_precision)
+        outboxes = {
+            output.kind: dict(
+                session.execute(select(output.table.state, func.count()).group_by(output.table.state)).all()
+            )
+            for output in OUTPUTS
+        }
+    return DatabaseCounts(
+        by_state, oldest_queued, expired, recent_failures, forwards, champion, last_precision, outboxes
+    )
 
 
 def _problems(
@@ -112,6 +124,12 @@ def _problems(
     dead = int(counts.forwards.get(db.FORWARD_DEAD, 0))
     if dead:
         problems.append(f"{dead} SR forward(s) dead-lettered: fix the destination, then `cxr-triage forward --retry`")
+    dead = int(counts.outboxes.get("dicomweb", {}).get(db.FORWARD_DEAD, 0))
+    if dead:
+        problems.append(
+            f"{dead} SR STOW-RS deliveries dead-lettered: fix the [dicomweb] destination, then "
+            "`cxr-triage forward --retry`"
+        )
     return problems
 
 
@@ -140,6 +158,9 @@ def collect(engine: Engine, settings: Settings, max_queue_age: float, now: dt.da
         "failed_last_24h": int(counts.recent_failures or 0),
         "forwards": {
             state: int(forwards.get(state, 0)) for state in (db.FORWARD_PENDING, db.FORWARD_SENT, db.FORWARD_DEAD)
+        },
+        "outboxes": {
+            kind: {state: int(n) for state, n in sorted(rows.items())} for kind, rows in counts.outboxes.items()
         },
         "spool": {"path": str(Path(storage.spool_dir).resolve()), "free_mb": round(free), "reserve_mb": reserve},
         "model": {
