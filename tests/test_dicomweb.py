@@ -12,8 +12,10 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import os
 import random
 import secrets
+import signal
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -30,7 +32,7 @@ from cxr_triage.dicom import multipart, stow
 from cxr_triage.files import TEMP_PREFIX
 from cxr_triage.outputs import dicomweb
 from cxr_triage.testing import peers
-from tests.conftest import Harness, chest_dataset, free_port, write_config
+from tests.conftest import Harness, chest_dataset, config_values, free_port, write_config
 
 TOKEN_ENV = "CXR_TEST_STOW_TOKEN"
 TOKEN = "test-token-0123456789abcdef"
@@ -275,6 +277,20 @@ def outbox(harness: Harness) -> list[tuple[str, int, int | None]]:
         return [(r.state, r.attempts, r.status) for r in rows]
 
 
+def metrics_states(harness: Harness) -> dict[str, float]:
+    """The STOW-RS outbox as ``/metrics`` of the worklist app shows it, by state."""
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from cxr_triage.web.app import create_app
+
+    with TestClient(create_app(harness.settings, harness.engine), base_url="http://ops.test") as web:
+        response = web.get("/metrics")
+    assert response.status_code == 200, response.text
+    [family] = [f for f in text_string_to_metric_families(response.text) if f.name == "cxr_triage_dicomweb_stores"]
+    return {s.labels["state"]: s.value for s in family.samples if s.name == "cxr_triage_dicomweb_stores"}
+
+
 def test_srs_go_out_by_stow_rs_with_retries_dead_letter_and_forward_retry(stow_node) -> None:
     closed = free_port()
     harness, server = stow_node(
@@ -294,6 +310,7 @@ def test_srs_go_out_by_stow_rs_with_retries_dead_letter_and_forward_retry(stow_n
     assert any("STOW-RS deliveries dead-lettered" in p for p in report["problems"])
     listed = peers.cli("forward", config=config_path).stdout
     assert "\tdicomweb:archive\tdead\tattempts=2" in listed
+    assert metrics_states(harness) == {"pending": 0.0, "sent": 0.0, "dead": 1.0}
 
     # `forward --retry` to this node's own endpoint, which answers 409: an SR is not a class it takes.
     config["dicomweb"]["destinations"] = [destination(server.address[1])]
@@ -304,3 +321,48 @@ def test_srs_go_out_by_stow_rs_with_retries_dead_letter_and_forward_retry(stow_n
     assert (record["kind"], record["state"], record["attempts"], record["status"]) == ("dicomweb", "pending", 1, 409)
     assert record["detail"] == "HTTP 409: failed, Failure Reason 0x0122"
     assert outbox(harness) == [(db.FORWARD_PENDING, 1, 409)]
+
+
+# --- nothing acknowledged is lost ----------------------------------------------------------------------------
+
+
+def test_instances_acknowledged_by_stow_rs_survive_a_sigkill(tmp_path: Path, tiny_model: Path, monkeypatch) -> None:
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)  # the serve processes inherit it
+    stow_port = free_port()
+    values = config_values(
+        tmp_path,
+        tiny_model,
+        worker={"processes": 0},
+        dicomweb={"stow_enabled": True, "stow_port": stow_port, "stow_token_env": TOKEN_ENV},
+    )
+    config = write_config(tmp_path / "cxr.toml", values)
+    url = values["database"]["url"]
+    good, lateral = chest_dataset(seed=20), chest_dataset(seed=21, ViewPosition="LL")
+    with peers.Server(config, values["listener"]["port"], log=tmp_path / "serve.log") as server:
+        assert server.proc is not None
+        status, answer = post(stow_port, [part10(good), part10(lateral)])
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(10)
+    assert status == 200 and referenced(answer) == [good.SOPInstanceUID, lateral.SOPInstanceUID]
+    engine = db.make_engine(url)
+    with db.read_session(engine) as session:
+        assert list(session.scalars(select(db.Instance.status))) == [db.QUEUED, db.QUEUED], "answered = recorded"
+    engine.dispose()
+    # A SIGKILL in the middle of a part leaves its temporary file: removed at start-up, never classified.
+    partial = Path(values["storage"]["spool_dir"]) / f"{TEMP_PREFIX}killed.stow"
+    partial.write_bytes(part10(chest_dataset(seed=22))[:3000])
+
+    values["worker"]["processes"] = 1
+    write_config(config, values)
+    with peers.Server(config, values["listener"]["port"], log=tmp_path / "serve.log"):
+        rows = peers.wait_until(
+            lambda: (r := peers.results(config)) and all(x["status"] not in ("queued", "processing") for x in r) and r,
+            120,
+            "both instances to be classified or refused after the restart",
+            interval=0.5,
+        )
+    outcome = {r["sop_instance_uid"]: (r["status"], r["reason"]) for r in rows}
+    assert outcome[good.SOPInstanceUID] == ("ok", None)
+    assert outcome[lateral.SOPInstanceUID][0] == "rejected"
+    assert "ViewPosition (0018,5101) is 'LL'" in outcome[lateral.SOPInstanceUID][1]
+    assert len(outcome) == 2 and not partial.exists()

@@ -16,8 +16,10 @@ from email.message import Message
 
 MAX_HEADER_BYTES = 16384
 """The most bytes of headers one part may have."""
-_BOUNDARY = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{1,70}$")
-"""RFC 2046 bchars: 1 to 70 characters, not ending in a space."""
+_BOUNDARY = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{1,200}$")
+"""RFC 2046 bchars, not ending in a space. RFC 2046 allows at most 70 of them, but real senders write more (Orthanc's
+DICOMweb plugin 1.7: two UUIDs, 73 characters): up to 200 are accepted, which bounds the delimiter search all the
+same."""
 
 
 class MultipartError(ValueError):
