@@ -16,6 +16,8 @@ import os
 import random
 import secrets
 import signal
+import ssl
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -27,7 +29,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from cxr_triage.core import db
-from cxr_triage.core.dicomweb import DicomwebSettings, Secret
+from cxr_triage.core.dicomweb import DicomwebServer, DicomwebSettings, Secret
 from cxr_triage.dicom import multipart, stow
 from cxr_triage.files import TEMP_PREFIX
 from cxr_triage.outputs import dicomweb
@@ -58,16 +60,22 @@ def mime_body(parts: Sequence[bytes]) -> tuple[bytes, str]:
 
 
 def post(
-    port: int, parts: Sequence[bytes], token: str | None = TOKEN, content_type: str | None = None
+    port: int,
+    parts: Sequence[bytes],
+    token: str | None = TOKEN,
+    content_type: str | None = None,
+    context: ssl.SSLContext | None = None,
 ) -> tuple[int, Any]:
-    """POST /studies with a real HTTP client; the status and the parsed JSON answer (or the text)."""
+    """POST /studies with a real HTTP client (over TLS with ``context``); the status and the parsed JSON answer
+    (or the text)."""
     body, mime_type = mime_body(parts)
     headers = {"Content-Type": content_type or mime_type, "Accept": "application/dicom+json"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/studies", body, headers, method="POST")
+    scheme = "https" if context else "http"
+    request = urllib.request.Request(f"{scheme}://127.0.0.1:{port}/studies", body, headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=60, context=context) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         text = exc.read()
@@ -253,6 +261,41 @@ def test_who_may_store_token_network_and_media_type(stow_node) -> None:
 
     _, elsewhere = stow_node(stow_allowed_networks=["10.0.0.0/8"])
     assert post(elsewhere.address[1], data)[0] == 403
+
+
+def self_signed(folder: Path, name: str) -> tuple[str, str]:
+    """A throw-away self-signed certificate for 127.0.0.1: (certificate, private key) paths."""
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return str(cert), str(key)
+
+
+def test_https_with_client_certificates_in_and_a_ca_bundle_out(stow_node, tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path, "stow")
+    sender_cert, sender_key = self_signed(tmp_path, "sender")
+    harness, guarded = stow_node(stow_tls_certificate=cert, stow_tls_private_key=key, stow_tls_ca_file=sender_cert)
+    data = [part10(chest_dataset(seed=30))]
+    with_certificate = ssl.create_default_context(cafile=cert)
+    with_certificate.load_cert_chain(sender_cert, sender_key)
+    assert post(guarded.address[1], data, context=with_certificate)[0] == 200
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        post(guarded.address[1], [part10(chest_dataset(seed=31))], context=ssl.create_default_context(cafile=cert))
+    assert len(instances(harness)) == 1
+
+    # Out: an https destination verified against [dicomweb] tls_ca_file, with its bearer token.
+    _, server = stow_node(stow_tls_certificate=cert, stow_tls_private_key=key)
+    target = DicomwebServer("tls", f"https://127.0.0.1:{server.address[1]}", token=Secret(env=TOKEN_ENV))
+    trusted = dicomweb.tls_context(DicomwebSettings(tls_ca_file=cert))
+    status, answer = dicomweb.stow(target, [part10(chest_dataset(seed=32))], 30, trusted)
+    assert status == 200 and len(dicomweb.stored_and_failed(answer)[0]) == 1
+    with pytest.raises(dicomweb.StowError, match="CERTIFICATE_VERIFY_FAILED"):
+        dicomweb.stow(target, [part10(chest_dataset(seed=33))], 30, dicomweb.tls_context(DicomwebSettings()))
 
 
 def test_the_endpoint_needs_an_allow_list_and_one_secret_source() -> None:

@@ -194,6 +194,14 @@ def _send(
     return results
 
 
+def tls_context(settings: DicomwebSettings) -> ssl.SSLContext:
+    """The TLS context of https destinations: their certificates verified against ``[dicomweb] tls_ca_file`` (the
+    system's trust store when empty), and their host names."""
+    context = ssl.create_default_context(cafile=settings.tls_ca_file or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 def process_due(
     sessions: sessionmaker[Session],
     settings: DicomwebSettings,
@@ -221,9 +229,7 @@ def process_due(
     by_destination: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
     for row_id, destination, path, uid in rows:
         by_destination[destination].append((row_id, path, uid))
-    tls = None
-    if any(d.url.startswith("https:") for d in settings.destinations):
-        tls = ssl.create_default_context(cafile=settings.tls_ca_file or None)
+    tls = tls_context(settings) if any(d.url.startswith("https:") for d in settings.destinations) else None
     outcomes: list[StowOutcome] = []
     for name, items in by_destination.items():
         results = _send(settings, name, items, tls)
