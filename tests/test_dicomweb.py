@@ -307,6 +307,20 @@ def test_the_endpoint_needs_an_allow_list_and_one_secret_source() -> None:
         Secret(env="CXR_TEST_NO_SUCH_VARIABLE").read()
 
 
+def test_a_destination_whose_secret_cannot_be_read_stops_the_commands_that_send(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-token"
+    values = config_values(
+        tmp_path, None, dicomweb={"destinations": [{"name": "pacs", "url": "https://pacs", "token_file": str(missing)}]}
+    )
+    config = write_config(tmp_path / "cxr.toml", values)
+    peers.cli("db", "upgrade", config=config)
+    done = peers.cli("forward", "--retry", config=config, check=False)
+    assert done.returncode != 0
+    assert f"[dicomweb] destination pacs: cannot read the secret's file {missing}" in done.stderr
+    missing.write_text("a-token\n")
+    assert peers.cli("forward", "--retry", config=config, check=False).returncode == 0
+
+
 # --- STOW-RS out -------------------------------------------------------------------------------------------
 
 
