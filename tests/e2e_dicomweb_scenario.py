@@ -4,7 +4,8 @@
 
 ``cxr-triage serve`` (SQLite, tiny random model) with its STOW-RS endpoint on (a bearer token) and one
 ``[dicomweb]`` destination, Orthanc's DICOMweb API; no ``[forward]`` destination, so an SR reaches Orthanc only by
-STOW-RS. Orthanc (plugin ``libOrthancDicomWeb.so``) knows cxr-triage as a DICOMweb server (``DicomWeb.Servers``,
+STOW-RS, as a user Orthanc's HTTP API requires (basic authentication, the password read from a file). Orthanc
+(plugin ``libOrthancDicomWeb.so``) knows cxr-triage as a DICOMweb server (``DicomWeb.Servers``,
 with the token as an HTTP header). A chest CR uploaded to Orthanc is sent to cxr-triage by Orthanc's STOW-RS
 client (``POST /dicom-web/servers/cxr-triage/stow``); cxr-triage classifies it and sends its SR back by STOW-RS;
 the SR is then retrieved from Orthanc by WADO-RS (``GET /dicom-web/studies/.../instances/...``) and parsed.
@@ -16,6 +17,7 @@ holds the error and the tails of the logs.
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import json
 import os
@@ -31,12 +33,16 @@ from cxr_triage.testing import peers, synthetic
 
 TOKEN_ENV = "CXR_E2E_STOW_TOKEN"
 TOKEN = "e2e-token-5b0c1f0d9a"
+ORTHANC_USER = ("cxr-triage", "e2e-password-77c1e0")
+"""Orthanc's HTTP API requires this user: cxr-triage sends the SRs with it (basic authentication, password file)."""
 SERVER = "cxr-triage"
 """cxr-triage's name in Orthanc's ``DicomWeb.Servers``."""
 
 
 def configuration(workdir: Path, listener_port: int, stow_port: int, http_port: int) -> Path:
     model = peers.make_tiny_checkpoint(workdir / "model.pt")
+    password = workdir / "orthanc-password"
+    password.write_text(ORTHANC_USER[1] + "\n")
     return peers.write_config(
         workdir / "cxr-triage.toml",
         peers.example_config(
@@ -50,7 +56,14 @@ def configuration(workdir: Path, listener_port: int, stow_port: int, http_port: 
                 "gate": {"enabled": False},
                 "forward": {"destinations": []},
                 "dicomweb": {
-                    "destinations": [{"name": "orthanc", "url": f"http://127.0.0.1:{http_port}/dicom-web"}],
+                    "destinations": [
+                        {
+                            "name": "orthanc",
+                            "url": f"http://127.0.0.1:{http_port}/dicom-web",
+                            "username": ORTHANC_USER[0],
+                            "password_file": str(password),
+                        }
+                    ],
                     "backoff_seconds": 1,
                     "timeout": 20,
                     "stow_enabled": True,
@@ -65,7 +78,7 @@ def configuration(workdir: Path, listener_port: int, stow_port: int, http_port: 
 def dicomweb_orthanc(workdir: Path, dicom_port: int, http_port: int, stow_port: int) -> peers.Orthanc:
     server = {"Url": f"http://127.0.0.1:{stow_port}/", "HttpHeaders": {"Authorization": f"Bearer {TOKEN}"}}
     base = {"DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": {SERVER: server}}}
-    return peers.Orthanc(workdir, dicom_port, http_port, base=base, plugins=[peers.ORTHANC_DICOMWEB])
+    return peers.Orthanc(workdir, dicom_port, http_port, base=base, plugins=[peers.ORTHANC_DICOMWEB], user=ORTHANC_USER)
 
 
 def wado_rs(orthanc: peers.Orthanc, study: str, series: str, instance: str) -> pydicom.Dataset:
@@ -75,7 +88,8 @@ def wado_rs(orthanc: peers.Orthanc, study: str, series: str, instance: str) -> p
     url = f"http://127.0.0.1:{orthanc.http_port}{path}"
     import urllib.request
 
-    with urllib.request.urlopen(urllib.request.Request(url, headers={"Accept": accept}), timeout=60) as response:
+    headers = {"Accept": accept, "Authorization": "Basic " + base64.b64encode(":".join(ORTHANC_USER).encode()).decode()}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as response:
         _, params = multipart.parse_content_type(response.headers["Content-Type"])
         reader = multipart.MultipartReader(params["boundary"])
         parts: list[bytearray] = []
@@ -88,6 +102,18 @@ def wado_rs(orthanc: peers.Orthanc, study: str, series: str, instance: str) -> p
     if len(parts) != 1:
         raise peers.PeerError(f"WADO-RS of {instance}: {len(parts)} parts")
     return pydicom.dcmread(io.BytesIO(bytes(parts[0])))
+
+
+def anonymous_status(orthanc: peers.Orthanc) -> int:
+    """The HTTP status Orthanc answers a request without credentials (its API requires ``ORTHANC_USER``)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{orthanc.http_port}/dicom-web/studies", timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
 
 
 def scenario(workdir: Path, timeout: float) -> dict[str, Any]:
@@ -120,6 +146,7 @@ def scenario(workdir: Path, timeout: float) -> dict[str, Any]:
             rows = peers.results(config)
             outbox = [json.loads(line) for line in peers.cli("forward", "--json", config=config).stdout.splitlines()]
             status = json.loads(peers.cli("status", "--json", config=config, check=False).stdout)
+            anonymous = anonymous_status(orthanc)
         except BaseException:
             print(f"--- serve.log ---\n{peers.tail(server.log)}", file=sys.stderr)
             print(f"--- orthanc.log ---\n{peers.tail(orthanc.log)}", file=sys.stderr)
@@ -128,6 +155,7 @@ def scenario(workdir: Path, timeout: float) -> dict[str, Any]:
         "source_sop_instance_uid": str(source.SOPInstanceUID),
         "source_study_instance_uid": str(source.StudyInstanceUID),
         "orthanc_stow_answer": stow,
+        "orthanc_without_credentials": anonymous,
         "results": rows,
         "outbox": outbox,
         "status_outboxes": status["outboxes"],

@@ -1,6 +1,6 @@
 """DICOMweb both ways with a real peer: Orthanc 1.10 with its DICOMweb plugin (Debian ``orthanc-dicomweb``) sends a
 chest CR to cxr-triage's STOW-RS endpoint, cxr-triage sends the SR back to Orthanc by STOW-RS, and the SR is then
-retrieved from Orthanc by WADO-RS.
+retrieved from Orthanc by WADO-RS. Orthanc's HTTP API requires a user: cxr-triage sends with basic authentication.
 
 Orthanc binds every interface, so the scenario (tests/e2e_dicomweb_scenario.py) runs in its own network namespace
 under ``unshare -n``; all traffic is on that namespace's 127.0.0.1.
@@ -31,7 +31,9 @@ def test_orthanc_stores_by_stow_rs_and_retrieves_the_sr_by_wado_rs(tmp_path: Pat
     [row] = summary["results"]
     assert row["sop_instance_uid"] == summary["source_sop_instance_uid"]
     assert row["status"] == "ok" and row["model_version"] == "test-tiny"
-    # Out: its SR went to Orthanc by STOW-RS (the only route: no [forward] destination), stored at the first try.
+    # Out: its SR went to Orthanc by STOW-RS (the only route: no [forward] destination), stored at the first try,
+    # with the user Orthanc requires (basic authentication, the password from a file).
+    assert summary["orthanc_without_credentials"] == 401
     [stored] = summary["outbox"]
     assert (stored["kind"], stored["destination"], stored["state"]) == ("dicomweb", "orthanc", "sent")
     assert (stored["attempts"], stored["status"]) == (1, 200)

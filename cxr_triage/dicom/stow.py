@@ -63,6 +63,8 @@ logger = logging.getLogger(log_name(__name__))
 DICOM_JSON = "application/dicom+json"
 HEAD_BYTES = 65536
 """The first bytes of each part kept in memory: enough to name a failed instance that was not kept on disk."""
+MAX_CONNECTIONS = 64
+"""Connections served at once (uvicorn's ``limit_concurrency``); more are answered 503 (busy: retry later)."""
 CALLING_AE = "STOW-RS"
 """What an instance received by STOW-RS records as its calling AE title."""
 
@@ -358,7 +360,8 @@ class StowServer:
                 tls |= {"ssl_ca_certs": settings.stow_tls_ca_file, "ssl_cert_reqs": ssl.CERT_REQUIRED}
         config = uvicorn.Config(
             app, host=settings.stow_host, port=settings.stow_port, log_config=None, log_level=log_level.lower(),
-            access_log=False, server_header=False, lifespan="off", timeout_graceful_shutdown=30, **tls,
+            access_log=False, server_header=False, lifespan="off", timeout_graceful_shutdown=30,
+            limit_concurrency=MAX_CONNECTIONS, **tls,
         )  # fmt: skip
         self.server = uvicorn.Server(config)
         self.thread: threading.Thread | None = None

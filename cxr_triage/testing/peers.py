@@ -11,6 +11,7 @@ has a deadline. A missing tool raises ``PeerError``: the tests fail, they never 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import json
@@ -359,7 +360,8 @@ class Orthanc:
     """An Orthanc server with a generated configuration, driven through its REST API on 127.0.0.1.
 
     ``modalities`` maps a symbolic name to (AE title, port) on 127.0.0.1; ``lua_scripts`` and ``plugins`` (shared
-    libraries, e.g. ``ORTHANC_DICOMWEB``) are loaded as given.
+    libraries, e.g. ``ORTHANC_DICOMWEB``) are loaded as given. With ``user`` (name, password) its HTTP API requires
+    that user (basic authentication), which the REST helpers here then send.
     """
 
     def __init__(
@@ -372,7 +374,9 @@ class Orthanc:
         lua_scripts: Sequence[Path] = (),
         base: Mapping[str, Any] | None = None,
         plugins: Sequence[Path] = (),
+        user: tuple[str, str] | None = None,
     ) -> None:
+        self.user = user
         self.workdir = Path(workdir)
         self.plugins = [Path(p) for p in plugins]
         self.dicom_port = dicom_port
@@ -400,7 +404,8 @@ class Orthanc:
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": self.user is not None,
+            "RegisteredUsers": dict([self.user]) if self.user else {},
             "SslEnabled": False,
             "DicomServerEnabled": True,
             "DicomAet": self.ae_title,
@@ -464,6 +469,8 @@ class Orthanc:
         headers = {"Content-Type": content_type} if content_type else {}
         if accept:
             headers["Accept"] = accept
+        if self.user:
+            headers["Authorization"] = "Basic " + base64.b64encode(":".join(self.user).encode()).decode()
         req = urllib.request.Request(url, data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
