@@ -169,6 +169,9 @@ def test_the_senders_reading_of_an_answer_matches_the_endpoints_answer() -> None
     status, body = stow.response_body(outcomes)
     assert status == 202
     assert dicomweb.stored_and_failed(body) == ({"1.2.3.4"}, {"1.2.3.5": 0xA700})
+    odd = {"00081198": {"vr": "SQ", "Value": [{"00081155": {"Value": ["9.9"]}, "00081197": {"Value": ["x"]}}, 7]}}
+    assert dicomweb.stored_and_failed([odd]) == (set(), {"9.9": 0})
+    assert dicomweb.stored_and_failed("not JSON of a dataset") == (set(), {})
     assert stow.response_body(outcomes[:1])[0] == 200
     assert stow.response_body(outcomes[1:])[0] == 409
 
@@ -305,6 +308,11 @@ def test_the_endpoint_needs_an_allow_list_and_one_secret_source() -> None:
         Secret(env="A", file="/b")
     with pytest.raises(ValueError, match="empty or unset"):
         Secret(env="CXR_TEST_NO_SUCH_VARIABLE").read()
+    from cxr_triage.core.settings import load_settings
+
+    environ = {"CXR_TRIAGE_DICOMWEB_STOW_MAX_INSTANCE_MB": "0.5", "CXR_TRIAGE_DICOMWEB_TIMEOUT": "5"}
+    settings = load_settings(None, environ=environ).dicomweb
+    assert (settings.stow_max_instance_mb, settings.timeout, settings.stow_enabled) == (0.5, 5.0, False)
 
 
 def test_a_destination_whose_secret_cannot_be_read_stops_the_commands_that_send(tmp_path: Path) -> None:
@@ -365,6 +373,7 @@ def test_srs_go_out_by_stow_rs_with_retries_dead_letter_and_forward_retry(stow_n
     report = json.loads(peers.cli("status", "--json", config=config_path, check=False).stdout)
     assert report["outboxes"]["dicomweb"] == {"dead": 1}
     assert any("STOW-RS deliveries dead-lettered" in p for p in report["problems"])
+    assert "STOW-RS: 0 pending, 0 sent, 1 dead" in peers.cli("status", config=config_path, check=False).stdout
     listed = peers.cli("forward", config=config_path).stdout
     assert "\tdicomweb:archive\tdead\tattempts=2" in listed
     assert metrics_states(harness) == {"pending": 0.0, "sent": 0.0, "dead": 1.0}

@@ -79,10 +79,12 @@ def stored_and_failed(answer: Any) -> tuple[set[str], dict[str, int]]:
         return values[0] if values else None
 
     stored = {str(first(i, REFERENCED_SOP_INSTANCE_UID)) for i in items(REFERENCED_SOP_SEQUENCE)}
-    failed = {
-        str(first(i, REFERENCED_SOP_INSTANCE_UID)): int(first(i, FAILURE_REASON) or 0)
-        for i in items(FAILED_SOP_SEQUENCE)
-    }
+
+    def reason(item: dict[str, Any]) -> int:
+        value = first(item, FAILURE_REASON)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    failed = {str(first(i, REFERENCED_SOP_INSTANCE_UID)): reason(i) for i in items(FAILED_SOP_SEQUENCE)}
     return stored - {"None"}, {uid: reason for uid, reason in failed.items() if uid != "None"}
 
 
