@@ -432,3 +432,17 @@ def test_instances_acknowledged_by_stow_rs_survive_a_sigkill(tmp_path: Path, tin
     assert outcome[lateral.SOPInstanceUID][0] == "rejected"
     assert "ViewPosition (0018,5101) is 'LL'" in outcome[lateral.SOPInstanceUID][1]
     assert len(outcome) == 2 and not partial.exists()
+
+
+def test_the_dicomweb_migration_goes_down_and_up(tmp_path: Path) -> None:
+    from alembic import command
+    from sqlalchemy import inspect
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'dw.sqlite'}")
+    db.upgrade(engine)
+    assert "dicomweb_stores" in inspect(engine).get_table_names()
+    command.downgrade(db.alembic_config(engine), "0012")
+    assert "dicomweb_stores" not in inspect(engine).get_table_names()
+    db.upgrade(engine)
+    assert "dicomweb_stores" in inspect(engine).get_table_names()
+    engine.dispose()
