@@ -226,6 +226,32 @@ def test_refusals_have_the_listeners_reasons_and_the_answer_says_which_were_stor
     }
 
 
+def test_below_the_spool_reserve_nothing_is_stored_and_each_instance_is_named(stow_node) -> None:
+    harness, server = stow_node(harness={"storage": {"min_free_mb": 10**9}})
+    ds = chest_dataset(seed=12)
+    status, answer = post(server.address[1], [part10(ds)])
+    assert status == 409 and failed(answer) == {ds.SOPInstanceUID: stow.OUT_OF_RESOURCES}
+    assert instances(harness) == [] and stray_temporaries(harness) == []
+
+
+def test_stow_rs_takes_none_of_the_listeners_association_slots(stow_node) -> None:
+    from pynetdicom import AE, build_context
+
+    harness, server = stow_node(harness={"listener": {"max_associations": 1}})
+    by_dicom, by_web = chest_dataset(seed=13), chest_dataset(seed=14)
+    ae = AE(ae_title="TESTSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    ae.requested_contexts = [build_context(str(by_dicom.SOPClassUID), [str(by_dicom.file_meta.TransferSyntaxUID)])]
+    assoc = ae.associate("127.0.0.1", harness.port, ae_title="CXR_TRIAGE")
+    assert assoc.is_established  # the listener's only slot, held open
+    try:
+        assert post(server.address[1], [part10(by_web)])[0] == 200
+        assert int(assoc.send_c_store(by_dicom).Status) == 0x0000
+    finally:
+        assoc.release()
+    assert {r.calling_ae for r in instances(harness)} == {"STOW-RS", "TESTSCU"}
+
+
 def test_an_instance_over_the_size_cap_is_not_kept_and_is_named(stow_node) -> None:
     harness, server = stow_node(stow_max_instance_mb=0.02)  # about 20 KiB
     small, large = chest_dataset(seed=6), chest_dataset(rows=256, cols=256, seed=7)
