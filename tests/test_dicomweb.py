@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Harness, chest_dataset, config_values, free_port, write_config
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
@@ -34,7 +35,6 @@ from cxr_triage.dicom import multipart, stow
 from cxr_triage.files import TEMP_PREFIX
 from cxr_triage.outputs import dicomweb
 from cxr_triage.testing import peers
-from tests.conftest import Harness, chest_dataset, config_values, free_port, write_config
 
 TOKEN_ENV = "CXR_TEST_STOW_TOKEN"
 TOKEN = "test-token-0123456789abcdef"
