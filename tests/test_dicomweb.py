@@ -472,3 +472,40 @@ def test_the_dicomweb_migration_goes_down_and_up(tmp_path: Path) -> None:
     db.upgrade(engine)
     assert "dicomweb_stores" in inspect(engine).get_table_names()
     engine.dispose()
+
+
+def test_a_request_in_progress_at_sigterm_is_answered_before_serve_stops(
+    tmp_path: Path, tiny_model: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    stow_port = free_port()
+    values = config_values(
+        tmp_path,
+        tiny_model,
+        worker={"processes": 0},
+        dicomweb={"stow_enabled": True, "stow_port": stow_port, "stow_token_env": TOKEN_ENV},
+    )
+    config = write_config(tmp_path / "cxr.toml", values)
+    ds = chest_dataset(seed=40)
+    body, content_type = mime_body([part10(ds)])
+    half = len(body) // 2
+    with peers.Server(config, values["listener"]["port"], log=tmp_path / "serve.log") as server:
+        assert server.proc is not None
+        connection = http.client.HTTPConnection("127.0.0.1", stow_port, timeout=60)
+        connection.putrequest("POST", "/studies")
+        for name, value in (("Content-Type", content_type), ("Authorization", f"Bearer {TOKEN}")):
+            connection.putheader(name, value)
+        connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body[:half])
+        peers.wait_until(lambda: "STOW-RS endpoint on" in (tmp_path / "serve.log").read_text(), 30, "the endpoint")
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        peers.wait_until(lambda: "shutting down" in (tmp_path / "serve.log").read_text(), 30, "serve to stop")
+        connection.send(body[half:])
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+        assert server.proc.wait(60) == 0
+    assert response.status == 200 and referenced(answer) == [ds.SOPInstanceUID]
+    engine = db.make_engine(values["database"]["url"])
+    with db.read_session(engine) as session:
+        assert list(session.scalars(select(db.Instance.sop_instance_uid))) == [ds.SOPInstanceUID]
+    engine.dispose()
