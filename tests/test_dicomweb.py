@@ -290,6 +290,12 @@ def test_who_may_store_token_network_and_media_type(stow_node) -> None:
 
     _, elsewhere = stow_node(stow_allowed_networks=["10.0.0.0/8"])
     assert post(elsewhere.address[1], data)[0] == 403
+    body, content_type = mime_body(data)
+    connection = http.client.HTTPConnection("127.0.0.1", elsewhere.address[1], timeout=60)
+    spoofed = {"Content-Type": content_type, "Authorization": f"Bearer {TOKEN}", "X-Forwarded-For": "10.1.2.3"}
+    connection.request("POST", "/studies", body=body, headers=spoofed)
+    assert connection.getresponse().status == 403, "the network is the TCP peer's, not a header's"
+    connection.close()
 
 
 def self_signed(folder: Path, name: str) -> tuple[str, str]:

@@ -19,11 +19,11 @@ every other part is in the Failed SOP Sequence (0008,1198) with its Failure Reas
   malformed), 0xC212 (the file meta's SOP Instance UID is not the dataset's), all in the "cannot understand" range.
 
 HTTP status (PS3.18 10.5.3): 200 every instance stored, 202 some, 409 none; before any part is read, 403 a client
-outside ``stow_allowed_networks``, 401 no or a wrong bearer token, 415 another media type, 413 a Content-Length
-over ``stow_max_request_mb`` (a body without one is counted as it streams, and cut with 413 at the cap: the parts
-completed before it are stored and recorded, and sending again is safe), 400 a body that breaks the multipart
-syntax (likewise). Instances refused for their content (a lateral view) are stored and answered as stored, as by
-the listener: the worker records why.
+outside ``stow_allowed_networks`` (the TCP peer's address: X-Forwarded-For is not trusted), 401 no or a wrong bearer
+token, 415 another media type, 413 a Content-Length over ``stow_max_request_mb`` (a body without one is counted as
+it streams, and cut with 413 at the cap: the parts completed before it are stored and recorded, and sending again is
+safe), 400 a body that breaks the multipart syntax (likewise). Instances refused for their content (a lateral view)
+are stored and answered as stored, as by the listener: the worker records why.
 
 It runs on its own thread with its own event loop (``StowServer``, uvicorn) and anyio's worker threads for the file
 syncs and the database: it takes none of the listener's association threads or ``max_associations`` slots.
@@ -361,7 +361,7 @@ class StowServer:
         config = uvicorn.Config(
             app, host=settings.stow_host, port=settings.stow_port, log_config=None, log_level=log_level.lower(),
             access_log=False, server_header=False, lifespan="off", timeout_graceful_shutdown=30,
-            limit_concurrency=MAX_CONNECTIONS, **tls,
+            limit_concurrency=MAX_CONNECTIONS, proxy_headers=False, **tls,
         )  # fmt: skip
         self.server = uvicorn.Server(config)
         self.thread: threading.Thread | None = None
