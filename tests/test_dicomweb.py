@@ -279,6 +279,25 @@ def test_a_body_over_the_request_cap_is_refused_whether_announced_or_streamed(st
     assert instances(harness) == [] and stray_temporaries(harness) == []
 
 
+def test_a_body_that_breaks_the_multipart_syntax_is_answered_400(stow_node) -> None:
+    harness, server = stow_node()
+    first, second = chest_dataset(seed=15), chest_dataset(seed=16)
+    body, content_type = mime_body([part10(first), part10(second)])
+    headers = {"Content-Type": content_type, "Authorization": f"Bearer {TOKEN}"}
+    cut_in_second = body[: body.rindex(b"--client") - 100]
+    for broken in (cut_in_second, b"only a preamble, no part\r\n"):
+        connection = http.client.HTTPConnection("127.0.0.1", server.address[1], timeout=60)
+        connection.request("POST", "/studies", body=broken, headers=headers)
+        response = connection.getresponse()
+        assert response.status == 400, response.read()
+        connection.close()
+    # The part completed before the syntax broke was stored and recorded (sending again is a no-op); the part cut
+    # short was not kept.
+    assert [r.sop_instance_uid for r in instances(harness)] == [first.SOPInstanceUID]
+    assert post(server.address[1], [part10(first)])[0] == 200 and len(instances(harness)) == 1
+    assert stray_temporaries(harness) == []
+
+
 def test_who_may_store_token_network_and_media_type(stow_node) -> None:
     harness, server = stow_node()
     data = [part10(chest_dataset(seed=9))]
