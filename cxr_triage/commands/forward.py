@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--retry",
         action="store_true",
-        help="put dead SR forwards, HL7 messages, Orthanc updates and FHIR reports back to pending and send all now",
+        help="put dead SR forwards (C-STORE, STOW-RS), HL7 messages, Orthanc updates and FHIR reports back to pending "
+        "and send all now",
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
 
@@ -48,6 +49,9 @@ def _print(records: list[dict[str, Any]], as_json: bool, empty: str = "") -> Non
         if record["kind"] == "sr":
             uid, destination = record["sr_sop_instance_uid"], record["destination"]
             answer = "" if record["status"] is None else f" 0x{record['status']:04X}"
+        elif "sr_sop_instance_uid" in record:  # an SR by another route (STOW-RS): its HTTP status
+            uid, destination = record["sr_sop_instance_uid"], f"{record['kind']}:{record['destination']}"
+            answer = "" if record["status"] is None else f" HTTP {record['status']}"
         else:
             uid, destination = record["study_instance_uid"], f"{record['kind']}:{record['destination']}"
             answer = f" {record['ack']}" if record.get("ack") else ""

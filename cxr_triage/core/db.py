@@ -252,6 +252,25 @@ class Forward(Base):
     sr: Mapped[SRDocument] = relationship(back_populates="forwards")
 
 
+class DicomwebStore(Base):
+    """STOW-RS of one SR to one ``[dicomweb] destinations`` entry (``cxr_triage.outputs.dicomweb``), named by its
+    ``name``: attempts so far, state (pending, sent, dead) and when to try next, like ``Forward``."""
+
+    __tablename__ = "dicomweb_stores"
+    __table_args__ = (Index("ix_dicomweb_stores_state_next", "state", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sr_id: Mapped[int] = mapped_column(ForeignKey("sr_documents.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(300))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default=FORWARD_PENDING)
+    status: Mapped[int | None] = mapped_column(Integer)  # last HTTP status, None when no answer came
+    next_attempt_at: Mapped[dt.datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime]
+    updated_at: Mapped[dt.datetime]
+
+
 class _StudyDelivery:
     """Columns of a study's result on its way to one destination (``cxr_triage.outputs.delivery``): attempts so
     far, state (pending, sent, dead, superseded) and when to try next."""

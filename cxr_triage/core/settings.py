@@ -22,6 +22,7 @@ from typing import Any, Self
 
 from cxr_triage import PRECISIONS
 from cxr_triage.core.config import ConfigError, load_config, merge
+from cxr_triage.core.dicomweb import DicomwebSettings
 from cxr_triage.core.endpoints import (
     Destination,
     HL7Code,
@@ -539,6 +540,7 @@ class Settings:
     forward: ForwardSettings = field(default_factory=ForwardSettings)
     hl7: HL7Settings = field(default_factory=HL7Settings)
     fhir: FHIRSettings = field(default_factory=FHIRSettings)
+    dicomweb: DicomwebSettings = field(default_factory=DicomwebSettings)
     web: WebSettings = field(default_factory=WebSettings)
     retrain: RetrainSettings = field(default_factory=RetrainSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
@@ -565,6 +567,7 @@ class Settings:
             forward=ForwardSettings.from_table(values["forward"]),
             hl7=HL7Settings.from_table(values.get("hl7", {})),
             fhir=FHIRSettings.from_table(values.get("fhir", {})),
+            dicomweb=DicomwebSettings.from_config(values.get("dicomweb", {})),
             web=_from_table(WebSettings, "web", values["web"]),
             retrain=_from_table(RetrainSettings, "retrain", values.get("retrain", {})),
             logging=_from_table(LoggingSettings, "logging", values["logging"]),

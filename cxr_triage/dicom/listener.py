@@ -108,7 +108,8 @@ def decodable_transfer_syntaxes() -> list[str]:
     return [str(u) for u in native + compressed]
 
 
-def _uid_ok(value: Any) -> bool:
+def uid_ok(value: Any) -> bool:
+    """Whether ``value`` is a well-formed UID (what the spool may name a file after)."""
     return isinstance(value, str) and spool.safe_uid(value) == value.strip() and bool(value.strip())
 
 
@@ -191,16 +192,19 @@ class Receiver:
             self._handling.pop(id(event.assoc), None)
             self._receiving.discard(id(event.assoc))
 
-    def _handle_store(self, event: Event) -> int:
-        requested_uid = event.request.AffectedSOPInstanceUID
+    def below_reserve(self, what: str) -> bool:
+        """Whether the spool is below its reserve (``[storage] min_free_mb``); logged as refusing ``what``."""
         free = spool.free_mb(self.spool_dir)
         if free < self.min_free_mb:
             logger.error(
-                "refusing SOP instance %s: %.0f MiB free in the spool, below the reserve of %.0f MiB",
-                requested_uid,
-                free,
-                self.min_free_mb,
+                "refusing %s: %.0f MiB free in the spool, below the reserve of %.0f MiB", what, free, self.min_free_mb
             )
+            return True
+        return False
+
+    def _handle_store(self, event: Event) -> int:
+        requested_uid = event.request.AffectedSOPInstanceUID
+        if self.below_reserve(f"SOP instance {requested_uid}"):
             return STATUS_OUT_OF_RESOURCES
         try:
             ds = read_header(event)
@@ -211,7 +215,7 @@ class Receiver:
             logger.error("cannot parse the dataset of SOP instance %s: %s", requested_uid, parse_error(exc))
             return STATUS_CANNOT_PARSE
         context_class = event.context.abstract_syntax
-        if not sop_class or not _uid_ok(sop_instance) or not _uid_ok(study_uid):
+        if not sop_class or not uid_ok(sop_instance) or not uid_ok(study_uid):
             logger.error(
                 "SOP instance %s: SOP Class UID %r, SOP Instance UID %r or Study Instance UID %r is missing or "
                 "malformed",
@@ -249,7 +253,7 @@ class Receiver:
             sop_instance_uid=str(sop_instance).strip(),
             sop_class_uid=str(event.context.abstract_syntax),
             study_instance_uid=str(study_uid).strip(),
-            series_instance_uid=str(series_uid).strip() if _uid_ok(series_uid) else None,
+            series_instance_uid=str(series_uid).strip() if uid_ok(series_uid) else None,
             transfer_syntax_uid=str(event.context.transfer_syntax),
             calling_ae=event.assoc.requestor.ae_title,
             sha256=spool.sha256_bytes(data),
@@ -258,9 +262,17 @@ class Receiver:
         )
         return self.store(item, data)
 
-    def store(self, item: ReceivedInstance, data: spool.Buffer | Sequence[spool.Buffer]) -> int:
-        """Deduplicate, spool atomically (``data``: the file's bytes, or its parts in order), record; the status
-        to answer."""
+    def store(self, item: ReceivedInstance, data: spool.Buffer | Sequence[spool.Buffer] | Path) -> int:
+        """Deduplicate, spool atomically (``data``: the file's bytes, or its parts in order, or a temporary file in
+        the spool folder, written and synced, that is renamed into place or deleted), record; the status to answer.
+        Shared by the C-STORE handler and the STOW-RS endpoint (``cxr_triage.dicom.stow``)."""
+        try:
+            return self._store(item, data)
+        finally:
+            if isinstance(data, Path):
+                data.unlink(missing_ok=True)  # gone already when it was renamed into place
+
+    def _store(self, item: ReceivedInstance, data: spool.Buffer | Sequence[spool.Buffer] | Path) -> int:
         try:
             with self.sessions() as session:
                 db.read_only(session)
@@ -274,8 +286,13 @@ class Receiver:
             return STATUS_NOT_RECORDED
         path = spool.spool_path(self.spool_dir, item.sop_instance_uid, item.sha256)
         try:
-            parts = (data,) if isinstance(data, spool.Buffer) else data
-            files.write_atomic(path, lambda fh: [fh.write(part) for part in parts])
+            if isinstance(data, Path):
+                files.make_folder(path.parent)
+                data.replace(path)
+                files.fsync_dir(path.parent)
+            else:
+                parts = (data,) if isinstance(data, spool.Buffer) else data
+                files.write_atomic(path, lambda fh: [fh.write(part) for part in parts])
         except OSError:
             logger.exception("cannot write SOP instance %s to the spool %s", item.sop_instance_uid, self.spool_dir)
             return STATUS_OUT_OF_RESOURCES
@@ -333,6 +350,12 @@ def read_header(event: Event) -> Dataset:
     stream = event.request.DataSet
     stream.seek(0)
     ds = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=HEADER_DEFER_BYTES)
+    return decode_values(ds)
+
+
+def decode_values(ds: Dataset) -> Dataset:
+    """``ds`` (read with ``defer_size=HEADER_DEFER_BYTES``) with every value that was read decoded, so that a
+    malformed element raises here; the deferred (large) values stay unread."""
     for tag, raw in list(ds.items()):  # items() gives the raw elements: iterating would read deferred values
         if raw.value is not None or not raw.length:  # else deferred: a large value, of defined length or not
             ds[tag]  # decodes the value

@@ -1,16 +1,17 @@
 """``cxr-triage serve``: the DICOM listener, ``[worker] processes`` worker processes and the housekeeping.
 
-Start-up order: settings (a bad value stops here, its key named); database (an empty one gets the schema; one
-behind the code's revision is refused with the ``db upgrade`` command to run); spool recovery (incomplete
-temporaries removed, spool files without a row enqueued, jobs held by dead local workers released) and SR recovery
-(the SR files a crash left between write and rename settled, ``cxr_triage.outputs.srfiles``); then the
-listener, the workers (multiprocessing, spawn), the housekeeping scheduler (``cxr_triage.ops.housekeeping``:
-forwarding, study aggregation, spool retention, in this process only), with ``[retrain] enabled`` the retraining
-schedule (``cxr_triage.retrain.scheduler``: one process leads it among all that share the database) and, once, in a
-background thread, the sweep of SR files without a row (``srfiles.sweep_orphans``). A worker process that dies is
-restarted. SIGTERM or SIGINT: stop accepting associations, let associations in progress finish, ask the workers to
-stop (each finishes or releases its claimed jobs), stop the retraining (a run in progress is recorded as failed)
-and the housekeeping, and exit.
+Start-up order: settings (a bad value stops here, its key named); database (an empty one gets the schema; one behind
+the code's revision is refused with the ``db upgrade`` command to run); spool recovery (incomplete temporaries
+removed, spool files without a row enqueued, jobs held by dead local workers released) and SR recovery (the SR files
+a crash left between write and rename settled, ``cxr_triage.outputs.srfiles``); then the listener (with ``[dicomweb]
+stow_enabled`` its STOW-RS twin, ``cxr_triage.dicom.stow``), the workers (multiprocessing, spawn), the housekeeping
+scheduler (``cxr_triage.ops.housekeeping``: forwarding, study aggregation, spool retention, in this process only),
+with ``[retrain] enabled`` the retraining schedule (``cxr_triage.retrain.scheduler``: one process leads it among all
+that share the database) and, once, in a background thread, the sweep of SR files without a row
+(``srfiles.sweep_orphans``). A worker process that dies is restarted. SIGTERM or SIGINT: stop accepting STOW-RS
+requests (those in progress are answered) and associations, let associations in progress finish, ask the workers to
+stop (each finishes or releases its claimed jobs), stop the retraining (a run in progress is recorded as failed) and
+the housekeeping, and exit.
 
 Research use only; not a medical device.
 """
@@ -29,7 +30,7 @@ from sqlalchemy import Engine
 from cxr_triage import log_name
 from cxr_triage.core import db
 from cxr_triage.core.settings import AUTO, Settings
-from cxr_triage.dicom import listener
+from cxr_triage.dicom import listener, stow
 from cxr_triage.ops.housekeeping import Housekeeping
 from cxr_triage.outputs import srfiles
 from cxr_triage.queue import jobqueue, spool
@@ -88,6 +89,9 @@ class Server:
         """Set by the listener when it has queued an instance; wakes idle worker processes."""
         receiver = listener.make_receiver(settings.storage, engine, on_queued=self.wake.set)
         self.listener = listener.Listener(settings.listener, receiver)
+        self.stow: stow.StowServer | None = None
+        if settings.dicomweb.stow_enabled:  # STOW-RS in, on the listener's spool and database (dicom.stow)
+            self.stow = stow.StowServer(settings.dicomweb, receiver, log_level)
         self.housekeeping = Housekeeping(settings, db.session_factory(engine))
         self.retraining: RetrainScheduler | None = None
         if settings.retrain.enabled:  # the retraining schedule ([retrain], cxr_triage.retrain.scheduler)
@@ -110,6 +114,8 @@ class Server:
 
     def start(self) -> None:
         self.listener.start()
+        if self.stow is not None:
+            self.stow.start()
         count, self.threads = self._layout()
         for index in range(count):
             self.processes.append(self._start_worker(index))
@@ -168,6 +174,8 @@ class Server:
     def shutdown(self) -> None:
         """Stop accepting associations, then stop the workers (they finish or release their jobs)."""
         logger.info("shutting down: no new associations")
+        if self.stow is not None:
+            self.stow.stop()
         self.listener.stop()
         for process in self.processes:
             if process.is_alive():

@@ -26,9 +26,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from cxr_triage.core import db
 
-Outgoing: TypeAlias = db.Forward | db.HL7Message | db.OrthancMetadata | db.FHIRReport
+Outgoing: TypeAlias = db.Forward | db.HL7Message | db.OrthancMetadata | db.FHIRReport | db.DicomwebStore
 """A row that is sent with retries."""
-_Row = TypeVar("_Row", db.Forward, db.HL7Message, db.OrthancMetadata, db.FHIRReport)
+_Row = TypeVar("_Row", db.Forward, db.HL7Message, db.OrthancMetadata, db.FHIRReport, db.DicomwebStore)
 StudyOutgoing: TypeAlias = type[db.HL7Message] | type[db.OrthancMetadata] | type[db.FHIRReport]
 """A kind of row that carries a study's result to one destination."""
 

@@ -1,9 +1,10 @@
 """Every output in one place: what it needs, how it builds its payload, how it delivers it, its configuration.
 
 An output is a result that leaves cxr-triage: the Structured Report of a classified instance forwarded to the PACS
-(``forward``), a finished study's HL7 ORU^R01 to the RIS (``hl7``), its priority as Orthanc metadata
-(``orthanc``) and its FHIR R4 DiagnosticReport (``fhir``). As an operator of MONAI Deploy's App SDK declares its
-inputs and outputs and the application wires the graph in one ``compose`` method, each output here declares:
+by C-STORE (``forward``) or STOW-RS (``dicomweb``), a finished study's HL7 ORU^R01 to the RIS (``hl7``), its
+priority as Orthanc metadata (``orthanc``) and its FHIR R4 DiagnosticReport (``fhir``). As an operator of MONAI
+Deploy's App SDK declares its inputs and outputs and the application wires the graph in one ``compose`` method, each
+output here declares:
 
 - ``needs``: ``INSTANCE``, the SR row of a classified instance (the recorder calls ``enqueue`` inside the
   transaction that records the result, after the SR file is durable), or ``STUDY``, a study just aggregated (the
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxr_triage.core import db
-from cxr_triage.outputs import delivery, fhir, forward, hl7, orthanc
+from cxr_triage.outputs import delivery, dicomweb, fhir, forward, hl7, orthanc
 
 if TYPE_CHECKING:
     from cxr_triage.core.settings import Settings
@@ -84,6 +85,21 @@ def compose() -> tuple[Output, ...]:
             listed=forward.listed,
             drain=False,
             noun="SR forwards",
+            states=(db.FORWARD_PENDING, db.FORWARD_SENT, db.FORWARD_DEAD),
+        ),
+        Output(
+            "dicomweb",
+            Needs.INSTANCE,
+            db.DicomwebStore,
+            "send SRs by STOW-RS",
+            enqueue=lambda session, sr, settings, now: dicomweb.enqueue(session, sr, settings.dicomweb, now),
+            send_due=lambda sessions, settings, force, tried: dicomweb.process_due(
+                sessions, settings.dicomweb, force=force, exclude=tried
+            ),
+            as_record=dicomweb.as_record,
+            listed=dicomweb.listed,
+            check=dicomweb.check_settings,
+            noun="SR STOW-RS deliveries",
             states=(db.FORWARD_PENDING, db.FORWARD_SENT, db.FORWARD_DEAD),
         ),
         Output(

@@ -11,6 +11,7 @@ has a deadline. A missing tool raises ``PeerError``: the tests fail, they never 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import json
@@ -37,6 +38,8 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 SAMPLE_CR = SHARED / "data" / "dicom" / "pydicom-data_RG1_UNCR.dcm"
 ORTHANC_BIN = Path("/usr/sbin/Orthanc")
+ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+"""Orthanc's DICOMweb plugin (Debian package orthanc-dicomweb)."""
 PG_ROOT = Path("/usr/lib/postgresql")
 """Debian's PostgreSQL server binaries live in PG_ROOT/<major>/bin; the newest installed is used."""
 DCMTK_DIRS = ("/usr/bin", "/usr/local/bin")
@@ -356,7 +359,9 @@ class Storescp:
 class Orthanc:
     """An Orthanc server with a generated configuration, driven through its REST API on 127.0.0.1.
 
-    ``modalities`` maps a symbolic name to (AE title, port) on 127.0.0.1; ``lua_scripts`` are loaded as given.
+    ``modalities`` maps a symbolic name to (AE title, port) on 127.0.0.1; ``lua_scripts`` and ``plugins`` (shared
+    libraries, e.g. ``ORTHANC_DICOMWEB``) are loaded as given. With ``user`` (name, password) its HTTP API requires
+    that user (basic authentication), which the REST helpers here then send.
     """
 
     def __init__(
@@ -368,8 +373,12 @@ class Orthanc:
         modalities: Mapping[str, tuple[str, int]] | None = None,
         lua_scripts: Sequence[Path] = (),
         base: Mapping[str, Any] | None = None,
+        plugins: Sequence[Path] = (),
+        user: tuple[str, str] | None = None,
     ) -> None:
+        self.user = user
         self.workdir = Path(workdir)
+        self.plugins = [Path(p) for p in plugins]
         self.dicom_port = dicom_port
         self.http_port = http_port
         self.ae_title = ae_title
@@ -395,7 +404,8 @@ class Orthanc:
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": self.user is not None,
+            "RegisteredUsers": dict([self.user]) if self.user else {},
             "SslEnabled": False,
             "DicomServerEnabled": True,
             "DicomAet": self.ae_title,
@@ -406,7 +416,7 @@ class Orthanc:
             "DicomScuTimeout": 30,
             "DicomModalities": modalities,
             "LuaScripts": [str(p) for p in self.lua_scripts],
-            "Plugins": [],
+            "Plugins": [str(p) for p in self.plugins],
             "StableAge": 2,
             "ConcurrentJobs": 2,
             "SaveJobs": False,
@@ -416,6 +426,9 @@ class Orthanc:
     def __enter__(self) -> Orthanc:
         if not ORTHANC_BIN.exists():
             raise PeerError(f"{ORTHANC_BIN} is missing (Debian package orthanc)")
+        for plugin in self.plugins:
+            if not plugin.exists():
+                raise PeerError(f"the Orthanc plugin {plugin} is missing (Debian package orthanc-dicomweb?)")
         if not in_private_netns():
             raise PeerError("Orthanc binds every interface: start it inside netns_command(...) only")
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -449,9 +462,15 @@ class Orthanc:
         data = self.request_bytes(path, method, body, content_type)
         return json.loads(data) if data else None
 
-    def request_bytes(self, path: str, method: str = "GET", body: bytes | None = None, content_type: str = "") -> bytes:
+    def request_bytes(
+        self, path: str, method: str = "GET", body: bytes | None = None, content_type: str = "", accept: str = ""
+    ) -> bytes:
         url = f"http://127.0.0.1:{self.http_port}{path}"
         headers = {"Content-Type": content_type} if content_type else {}
+        if accept:
+            headers["Accept"] = accept
+        if self.user:
+            headers["Authorization"] = "Basic " + base64.b64encode(":".join(self.user).encode()).decode()
         req = urllib.request.Request(url, data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
