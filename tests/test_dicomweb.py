@@ -422,9 +422,9 @@ def test_srs_go_out_by_stow_rs_with_retries_dead_letter_and_forward_retry(stow_n
     config = {**harness.config, "dicomweb": {**harness.config["dicomweb"], "destinations": [destination(closed)]}}
     config_path = write_config(harness.tmp / "node.toml", config)
     report = json.loads(peers.cli("status", "--json", config=config_path, check=False).stdout)
-    assert report["outboxes"]["dicomweb"] == {"dead": 1}
-    assert any("STOW-RS deliveries dead-lettered" in p for p in report["problems"])
-    assert "STOW-RS: 0 pending, 0 sent, 1 dead" in peers.cli("status", config=config_path, check=False).stdout
+    assert report["outboxes"]["dicomweb"] == {"pending": 0, "sent": 0, "dead": 1}
+    assert any("1 SR STOW-RS deliveries dead-lettered" in p for p in report["problems"]), report["problems"]
+    assert "dicomweb: 0 pending, 0 sent, 1 dead" in peers.cli("status", config=config_path, check=False).stdout
     listed = peers.cli("forward", config=config_path).stdout
     assert "\tdicomweb:archive\tdead\tattempts=2" in listed
     assert metrics_states(harness) == {"pending": 0.0, "sent": 0.0, "dead": 1.0}
