@@ -77,6 +77,7 @@ class Recorder:
         self.triage = settings.triage
         thumbnails = settings.storage.thumbnail_dir
         self.thumbnail_dir = Path(thumbnails).resolve() if thumbnails is not None else None
+        self.heatmap_dir = settings.heatmap.folder(settings.storage).resolve()
         self._reports: TriageSRBuilder | None = None
         self._undecided: list[Path] = []
         """Pending SR files of outcomes not recorded whose fate the database could not tell yet."""
@@ -103,13 +104,14 @@ class Recorder:
         classified = [o for o in outcomes if isinstance(o, Classified)]
         srs = self.write_srs(classified) if classified and self.sr.enabled else {}
         thumbnails = self.write_thumbnails(classified)
+        heatmaps = self.write_heatmaps(classified)
         written = time.perf_counter()
         try:
-            self.commit(outcomes, srs, thumbnails)
+            self.commit(outcomes, srs, thumbnails, heatmaps)
         except Exception:
             logger.exception("recording the batch of %d job(s) failed; recording them one by one", len(outcomes))
             for outcome in outcomes:
-                self._record_alone(outcome, srs, thumbnails)
+                self._record_alone(outcome, srs, thumbnails, heatmaps)
         n = max(1, len(outcomes))
         classify_ms = sum(o.preprocess_ms + o.inference_ms for o in classified)
         logger.info(
@@ -120,13 +122,15 @@ class Recorder:
             (time.perf_counter() - written) * 1000.0 / n,
         )
 
-    def _record_alone(self, outcome: Outcome, srs: dict[int, SRResult], thumbnails: dict[int, Path]) -> None:
+    def _record_alone(
+        self, outcome: Outcome, srs: dict[int, SRResult], thumbnails: dict[int, Path], heatmaps: dict[int, Path]
+    ) -> None:
         own = {outcome.job.id: srs[outcome.job.id]} if outcome.job.id in srs else {}
         written = own.get(outcome.job.id)
         if isinstance(written, WrittenSR) and written.previous_job is not None:  # its predecessor may be gone
             own[outcome.job.id] = dataclasses.replace(written, previous_job=None)
         try:
-            self.commit([outcome], own, thumbnails)
+            self.commit([outcome], own, thumbnails, heatmaps)
         except Exception as exc:
             logger.exception("job %s (SOP instance %s): recording failed", outcome.job.id, outcome.job.sop_instance_uid)
             if isinstance(written, WrittenSR):
@@ -252,10 +256,36 @@ class Recorder:
                 logger.exception("SOP instance %s: the worklist thumbnail could not be written", job.sop_instance_uid)
         return written
 
+    def write_heatmaps(self, outcomes: Sequence[Classified]) -> dict[int, Path]:
+        """The coarse map of each classified instance that has one (``heatmap.save_coarse``), by job id; a failure
+        is logged once per chunk and the results are recorded without their maps."""
+        written: dict[int, Path] = {}
+        failed: list[str] = []
+        for outcome in outcomes:
+            if outcome.heatmap is None:
+                continue
+            from cxr_triage.ml.heatmap import save_coarse
+
+            job = outcome.job
+            path = self.heatmap_dir / spool.safe_uid(job.study_instance_uid) / f"{job.id}.npy"
+            try:
+                written[job.id] = save_coarse(path, outcome.heatmap)
+            except Exception:
+                if not failed:
+                    logger.exception("the heatmap of SOP instance %s could not be stored", job.sop_instance_uid)
+                failed.append(job.sop_instance_uid)
+        if len(failed) > 1:
+            logger.error("%d heatmaps of this chunk could not be stored: recorded without them", len(failed))
+        return written
+
     # --- the transaction -------------------------------------------------------------------------------------
 
     def commit(
-        self, outcomes: Sequence[Outcome], srs: dict[int, SRResult], thumbnails: dict[int, Path] | None = None
+        self,
+        outcomes: Sequence[Outcome],
+        srs: dict[int, SRResult],
+        thumbnails: dict[int, Path] | None = None,
+        heatmaps: dict[int, Path] | None = None,
     ) -> None:
         """Record ``outcomes`` in one transaction (with their studies' provisional priorities); once it has
         committed, rename their SRs into place (those of outcomes no longer ours are deleted) and log them."""
@@ -281,6 +311,8 @@ class Recorder:
                     self._add_prediction(session, instance, outcome, srs.get(outcome.job.id), sr_rows, now)
                     thumbnail = (thumbnails or {}).get(outcome.job.id)
                     instance.thumbnail_path = str(thumbnail) if thumbnail is not None else None
+                    heatmap = (heatmaps or {}).get(outcome.job.id)
+                    instance.heatmap_path = str(heatmap) if heatmap is not None else None
                 recorded.append((outcome, final))
             studies.refresh_priorities(session, [o.job.study_instance_uid for o, _ in recorded], self.triage)
         srfiles.publish(
@@ -346,7 +378,7 @@ class Recorder:
                 inference_ms=outcome.inference_ms,
                 total_ms=outcome.preprocess_ms + outcome.inference_ms,
                 device=str(predictor.device),
-                precision=predictor.precision,
+                precision=outcome.precision or predictor.precision,  # what produced the label
                 typicality=outcome.typicality,
                 created_at=now,
             )

@@ -125,6 +125,7 @@ class Worker:
         self._recording: ThreadPoolExecutor | None = None
         self._preparing: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None
+        self._heatmap: tuple[Predictor, Any] | None = None  # the predictor and its GradCAMHeatmap (or None)
 
     @property
     def predictor(self) -> Predictor | None:
@@ -241,16 +242,34 @@ class Worker:
             return
         if self._preparing is None:
             self._preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-preprocess")
-        ahead = self._preparing.submit(pipeline.preprocess, chunks[0], self.stop)
+        heatmap = self.heatmap_for(predictor)
+        keep = heatmap is not None and self.settings.heatmap.pacs_object != "none" and self.settings.sr.enabled
+        ahead = self._preparing.submit(pipeline.preprocess, chunks[0], self.stop, keep)
         for index in range(len(chunks)):
             outcomes, prepared = ahead.result()
             if self.stop.is_set():
                 break  # what is not recorded stays claimed by us and is released when the loop ends
             if index + 1 < len(chunks):
-                ahead = self._preparing.submit(pipeline.preprocess, chunks[index + 1], self.stop)
-            outcomes += pipeline.classify(prepared, predictor, self.settings.triage, self.gate)
+                ahead = self._preparing.submit(pipeline.preprocess, chunks[index + 1], self.stop, keep)
+            outcomes += pipeline.classify(prepared, predictor, self.settings.triage, self.gate, heatmap)
             if outcomes:
                 self._hand_to_recorder(outcomes)
+
+    def heatmap_for(self, predictor: Predictor) -> Any:
+        """The ``GradCAMHeatmap`` of ``predictor``'s model (made once per model), or None when ``[heatmap]`` is off
+        or it cannot be made (logged once per model: the images are classified without maps)."""
+        if not self.settings.heatmap.enabled:
+            return None
+        if self._heatmap is None or self._heatmap[0] is not predictor:
+            from cxr_triage.ml.heatmap import GradCAMHeatmap
+
+            try:
+                made = GradCAMHeatmap(predictor.loaded.model, predictor.device, self.settings.heatmap.method)
+            except Exception:
+                logger.exception("model %s: no heatmaps (its map cannot be computed)", predictor.model_version)
+                made = None
+            self._heatmap = (predictor, made)
+        return self._heatmap[1]
 
     def _hand_to_recorder(self, outcomes: list[pipeline.Outcome]) -> None:
         self.flush()
