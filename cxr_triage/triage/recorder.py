@@ -58,6 +58,20 @@ class WrittenSR:
     previous_id: int | None
     previous_job: int | None = None
     pending: Path | None = None
+    heatmap: Any = None  # the heatmap object the SR references (outputs.heatmapobject); None without one
+    heatmap_path: Path | None = None  # its final path, beside the SR
+    heatmap_pending: Path | None = None  # where it is until the row has committed
+
+    def moves(self) -> list[tuple[Path, Path]]:
+        """(pending, final) of its files still pending: the heatmap object's, then the SR's."""
+        pairs = [(self.heatmap_pending, self.heatmap_path), (self.pending, self.path)]
+        return [(pending, final) for pending, final in pairs if pending is not None and final is not None]
+
+    def unlink(self) -> None:
+        """Delete its files (a report not recorded)."""
+        for path in (self.heatmap_pending or self.heatmap_path, self.pending or self.path):
+            if path is not None:
+                path.unlink(missing_ok=True)
 
 
 SRResult = WrittenSR | str
@@ -79,6 +93,8 @@ class Recorder:
         self.thumbnail_dir = Path(thumbnails).resolve() if thumbnails is not None else None
         self.heatmap_dir = settings.heatmap.folder(settings.storage).resolve()
         self._reports: TriageSRBuilder | None = None
+        self._heatmaps: Any = None  # outputs.heatmapobject.HeatmapSecondaryCapture, made on first use
+        self._heatmap_failures = 0
         self._undecided: list[Path] = []
         """Pending SR files of outcomes not recorded whose fate the database could not tell yet."""
 
@@ -142,13 +158,16 @@ class Recorder:
 
     # --- Structured Reports ----------------------------------------------------------------------------------
 
-    def _sr_context(self, outcomes: Sequence[Classified]) -> tuple[dict[str, tuple[int, str]], dict[str, str]]:
-        """One read for the chunk: the latest SR (id, path) of each SOP instance, and the SR series of each study
-        for this model version."""
+    def _sr_context(
+        self, outcomes: Sequence[Classified]
+    ) -> tuple[dict[str, tuple[int, str]], dict[str, str], dict[str, str]]:
+        """One read for the chunk: the latest SR (id, path) of each SOP instance, and the SR series and the
+        heatmap series of each study for this model version."""
         sop_uids = sorted({o.job.sop_instance_uid for o in outcomes})
         study_uids = sorted({o.job.study_instance_uid for o in outcomes})
         previous: dict[str, tuple[int, str]] = {}
         series: dict[str, str] = {}
+        heatmap_series: dict[str, str] = {}
         with self.sessions() as session:
             db.read_only(session)
             rows = session.execute(
@@ -160,7 +179,11 @@ class Recorder:
             for uid, sr_id, path in rows:
                 previous[uid] = (sr_id, path)  # ascending ids: the last one wins
             rows = session.execute(
-                select(db.Instance.study_instance_uid, db.SRDocument.series_instance_uid)
+                select(
+                    db.Instance.study_instance_uid,
+                    db.SRDocument.series_instance_uid,
+                    db.SRDocument.heatmap_series_instance_uid,
+                )
                 .join(db.Instance, db.SRDocument.instance_id == db.Instance.id)
                 .where(
                     db.Instance.study_instance_uid.in_(study_uids),
@@ -168,16 +191,18 @@ class Recorder:
                 )
                 .order_by(db.SRDocument.id)
             ).all()
-            for study_uid, series_uid in rows:
+            for study_uid, series_uid, heatmap_series_uid in rows:
                 series.setdefault(study_uid, series_uid)
+                if heatmap_series_uid is not None:
+                    heatmap_series.setdefault(study_uid, heatmap_series_uid)
             session.rollback()
-        return previous, series
+        return previous, series, heatmap_series
 
     def write_srs(self, outcomes: Sequence[Classified]) -> dict[int, SRResult]:
         """Build and write the SR of each classified instance under its pending name, by job id (``commit`` renames
         the recorded ones into place); a failure is the error's text."""
         try:
-            previous, series = self._sr_context(outcomes)
+            previous, series, heatmap_series = self._sr_context(outcomes)
         except Exception as exc:
             logger.exception("the SRs of jobs %s could not be prepared", [o.job.id for o in outcomes])
             return {o.job.id: _not_written(exc) for o in outcomes}
@@ -187,7 +212,7 @@ class Recorder:
         for outcome in outcomes:
             job = outcome.job
             try:
-                written = self._write_one(outcome, previous, series, latest.get(job.sop_instance_uid))
+                written = self._write_one(outcome, previous, series, latest.get(job.sop_instance_uid), heatmap_series)
             except Exception as exc:  # the classification stands; the missing SR is recorded as the error
                 logger.exception("SOP instance %s: the Structured Report could not be written", job.sop_instance_uid)
                 results[job.id] = _not_written(exc)
@@ -196,6 +221,8 @@ class Recorder:
             folders.add((written.pending or written.path).parent)
             latest[job.sop_instance_uid] = (job.id, written.document)
             series.setdefault(job.study_instance_uid, str(written.document.SeriesInstanceUID))
+            if written.heatmap is not None:
+                heatmap_series.setdefault(job.study_instance_uid, str(written.heatmap.SeriesInstanceUID))
         try:
             for folder in sorted(folders):
                 files.fsync_dir(folder)
@@ -203,7 +230,7 @@ class Recorder:
             logger.exception("the SR folders could not be synced")
             for job_id, written in list(results.items()):
                 if isinstance(written, WrittenSR):
-                    (written.pending or written.path).unlink(missing_ok=True)
+                    written.unlink()
                     results[job_id] = _not_written(exc)
         return results
 
@@ -213,6 +240,7 @@ class Recorder:
         previous: dict[str, tuple[int, str]],
         series: dict[str, str],
         earlier: tuple[int, Any] | None,
+        heatmap_series: dict[str, str] | None = None,
     ) -> WrittenSR:
         import pydicom
 
@@ -226,8 +254,10 @@ class Recorder:
                 previous_ds = pydicom.dcmread(previous_path, stop_before_pixels=True)
             else:
                 previous_id = None
+        heatmap, heatmap_final, heatmap_pending = self._write_heatmap(outcome, (heatmap_series or {}))
         document = self.reports.build(
             outcome.evidence,
+            heatmap=heatmap,
             label=outcome.prediction.label,
             probabilities=outcome.prediction.probabilities,
             model_version=outcome.model.model_version,
@@ -237,8 +267,57 @@ class Recorder:
             series_instance_uid=series.get(job.study_instance_uid),
         )
         final = srfiles.final_path(self.sr_dir, job.study_instance_uid, str(document.SOPInstanceUID))
-        pending = srfiles.write_pending(final, sr_module.sr_to_bytes(document), self.worker_id)
-        return WrittenSR(final, document, previous_id, earlier[0] if earlier is not None else None, pending)
+        try:
+            pending = srfiles.write_pending(final, sr_module.sr_to_bytes(document), self.worker_id)
+        except Exception:
+            if heatmap_pending is not None:
+                heatmap_pending.unlink(missing_ok=True)
+            raise
+        return WrittenSR(
+            final,
+            document,
+            previous_id,
+            earlier[0] if earlier is not None else None,
+            pending,
+            heatmap,
+            heatmap_final,
+            heatmap_pending,
+        )
+
+    def _write_heatmap(self, outcome: Classified, series: dict[str, str]) -> tuple[Any, Path | None, Path | None]:
+        """The heatmap object of ``outcome`` written under its pending name: (dataset, final path, pending path),
+        or Nones when there is none to make or it failed (logged with its traceback the first time, then in one
+        line: the SR is made without it)."""
+        if outcome.heatmap is None or outcome.display is None or self.settings.heatmap.pacs_object == "none":
+            return None, None, None
+        job = outcome.job
+        try:
+            if self._heatmaps is None:
+                from cxr_triage.outputs.heatmapobject import HeatmapSecondaryCapture
+
+                self._heatmaps = HeatmapSecondaryCapture(
+                    manufacturer=self.sr.manufacturer,
+                    series_description=self.settings.heatmap.series_description,
+                    opacity=self.settings.heatmap.opacity,
+                )
+            heatmap = self._heatmaps.build(
+                outcome.evidence,
+                outcome.display,
+                outcome.heatmap,
+                model_version=outcome.model.model_version,
+                series_instance_uid=series.get(job.study_instance_uid),
+            )
+            final = srfiles.final_path(self.sr_dir, job.study_instance_uid, str(heatmap.SOPInstanceUID))
+            from cxr_triage.outputs import sr as sr_module
+
+            return heatmap, final, srfiles.write_pending(final, sr_module.sr_to_bytes(heatmap), self.worker_id)
+        except Exception:
+            self._heatmap_failures += 1
+            if self._heatmap_failures == 1:
+                logger.exception("SOP instance %s: the heatmap object could not be made", job.sop_instance_uid)
+            else:
+                logger.error("SOP instance %s: the heatmap object could not be made either", job.sop_instance_uid)
+            return None, None, None
 
     def write_thumbnails(self, outcomes: Sequence[Classified]) -> dict[int, Path]:
         """The worklist's PNG of each classified instance that has one, by job id (a failure only logs)."""
@@ -316,9 +395,10 @@ class Recorder:
                 recorded.append((outcome, final))
             studies.refresh_priorities(session, [o.job.study_instance_uid for o, _ in recorded], self.triage)
         srfiles.publish(
-            (written.pending, written.path)
+            move
             for outcome, _ in recorded
-            if isinstance(written := srs.get(outcome.job.id), WrittenSR) and written.pending is not None
+            if isinstance(written := srs.get(outcome.job.id), WrittenSR)
+            for move in written.moves()
         )
         dropped = [written for o in discarded if isinstance(written := srs.get(o.job.id), WrittenSR)]
         if dropped:
@@ -331,9 +411,9 @@ class Recorder:
         Their rows are looked up first: a commit that raised may have committed all the same (a connection lost
         during COMMIT), and then the file is renamed into place instead. A database that cannot be read leaves them
         for the next chunk (and ``srfiles.settle_pending`` at the next start)."""
-        for already_final in (w.path for w in written if w.pending is None):  # written by a caller of commit
-            already_final.unlink(missing_ok=True)
-        pending = [w.pending for w in written if w.pending is not None] + self._undecided
+        for already_final in (w for w in written if w.pending is None):  # written by a caller of commit
+            already_final.unlink()
+        pending = [move[0] for w in written for move in w.moves()] + self._undecided
         try:
             srfiles.settle(self.sessions, pending)
         except Exception:
@@ -407,6 +487,11 @@ class Recorder:
             model_version=outcome.model.model_version,
             previous_sr_id=previous_id,
             created_at=now,
+            heatmap_sop_instance_uid=str(written.heatmap.SOPInstanceUID) if written.heatmap is not None else None,
+            heatmap_series_instance_uid=(
+                str(written.heatmap.SeriesInstanceUID) if written.heatmap is not None else None
+            ),
+            heatmap_path=str(written.heatmap_path) if written.heatmap_path is not None else None,
         )
         session.add(row)
         session.flush()
