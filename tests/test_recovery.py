@@ -97,7 +97,14 @@ def test_acknowledged_instances_survive_sigkill(tmp_path: Path, tiny_model: Path
     assert not stale.exists()
     assert not uncommitted.exists()
     sr_files = {p for p in Path(values["storage"]["sr_dir"]).rglob("*") if p.is_file()}
-    assert {p.name for p in sr_files} == {f"{r['sr_sop_instance_uid']}.dcm" for r in done}, "one SR file per row"
+    engine = db.make_engine(url)
+    try:
+        with db.read_session(engine) as session:
+            heatmaps = set(session.scalars(select(db.SRDocument.heatmap_sop_instance_uid)).all())
+    finally:
+        engine.dispose()
+    expected_files = {f"{uid}.dcm" for uid in [*(r["sr_sop_instance_uid"] for r in done), *heatmaps] if uid}
+    assert {p.name for p in sr_files} == expected_files, "one SR file per row, and its heatmap object"
     assert code == 0, tail(log)
     text = log.read_text()
     assert "recovered spool file" in text
