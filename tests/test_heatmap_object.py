@@ -237,3 +237,20 @@ def test_no_heatmap_object_when_it_is_off_or_fails(make_harness, monkeypatch, ca
     assert row.heatmap_sop_instance_uid is None and Path(row.path).is_file()
     assert failing.rows()[0]["status"] == "ok" and failing.rows()[0]["label"]
     assert [r for r in caplog.records if "heatmap object could not be made" in r.getMessage()]
+
+
+def test_a_report_that_cannot_be_built_leaves_no_heatmap_object_behind(make_harness, monkeypatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("no report today")
+
+    monkeypatch.setattr(TriageSRBuilder, "build", broken)
+    harness = make_harness()
+    harness.send([chest_dataset(seed=16)])
+    harness.work()
+    (row,) = harness.rows()
+    assert row["status"] == "ok" and row["sr_sop_instance_uid"] is None
+    assert "Structured Report not written" in row["reason"]
+    sr_dir = Path(harness.config["storage"]["sr_dir"])
+    assert [p for p in sr_dir.rglob("*") if p.is_file()] == [], "no heatmap object without its report"
+    with harness.sessions() as session:
+        assert session.scalars(select(db.Instance.heatmap_path)).one() is not None, "the map itself is kept"

@@ -1,5 +1,11 @@
 """The recorder: a chunk of outcomes becomes Structured Reports, database rows and forwards, in one transaction.
 
+With a heatmap (``[heatmap]``, ``triage.pipeline.predict_with_maps``) each classified instance's coarse map is
+stored first (``ml.heatmap.save_coarse`` under ``[heatmap] dir``; ``instances.heatmap_path`` is set in the
+transaction) and its heatmap object (``outputs.heatmapobject``) is written under its pending name before its SR,
+which references it; the object's UID and path go into the SR's row and it is renamed into place with the SR. A
+map or object that fails is logged and the result recorded without it.
+
 For each ``Classified`` outcome an SR is built (from a template per model, finding and priority:
 ``cxr_triage.outputs.srtemplate``) and written under its pending name in ``[storage] sr_dir``
 (``cxr_triage.outputs.srfiles``); the pending folder is fsynced once per chunk, before the commit, so a committed
@@ -255,21 +261,21 @@ class Recorder:
             else:
                 previous_id = None
         heatmap, heatmap_final, heatmap_pending = self._write_heatmap(outcome, (heatmap_series or {}))
-        document = self.reports.build(
-            outcome.evidence,
-            heatmap=heatmap,
-            label=outcome.prediction.label,
-            probabilities=outcome.prediction.probabilities,
-            model_version=outcome.model.model_version,
-            model_sha256=outcome.model.loaded.sha256,
-            flagged=outcome.flagged,
-            previous_sr=previous_ds,
-            series_instance_uid=series.get(job.study_instance_uid),
-        )
-        final = srfiles.final_path(self.sr_dir, job.study_instance_uid, str(document.SOPInstanceUID))
         try:
+            document = self.reports.build(
+                outcome.evidence,
+                heatmap=heatmap,
+                label=outcome.prediction.label,
+                probabilities=outcome.prediction.probabilities,
+                model_version=outcome.model.model_version,
+                model_sha256=outcome.model.loaded.sha256,
+                flagged=outcome.flagged,
+                previous_sr=previous_ds,
+                series_instance_uid=series.get(job.study_instance_uid),
+            )
+            final = srfiles.final_path(self.sr_dir, job.study_instance_uid, str(document.SOPInstanceUID))
             pending = srfiles.write_pending(final, sr_module.sr_to_bytes(document), self.worker_id)
-        except Exception:
+        except Exception:  # no report: its heatmap object goes too (it would be a file without a row)
             if heatmap_pending is not None:
                 heatmap_pending.unlink(missing_ok=True)
             raise
