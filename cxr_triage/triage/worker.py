@@ -139,21 +139,24 @@ class Worker:
         return predictor
 
     def _warm_up(self, predictor: Predictor) -> None:
-        """Pay the one-time costs now rather than on the first batch: the first forward pass, and the SR templates
-        of the usual image classes (highdicom's import and one full build each, about 1.5 s on a CPU)."""
+        """Pay the one-time costs now rather than on the first batch: the first forward pass (the heatmap's, when it
+        classifies), and the SR templates of the usual image classes, referencing a heatmap object when one will be
+        filed (highdicom's import and one full build each, about 1.5 s on a CPU)."""
         import torch
 
         from cxr_triage.ml.imaging import IMAGE_SIZE
 
         started = time.monotonic()
         try:
-            predictor.probabilities(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+            heatmap = self.heatmap_for(predictor)  # with a heatmap, its pass is the one that classifies
+            pipeline.predict_with_maps([torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE)], predictor, heatmap)
+            referenced = heatmap is not None and self.settings.heatmap.pacs_object != "none"
             if self.settings.sr.enabled:
                 for sop_class in WARM_SR_CLASSES:
                     for label in predictor.class_names:
                         for flagged in (False, True):
                             self.recorder.reports.template(
-                                sop_class, label, flagged, predictor.model_version, predictor.loaded.sha256
+                                sop_class, label, flagged, predictor.model_version, predictor.loaded.sha256, referenced
                             )
         except Exception:  # a real batch reports the problem where it belongs
             logger.warning("warm-up failed", exc_info=True)
