@@ -110,3 +110,24 @@ def test_a_map_that_cannot_be_stored_keeps_the_classification(make_harness, monk
     instance, prediction = _recorded(harness)
     assert instance.heatmap_path is None and instance.status == db.DONE and prediction.label
     assert [r for r in caplog.records if "could not be stored" in r.getMessage()]
+
+
+def test_the_heatmap_settings_are_checked_and_the_folder_defaults_beside_the_thumbnails(tmp_path: Path) -> None:
+    from cxr_triage.core.config import ConfigError
+    from cxr_triage.core.settings import load_settings
+
+    settings = load_settings(None, environ={})
+    assert settings.heatmap.pacs_object == "secondary-capture" and settings.heatmap.opacity == 0.4
+    assert settings.heatmap.folder(settings.storage) == settings.storage.thumbnail_dir.parent / "heatmaps"
+    for text, message in (
+        ('pacs_object = "parametric-map"', "pacs_object"),
+        ("opacity = 0", "opacity"),
+        ("opacity = 1.5", "opacity"),
+    ):
+        site = tmp_path / "site.toml"
+        site.write_text(f"[heatmap]\n{text}\n")
+        with pytest.raises(ConfigError, match=rf"\[heatmap\].*{message}"):
+            load_settings(site, environ={})
+    site.write_text('[heatmap]\npacs_object = "none"\ndir = "/srv/maps"\n')
+    chosen = load_settings(site, environ={}).heatmap
+    assert chosen.pacs_object == "none" and chosen.folder(settings.storage) == Path("/srv/maps")
