@@ -177,10 +177,16 @@ class HeatmapSecondaryCapture:
         for keyword in _PERSON_NAMES:
             setattr(image, keyword, copy.deepcopy(evidence.get(keyword)))
         image.BurnedInAnnotation = "YES"
-        if "Laterality" not in image:  # type 2C; a chest is not a paired body part
-            image.Laterality = (
-                evidence.get("ImageLaterality") if evidence.get("ImageLaterality") in ("L", "R") else None
-            )
+        # Laterality (type 2C) is for paired body parts: absent for the chest the image names, else empty
+        if evidence.get("BodyPartExamined"):
+            image.BodyPartExamined = evidence.BodyPartExamined
+        side = evidence.get("ImageLaterality")
+        if side in ("L", "R"):
+            image.Laterality = side
+        elif not evidence.get("BodyPartExamined"):
+            image.Laterality = None
+        elif "Laterality" in image:
+            del image.Laterality
         image.RecognizableVisualFeatures = "YES"  # it is the radiograph
         image.ImageType = ["DERIVED", "SECONDARY"]
         image.DerivationDescription = (
