@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -127,8 +128,9 @@ def test_the_sr_references_the_heatmap_and_passes_dciodvfy_and_pixelmed(objects,
 
 
 @contextmanager
-def pacs(port: int, sc_status: list[int] | None) -> Iterator[list[pydicom.Dataset]]:
-    """A Storage SCP storing SRs and, unless ``sc_status`` is None, Secondary Captures (answered ``sc_status[0]``)."""
+def pacs(port: int, sc_status: list[int] | None, ssl_context: Any = None) -> Iterator[list[pydicom.Dataset]]:
+    """A Storage SCP storing SRs and, unless ``sc_status`` is None, Secondary Captures (answered ``sc_status[0]``);
+    over TLS with ``ssl_context``."""
     received: list[pydicom.Dataset] = []
 
     def on_store(event: evt.Event) -> int:
@@ -141,7 +143,8 @@ def pacs(port: int, sc_status: list[int] | None) -> Iterator[list[pydicom.Datase
     ae = AE(ae_title="PACS")
     for sop_class in (ComprehensiveSRStorage, *([SecondaryCaptureImageStorage] if sc_status is not None else [])):
         ae.add_supported_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    handlers = [(evt.EVT_C_STORE, on_store)]
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers, ssl_context=ssl_context)
     try:
         yield received
     finally:
@@ -186,6 +189,21 @@ def test_the_worker_files_the_heatmap_beside_its_sr_and_forwards_it_first(make_h
     assert [(f.state, f.attempts) for f in _forward_rows(harness)] == [(db.FORWARD_SENT, 1)]
 
 
+def test_the_heatmap_goes_over_tls_with_its_sr(make_harness, tmp_path: Path) -> None:
+    from test_scu import self_signed, server_tls
+
+    cert, key = self_signed(tmp_path, "pacs")
+    port = free_port()
+    destination = {"ae_title": "PACS", "host": "127.0.0.1", "port": port, "tls": True}
+    harness = make_harness(forward={"destinations": [destination], "tls_ca_file": str(cert), "timeout": 5})
+    with pacs(port, [0], server_tls(cert, key)) as received:
+        harness.send([chest_dataset(seed=17)])
+        harness.work()
+    (row,) = _sr_rows(harness)
+    assert [x.SOPInstanceUID for x in received] == [row.heatmap_sop_instance_uid, row.sop_instance_uid]
+    assert [f.state for f in _forward_rows(harness)] == [db.FORWARD_SENT]
+
+
 def test_a_heatmap_the_pacs_fails_to_store_holds_its_sr_back_until_both_are_stored(make_harness) -> None:
     port = free_port()
     destination = {"ae_title": "PACS", "host": "127.0.0.1", "port": port}
@@ -197,12 +215,13 @@ def test_a_heatmap_the_pacs_fails_to_store_holds_its_sr_back_until_both_are_stor
         (row,) = _forward_rows(harness)
         assert (row.state, row.attempts, row.status) == (db.FORWARD_PENDING, 1, 0xA700)
         assert row.last_error.startswith("heatmap object: C-STORE failed with status 0xA700")
+        assert received == [], "the SR waits for its heatmap object: the PACS never has one without the other"
         status[0] = 0
         later = db.utcnow() + dt.timedelta(seconds=11)
         (outcome,) = forward.process_due(harness.sessions, harness.settings.forward, now=later)
     assert (outcome.state, outcome.attempts) == (db.FORWARD_SENT, 2)
     (sr_row,) = _sr_rows(harness)
-    assert [x.SOPInstanceUID for x in received][-2:] == [sr_row.heatmap_sop_instance_uid, sr_row.sop_instance_uid]
+    assert [x.SOPInstanceUID for x in received] == [sr_row.heatmap_sop_instance_uid, sr_row.sop_instance_uid]
 
 
 def test_a_pacs_without_secondary_capture_still_gets_the_sr(make_harness, caplog) -> None:
@@ -254,3 +273,22 @@ def test_a_report_that_cannot_be_built_leaves_no_heatmap_object_behind(make_harn
     assert [p for p in sr_dir.rglob("*") if p.is_file()] == [], "no heatmap object without its report"
     with harness.sessions() as session:
         assert session.scalars(select(db.Instance.heatmap_path)).one() is not None, "the map itself is kept"
+
+
+def test_a_heatmap_never_stored_dead_letters_its_row_and_a_retry_sends_both(make_harness) -> None:
+    port = free_port()
+    destination = {"ae_title": "PACS", "host": "127.0.0.1", "port": port}
+    harness = make_harness(forward={"destinations": [destination], "max_attempts": 1, "timeout": 5})
+    status = [0xA700]
+    with pacs(port, status) as received:
+        harness.send([chest_dataset(seed=18)])
+        harness.work()
+        (row,) = _forward_rows(harness)
+        assert row.state == db.FORWARD_DEAD and row.last_error.startswith("heatmap object: ")
+        assert received == []
+        status[0] = 0
+        assert forward.requeue_dead(harness.sessions) == 1
+        (outcome,) = forward.process_due(harness.sessions, harness.settings.forward, force=True)
+    assert outcome.state == db.FORWARD_SENT
+    (sr_row,) = _sr_rows(harness)
+    assert [x.SOPInstanceUID for x in received] == [sr_row.heatmap_sop_instance_uid, sr_row.sop_instance_uid]

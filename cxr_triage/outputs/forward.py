@@ -3,8 +3,10 @@ goes out (SRs, HL7 messages to the RIS, Orthanc metadata).
 
 Each SR gets one ``forwards`` row per ``[forward] destinations`` entry, state ``pending``. The heatmap object the SR
 references (``sr_documents.heatmap_path``, ``outputs.heatmapobject``) is part of that delivery: it is sent in the
-same association, just before its SR, and the row is ``sent`` only when both were stored; otherwise both are
-retried together (so a PACS that has the SR has its heatmap, with the SR's retries, dead letter and TLS).
+same association, just before its SR, and the SR only once the heatmap object was stored (``send_datasets``'s
+``requires``); the row is ``sent`` only when both were stored, otherwise both are retried together. So a PACS that
+has the SR has its heatmap, with the SR's retries, dead letter and TLS (a destination that takes no Secondary
+Captures at all gets the SR alone, with a warning).
 The housekeeping sends due rows (``process_due``), one association per destination per round:
 success -> ``sent``; failure -> retried after ``delivery.retry_delay(attempt, backoff_seconds,
 backoff_max_seconds)``, and after ``max_attempts`` attempts the row goes to the dead-letter state ``dead`` with its
@@ -29,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from cxr_triage import log_name
 from cxr_triage.core import db
 from cxr_triage.core.settings import ForwardSettings
-from cxr_triage.dicom.scu import SendResult, send_datasets
+from cxr_triage.dicom.scu import NO_CONTEXT, SendResult, send_datasets
 from cxr_triage.outputs import delivery, srfiles
 
 if TYPE_CHECKING:
@@ -103,7 +105,9 @@ def process_due(
     context = None  # built for the first TLS destination; a TLS error is recorded on its forwards
     for destination_text, items in by_destination.items():
         results, datasets, sendable = _read_datasets(items)
-        sent, context = _send_to(forwarding, destination_text, datasets, context)
+        # an SR goes only after its heatmap object was stored (or the destination takes no Secondary Captures)
+        requires = [i - 1 if i and sendable[i - 1] == forward_id else None for i, forward_id in enumerate(sendable)]
+        sent, context = _send_to(forwarding, destination_text, datasets, context, requires)
         results.update(_combined(sendable, sent, destination_text))
         outcomes += _record_results(sessions, forwarding, destination_text, items, results)
     return outcomes
@@ -147,7 +151,7 @@ def _combined(sendable: list[int], sent: list[SendResult], destination: str) -> 
             continue  # its first failure stands
         heatmap = position + 1 < len(sendable) and sendable[position + 1] == forward_id
         if heatmap and not result.ok:
-            if result.status is None and _UNSUPPORTED in result.detail:
+            if result.status is None and NO_CONTEXT in result.detail:
                 logger.warning("%s does not store Secondary Captures: a heatmap object is not filed there", destination)
                 continue
             result = SendResult(False, result.status, f"heatmap object: {result.detail}")
@@ -155,12 +159,12 @@ def _combined(sendable: list[int], sent: list[SendResult], destination: str) -> 
     return results
 
 
-_UNSUPPORTED = "No presentation context"
-"""In the detail of a dataset the destination accepted no presentation context for (``dicom.scu``)."""
-
-
 def _send_to(
-    forwarding: ForwardSettings, destination_text: str, datasets: list[Any], context: ssl.SSLContext | None
+    forwarding: ForwardSettings,
+    destination_text: str,
+    datasets: list[Any],
+    context: ssl.SSLContext | None,
+    requires: list[int | None] | None = None,
 ) -> tuple[list[SendResult], ssl.SSLContext | None]:
     """Send ``datasets`` to the destination named ``destination_text``: one result per dataset, and the TLS context
     (``context``, or the one built here for the first TLS destination) for the next destinations."""
@@ -169,7 +173,12 @@ def _send_to(
         if destination.tls and context is None:
             context = forwarding.client_tls_context()
         sent = send_datasets(
-            datasets, destination, forwarding.calling_ae_title, timeout=forwarding.timeout, tls_context=context
+            datasets,
+            destination,
+            forwarding.calling_ae_title,
+            timeout=forwarding.timeout,
+            tls_context=context,
+            requires=requires,
         )
     except Exception as exc:  # a malformed destination or calling AE title: a configuration error
         logger.exception("forwarding to %s failed", destination_text)
