@@ -15,8 +15,8 @@ Orthanc, whose forward destination has its REST URL, so each study's triage resu
 metadata, declared by the production orthanc.json). A real chest CR reaches Orthanc by C-STORE, as from a
 modality, and the Lua script routes it; a generated CR of another patient is uploaded by REST and pushed with
 POST /modalities/cxr-triage/store. Waits (bounded) for both SRs in Orthanc, then reports the result rows, where
-Orthanc filed each SR and what dciodvfy and Pixelmed's SR validator say of it, and each study's metadata in
-Orthanc.
+Orthanc filed each SR and its heatmap object (the Secondary Capture the SR references, sent before it) and what
+dciodvfy and Pixelmed's SR validator say of them, and each study's metadata in Orthanc.
 
 The last line of stdout is a JSON summary the pytest tests assert on; on failure the exit status is 1 and
 stderr holds the error and the tails of the logs.
@@ -124,6 +124,7 @@ def sr_summary(orthanc: peers.Orthanc, workdir: Path, source_id: str, row: dict[
     ]
     dciodvfy = subprocess.run(["dciodvfy", str(sr_path)], capture_output=True, text=True, timeout=60)
     return {
+        **heatmap_summary(orthanc, workdir, study, [uid for uid in evidence if uid != str(source.SOPInstanceUID)]),
         "result": row,
         "sr_in_orthanc": True,
         "orthanc_study": study,
@@ -136,6 +137,28 @@ def sr_summary(orthanc: peers.Orthanc, workdir: Path, source_id: str, row: dict[
         "sr_evidence": evidence,
         "dciodvfy_errors": [line for line in (dciodvfy.stdout + dciodvfy.stderr).splitlines() if "Error" in line],
         "sr_path": str(sr_path),
+    }
+
+
+def heatmap_summary(orthanc: peers.Orthanc, workdir: Path, study: str, referenced: list[str]) -> dict[str, Any]:
+    """The heatmap object the SR references besides its image: whether Orthanc has it, in which study and series,
+    its SOP class, and what dciodvfy says of it."""
+    found = [lookup_instance(orthanc, uid) for uid in referenced]
+    if len(found) != 1 or found[0] is None:
+        return {"heatmap_in_orthanc": False, "heatmap_references": referenced}
+    instance = orthanc.get(f"/instances/{found[0]}")
+    series = orthanc.get(f"/series/{instance['ParentSeries']}")
+    path = workdir / f"heatmap-{found[0]}.dcm"
+    path.write_bytes(orthanc.request_bytes(f"/instances/{found[0]}/file"))
+    heatmap = pydicom.dcmread(path, stop_before_pixels=True)
+    checked = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return {
+        "heatmap_in_orthanc": True,
+        "heatmap_parent_study": series["ParentStudy"],
+        "heatmap_in_same_study": series["ParentStudy"] == study,
+        "heatmap_sop_class_uid": str(heatmap.SOPClassUID),
+        "heatmap_burned_in_annotation": str(heatmap.get("BurnedInAnnotation", "")),
+        "heatmap_dciodvfy_errors": [x for x in (checked.stdout + checked.stderr).splitlines() if "Error" in x],
     }
 
 

@@ -44,7 +44,9 @@ def database_facts(url: str) -> dict[str, Any]:
         with engine.connect() as conn:
             instances = conn.execute(sa.text("SELECT id, sop_instance_uid, status, attempts FROM instances")).all()
             predictions = Counter(r[0] for r in conn.execute(sa.text("SELECT instance_id FROM predictions")))
-            srs = conn.execute(sa.text("SELECT instance_id, sop_instance_uid FROM sr_documents")).all()
+            srs = conn.execute(
+                sa.text("SELECT instance_id, sop_instance_uid, heatmap_sop_instance_uid FROM sr_documents")
+            ).all()
             forwards = conn.execute(sa.text("SELECT sr_id, state, attempts FROM forwards")).all()
     finally:
         engine.dispose()
@@ -58,6 +60,7 @@ def database_facts(url: str) -> dict[str, Any]:
         "predictions_per_instance": dict(Counter(str(predictions.get(r[0], 0)) for r in instances)),
         "srs_per_instance": dict(Counter(str(sr_count.get(r[0], 0)) for r in instances)),
         "sr_uids": sorted(r[1] for r in srs),
+        "heatmap_uids": sorted(r[2] for r in srs if r[2]),
         "forward_states": dict(Counter(r[1] for r in forwards)),
         "forward_attempts": dict(Counter(str(r[2]) for r in forwards)),
         "forwards": len(forwards),
@@ -151,7 +154,8 @@ def run(workdir: Path, count: int, studies: int, timeout: float) -> dict[str, An
                     peers.wait_until(all_done, timeout, f"{count} instances to be classified", 0.5)
                 finally:
                     engine.dispose()
-                peers.wait_until(lambda: len(receiver.received()) >= count, timeout, "the SRs to reach storescp")
+                arrived = lambda: len(receiver.received()) >= 2 * count  # noqa: E731 (each SR and its heatmap)
+                peers.wait_until(arrived, timeout, "the SRs and their heatmap objects to reach storescp")
                 time.sleep(1.5)  # a duplicate classification or forward would land by now
                 facts = database_facts(cluster.url)
                 rows = [r for r in peers.results(config) if r.get("sop_instance_uid") in sent_uids]
@@ -172,9 +176,11 @@ def run(workdir: Path, count: int, studies: int, timeout: float) -> dict[str, An
         "result_sop_uids_match": {r["sop_instance_uid"] for r in rows} == sent_uids,
         "result_sr_uids": sorted(r["sr_sop_instance_uid"] for r in rows),
         "database": facts,
-        "received_srs": len(received),
+        "received_srs": len([ds for ds in received if ds.Modality == "SR"]),
         "received_modalities": dict(Counter(str(ds.Modality) for ds in received)),
-        "received_sr_uids": sorted(str(ds.SOPInstanceUID) for ds in received),
+        "received_sr_uids": sorted(str(ds.SOPInstanceUID) for ds in received if ds.Modality == "SR"),
+        "received_heatmaps_referenced": sorted(str(ds.SOPInstanceUID) for ds in received if ds.Modality != "SR")
+        == sorted(facts["heatmap_uids"]),
         "received_study_uids_match": {str(ds.StudyInstanceUID) for ds in received} == set(study_uids),
         "classification_log_lines": len(classified),
         "classified_distinct_uids": len({uid for _, uid in classified}),

@@ -62,15 +62,19 @@ sys.exit(3)
 """
 """A worker that SIGKILLs itself at ``point`` of recording its first chunk."""
 
-POINTS = {"after_write": (0, 3), "mid_write": (0, 1), "after_commit": (3, 3), "mid_rename": (3, 2)}
+POINTS = {"after_write": (0, 6), "mid_write": (0, 1), "after_commit": (3, 6), "mid_rename": (3, 5)}
 """Crash point -> (SR rows committed, pending files left) by the killed worker (6 instances: two chunks of 3 on the
-CPU, and it dies in the first)."""
+CPU, and it dies in the first). Each report has its heatmap object (``[heatmap] pacs_object``, the default), written
+and renamed before it: two files per row."""
 
 
 def _rows_and_files(harness) -> tuple[dict[str, str], list[Path]]:
-    """SR rows (SOP Instance UID -> path) and every file under sr_dir."""
+    """The files of the SR rows (SOP Instance UID -> path: each report and its heatmap object) and every file
+    under sr_dir."""
     with harness.sessions() as session:
         rows = {uid: path for uid, path in session.execute(select(db.SRDocument.sop_instance_uid, db.SRDocument.path))}
+        heatmaps = select(db.SRDocument.heatmap_sop_instance_uid, db.SRDocument.heatmap_path)
+        rows.update({uid: path for uid, path in session.execute(heatmaps) if uid is not None})
     sr_dir = Path(harness.config["storage"]["sr_dir"])
     return rows, sorted(p for p in sr_dir.rglob("*") if p.is_file())
 
@@ -87,19 +91,19 @@ def test_a_worker_killed_at_any_point_leaves_one_sr_file_per_row_after_recovery(
 
     committed, left = POINTS[point]
     rows, before = _rows_and_files(harness)
-    assert len(rows) == committed
+    assert len(rows) == 2 * committed
     finals = {p for p in before if p.parent.name != srfiles.PENDING_DIR}
     assert len(before) - len(finals) == left, before
     assert finals <= set(map(Path, rows.values())), "no final file without its committed row"
     server.recover(harness.settings, harness.engine)
     rows, after = _rows_and_files(harness)
-    assert len(rows) == committed
+    assert len(rows) == 2 * committed
     assert sorted(map(Path, rows.values())) == after, "exactly the committed reports, at their rows' paths"
 
     assert harness.work() == 6 - committed
     assert [r["status"] for r in harness.rows()] == ["ok"] * 6
     rows, last = _rows_and_files(harness)
-    assert len(rows) == 6 and sorted(map(Path, rows.values())) == last
+    assert len(rows) == 12 and sorted(map(Path, rows.values())) == last
     with harness.sessions() as session:
         assert len(session.scalars(select(db.PredictionRecord)).all()) == 6
 
@@ -120,7 +124,7 @@ def test_a_commit_that_raised_after_committing_keeps_its_srs(make_harness, monke
     monkeypatch.setattr(srfiles, "publish", fail_once)
     assert harness.work() == 3
     rows, found = _rows_and_files(harness)
-    assert len(rows) == 3 and sorted(map(Path, rows.values())) == found
+    assert len(rows) == 6 and sorted(map(Path, rows.values())) == found
     assert [r["status"] for r in harness.rows()] == ["ok"] * 3
 
 

@@ -138,7 +138,7 @@ def test_the_bench_reports_both_costs_and_the_machine() -> None:
         timeout=600,
         check=True,
     ).stdout
-    for line in ("machine:", "load average", "without heatmap:", "with heatmap:", "one pass for both"):
+    for line in ("machine:", "load average", "without heatmap:", "with heatmap:", "one pass for both", "PACS object"):
         assert line in out
 
 

@@ -446,7 +446,9 @@ def test_every_hostile_file_ends_with_a_reason_and_nothing_outside_the_spool(mak
     assert wrong == {}
     spool, sr = harness.settings.storage.spool_dir, harness.settings.storage.sr_dir
     models = getattr(harness.settings.model, "models_dir", None)  # the model registry, where the release has one
-    folders = [spool, sr, harness.settings.storage.thumbnail_dir, tmp_path / "corpus", *([models] if models else [])]
+    heatmaps = harness.settings.heatmap.folder(harness.settings.storage)  # the worker's maps
+    folders = [spool, sr, harness.settings.storage.thumbnail_dir, heatmaps, tmp_path / "corpus"]
+    folders += [models] if models else []
     allowed = [Path(p).resolve() for p in folders]
     assert _new_files(harness.tmp.resolve(), [*allowed, (harness.tmp / "db").resolve()]) == []
     assert not list(Path("/tmp").glob(f"{EVIL}*")) and not list(Path("/").glob(f"{EVIL}*"))

@@ -84,11 +84,16 @@ def test_sr_comes_back_into_the_same_orthanc_study(tmp_path: Path) -> None:
         assert case["sr_in_orthanc"], (route, case)
         assert case["sr_parent_study"] == case["orthanc_study"]
         assert case["sr_series_modality"] == "SR"
-        assert case["series_in_study"] == 2
+        assert case["series_in_study"] == 3, "the image's, the SR's and the heatmap's"
         assert row["study_instance_uid"] == case["source_study_instance_uid"] == case["sr_study_instance_uid"]
         assert case["sr_patient_id_matches"]
-        assert case["sr_evidence"] == [row["sop_instance_uid"]]
+        assert row["sop_instance_uid"] in case["sr_evidence"] and len(case["sr_evidence"]) == 2
         assert case["dciodvfy_errors"] == [], (route, case["dciodvfy_errors"])
+        # The heatmap object the SR references is in Orthanc beside it, in the image's study (issue 31).
+        assert case["heatmap_in_orthanc"], (route, case)
+        assert case["heatmap_in_same_study"] and case["heatmap_sop_class_uid"] == "1.2.840.10008.5.1.4.1.1.7"
+        assert case["heatmap_burned_in_annotation"] == "YES"
+        assert case["heatmap_dciodvfy_errors"] == [], (route, case["heatmap_dciodvfy_errors"])
         # The study's priority as Orthanc user metadata (declared in deploy/orthanc/orthanc.json), as recorded.
         metadata, recorded = case["orthanc_metadata"], case["recorded_study"]
         assert metadata["CxrTriagePriority"] == recorded["priority"]

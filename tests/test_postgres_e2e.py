@@ -61,7 +61,8 @@ def test_two_workers_process_every_instance_exactly_once(tmp_path: Path) -> None
     assert facts["forward_attempts"] == {"1": count}
     # The receiving PACS got exactly those SRs, filed into the original studies.
     assert summary["received_srs"] == count
-    assert summary["received_modalities"] == {"SR": count}
+    assert summary["received_modalities"] == {"SR": count, "OT": count}, "each SR with its heatmap object"
+    assert summary["received_heatmaps_referenced"]
     assert summary["received_sr_uids"] == facts["sr_uids"] == summary["result_sr_uids"]
     assert summary["received_study_uids_match"]
     # Both worker processes took part, and no instance was classified twice.

@@ -47,6 +47,16 @@ def _rows(url: str) -> list[dict]:
         engine.dispose()
 
 
+def _heatmaps(url: str) -> set[str | None]:
+    """The heatmap objects' SOP Instance UIDs of the SR rows (None for a report without one)."""
+    engine = db.make_engine(url)
+    try:
+        with db.read_session(engine) as session:
+            return set(session.scalars(select(db.SRDocument.heatmap_sop_instance_uid)).all())
+    finally:
+        engine.dispose()
+
+
 def test_acknowledged_instances_survive_sigkill(tmp_path: Path, tiny_model: Path) -> None:
     values = config_values(tmp_path, tiny_model, worker={"processes": 0})
     config = write_config(tmp_path / "cxr.toml", values)
@@ -97,7 +107,8 @@ def test_acknowledged_instances_survive_sigkill(tmp_path: Path, tiny_model: Path
     assert not stale.exists()
     assert not uncommitted.exists()
     sr_files = {p for p in Path(values["storage"]["sr_dir"]).rglob("*") if p.is_file()}
-    assert {p.name for p in sr_files} == {f"{r['sr_sop_instance_uid']}.dcm" for r in done}, "one SR file per row"
+    expected_files = {f"{uid}.dcm" for uid in [*(r["sr_sop_instance_uid"] for r in done), *_heatmaps(url)] if uid}
+    assert {p.name for p in sr_files} == expected_files, "one SR file per row, and its heatmap object"
     assert code == 0, tail(log)
     text = log.read_text()
     assert "recovered spool file" in text

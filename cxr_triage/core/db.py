@@ -227,6 +227,11 @@ class SRDocument(Base):
     model_version: Mapped[str] = mapped_column(String(128))
     previous_sr_id: Mapped[int | None] = mapped_column(ForeignKey("sr_documents.id"))
     created_at: Mapped[dt.datetime]
+    heatmap_sop_instance_uid: Mapped[str | None] = mapped_column(String(64), unique=True)
+    """The heatmap object the SR references (``outputs.heatmapobject``), filed beside it in ``sr_dir`` and sent in
+    the SR's forwards, before it; null without one. Its series and path follow."""
+    heatmap_series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    heatmap_path: Mapped[str | None] = mapped_column(String(1024))
 
     instance: Mapped[Instance] = relationship(back_populates="sr_documents")
     forwards: Mapped[list[Forward]] = relationship(back_populates="sr", order_by="Forward.id")

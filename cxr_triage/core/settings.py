@@ -231,10 +231,20 @@ class HeatmapSettings:
 
     enabled: bool = True
     method: str = "gradcam"
+    dir: str = ""  # the worker's 14x14 maps (.npy); empty: "heatmaps" beside [storage] thumbnail_dir
+    pacs_object: str = "secondary-capture"  # filed with each SR (outputs.heatmapobject), or "none"
+    opacity: float = 0.4
+    series_description: str = "cxr-triage AI heatmap NOT FOR DIAGNOSIS"
 
     def __post_init__(self) -> None:
         if self.method != "gradcam":
             raise ValueError(f"method = {self.method!r}: expected gradcam")
+        if self.pacs_object not in ("secondary-capture", "none") or not 0.0 < self.opacity <= 1.0:
+            raise ValueError(f"pacs_object = {self.pacs_object!r} (secondary-capture, none), opacity in (0, 1]")
+
+    def folder(self, storage: StorageSettings) -> Path:
+        """Where the worker stores the maps: ``dir``, or ``heatmaps`` beside the thumbnails."""
+        return Path(self.dir) if self.dir else Path(storage.thumbnail_dir).parent / "heatmaps"
 
 
 @dataclass(frozen=True)

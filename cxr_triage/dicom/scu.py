@@ -104,8 +104,13 @@ def send_datasets(
     calling_ae_title: str,
     timeout: float = 30,
     tls_context: ssl.SSLContext | None = None,
+    requires: Sequence[int | None] | None = None,
 ) -> list[SendResult]:
     """Send ``datasets`` to ``destination`` over one association; one result per dataset, in order.
+
+    ``requires[i] = j`` (an earlier index): dataset i is sent only if dataset j was stored, or failed only because
+    the destination accepted no presentation context for it (it does not store that SOP class at all); otherwise
+    it fails unsent, naming why (a report is not filed without the object it references).
 
     A destination with ``tls`` is reached over TLS with ``tls_context`` (default: :func:`client_tls_context` with
     the system's trust store); ``tls_context`` is not used for other destinations.
@@ -129,7 +134,7 @@ def send_datasets(
 
     ae = _application_entity(calling, timeout, contexts)
     tls = (tls_context or client_tls_context()) if destination.tls else None
-    return _associate_and_send(ae, datasets, results, destination, timeout, tls)
+    return _associate_and_send(ae, datasets, results, destination, timeout, tls, requires)
 
 
 def _presentation_contexts(
@@ -186,8 +191,10 @@ def _associate_and_send(
     destination: Destination,
     timeout: float,
     tls: ssl.SSLContext | None,
+    requires: Sequence[int | None] | None = None,
 ) -> list[SendResult]:
-    """Associate with ``destination`` and send every dataset without a result yet; ``ae`` is shut down after."""
+    """Associate with ``destination`` and send every dataset without a result yet (``requires``: as for
+    ``send_datasets``); ``ae`` is shut down after."""
     connected = False
 
     def on_connection_open(event: evt.Event) -> None:
@@ -218,6 +225,10 @@ def _associate_and_send(
         for index, dataset in enumerate(datasets):
             if results[index] is not None:
                 continue
+            needed = requires[index] if requires is not None else None
+            if needed is not None and (unmet := _unmet(results[needed])) is not None:
+                results[index] = SendResult(False, None, f"not sent: {unmet}")
+                continue
             results[index] = _send_one(assoc, dataset, destination, timeout)
         if assoc.is_established:
             assoc.release()
@@ -226,6 +237,17 @@ def _associate_and_send(
             assoc.abort()
         ae.shutdown()
     return [result for result in results if result is not None]
+
+
+NO_CONTEXT = "No presentation context"
+"""How pynetdicom's refusal to send a dataset of a SOP class the destination did not accept begins."""
+
+
+def _unmet(required: SendResult | None) -> str | None:
+    """Why a dataset that requires ``required`` may not be sent; None when it may."""
+    if required is None or required.ok or (required.status is None and NO_CONTEXT in required.detail):
+        return None
+    return f"the object it requires was not stored ({required.detail})"
 
 
 def _send_one(assoc: Association, dataset: Dataset, destination: Destination, timeout: float) -> SendResult:

@@ -87,6 +87,8 @@ class PreparedImage:
     tensor: torch.Tensor
     sop_instance_uid: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    display: np.ndarray | None = None
+    """The decoded radiograph at its own rows and columns, uint8 (0 black), when ``keep_display`` asked for it."""
 
 
 def _attr(ds: Dataset, keyword: str) -> Any:
@@ -495,8 +497,8 @@ def decode_unit_image(ds: Dataset) -> np.ndarray:
     return apply_table(lut, container_codes(ds, code_dtype))
 
 
-def prepare_dataset(ds: Dataset) -> PreparedImage | Refusal:
-    """Steps 1-7 for a parsed DICOM dataset."""
+def prepare_dataset(ds: Dataset, keep_display: bool = False) -> PreparedImage | Refusal:
+    """Steps 1-7 for a parsed DICOM dataset; ``keep_display``: keep the decoded pixels (``PreparedImage.display``)."""
     sop_instance_uid = str(ds.get("SOPInstanceUID") or "") or None
     refusal, notes = check_header(ds)
     if refusal is None:
@@ -520,7 +522,14 @@ def prepare_dataset(ds: Dataset) -> PreparedImage | Refusal:
         tensor=to_model_input(unit),
         sop_instance_uid=sop_instance_uid,
         notes=notes,
+        display=_to_uint8(unit) if keep_display else None,
     )
+
+
+def _to_uint8(unit: Any) -> np.ndarray:
+    """A decoded image in [0, 1] (numpy or torch, (rows, columns)) as uint8."""
+    values = unit.numpy() if isinstance(unit, torch.Tensor) else np.asarray(unit)
+    return np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def read_dicom(path: str | os.PathLike[str]) -> Dataset | Refusal:

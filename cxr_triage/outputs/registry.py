@@ -21,7 +21,14 @@ output here declares:
   (named after its table), and the states that series always shows (0 when no row has them).
 
 ``compose`` wires them in the order they run (the housekeeping's jobs, the ``forward`` command's output). Adding
-an output (a heatmap object, FHIR, DICOMweb) is its module, its table (a migration) and one entry in ``compose``.
+an output (FHIR, DICOMweb) is its module, its table (a migration) and one entry in ``compose``.
+
+The heatmap object (``outputs.heatmapobject``, issue 31) is not an output of its own: it is part of the ``sr``
+output's delivery. The SR references it, so a PACS must not get the SR without it; one ``forwards`` row carries
+both, sent in one association, the heatmap object first and the SR only once it was stored, and the row is
+``sent`` only when both were (``forward``).
+An entry of its own would have its own rows, retried and dead-lettered apart from the SR's, and a PACS could then
+hold an SR whose reference it cannot resolve. ``[heatmap] pacs_object = "none"`` leaves it out.
 """
 
 from __future__ import annotations
@@ -84,7 +91,7 @@ def compose() -> tuple[Output, ...]:
             as_record=forward.as_record,
             listed=forward.listed,
             drain=False,
-            noun="SR forwards",
+            noun="SR forwards",  # each with its heatmap object, when the SR references one (docstring)
             states=(db.FORWARD_PENDING, db.FORWARD_SENT, db.FORWARD_DEAD),
         ),
         Output(

@@ -124,6 +124,7 @@ def validate_evidence(evidence: Dataset) -> Dataset:
     for keyword in _TYPE2_HEADER_KEYWORDS:
         if keyword not in header:
             setattr(header, keyword, None)
+    _normalise_header_values(header, str(evidence.SOPInstanceUID))
     age = header.get("PatientAge")
     if age not in (None, "") and not _AGE_STRING.fullmatch(str(age)):
         if re.fullmatch(r"\d{1,3}", str(age).strip()):
@@ -133,6 +134,54 @@ def validate_evidence(evidence: Dataset) -> Dataset:
             logger.warning("dropping invalid Patient's Age from the report of instance %s", evidence.SOPInstanceUID)
             del header.PatientAge
     return header
+
+
+_SEX_VALUES = {"M": "M", "F": "F", "O": "O", "MALE": "M", "FEMALE": "F", "OTHER": "O"}
+_DATE_KEYWORDS = ("StudyDate", "PatientBirthDate")
+_TIME_KEYWORDS = ("StudyTime",)
+
+
+def _normalise_header_values(header: Dataset, sop_instance_uid: str) -> None:
+    """Repair or empty the patient and study values highdicom refuses (it raises, and no report would be made): a
+    Patient's Sex other than M, F, O (``male``/``female``/``other`` are mapped), a Study Date or Patient's Birth
+    Date that is not a DA (``YYYY-MM-DD`` is repaired), a Study Time that is not a TM. An emptied value stays present
+    and empty (type 2), with a warning naming the attribute and the instance, never the value (patient data)."""
+    from pydicom.valuerep import DA, TM
+
+    sex = header.get("PatientSex")
+    if sex not in (None, ""):
+        fixed = _SEX_VALUES.get(str(sex).strip().upper())
+        if fixed is None:
+            logger.warning("instance %s: invalid Patient's Sex left empty in the report", sop_instance_uid)
+        header.PatientSex = fixed
+    for keywords, vr in ((_DATE_KEYWORDS, DA), (_TIME_KEYWORDS, TM)):
+        for keyword in keywords:
+            value = header.get(keyword)
+            if value in (None, "") or isinstance(value, vr):
+                continue
+            text = str(value).strip()
+            candidates = [text, text.replace("-", "")] if vr is DA else [text, text.replace(":", "")]
+            for candidate in candidates:
+                try:
+                    setattr(header, keyword, vr(candidate))
+                    break
+                except (TypeError, ValueError):
+                    continue
+            else:
+                logger.warning("instance %s: invalid %s left empty in the report", sop_instance_uid, keyword)
+                setattr(header, keyword, None)
+
+
+def _heatmap_header(heatmap: Dataset | None, header: Dataset) -> Dataset | None:
+    """The UIDs of ``heatmap`` that the report's evidence needs; ValueError for an object of another study."""
+    if heatmap is None:
+        return None
+    if heatmap.StudyInstanceUID != header.StudyInstanceUID:
+        raise ValueError("the heatmap object belongs to another study than the image")
+    found = Dataset()
+    for keyword in _REQUIRED_UID_KEYWORDS:
+        setattr(found, keyword, heatmap[keyword].value)
+    return found
 
 
 def _validate_previous_sr(previous_sr: Dataset, evidence: Dataset) -> None:
@@ -178,8 +227,10 @@ def _measurement_group(
     flagged: bool,
     model_version: str,
     model_sha256: str,
+    heatmap: Dataset | None = None,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501: the finding (row 3b), the priority, one probability per class, the algorithm and the source image."""
+    """TID 1501: the finding (row 3b), the priority, one probability per class, the algorithm and the source image;
+    with ``heatmap``, an IMAGE item "Illustration of ROI" (DCM 121200) referencing it (docs/SR.md)."""
     algorithm = hd.sr.AlgorithmIdentification(
         name=ALGORITHM_NAME,
         version=model_version,
@@ -201,7 +252,7 @@ def _measurement_group(
         )
         for name in CLASS_NAMES
     ]
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="cxr-triage image triage"),
         finding_type=cxr_codes.FINDING_CODES[label],
         algorithm_id=algorithm,
@@ -209,6 +260,16 @@ def _measurement_group(
         qualitative_evaluations=[priority],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(header)],
     )
+    if heatmap is not None:
+        group[0].ContentSequence.append(
+            hd.sr.ImageContentItem(
+                name=codes.DCM.IllustrationOfROI,
+                referenced_sop_class_uid=heatmap.SOPClassUID,
+                referenced_sop_instance_uid=heatmap.SOPInstanceUID,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    return group
 
 
 def build_triage_sr(
@@ -227,6 +288,7 @@ def build_triage_sr(
     series_number: int = DEFAULT_SERIES_NUMBER,
     sop_instance_uid: str | None = None,
     template: bool = False,
+    heatmap: Dataset | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """Build the Comprehensive SR reporting the triage of one classified image.
 
@@ -248,6 +310,9 @@ def build_triage_sr(
         An earlier report on the same image that this one supersedes (Predecessor Documents Sequence).
     series_instance_uid, sop_instance_uid:
         UIDs of the report; new ones are generated when not given.
+    heatmap:
+        The heatmap object of this image (``cxr_triage.outputs.heatmapobject``; its header is enough): referenced
+        by the measurement group and listed in the evidence. It must be of the image's study.
     template:
         The build of a template for placeholder evidence (``cxr_triage.outputs.srtemplate``): logged at DEBUG, not
         as a result.
@@ -276,14 +341,15 @@ def build_triage_sr(
             model_name=DEVICE_MODEL_NAME,
         ),
     )
-    group = _measurement_group(header, label, values, flagged, model_version, model_sha256)
+    heatmap_header = _heatmap_header(heatmap, header)
+    group = _measurement_group(header, label, values, flagged, model_version, model_sha256, heatmap_header)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=cxr_codes.PROCEDURE_REPORTED,
         imaging_measurements=[group],
     )
     sr = hd.sr.ComprehensiveSR(
-        evidence=[header],
+        evidence=[header] if heatmap_header is None else [header, heatmap_header],
         content=report[0],
         series_instance_uid=series_instance_uid or generate_uid(),
         series_number=series_number,

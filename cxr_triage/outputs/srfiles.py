@@ -1,5 +1,7 @@
 """Structured Report files: every SR file in ``[storage] sr_dir`` belongs to a committed ``sr_documents`` row, and
-every row's file is there, whatever point a crash (SIGKILL, power loss) stops a worker at.
+every row's file is there, whatever point a crash (SIGKILL, power loss) stops a worker at. The heatmap object an SR
+references (``outputs.heatmapobject``) is a file of the same kind: ``<sr_dir>/<study>/<its SOP Instance UID>.dcm``,
+its row the SR's (``heatmap_sop_instance_uid``, ``heatmap_path``), written, renamed and swept as below.
 
 A report's final path, the one its row holds, is ``<sr_dir>/<Study Instance UID>/<SR SOP Instance UID>.dcm``
 (``final_path``). The recorder writes it first to ``<sr_dir>/.pending/<SR UID>.dcm+<writer>`` (``write_pending``;
@@ -154,18 +156,18 @@ class Settled:
 
 
 def _committed_paths(sessions: sessionmaker[Session], uids: Sequence[str]) -> dict[str, str]:
-    """SOP Instance UID -> path of the ``sr_documents`` rows among ``uids``."""
+    """SOP Instance UID -> path of the ``sr_documents`` rows among ``uids``: their reports and their heatmap
+    objects (``heatmap_sop_instance_uid``, ``heatmap_path``), which live beside them under the same protocol."""
     found: dict[str, str] = {}
+    report = (db.SRDocument.sop_instance_uid, db.SRDocument.path)
+    heatmap = (db.SRDocument.heatmap_sop_instance_uid, db.SRDocument.heatmap_path)
     with sessions() as session:
         db.read_only(session)
         for start in range(0, len(uids), QUERY_BATCH):
             batch = uids[start : start + QUERY_BATCH]
-            rows = session.execute(
-                select(db.SRDocument.sop_instance_uid, db.SRDocument.path).where(
-                    db.SRDocument.sop_instance_uid.in_(batch)
-                )
-            ).all()
-            found.update((uid, path) for uid, path in rows)
+            for uid_column, path_column in (report, heatmap):
+                rows = session.execute(select(uid_column, path_column).where(uid_column.in_(batch))).all()
+                found.update((uid, path) for uid, path in rows if uid is not None and path is not None)
         session.rollback()
     return found
 

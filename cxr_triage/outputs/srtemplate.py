@@ -36,7 +36,7 @@ from typing import Any
 import highdicom as hd
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from cxr_triage import CLASS_NAMES, log_name
 from cxr_triage.outputs import codes as cxr_codes
@@ -80,8 +80,11 @@ class TriageSRTemplate:
         manufacturer: str = "cxr-triage project",
         series_description: str = "cxr-triage AI triage (research use only)",
         series_number: int = sr.DEFAULT_SERIES_NUMBER,
+        heatmap: bool = False,
     ) -> None:
+        # Over 60 lines by its fourteen parameters and the one report build they go into; the steps are in order.
         self.sop_class_uid = str(sop_class_uid)
+        self.heatmap = heatmap
         self.label = label
         self.flagged = sr.validate_model(model_version, model_sha256, flagged)
         self.model_version = model_version
@@ -91,9 +94,10 @@ class TriageSRTemplate:
         self.series_number = series_number
         placeholder = sr.placeholder_evidence()
         placeholder.SOPClassUID = self.sop_class_uid
-        uids = [f"{_SENTINEL}{n}" for n in range(5)]
+        uids = [f"{_SENTINEL}{n}" for n in range(7)]
         placeholder.StudyInstanceUID, placeholder.SeriesInstanceUID, placeholder.SOPInstanceUID = uids[:3]
-        self._report_series, self._report_instance = uids[3:]
+        self._report_series, self._report_instance = uids[3:5]
+        self._heatmap_series, self._heatmap_instance = uids[5:]
         self._placeholder = placeholder
         report = sr.build_triage_sr(
             placeholder,
@@ -109,6 +113,7 @@ class TriageSRTemplate:
             series_description=series_description,
             series_number=series_number,
             template=True,
+            heatmap=_heatmap_placeholder(placeholder.StudyInstanceUID, *uids[5:]) if heatmap else None,
         )
         self._tracking_uid = _tracking_uid(report)
         own = self._header(sr.validate_evidence(placeholder), self._report_series, self._report_instance)
@@ -134,12 +139,15 @@ class TriageSRTemplate:
         *,
         series_instance_uid: str | None = None,
         sop_instance_uid: str | None = None,
+        heatmap: Dataset | None = None,
     ) -> Dataset:
-        """The report on ``evidence`` (the classified image's header) with these ``probabilities``.
+        """The report on ``evidence`` (the classified image's header) with these ``probabilities``, referencing
+        ``heatmap`` (the heatmap object) when the template was made for one.
 
         Raises ``ValueError`` as :func:`cxr_triage.outputs.sr.build_triage_sr` does, and when ``evidence`` is of another
-        SOP class than the template's.
+        SOP class than the template's, or ``heatmap`` is given to a template without one or the reverse.
         """
+        self._check_heatmap(heatmap, evidence)
         values = sr.validate_probabilities(self.label, probabilities)
         header = sr.validate_evidence(evidence)
         if str(header.SOPClassUID) != self.sop_class_uid:
@@ -164,6 +172,9 @@ class TriageSRTemplate:
             self._report_instance: sop_instance_uid,
             self._tracking_uid: generate_uid(),
         }
+        if heatmap is not None:
+            replacements[self._heatmap_series] = str(heatmap.SeriesInstanceUID)
+            replacements[self._heatmap_instance] = str(heatmap.SOPInstanceUID)
         for path in self._uid_paths:
             element = _at(report, path)
             element.value = replacements[str(element.value)]
@@ -180,6 +191,12 @@ class TriageSRTemplate:
             self.model_version,
         )
         return report
+
+    def _check_heatmap(self, heatmap: Dataset | None, evidence: Dataset) -> None:
+        if (heatmap is not None) != self.heatmap:
+            raise ValueError("a heatmap object must be given exactly when the template references one")
+        if heatmap is not None and heatmap.StudyInstanceUID != evidence.StudyInstanceUID:
+            raise ValueError("the heatmap object belongs to another study than the image")
 
     def _header(self, header: Dataset, series_instance_uid: str, sop_instance_uid: str) -> hd.SOPClass:
         """The modules highdicom's SR constructor fills from the evidence, made the way it makes them."""
@@ -241,18 +258,24 @@ class TriageSRBuilder:
             "series_number": series_number,
         }
         self.max_templates = max_templates
-        self._templates: OrderedDict[tuple[str, str, bool, str, str], TriageSRTemplate] = OrderedDict()
+        self._templates: OrderedDict[tuple[str, str, bool, str, str, bool], TriageSRTemplate] = OrderedDict()
 
     def template(
-        self, sop_class_uid: str, label: str, flagged: bool, model_version: str, model_sha256: str
+        self,
+        sop_class_uid: str,
+        label: str,
+        flagged: bool,
+        model_version: str,
+        model_sha256: str,
+        heatmap: bool = False,
     ) -> TriageSRTemplate:
-        """The template for these, built on first use."""
-        key = (str(sop_class_uid), label, bool(flagged), model_version, model_sha256)
+        """The template for these (``heatmap``: one that references a heatmap object), built on first use."""
+        key = (str(sop_class_uid), label, bool(flagged), model_version, model_sha256, bool(heatmap))
         found = self._templates.get(key)
         if found is None:
             found = TriageSRTemplate(
                 key[0], label=label, flagged=flagged, model_version=model_version, model_sha256=model_sha256,
-                **self.settings,
+                heatmap=key[5], **self.settings,
             )  # fmt: skip
             self._templates[key] = found
             while len(self._templates) > self.max_templates:
@@ -272,6 +295,7 @@ class TriageSRBuilder:
         flagged: bool,
         previous_sr: Dataset | None = None,
         series_instance_uid: str | None = None,
+        heatmap: Dataset | None = None,
     ) -> Dataset:
         """The report :func:`cxr_triage.outputs.sr.build_triage_sr` would build with the builder's settings."""
         if previous_sr is not None or not evidence.get("SOPClassUID"):
@@ -284,11 +308,23 @@ class TriageSRBuilder:
                 flagged=flagged,
                 previous_sr=previous_sr,
                 series_instance_uid=series_instance_uid,
+                heatmap=heatmap,
                 **self.settings,
             )
         sr.validate_probabilities(label, probabilities)  # the label is part of the key: check it first
-        template = self.template(evidence.SOPClassUID, label, flagged, model_version, model_sha256)
-        return template.fill(evidence, probabilities, series_instance_uid=series_instance_uid)
+        template = self.template(
+            evidence.SOPClassUID, label, flagged, model_version, model_sha256, heatmap=heatmap is not None
+        )
+        return template.fill(evidence, probabilities, series_instance_uid=series_instance_uid, heatmap=heatmap)
+
+
+def _heatmap_placeholder(study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str) -> Dataset:
+    """The reference a template makes to a heatmap object: a Secondary Capture with sentinel UIDs."""
+    found = Dataset()
+    found.SOPClassUID = SecondaryCaptureImageStorage
+    found.StudyInstanceUID = study_instance_uid
+    found.SeriesInstanceUID, found.SOPInstanceUID = series_instance_uid, sop_instance_uid
+    return found
 
 
 def _content_items(dataset: Dataset) -> Iterator[Dataset]:

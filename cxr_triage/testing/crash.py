@@ -179,7 +179,8 @@ def _kill_worker(server: peers.Server, rng: random.Random) -> None:
 
 
 def _sr_state(sr_dir: Path, url: str) -> tuple[set[Path], set[Path], dict[str, str]]:
-    """(final files, pending files, SR rows as SOP Instance UID -> path) as they are now."""
+    """(final files, pending files, SR rows as SOP Instance UID -> path, with their heatmap objects) as they are
+    now."""
     from sqlalchemy import select
 
     from cxr_triage.core import db
@@ -192,6 +193,8 @@ def _sr_state(sr_dir: Path, url: str) -> tuple[set[Path], set[Path], dict[str, s
         with db.read_session(engine) as session:
             query = select(db.SRDocument.sop_instance_uid, db.SRDocument.path)
             rows = {uid: path for uid, path in session.execute(query)}
+            heatmaps = select(db.SRDocument.heatmap_sop_instance_uid, db.SRDocument.heatmap_path)
+            rows.update({uid: path for uid, path in session.execute(heatmaps) if uid is not None})
     finally:
         engine.dispose()
     return every - pending, pending, rows
@@ -254,8 +257,8 @@ def _final_checks(report: CrashReport, sr_dir: Path, url: str, sent: dict[Path, 
         found = (status, predictions[instance_id], per_instance[instance_id])
         if found != (db.DONE, 1, 1):
             report.problems.append(f"instance {uid}: status {status}, {found[1]} prediction(s), {found[2]} SR row(s)")
-    finals, pending, _ = _sr_state(sr_dir, url)
-    paths = {Path(path) for _, _, path in srs}
+    finals, pending, files_of_rows = _sr_state(sr_dir, url)  # the reports and their heatmap objects
+    paths = {Path(path) for _, _, path in srs} | {Path(path) for path in files_of_rows.values()}
     orphans = sorted((finals | pending) - paths)
     report.orphan_files = len(orphans)
     report.problems += [f"file without a row: {path}" for path in orphans]

@@ -5,12 +5,15 @@ view, not a chest) or an error ends the job there; otherwise the prepared image 
 pixel data dropped, kept as the SR's evidence. Every outcome of a readable header carries the identifiers the
 recorder stores for the outputs that name the patient (``identifiers``: ``outputs.hl7report.recorded_identifiers``),
 so that no output reads the spool file again. ``classify`` runs the model on prepared images and sets each
-one's worklist flag. Outcomes are frozen: the recorder (``cxr_triage.triage.recorder``) turns them into rows, SRs and
-forwards in one transaction.
+one's worklist flag; with a heatmap (``cxr_triage.ml.heatmap``, ``[heatmap] enabled``) the prediction and the
+coarse Grad-CAM map come from one float32 pass, and a failure of that pass falls back to the predictor without maps
+(the classification is never lost for a map). Outcomes are frozen: the recorder (``cxr_triage.triage.recorder``)
+turns them into rows, SRs, heatmap files and forwards in one transaction.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
     from cxr_triage.ml.gate import TypicalityGate
+    from cxr_triage.ml.heatmap import GradCAMHeatmap
     from cxr_triage.ml.inference import Prediction, Predictor
     from cxr_triage.ml.preprocess import PreparedImage, Refusal
 
@@ -46,6 +50,7 @@ class Prepared:
     preprocess_ms: float
     thumbnail: bytes | None = None  # PNG of the model's input; None when the image may carry burned-in text
     identifiers: dict[str, Any] | None = None  # what instances.identifiers records; None: header not read
+    display: Any = None  # the radiograph at its own geometry, uint8 (``keep_display``); None: not kept
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,9 @@ class Classified:
     thumbnail: bytes | None = None
     typicality: float | None = None  # the gate's score; None when no gate ran
     identifiers: dict[str, Any] | None = None
+    heatmap: Any = None  # the coarse (h, w) Grad-CAM map of the predicted class (a CPU tensor); None without one
+    precision: str | None = None  # the precision that produced the label; None: the predictor's own
+    display: Any = None  # the radiograph at its own geometry (uint8), for the heatmap object; None: not kept
 
 
 @dataclass(frozen=True)
@@ -91,8 +99,11 @@ class Failed:
 Outcome = Classified | Refused | Failed
 
 
-def preprocess(jobs: Sequence[ClaimedJob], stop: threading.Event) -> tuple[list[Outcome], list[Prepared]]:
-    """Read and prepare each job's spool file; jobs left when ``stop`` is set stay claimed (released later)."""
+def preprocess(
+    jobs: Sequence[ClaimedJob], stop: threading.Event, keep_display: bool = False
+) -> tuple[list[Outcome], list[Prepared]]:
+    """Read and prepare each job's spool file; jobs left when ``stop`` is set stay claimed (released later).
+    ``keep_display``: keep each radiograph's pixels at its own geometry (for the heatmap object)."""
     from cxr_triage.ml.preprocess import Refusal, prepare_dataset, read_dicom
 
     outcomes: list[Outcome] = []
@@ -111,7 +122,7 @@ def preprocess(jobs: Sequence[ClaimedJob], stop: threading.Event) -> tuple[list[
                     for _ in ds.iterall():  # every value parsed (and complained about) now, not in the SR's build
                         pass
                     identifiers = recorded_identifiers(ds)
-                result: Any = ds if isinstance(ds, Refusal) else prepare_dataset(ds)
+                result: Any = ds if isinstance(ds, Refusal) else prepare_dataset(ds, keep_display=keep_display)
             if complaints:  # one record per dataset, however many times pydicom warned
                 logger.warning(
                     "job %s (SOP instance %s): %s", job.id, job.sop_instance_uid, dicomwarnings.summary(complaints)
@@ -126,7 +137,8 @@ def preprocess(jobs: Sequence[ClaimedJob], stop: threading.Event) -> tuple[list[
             continue
         if "PixelData" in ds:
             del ds.PixelData  # the header stays as the SR's evidence; the pixels are in the tensor now
-        prepared.append(Prepared(job, result, ds, elapsed, thumbnail_png(result.tensor, ds), identifiers))
+        display, result = result.display, dataclasses.replace(result, display=None)
+        prepared.append(Prepared(job, result, ds, elapsed, thumbnail_png(result.tensor, ds), identifiers, display))
     return outcomes, prepared
 
 
@@ -147,10 +159,14 @@ def screen(prepared: Sequence[Prepared], gate: TypicalityGate) -> tuple[list[Out
 
 
 def classify(
-    prepared: Sequence[Prepared], predictor: Predictor, triage: TriageSettings, gate: TypicalityGate | None = None
+    prepared: Sequence[Prepared],
+    predictor: Predictor,
+    triage: TriageSettings,
+    gate: TypicalityGate | None = None,
+    heatmap: GradCAMHeatmap | None = None,
 ) -> list[Outcome]:
-    """Screen ``prepared`` with the gate, then run the model on the rest in one call; an error in either fails
-    every job of the call."""
+    """Screen ``prepared`` with the gate, then run the model on the rest in one call (with ``heatmap``: the one
+    pass that yields the prediction and the map); an error in either fails every job of the call."""
     if not prepared:
         return []
     outcomes: list[Outcome] = []
@@ -161,12 +177,13 @@ def classify(
         else:
             outcomes, screened = screen(prepared, gate)
             passed = list(screened)
-        predictions = predictor.predict([p.image.tensor for p, _ in passed]) if passed else []
+        tensors = [p.image.tensor for p, _ in passed]
+        predictions, maps, precision = predict_with_maps(tensors, predictor, heatmap) if passed else ([], [], None)
         inference_ms = (time.perf_counter() - started) * 1000.0 / len(prepared)
     except Exception as exc:
         logger.exception("inference failed for jobs %s", [p.job.id for p in prepared])
         return [Failed.of(p.job, exc, p.identifiers) for p in prepared]
-    for (item, typicality), prediction in zip(passed, predictions, strict=True):
+    for (item, typicality), prediction, coarse in zip(passed, predictions, maps, strict=True):
         flagged, reason = flag_for(prediction.probabilities, triage)
         outcomes.append(
             Classified(
@@ -181,9 +198,47 @@ def classify(
                 item.thumbnail,
                 typicality,
                 item.identifiers,
+                heatmap=coarse,
+                precision=precision,
+                display=item.display if coarse is not None else None,
             )
         )
     return outcomes
+
+
+_heatmap_failures = 0
+"""Heatmap passes that failed in this process: the first is logged with its traceback, the others in one line."""
+
+
+def predict_with_maps(
+    tensors: Sequence[Any], predictor: Predictor, heatmap: GradCAMHeatmap | None
+) -> tuple[list[Prediction], list[Any], str]:
+    """The predictions of ``tensors``, a coarse map for each (None without ``heatmap``), and the precision that
+    produced the labels. With ``heatmap`` one float32 pass yields both: its logits, divided by the checkpoint's
+    temperature as the predictor does, give the probabilities, so the label is the one the map explains. Should that
+    pass fail, the predictor classifies without maps (the map is never worth a classification)."""
+    global _heatmap_failures
+    if heatmap is not None:
+        try:
+            import torch
+
+            from cxr_triage.ml.inference import Prediction
+
+            coarse = heatmap.coarse(torch.stack(list(tensors)))
+            probabilities = torch.softmax(coarse.logits.float() / predictor.temperature, dim=1)
+            names = predictor.class_names
+            predictions = [
+                Prediction(names[int(row.argmax())], {n: float(p) for n, p in zip(names, row, strict=True)})
+                for row in probabilities
+            ]
+            return predictions, list(coarse.maps), "float32"
+        except Exception:
+            _heatmap_failures += 1
+            if _heatmap_failures == 1:
+                logger.exception("the heatmap pass failed; these images are classified without a map")
+            else:
+                logger.error("the heatmap pass failed again (%d times); classified without a map", _heatmap_failures)
+    return predictor.predict(tensors), [None] * len(tensors), predictor.precision
 
 
 def thumbnail_png(tensor: Any, header: Dataset) -> bytes | None:

@@ -1,5 +1,11 @@
 """The recorder: a chunk of outcomes becomes Structured Reports, database rows and forwards, in one transaction.
 
+With a heatmap (``[heatmap]``, ``triage.pipeline.predict_with_maps``) each classified instance's coarse map is
+stored first (``ml.heatmap.save_coarse`` under ``[heatmap] dir``; ``instances.heatmap_path`` is set in the
+transaction) and its heatmap object (``outputs.heatmapobject``) is written under its pending name before its SR,
+which references it; the object's UID and path go into the SR's row and it is renamed into place with the SR. A
+map or object that fails is logged and the result recorded without it.
+
 For each ``Classified`` outcome an SR is built (from a template per model, finding and priority:
 ``cxr_triage.outputs.srtemplate``) and written under its pending name in ``[storage] sr_dir``
 (``cxr_triage.outputs.srfiles``); the pending folder is fsynced once per chunk, before the commit, so a committed
@@ -58,6 +64,20 @@ class WrittenSR:
     previous_id: int | None
     previous_job: int | None = None
     pending: Path | None = None
+    heatmap: Any = None  # the heatmap object the SR references (outputs.heatmapobject); None without one
+    heatmap_path: Path | None = None  # its final path, beside the SR
+    heatmap_pending: Path | None = None  # where it is until the row has committed
+
+    def moves(self) -> list[tuple[Path, Path]]:
+        """(pending, final) of its files still pending: the heatmap object's, then the SR's."""
+        pairs = [(self.heatmap_pending, self.heatmap_path), (self.pending, self.path)]
+        return [(pending, final) for pending, final in pairs if pending is not None and final is not None]
+
+    def unlink(self) -> None:
+        """Delete its files (a report not recorded)."""
+        for path in (self.heatmap_pending or self.heatmap_path, self.pending or self.path):
+            if path is not None:
+                path.unlink(missing_ok=True)
 
 
 SRResult = WrittenSR | str
@@ -77,7 +97,10 @@ class Recorder:
         self.triage = settings.triage
         thumbnails = settings.storage.thumbnail_dir
         self.thumbnail_dir = Path(thumbnails).resolve() if thumbnails is not None else None
+        self.heatmap_dir = settings.heatmap.folder(settings.storage).resolve()
         self._reports: TriageSRBuilder | None = None
+        self._heatmaps: Any = None  # outputs.heatmapobject.HeatmapSecondaryCapture, made on first use
+        self._heatmap_failures = 0
         self._undecided: list[Path] = []
         """Pending SR files of outcomes not recorded whose fate the database could not tell yet."""
 
@@ -103,13 +126,14 @@ class Recorder:
         classified = [o for o in outcomes if isinstance(o, Classified)]
         srs = self.write_srs(classified) if classified and self.sr.enabled else {}
         thumbnails = self.write_thumbnails(classified)
+        heatmaps = self.write_heatmaps(classified)
         written = time.perf_counter()
         try:
-            self.commit(outcomes, srs, thumbnails)
+            self.commit(outcomes, srs, thumbnails, heatmaps)
         except Exception:
             logger.exception("recording the batch of %d job(s) failed; recording them one by one", len(outcomes))
             for outcome in outcomes:
-                self._record_alone(outcome, srs, thumbnails)
+                self._record_alone(outcome, srs, thumbnails, heatmaps)
         n = max(1, len(outcomes))
         classify_ms = sum(o.preprocess_ms + o.inference_ms for o in classified)
         logger.info(
@@ -120,13 +144,15 @@ class Recorder:
             (time.perf_counter() - written) * 1000.0 / n,
         )
 
-    def _record_alone(self, outcome: Outcome, srs: dict[int, SRResult], thumbnails: dict[int, Path]) -> None:
+    def _record_alone(
+        self, outcome: Outcome, srs: dict[int, SRResult], thumbnails: dict[int, Path], heatmaps: dict[int, Path]
+    ) -> None:
         own = {outcome.job.id: srs[outcome.job.id]} if outcome.job.id in srs else {}
         written = own.get(outcome.job.id)
         if isinstance(written, WrittenSR) and written.previous_job is not None:  # its predecessor may be gone
             own[outcome.job.id] = dataclasses.replace(written, previous_job=None)
         try:
-            self.commit([outcome], own, thumbnails)
+            self.commit([outcome], own, thumbnails, heatmaps)
         except Exception as exc:
             logger.exception("job %s (SOP instance %s): recording failed", outcome.job.id, outcome.job.sop_instance_uid)
             if isinstance(written, WrittenSR):
@@ -138,13 +164,16 @@ class Recorder:
 
     # --- Structured Reports ----------------------------------------------------------------------------------
 
-    def _sr_context(self, outcomes: Sequence[Classified]) -> tuple[dict[str, tuple[int, str]], dict[str, str]]:
-        """One read for the chunk: the latest SR (id, path) of each SOP instance, and the SR series of each study
-        for this model version."""
+    def _sr_context(
+        self, outcomes: Sequence[Classified]
+    ) -> tuple[dict[str, tuple[int, str]], dict[str, str], dict[str, str]]:
+        """One read for the chunk: the latest SR (id, path) of each SOP instance, and the SR series and the
+        heatmap series of each study for this model version."""
         sop_uids = sorted({o.job.sop_instance_uid for o in outcomes})
         study_uids = sorted({o.job.study_instance_uid for o in outcomes})
         previous: dict[str, tuple[int, str]] = {}
         series: dict[str, str] = {}
+        heatmap_series: dict[str, str] = {}
         with self.sessions() as session:
             db.read_only(session)
             rows = session.execute(
@@ -156,7 +185,11 @@ class Recorder:
             for uid, sr_id, path in rows:
                 previous[uid] = (sr_id, path)  # ascending ids: the last one wins
             rows = session.execute(
-                select(db.Instance.study_instance_uid, db.SRDocument.series_instance_uid)
+                select(
+                    db.Instance.study_instance_uid,
+                    db.SRDocument.series_instance_uid,
+                    db.SRDocument.heatmap_series_instance_uid,
+                )
                 .join(db.Instance, db.SRDocument.instance_id == db.Instance.id)
                 .where(
                     db.Instance.study_instance_uid.in_(study_uids),
@@ -164,16 +197,18 @@ class Recorder:
                 )
                 .order_by(db.SRDocument.id)
             ).all()
-            for study_uid, series_uid in rows:
+            for study_uid, series_uid, heatmap_series_uid in rows:
                 series.setdefault(study_uid, series_uid)
+                if heatmap_series_uid is not None:
+                    heatmap_series.setdefault(study_uid, heatmap_series_uid)
             session.rollback()
-        return previous, series
+        return previous, series, heatmap_series
 
     def write_srs(self, outcomes: Sequence[Classified]) -> dict[int, SRResult]:
         """Build and write the SR of each classified instance under its pending name, by job id (``commit`` renames
         the recorded ones into place); a failure is the error's text."""
         try:
-            previous, series = self._sr_context(outcomes)
+            previous, series, heatmap_series = self._sr_context(outcomes)
         except Exception as exc:
             logger.exception("the SRs of jobs %s could not be prepared", [o.job.id for o in outcomes])
             return {o.job.id: _not_written(exc) for o in outcomes}
@@ -183,7 +218,7 @@ class Recorder:
         for outcome in outcomes:
             job = outcome.job
             try:
-                written = self._write_one(outcome, previous, series, latest.get(job.sop_instance_uid))
+                written = self._write_one(outcome, previous, series, latest.get(job.sop_instance_uid), heatmap_series)
             except Exception as exc:  # the classification stands; the missing SR is recorded as the error
                 logger.exception("SOP instance %s: the Structured Report could not be written", job.sop_instance_uid)
                 results[job.id] = _not_written(exc)
@@ -192,6 +227,8 @@ class Recorder:
             folders.add((written.pending or written.path).parent)
             latest[job.sop_instance_uid] = (job.id, written.document)
             series.setdefault(job.study_instance_uid, str(written.document.SeriesInstanceUID))
+            if written.heatmap is not None:
+                heatmap_series.setdefault(job.study_instance_uid, str(written.heatmap.SeriesInstanceUID))
         try:
             for folder in sorted(folders):
                 files.fsync_dir(folder)
@@ -199,7 +236,7 @@ class Recorder:
             logger.exception("the SR folders could not be synced")
             for job_id, written in list(results.items()):
                 if isinstance(written, WrittenSR):
-                    (written.pending or written.path).unlink(missing_ok=True)
+                    written.unlink()
                     results[job_id] = _not_written(exc)
         return results
 
@@ -209,6 +246,7 @@ class Recorder:
         previous: dict[str, tuple[int, str]],
         series: dict[str, str],
         earlier: tuple[int, Any] | None,
+        heatmap_series: dict[str, str] | None = None,
     ) -> WrittenSR:
         import pydicom
 
@@ -222,19 +260,70 @@ class Recorder:
                 previous_ds = pydicom.dcmread(previous_path, stop_before_pixels=True)
             else:
                 previous_id = None
-        document = self.reports.build(
-            outcome.evidence,
-            label=outcome.prediction.label,
-            probabilities=outcome.prediction.probabilities,
-            model_version=outcome.model.model_version,
-            model_sha256=outcome.model.loaded.sha256,
-            flagged=outcome.flagged,
-            previous_sr=previous_ds,
-            series_instance_uid=series.get(job.study_instance_uid),
+        heatmap, heatmap_final, heatmap_pending = self._write_heatmap(outcome, (heatmap_series or {}))
+        try:
+            document = self.reports.build(
+                outcome.evidence,
+                heatmap=heatmap,
+                label=outcome.prediction.label,
+                probabilities=outcome.prediction.probabilities,
+                model_version=outcome.model.model_version,
+                model_sha256=outcome.model.loaded.sha256,
+                flagged=outcome.flagged,
+                previous_sr=previous_ds,
+                series_instance_uid=series.get(job.study_instance_uid),
+            )
+            final = srfiles.final_path(self.sr_dir, job.study_instance_uid, str(document.SOPInstanceUID))
+            pending = srfiles.write_pending(final, sr_module.sr_to_bytes(document), self.worker_id)
+        except Exception:  # no report: its heatmap object goes too (it would be a file without a row)
+            if heatmap_pending is not None:
+                heatmap_pending.unlink(missing_ok=True)
+            raise
+        return WrittenSR(
+            final,
+            document,
+            previous_id,
+            earlier[0] if earlier is not None else None,
+            pending,
+            heatmap,
+            heatmap_final,
+            heatmap_pending,
         )
-        final = srfiles.final_path(self.sr_dir, job.study_instance_uid, str(document.SOPInstanceUID))
-        pending = srfiles.write_pending(final, sr_module.sr_to_bytes(document), self.worker_id)
-        return WrittenSR(final, document, previous_id, earlier[0] if earlier is not None else None, pending)
+
+    def _write_heatmap(self, outcome: Classified, series: dict[str, str]) -> tuple[Any, Path | None, Path | None]:
+        """The heatmap object of ``outcome`` written under its pending name: (dataset, final path, pending path),
+        or Nones when there is none to make or it failed (logged with its traceback the first time, then in one
+        line: the SR is made without it)."""
+        if outcome.heatmap is None or outcome.display is None or self.settings.heatmap.pacs_object == "none":
+            return None, None, None
+        job = outcome.job
+        try:
+            if self._heatmaps is None:
+                from cxr_triage.outputs.heatmapobject import HeatmapSecondaryCapture
+
+                self._heatmaps = HeatmapSecondaryCapture(
+                    manufacturer=self.sr.manufacturer,
+                    series_description=self.settings.heatmap.series_description,
+                    opacity=self.settings.heatmap.opacity,
+                )
+            heatmap = self._heatmaps.build(
+                outcome.evidence,
+                outcome.display,
+                outcome.heatmap,
+                model_version=outcome.model.model_version,
+                series_instance_uid=series.get(job.study_instance_uid),
+            )
+            final = srfiles.final_path(self.sr_dir, job.study_instance_uid, str(heatmap.SOPInstanceUID))
+            from cxr_triage.outputs import sr as sr_module
+
+            return heatmap, final, srfiles.write_pending(final, sr_module.sr_to_bytes(heatmap), self.worker_id)
+        except Exception:
+            self._heatmap_failures += 1
+            if self._heatmap_failures == 1:
+                logger.exception("SOP instance %s: the heatmap object could not be made", job.sop_instance_uid)
+            else:
+                logger.error("SOP instance %s: the heatmap object could not be made either", job.sop_instance_uid)
+            return None, None, None
 
     def write_thumbnails(self, outcomes: Sequence[Classified]) -> dict[int, Path]:
         """The worklist's PNG of each classified instance that has one, by job id (a failure only logs)."""
@@ -252,10 +341,36 @@ class Recorder:
                 logger.exception("SOP instance %s: the worklist thumbnail could not be written", job.sop_instance_uid)
         return written
 
+    def write_heatmaps(self, outcomes: Sequence[Classified]) -> dict[int, Path]:
+        """The coarse map of each classified instance that has one (``heatmap.save_coarse``), by job id; a failure
+        is logged once per chunk and the results are recorded without their maps."""
+        written: dict[int, Path] = {}
+        failed: list[str] = []
+        for outcome in outcomes:
+            if outcome.heatmap is None:
+                continue
+            from cxr_triage.ml.heatmap import save_coarse
+
+            job = outcome.job
+            path = self.heatmap_dir / spool.safe_uid(job.study_instance_uid) / f"{job.id}.npy"
+            try:
+                written[job.id] = save_coarse(path, outcome.heatmap)
+            except Exception:
+                if not failed:
+                    logger.exception("the heatmap of SOP instance %s could not be stored", job.sop_instance_uid)
+                failed.append(job.sop_instance_uid)
+        if len(failed) > 1:
+            logger.error("%d heatmaps of this chunk could not be stored: recorded without them", len(failed))
+        return written
+
     # --- the transaction -------------------------------------------------------------------------------------
 
     def commit(
-        self, outcomes: Sequence[Outcome], srs: dict[int, SRResult], thumbnails: dict[int, Path] | None = None
+        self,
+        outcomes: Sequence[Outcome],
+        srs: dict[int, SRResult],
+        thumbnails: dict[int, Path] | None = None,
+        heatmaps: dict[int, Path] | None = None,
     ) -> None:
         """Record ``outcomes`` in one transaction (with their studies' provisional priorities); once it has
         committed, rename their SRs into place (those of outcomes no longer ours are deleted) and log them."""
@@ -281,12 +396,15 @@ class Recorder:
                     self._add_prediction(session, instance, outcome, srs.get(outcome.job.id), sr_rows, now)
                     thumbnail = (thumbnails or {}).get(outcome.job.id)
                     instance.thumbnail_path = str(thumbnail) if thumbnail is not None else None
+                    heatmap = (heatmaps or {}).get(outcome.job.id)
+                    instance.heatmap_path = str(heatmap) if heatmap is not None else None
                 recorded.append((outcome, final))
             studies.refresh_priorities(session, [o.job.study_instance_uid for o, _ in recorded], self.triage)
         srfiles.publish(
-            (written.pending, written.path)
+            move
             for outcome, _ in recorded
-            if isinstance(written := srs.get(outcome.job.id), WrittenSR) and written.pending is not None
+            if isinstance(written := srs.get(outcome.job.id), WrittenSR)
+            for move in written.moves()
         )
         dropped = [written for o in discarded if isinstance(written := srs.get(o.job.id), WrittenSR)]
         if dropped:
@@ -299,9 +417,9 @@ class Recorder:
         Their rows are looked up first: a commit that raised may have committed all the same (a connection lost
         during COMMIT), and then the file is renamed into place instead. A database that cannot be read leaves them
         for the next chunk (and ``srfiles.settle_pending`` at the next start)."""
-        for already_final in (w.path for w in written if w.pending is None):  # written by a caller of commit
-            already_final.unlink(missing_ok=True)
-        pending = [w.pending for w in written if w.pending is not None] + self._undecided
+        for already_final in (w for w in written if w.pending is None):  # written by a caller of commit
+            already_final.unlink()
+        pending = [move[0] for w in written for move in w.moves()] + self._undecided
         try:
             srfiles.settle(self.sessions, pending)
         except Exception:
@@ -346,7 +464,7 @@ class Recorder:
                 inference_ms=outcome.inference_ms,
                 total_ms=outcome.preprocess_ms + outcome.inference_ms,
                 device=str(predictor.device),
-                precision=predictor.precision,
+                precision=outcome.precision or predictor.precision,  # what produced the label
                 typicality=outcome.typicality,
                 created_at=now,
             )
@@ -375,6 +493,11 @@ class Recorder:
             model_version=outcome.model.model_version,
             previous_sr_id=previous_id,
             created_at=now,
+            heatmap_sop_instance_uid=str(written.heatmap.SOPInstanceUID) if written.heatmap is not None else None,
+            heatmap_series_instance_uid=(
+                str(written.heatmap.SeriesInstanceUID) if written.heatmap is not None else None
+            ),
+            heatmap_path=str(written.heatmap_path) if written.heatmap_path is not None else None,
         )
         session.add(row)
         session.flush()

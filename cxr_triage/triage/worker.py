@@ -125,6 +125,7 @@ class Worker:
         self._recording: ThreadPoolExecutor | None = None
         self._preparing: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None
+        self._heatmap: tuple[Predictor, Any] | None = None  # the predictor and its GradCAMHeatmap (or None)
 
     @property
     def predictor(self) -> Predictor | None:
@@ -138,21 +139,24 @@ class Worker:
         return predictor
 
     def _warm_up(self, predictor: Predictor) -> None:
-        """Pay the one-time costs now rather than on the first batch: the first forward pass, and the SR templates
-        of the usual image classes (highdicom's import and one full build each, about 1.5 s on a CPU)."""
+        """Pay the one-time costs now rather than on the first batch: the first forward pass (the heatmap's, when it
+        classifies), and the SR templates of the usual image classes, referencing a heatmap object when one will be
+        filed (highdicom's import and one full build each, about 1.5 s on a CPU)."""
         import torch
 
         from cxr_triage.ml.imaging import IMAGE_SIZE
 
         started = time.monotonic()
         try:
-            predictor.probabilities(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+            heatmap = self.heatmap_for(predictor)  # with a heatmap, its pass is the one that classifies
+            pipeline.predict_with_maps([torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE)], predictor, heatmap)
+            referenced = heatmap is not None and self.settings.heatmap.pacs_object != "none"
             if self.settings.sr.enabled:
                 for sop_class in WARM_SR_CLASSES:
                     for label in predictor.class_names:
                         for flagged in (False, True):
                             self.recorder.reports.template(
-                                sop_class, label, flagged, predictor.model_version, predictor.loaded.sha256
+                                sop_class, label, flagged, predictor.model_version, predictor.loaded.sha256, referenced
                             )
         except Exception:  # a real batch reports the problem where it belongs
             logger.warning("warm-up failed", exc_info=True)
@@ -241,16 +245,34 @@ class Worker:
             return
         if self._preparing is None:
             self._preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-preprocess")
-        ahead = self._preparing.submit(pipeline.preprocess, chunks[0], self.stop)
+        heatmap = self.heatmap_for(predictor)
+        keep = heatmap is not None and self.settings.heatmap.pacs_object != "none" and self.settings.sr.enabled
+        ahead = self._preparing.submit(pipeline.preprocess, chunks[0], self.stop, keep)
         for index in range(len(chunks)):
             outcomes, prepared = ahead.result()
             if self.stop.is_set():
                 break  # what is not recorded stays claimed by us and is released when the loop ends
             if index + 1 < len(chunks):
-                ahead = self._preparing.submit(pipeline.preprocess, chunks[index + 1], self.stop)
-            outcomes += pipeline.classify(prepared, predictor, self.settings.triage, self.gate)
+                ahead = self._preparing.submit(pipeline.preprocess, chunks[index + 1], self.stop, keep)
+            outcomes += pipeline.classify(prepared, predictor, self.settings.triage, self.gate, heatmap)
             if outcomes:
                 self._hand_to_recorder(outcomes)
+
+    def heatmap_for(self, predictor: Predictor) -> Any:
+        """The ``GradCAMHeatmap`` of ``predictor``'s model (made once per model), or None when ``[heatmap]`` is off
+        or it cannot be made (logged once per model: the images are classified without maps)."""
+        if not self.settings.heatmap.enabled:
+            return None
+        if self._heatmap is None or self._heatmap[0] is not predictor:
+            from cxr_triage.ml.heatmap import GradCAMHeatmap
+
+            try:
+                made = GradCAMHeatmap(predictor.loaded.model, predictor.device, self.settings.heatmap.method)
+            except Exception:
+                logger.exception("model %s: no heatmaps (its map cannot be computed)", predictor.model_version)
+                made = None
+            self._heatmap = (predictor, made)
+        return self._heatmap[1]
 
     def _hand_to_recorder(self, outcomes: list[pipeline.Outcome]) -> None:
         self.flush()
