@@ -15,7 +15,8 @@ Steps 3-6 depend only on the stored value, so they are evaluated once over every
 are pydicom's ``apply_modality_lut`` and ``apply_windowing``; the VOI LUT Sequence is applied here, because
 pydicom's ``apply_voi`` indexes through uint16 (a rescaled value above 65,535 would wrap round to dark) and warns
 on the float input a rescale produces. Step 7 (resize, three channels) is ``cxr_triage.ml.imaging.to_model_input``,
-shared with training.
+shared with training. Step 8, when no header tells the view (none, or ``VIEW_ASSUMED``): a model input whose
+pixels look like a lateral view is refused (``cxr_triage.ml.symmetry``, code ``looks_lateral``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from pydicom.uid import (
 
 from cxr_triage import log_name
 from cxr_triage.ml.imaging import to_model_input, uint8_to_unit
+from cxr_triage.ml.symmetry import REFUSAL_CODE as LATERAL_CODE
+from cxr_triage.ml.symmetry import ViewVerdict, check_view
 from cxr_triage.ml.view import Projection, projection_from_header
 
 logger = logging.getLogger(log_name(__name__))
@@ -57,6 +60,7 @@ CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS"})
 CHEST_REGION_CODES = frozenset({"51185008", "T-D3000", "43799004"})  # SCT chest, SRT chest, SCT thorax
 FRONTAL_VIEWS = frozenset({"PA", "AP"})
 
+VIEW_ASSUMED = "ViewPosition is absent: frontal view assumed"  # the note when no header attribute tells the view
 MAX_SIDE = 8192
 """Largest accepted Rows or Columns; chest detectors are at most about 4,300 pixels a side."""
 MAX_PIXELS = 40_000_000
@@ -191,7 +195,7 @@ def _check_anatomy(ds: Dataset) -> tuple[Refusal | None, tuple[str, ...]]:
         return None, tuple(notes)
     evidence = projection_from_header(ds)
     if evidence is None:
-        notes.append("ViewPosition is absent: frontal view assumed")
+        notes.append(VIEW_ASSUMED)
     elif evidence.projection is Projection.FRONTAL:
         notes.append(f"ViewPosition is absent: frontal view from {evidence.describe()}")
     else:
@@ -505,13 +509,20 @@ def prepare_dataset(ds: Dataset) -> PreparedImage | Refusal:
                 raise
             logger.debug("decoding %s made the decoder panic", sop_instance_uid, exc_info=True)
             refusal = _refuse("undecodable", "PixelData", f"cannot be decoded: the decoder failed: {exc}")
+    if refusal is None:
+        tensor = to_model_input(unit)
+        refusal = _pixel_view_refusal(tensor, "PixelData") if VIEW_ASSUMED in notes else None
     if refusal is not None:
         return replace(refusal, sop_instance_uid=sop_instance_uid)
-    return PreparedImage(
-        tensor=to_model_input(unit),
-        sop_instance_uid=sop_instance_uid,
-        notes=notes,
-    )
+    return PreparedImage(tensor=tensor, sop_instance_uid=sop_instance_uid, notes=notes)
+
+
+def _pixel_view_refusal(tensor: torch.Tensor, attribute: str | None) -> Refusal | None:
+    """Step 8 when no header told the view: refuse a model input whose pixels look like a lateral view."""
+    check = check_view(tensor)
+    if check.verdict is ViewVerdict.LATERAL:
+        return Refusal(LATERAL_CODE, check.reason(), attribute)
+    return None
 
 
 def read_dicom(path: str | os.PathLike[str]) -> Dataset | Refusal:
@@ -547,8 +558,8 @@ def prepare_image_file(path: str | os.PathLike[str]) -> PreparedImage | Refusal:
             if im.width * im.height > MAX_PIXELS or max(im.size) > MAX_SIDE:
                 return _refuse("dimensions", None, f"image is {im.width}x{im.height}: too large")
             if im.mode in ("I;16", "I;16B", "I"):
-                arr = np.asarray(im, dtype=np.float32) / 65535.0
-                return PreparedImage(tensor=to_model_input(np.clip(arr, 0, 1)))
+                tensor = to_model_input(np.clip(np.asarray(im, dtype=np.float32) / 65535.0, 0, 1))
+                return _pixel_view_refusal(tensor, None) or PreparedImage(tensor=tensor)
             if im.mode not in ("L", "LA"):
                 rgb = np.asarray(im.convert("RGB"))
                 if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
@@ -561,7 +572,8 @@ def prepare_image_file(path: str | os.PathLike[str]) -> PreparedImage | Refusal:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         # Pillow reports a corrupt PNG chunk as SyntaxError and a truncated file as OSError or EOFError.
         return _refuse("undecodable", None, f"image cannot be decoded: {type(exc).__name__}: {exc}")
-    return PreparedImage(tensor=to_model_input(uint8_to_unit(np.ascontiguousarray(grey))))
+    tensor = to_model_input(uint8_to_unit(np.ascontiguousarray(grey)))
+    return _pixel_view_refusal(tensor, None) or PreparedImage(tensor=tensor)
 
 
 def _sniff(path: Path) -> str:
