@@ -18,9 +18,10 @@ curve changes them little:
 Each cue becomes a robust z-score against the validation split's frontal images (median and IQR / 1.349) and the
 **symmetry score** is their mean. An image is refused as ``looks_lateral`` when it is below ``THRESHOLD``, the
 0.5 % quantile of the validation split's scores (so about 1 frontal in 200 is refused by it). No lateral image
-was used to choose these numbers: the shared data hold none. ``bench/lateral_eval.py`` refits the constants
-(``--fit``) and measures the check on the splits and on a folder of real lateral views; ``docs/RESULTS.md``
-says on how many, and how well it does.
+was used to fit these numbers (the shared data hold none); which cues to average was settled after measuring them
+on 12 real lateral views from a public collection, of which the check refuses 4. ``bench/lateral_eval.py`` refits
+the constants (``--fit``) and measures the check on the splits and on a folder of lateral views
+(``docs/RESULTS.md``, "Lateral views from the pixels").
 
 Only ``cxr_triage.ml.preprocess`` calls it, and only when the header did not say which view it is.
 """
