@@ -149,3 +149,23 @@ def test_classify_reports_the_pixel_refusal(tmp_path: Path, capsys: pytest.Captu
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["status"] for line in lines] == ["rejected", "rejected"]
     assert all("looks like a lateral view" in line["reason"] for line in lines)
+
+
+def test_the_workers_preprocess_stage_refuses_by_the_pixels(tmp_path: Path) -> None:
+    import threading
+
+    from cxr_triage.queue.jobqueue import ClaimedJob
+    from cxr_triage.triage.pipeline import Refused, preprocess
+
+    moved = new_dataset(as_stored(off_centre()), bits_stored=12, ViewPosition=None)
+    frontal = new_dataset(as_stored(phantom(256, 256)), bits_stored=12, ViewPosition=None)
+    jobs = []
+    for number, ds in enumerate((moved, frontal), 1):
+        path = tmp_path / f"{number}.dcm"
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+        jobs.append(ClaimedJob(number, ds.SOPInstanceUID, ds.StudyInstanceUID, str(path), 1))
+    outcomes, prepared = preprocess(jobs, threading.Event())
+    assert [type(o) for o in outcomes] == [Refused] and [p.job.id for p in prepared] == [2]
+    refused = outcomes[0]
+    assert isinstance(refused, Refused) and refused.refusal.code == "looks_lateral"
+    assert refused.refusal.sop_instance_uid == moved.SOPInstanceUID
