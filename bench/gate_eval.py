@@ -198,7 +198,7 @@ def table(
         row = rows.setdefault(
             category, {"images": 0, "refused": 0, "refused_view": 0, "refused_either": 0, "scores": []}
         )
-        score = float(blocks.max())
+        score = float(gate.combine(blocks[None])[0])
         gate_refuses, view_refuses = gate.refuses(score), not sym >= symmetry.THRESHOLD
         row["images"] += 1
         row["refused"] += int(gate_refuses)

@@ -278,3 +278,11 @@ def test_worker_records_typicality_and_refuses_atypical_images(
     assert rows[noise.SOPInstanceUID]["status"] == "rejected"
     assert rows[noise.SOPInstanceUID]["typicality"] == pytest.approx(refusals[0].typicality)
     assert rows[typical.SOPInstanceUID]["typicality"] == pytest.approx(predictions[0].typicality)
+
+
+def test_scores_combine_the_block_scores(tiny_gate: TypicalityGate) -> None:
+    images = [to_model_input(x.float() / 255) for x in blobs(3, 9)]
+    blocks = tiny_gate.block_scores(images)
+    assert tiny_gate.scores(images) == pytest.approx(tiny_gate.combine(blocks).tolist(), abs=1e-4)
+    gate = per_block_gate(tiny_gate, dict.fromkeys(tiny_gate.blocks, 0.9))
+    assert gate.scores(images) == pytest.approx((blocks * gate.block_scale).max(1).values.tolist(), abs=1e-4)

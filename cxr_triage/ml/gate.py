@@ -310,10 +310,14 @@ class TypicalityGate:
         """Each image's typicality score (the largest of its blocks' z-scores; higher is less like a chest)."""
         if not isinstance(images, torch.Tensor) and len(images) == 0:
             return []
-        blocks = self.block_scores(images)
+        return [round(float(s), 4) for s in self.combine(self.block_scores(images))]
+
+    def combine(self, blocks: torch.Tensor) -> torch.Tensor:
+        """(N,) typicality scores from (N, len(self.blocks)) block z-scores: the largest, each block's scaled to its
+        own threshold when the gate has per-block thresholds."""
         if self.block_scale is not None:
             blocks = blocks * self.block_scale.to(blocks.dtype)
-        return [round(float(s), 4) for s in blocks.max(1).values]
+        return blocks.max(1).values
 
     def refuses(self, score: float) -> bool:
         return not math.isfinite(score) or score > self.threshold
