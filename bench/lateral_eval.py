@@ -109,7 +109,7 @@ def lateral_rows(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def main(args: Sequence[str] | None = None) -> int:  # noqa: C901 - a report: one block per table
+def main(args: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pack", type=Path, default=None, help="the classifier's pack (val and test splits)")
     parser.add_argument("--fit", action="store_true", help="print the constants fitted on the validation split")
