@@ -11,8 +11,12 @@ The non-chest set is assembled from what packages ship, so anyone can rebuild it
 - altered chest radiographs from the pack's test split: intensity-inverted, rotated by 90, 180 and 270 degrees,
   a central crop (the middle 35 %, so only part of the thorax) and a corner crop, each scaled back up.
 
-Real chest radiographs: the pack's test split (never seen by the gate's fit) and the five shared DICOM files
-through the whole product pipeline (``prepare_path``). Run it with the gate to evaluate::
+Real chest radiographs: the pack's test split (never seen by the gate's fit), overall and per source, and the
+five shared DICOM files through the whole product pipeline (``prepare_path``). Beside the gate, every row says
+how many the pixel check for a lateral view (``cxr_triage.ml.symmetry``) refuses, and how many either refuses:
+what the product refuses of an image whose header does not tell the view (a PNG or JPEG). ``--block-quantiles``
+adds a column for another rule: each block's z-score against its own threshold, the given quantile of the
+validation split's scores of that block (``1`` leaves a block out). Run it with the gate to evaluate::
 
     python bench/gate_eval.py --pack packs/cxr-full.pack [--gate cxr_triage/models/cae_gate.pt] [--json out.json]
 
@@ -36,6 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cxr_triage.ml import symmetry  # noqa: E402
 from cxr_triage.ml.gate import TypicalityGate, load_gate  # noqa: E402
 from cxr_triage.ml.imaging import to_model_input  # noqa: E402
 
@@ -130,48 +135,77 @@ ALTERATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def pack_test_images(pack_path: Path, limit: int | None, seed: int) -> torch.Tensor:
-    """(N, 224, 224) float test-split images in [0, 1] (the training module's pack reader)."""
+def pack_split(pack_path: Path, split: str, limit: int | None, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """(N, 224, 224) float images of a split in [0, 1] and each one's source name (the training module's reader)."""
     from training.pack import decode_pack, load_pack
 
     data = decode_pack(load_pack(pack_path))
-    idx = data.indices("test")
+    idx = data.indices(split)
     if limit is not None and idx.numel() > limit:
         idx = idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(seed))[:limit]]
-    return data.images[idx].float() / 255.0
+    assert data.sources is not None
+    return data.images[idx].float() / 255.0, [data.source_names[int(i)] for i in data.sources[idx]]
 
 
 def altered_images(chest: torch.Tensor, per_category: int) -> Iterator[tuple[str, np.ndarray]]:
     for name, alter in ALTERATIONS.items():
         for image in chest[:per_category]:
-            yield name, alter(image).numpy()
+            yield name, alter(image).contiguous().numpy()
 
 
-def score_all(gate: TypicalityGate, items: Sequence[tuple[str, np.ndarray]]) -> list[tuple[str, float]]:
+Scored = tuple[str, torch.Tensor, float]
+"""(category, the gate's block z-scores, the symmetry score) of one image."""
+
+
+def score_all(gate: TypicalityGate, items: Sequence[tuple[str, np.ndarray | torch.Tensor]]) -> list[Scored]:
     tensors = [to_model_input(image) for _, image in items]
-    scores: list[float] = []
+    blocks, sym = [], []
     for start in range(0, len(tensors), 64):
-        scores += gate.scores(tensors[start : start + 64])
-    return [(category, score) for (category, _), score in zip(items, scores, strict=True)]
+        batch = torch.stack(tensors[start : start + 64])
+        blocks.append(gate.block_scores(batch))
+        sym.append(symmetry.symmetry_scores(batch))
+    b, v = torch.cat(blocks), torch.cat(sym)
+    return [(category, b[i], float(v[i])) for i, (category, _) in enumerate(items)]
 
 
-def shared_dicom_scores(gate: TypicalityGate) -> list[tuple[str, float]]:
+def shared_dicom_scores(gate: TypicalityGate) -> list[Scored]:
     from cxr_triage.ml.preprocess import PreparedImage, prepare_path
 
     out = []
     for path in sorted(SHARED_DICOM.glob("*.dcm")):
         prepared = prepare_path(path)
         if isinstance(prepared, PreparedImage):
-            out.append((f"real DICOM {path.name}", gate.scores([prepared.tensor])[0]))
+            batch = prepared.tensor[None]
+            out.append(
+                (f"real DICOM {path.name}", gate.block_scores(batch)[0], float(symmetry.symmetry_scores(batch)[0]))
+            )
     return out
 
 
-def table(scored: list[tuple[str, float]], gate: TypicalityGate) -> dict[str, dict[str, Any]]:
+def block_thresholds(gate: TypicalityGate, validation: torch.Tensor, quantiles: Sequence[float]) -> torch.Tensor:
+    """Per block: the quantile of the validation split's z-scores of that block (infinite for a quantile of 1)."""
+    blocks = gate.block_scores(torch.stack([to_model_input(image) for image in validation]))
+    return torch.tensor(
+        [float(torch.quantile(blocks[:, i].double(), q)) if q < 1 else math.inf for i, q in enumerate(quantiles)]
+    )
+
+
+def table(
+    scored: list[Scored], gate: TypicalityGate, per_block: torch.Tensor | None = None
+) -> dict[str, dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
-    for category, score in scored:
-        row = rows.setdefault(category, {"images": 0, "refused": 0, "scores": []})
+    for category, blocks, sym in scored:
+        row = rows.setdefault(
+            category, {"images": 0, "refused": 0, "refused_view": 0, "refused_either": 0, "scores": []}
+        )
+        score = float(gate.combine(blocks[None])[0])
+        gate_refuses, view_refuses = gate.refuses(score), not sym >= symmetry.THRESHOLD
         row["images"] += 1
-        row["refused"] += int(gate.refuses(score))
+        row["refused"] += int(gate_refuses)
+        row["refused_view"] += int(view_refuses)
+        row["refused_either"] += int(gate_refuses or view_refuses)
+        if per_block is not None:
+            row["refused_per_block"] = row.get("refused_per_block", 0) + int(bool((blocks > per_block).any()))
         row["scores"].append(score)
     for row in rows.values():
         s = np.array(row.pop("scores"))
@@ -181,27 +215,34 @@ def table(scored: list[tuple[str, float]], gate: TypicalityGate) -> dict[str, di
 
 
 def summarise(non_chest: dict[str, dict[str, Any]], chest: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    n = sum(r["images"] for r in non_chest.values())
-    refused = sum(r["refused"] for r in non_chest.values())
-    test = chest.get("chest test split", {"images": 0, "refused": 0})
-    return {
-        "non_chest_images": n,
-        "non_chest_refused": refused,
-        "non_chest_share_refused": refused / n if n else None,
-        "non_chest_categories_mean_share": float(np.mean([r["share_refused"] for r in non_chest.values()])),
-        "chest_test_images": test["images"],
-        "chest_test_refused": test["refused"],
-        "chest_test_share_refused": test["refused"] / test["images"] if test["images"] else None,
-    }
+    def total(rows: list[dict[str, Any]], key: str) -> int:
+        return sum(r.get(key, 0) for r in rows)
+
+    n = total(list(non_chest.values()), "images")
+    test = chest.get("chest test split", {"images": 0})
+    sources = {k: v for k, v in chest.items() if k.startswith("test: ")}
+    out: dict[str, Any] = {"non_chest_images": n, "chest_test_images": test["images"]}
+    for key in ("refused", "refused_view", "refused_either", "refused_per_block"):
+        if key not in test:
+            continue
+        out[f"non_chest_{key}_share"] = total(list(non_chest.values()), key) / n if n else None
+        out[f"chest_test_{key}_share"] = test[key] / test["images"] if test["images"] else None
+        out[f"worst_source_{key}_share"] = max((r[key] / r["images"] for r in sources.values()), default=None)
+    return out
 
 
 def print_table(title: str, rows: dict[str, dict[str, Any]]) -> None:
-    print(f"\n{title}\n{'category':<28} {'images':>7} {'refused':>8} {'share':>7} {'median score':>13}")
+    per_block = any("refused_per_block" in r for r in rows.values())
+    head = f"{'category':<44} {'images':>7} {'gate':>6} {'share':>7} {'view':>5} {'either':>7} {'share':>7}"
+    print(f"\n{title}\n{head}{' per-block rule' if per_block else ''} {'median score':>13}")
     for name, r in rows.items():
-        print(
-            f"{name:<28} {r['images']:>7} {r['refused']:>8} {100 * r['share_refused']:>6.1f}%"
-            f" {r['median_score']:>13.2f}"
+        line = (
+            f"{name:<44} {r['images']:>7} {r['refused']:>6} {100 * r['share_refused']:>6.1f}% {r['refused_view']:>5}"
+            f" {r['refused_either']:>7} {100 * r['refused_either'] / r['images']:>6.1f}%"
         )
+        if per_block:
+            line += f" {r['refused_per_block']:>5} ({100 * r['refused_per_block'] / r['images']:5.1f}%)"
+        print(f"{line} {r['median_score']:>13.2f}")
 
 
 def main(args: Sequence[str] | None = None) -> int:
@@ -213,20 +254,27 @@ def main(args: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-category", type=int, default=50, help="images per altered-chest category")
     parser.add_argument("--synthetic", type=int, default=10, help="images per synthetic kind")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--block-quantiles", default=None, help="recon,texture,layout,outlier validation quantiles")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     opts = parser.parse_args(args)
     torch.manual_seed(opts.seed)
     gate = load_gate(opts.gate, opts.false_refusal_rate)
-    chest = pack_test_images(opts.pack, opts.max_chest, opts.seed)
-    others: list[tuple[str, np.ndarray]] = [*pydicom_images(), *skimage_images()]
+    per_block = None
+    if opts.block_quantiles:
+        validation, _ = pack_split(opts.pack, "val", None, opts.seed)
+        per_block = block_thresholds(gate, validation, [float(q) for q in opts.block_quantiles.split(",")])
+        print(f"per-block thresholds {dict(zip(gate.blocks, per_block.tolist(), strict=True))}")
+    chest, sources = pack_split(opts.pack, "test", opts.max_chest, opts.seed)
+    others: list[tuple[str, np.ndarray | torch.Tensor]] = [*pydicom_images(), *skimage_images()]
     others += list(synthetic_images(opts.synthetic, opts.seed))
     others += list(altered_images(chest, opts.per_category))
-    non_chest = table(score_all(gate, others), gate)
-    real = [("chest test split", float(s)) for s in gate.scores(torch.stack([c.expand(3, -1, -1) for c in chest]))]
-    real += shared_dicom_scores(gate)
-    chest_rows = table(real, gate)
+    non_chest = table(score_all(gate, others), gate, per_block)
+    real = score_all(gate, [("chest test split", c) for c in chest])
+    real += [(f"test: {source}", b, v) for (_, b, v), source in zip(real, sources, strict=True)]
+    chest_rows = table(real + shared_dicom_scores(gate), gate, per_block)
     print(f"gate {gate.version} (sha256 {gate.sha256[:12]}), threshold {gate.threshold:.3f} at a false-refusal "
           f"rate of {opts.false_refusal_rate:.1%} on the validation split")  # fmt: skip
+    print(f"pixel view check: refused below a symmetry score of {symmetry.THRESHOLD}")
     print_table("Not chest radiographs (should be refused)", non_chest)
     print_table("Chest radiographs (should pass)", chest_rows)
     summary = summarise(non_chest, chest_rows)

@@ -32,7 +32,7 @@ import pydicom  # noqa: E402
 import torch  # noqa: E402
 from pydicom.uid import JPEG2000Lossless  # noqa: E402
 
-from cxr_triage.ml import preprocess  # noqa: E402
+from cxr_triage.ml import greylut, preprocess  # noqa: E402
 from cxr_triage.ml.imaging import to_model_input  # noqa: E402
 from cxr_triage.ml.preprocess import PreparedImage, check_header, prepare_path  # noqa: E402
 from cxr_triage.testing import synthetic  # noqa: E402
@@ -65,11 +65,11 @@ def bench_file(label: str, path: Path, runs: int) -> None:
     header = pydicom.dcmread(path)
     if check_header(header)[0] is not None:
         raise SystemExit(f"{label}: header refused")
-    table, code_dtype = preprocess.build_grey_lut(header)
+    table, code_dtype = greylut.build_grey_lut(header)
     decode = median_ms(lambda: preprocess.container_codes(next(datasets), code_dtype), runs)
     codes = preprocess.container_codes(header, code_dtype)
-    lut = median_ms(lambda: preprocess.apply_table(preprocess.build_grey_lut(header)[0], codes), runs)
-    unit = preprocess.apply_table(table, codes)
+    lut = median_ms(lambda: greylut.apply_table(greylut.build_grey_lut(header)[0], codes), runs)
+    unit = greylut.apply_table(table, codes)
     resize = median_ms(lambda: to_model_input(unit), runs)
     print(
         f"{label:<30} total {total:6.1f} ms (wall {wall:6.1f}) | read {read:5.1f} | decode {decode:6.1f} "

@@ -122,6 +122,45 @@ def test_gate_file_round_trips_and_its_checksum_is_checked(tiny_gate: Typicality
         load_gate(tmp_path / "other.pt")
 
 
+def per_block_gate(gate: TypicalityGate, quantiles: dict[str, float], rate: float = 0.01) -> TypicalityGate:
+    """``gate`` with per-block thresholds from its own kind of images (a fresh validation set of blobs)."""
+    validation = gate.block_scores([to_model_input(x.float() / 255) for x in blobs(60, 7)])
+    return TypicalityGate(
+        gate.network, gate.gaussians, gate.scales, gate.validation_scores, rate, "tiny-blocks",
+        outlier=gate.outlier, validation_block_scores=validation, block_quantiles=quantiles,
+    )  # fmt: skip
+
+
+def test_per_block_thresholds_refuse_when_any_block_is_above_its_own(tiny_gate: TypicalityGate) -> None:
+    quantiles = dict.fromkeys(tiny_gate.blocks, 0.95) | {"recon": 1.0}
+    gate = per_block_gate(tiny_gate, quantiles)
+    own = gate.block_thresholds()
+    assert own["recon"] == float("inf") and all(0 < own[b] < float("inf") for b in gate.blocks if b != "recon")
+    images = [to_model_input(x.float() / 255) for x in blobs(10, 8)]
+    images += [torch.rand(3, 224, 224, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    blocks = gate.block_scores(images)
+    expected = [any(float(z) > own[b] for b, z in zip(gate.blocks, row, strict=True)) for row in blocks]
+    assert [gate.refuses(s) for s in gate.scores(images)] == expected
+    assert any(expected) and not all(expected)
+    # a higher false-refusal setting lowers every block's own threshold
+    looser = per_block_gate(tiny_gate, quantiles, rate=0.02).block_thresholds()
+    assert all(looser[b] <= own[b] for b in gate.blocks if b != "recon")
+    with pytest.raises(GateError, match="per-block thresholds need"):
+        per_block_gate(tiny_gate, {"texture": 0.9})
+
+
+def test_per_block_thresholds_survive_the_gate_file(tiny_gate: TypicalityGate, tmp_path: Path) -> None:
+    gate = per_block_gate(tiny_gate, dict.fromkeys(tiny_gate.blocks, 0.9))
+    save_gate(gate, tmp_path / "blocks.pt")
+    loaded = load_gate(tmp_path / "blocks.pt")
+    assert loaded.block_quantiles == gate.block_quantiles
+    assert loaded.block_thresholds() == pytest.approx(gate.block_thresholds())
+    save_gate(tiny_gate, tmp_path / "plain.pt")
+    plain = load_gate(tmp_path / "plain.pt")
+    assert plain.block_scale is None
+    assert set(plain.block_thresholds().values()) == {plain.threshold}
+
+
 # --- the shipped gate ----------------------------------------------------------------------------------------
 
 
@@ -145,6 +184,20 @@ def test_shipped_gate_is_small_and_checked(shipped_gate: TypicalityGate) -> None
 
 def test_shipped_gate_passes_the_real_chest_dicoms(shipped_gate: TypicalityGate) -> None:
     scores = shipped_gate.scores(shared_chest_tensors())
+    assert not any(shipped_gate.refuses(s) for s in scores), scores
+
+
+def test_shipped_gate_has_per_block_thresholds_without_the_reconstruction_error(shipped_gate: TypicalityGate) -> None:
+    own = shipped_gate.block_thresholds()
+    assert own["recon"] == float("inf")
+    assert all(0 < own[b] < 20 for b in ("texture", "layout", "outlier"))
+
+
+@pytest.mark.parametrize("render", [lambda x: 0.25 + 0.5 * x, lambda x: x**0.8, lambda x: x**1.25])
+def test_shipped_gate_passes_the_real_chest_dicoms_under_another_window_or_gamma(  # noqa: ANN001
+    shipped_gate: TypicalityGate, render
+) -> None:
+    scores = shipped_gate.scores([render(t) for t in shared_chest_tensors()])
     assert not any(shipped_gate.refuses(s) for s in scores), scores
 
 
@@ -225,3 +278,11 @@ def test_worker_records_typicality_and_refuses_atypical_images(
     assert rows[noise.SOPInstanceUID]["status"] == "rejected"
     assert rows[noise.SOPInstanceUID]["typicality"] == pytest.approx(refusals[0].typicality)
     assert rows[typical.SOPInstanceUID]["typicality"] == pytest.approx(predictions[0].typicality)
+
+
+def test_scores_combine_the_block_scores(tiny_gate: TypicalityGate) -> None:
+    images = [to_model_input(x.float() / 255) for x in blobs(3, 9)]
+    blocks = tiny_gate.block_scores(images)
+    assert tiny_gate.scores(images) == pytest.approx(tiny_gate.combine(blocks).tolist(), abs=1e-4)
+    gate = per_block_gate(tiny_gate, dict.fromkeys(tiny_gate.blocks, 0.9))
+    assert gate.scores(images) == pytest.approx((blocks * gate.block_scale).max(1).values.tolist(), abs=1e-4)

@@ -52,3 +52,21 @@ def test_calibration_reports_ece_per_source() -> None:
     probs_b = torch.softmax(logits[40:], 1)
     assert table["b"]["ece_before"] == pytest.approx(expected_calibration_error(probs_b, labels[40:]))
     assert table["b"]["ece_before"] > 0.9 and table["b"]["ece_after"] < table["b"]["ece_before"]
+
+
+def test_vector_scaling_is_fitted_on_validation_and_compared_per_source() -> None:
+    from training.calibrate import compare_calibrators, fit_vector_scaling
+
+    torch.manual_seed(0)
+    labels = torch.randint(0, 3, (300,))
+    logits = torch.nn.functional.one_hot(labels, 3).float() * 3.0 + torch.randn(300, 3)
+    logits[:, 0] += 1.5  # a class bias that one temperature cannot remove
+    scale, bias = fit_vector_scaling(logits, labels)
+    assert scale.shape == bias.shape == (3,) and bool((scale > 0).all())
+    assert float(bias[0] - bias[1:].mean()) < -0.5  # the bias is learnt back
+    sources = torch.tensor([0, 1] * 150)
+    table = compare_calibrators((logits, labels, sources), (logits, labels, sources), ("a", "b"))
+    assert set(table) == {"parameters", "none", "temperature", "vector"}
+    for method in ("none", "temperature", "vector"):
+        assert set(table[method]["test"]["per_source"]) == {"a", "b"}
+    assert table["vector"]["val"]["nll"] < table["temperature"]["val"]["nll"] <= table["none"]["val"]["nll"] + 1e-6

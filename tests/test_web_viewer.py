@@ -128,6 +128,8 @@ def test_the_heatmap_is_served_as_the_worker_stored_it_and_404_without_one(make_
     path = save_coarse(harness.tmp / "heatmaps" / f"{first}.npy", coarse)
     with harness.sessions() as session, session.begin():
         session.execute(update(db.Instance).where(db.Instance.id == first).values(heatmap_path=str(path)))
+        # the second as classified with [heatmap] enabled = false (the worker stores a map by default)
+        session.execute(update(db.Instance).where(db.Instance.id == second).values(heatmap_path=None))
     web = _viewer(harness)
 
     heat = web.get(f"/api/instances/{first}/heatmap")

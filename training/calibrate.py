@@ -6,6 +6,10 @@ bins of the top probability) and NLL are measured on the test split before and a
 set (a temperature fitted on the mix may not carry to each source), and a reliability diagram is drawn. The
 calibrated checkpoint has the same weights with the temperature stored in it (``ModelCard.temperature``) and
 ``-cal`` appended to its version.
+
+Vector scaling (a scale and a bias per class, ``softmax(logits * scale + bias)``, also fitted on the validation
+split) is measured beside it, on both splits, overall and per source (``calibrators`` in the report;
+``--report-only`` writes no checkpoint). It is reported, not shipped: the runtime applies a temperature only.
 """
 
 from __future__ import annotations
@@ -49,6 +53,22 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
     optimiser.step(closure)
     return float(log_t.detach().exp())
+
+
+def fit_vector_scaling(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class scale (positive: fitted as its logarithm) and bias minimising the NLL of ``labels`` (LBFGS)."""
+    log_scale = torch.zeros(logits.shape[1], requires_grad=True)
+    bias = torch.zeros(logits.shape[1], requires_grad=True)
+    optimiser = torch.optim.LBFGS([log_scale, bias], lr=0.1, max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits * log_scale.exp() + bias, labels)
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    return log_scale.detach().exp(), bias.detach()
 
 
 def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> list[dict[str, float]]:
@@ -111,6 +131,57 @@ def ece_per_source(
     return out
 
 
+def _summary(probs: torch.Tensor, labels: torch.Tensor, sources: torch.Tensor, names: Sequence[str]) -> dict:
+    """Overall ECE, NLL and accuracy of calibrated ``probs``, and ECE and accuracy per source."""
+    out: dict[str, Any] = {
+        "ece": expected_calibration_error(probs, labels),
+        "nll": float(torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels)),
+        "accuracy": float((probs.argmax(1) == labels).float().mean()),
+        "per_source": {},
+    }
+    for index, name in enumerate(names):
+        keep = sources == index
+        if int(keep.sum()):
+            out["per_source"][name or "unnamed"] = {
+                "images": int(keep.sum()),
+                "ece": expected_calibration_error(probs[keep], labels[keep]),
+                "accuracy": float((probs[keep].argmax(1) == labels[keep]).float().mean()),
+            }
+    return out
+
+
+def compare_calibrators(
+    val: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    names: Sequence[str],
+) -> dict[str, Any]:
+    """None, temperature and vector scaling, each fitted on ``val`` (logits, labels, sources), measured on both."""
+    temperature = fit_temperature(val[0], val[1])
+    scale, bias = fit_vector_scaling(val[0], val[1])
+    methods = {
+        "none": lambda z: z,
+        "temperature": lambda z: z / temperature,
+        "vector": lambda z: z * scale + bias,
+    }
+    out: dict[str, Any] = {"parameters": {"temperature": temperature, "scale": scale.tolist(), "bias": bias.tolist()}}
+    for method, apply in methods.items():
+        out[method] = {
+            "val": _summary(torch.softmax(apply(val[0]), 1), val[1], val[2], names),
+            "test": _summary(torch.softmax(apply(test[0]), 1), test[1], test[2], names),
+        }
+    return out
+
+
+def print_comparison(comparison: dict[str, Any]) -> None:
+    """One line per calibrator and split: overall ECE and accuracy, then each source's ECE."""
+    for method in ("none", "temperature", "vector"):
+        for split in ("val", "test"):
+            row = comparison[method][split]
+            sources = ", ".join(f"{k} {100 * v['ece']:.1f}" for k, v in row["per_source"].items())
+            overall = f"ECE {100 * row['ece']:.2f} % accuracy {100 * row['accuracy']:.2f} %"
+            print(f"{method:<12} {split:<5} {overall} | {sources}")
+
+
 def reliability_diagram(before: dict[str, Any], after: dict[str, Any], temperature: float, path: Path) -> None:
     import matplotlib
 
@@ -148,6 +219,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     before, after = scores(test_logits, data.labels[test], 1.0), scores(test_logits, data.labels[test], temperature)
     assert data.sources is not None
     sources = ece_per_source(test_logits, data.labels[test], data.sources[test], data.source_names, temperature)
+    comparison = compare_calibrators(
+        (val_logits, data.labels[val], data.sources[val]),
+        (test_logits, data.labels[test], data.sources[test]),
+        data.source_names,
+    )
+    print_comparison(comparison)
+    if args.report_only:
+        return {"temperature": temperature, "test_per_source": sources, "calibrators": comparison}
     if args.plot:
         reliability_diagram(before, after, temperature, args.plot)
     card = dataclasses.replace(
@@ -174,6 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "test_before": {k: v for k, v in before.items() if k != "bins"},
         "test_after": {k: v for k, v in after.items() if k != "bins"},
         "test_per_source": sources,
+        "calibrators": comparison,
         "val_images": int(val.numel()),
         "test_images": int(test.numel()),
     }
@@ -183,13 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.calibrate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, type=Path, help="classifier checkpoint to calibrate")
     parser.add_argument("--pack", required=True, help="the pack the classifier was trained on (same split)")
-    parser.add_argument("--out", required=True, type=Path, help="calibrated checkpoint to write")
+    parser.add_argument("--out", type=Path, default=None, help="calibrated checkpoint to write")
+    parser.add_argument("--report-only", action="store_true", help="measure the calibrators, write nothing")
     parser.add_argument("--plot", type=Path, default=None, help="reliability diagram PNG to write")
     return parser
 
 
 def main(args: Sequence[str] | None = None) -> int:
-    print(json.dumps(run(build_parser().parse_args(args)), indent=2))
+    parser = build_parser()
+    opts = parser.parse_args(args)
+    if opts.out is None and not opts.report_only:
+        parser.error("--out is required unless --report-only")
+    print(json.dumps(run(opts), indent=2))
     return 0
 
 

@@ -19,6 +19,15 @@ image's **typicality score** is the largest of them: about 0-2 for a chest radio
 looks like one. The refusal threshold is the ``1 - false_refusal_rate`` quantile of the validation split's
 scores, which the gate file stores, so the false-refusal rate is a setting (``[gate] false_refusal_rate``).
 
+**Per-block thresholds** (a gate file with ``validation_block_scores`` and ``block_quantiles``): each block is
+compared with its own threshold, the ``block_quantiles`` quantile of the validation split's z-scores of that block
+(a quantile of 1 keeps a block out of the decision; each block's tail share scales with ``false_refusal_rate`` /
+0.01). The score is then the largest block z-score scaled so that its block's threshold lands on ``threshold``:
+refused above ``threshold`` exactly when some block is above its own. One source's contrast or resolution moves
+one block's tail (the texture block for the COVID-19 Radiography Database, the reconstruction error for a
+squashed 640x640 source); one threshold on the largest z-score refused those sources several times as often as
+the others (``docs/RESULTS.md``).
+
 The gate is its own file (``models/cae_gate.pt`` with a ``.sha256`` sidecar), independent of the classifier's
 version: a retrained classifier keeps the same gate. It is loaded with ``torch.load(weights_only=True)``. This
 module imports no DICOM library, so ``training`` fits the gate with the same feature code the runtime scores with.
@@ -236,6 +245,8 @@ class TypicalityGate:
         sha256: str = "",
         device: torch.device | str = "cpu",
         outlier: OutlierModel | None = None,
+        validation_block_scores: torch.Tensor | None = None,
+        block_quantiles: dict[str, float] | None = None,
     ) -> None:
         blocks = [b for b in BLOCKS if b != "outlier" or outlier is not None]
         if set(gaussians) != {"texture", "layout"} or set(scales) != set(blocks):
@@ -255,6 +266,35 @@ class TypicalityGate:
         self.threshold = float(torch.quantile(self.validation_scores.double(), 1.0 - false_refusal_rate))
         self.version = version
         self.sha256 = sha256
+        self.validation_block_scores = validation_block_scores
+        self.block_quantiles = dict(block_quantiles or {})
+        self.block_scale = self._block_scale()
+
+    def _block_scale(self) -> torch.Tensor | None:
+        """Per block, what its z-score is multiplied by (``threshold`` / its own threshold; 0 for a block left out)."""
+        if self.validation_block_scores is None or not self.block_quantiles:
+            return None
+        scores = self.validation_block_scores.double()
+        if scores.ndim != 2 or scores.shape[1] != len(self.blocks) or set(self.block_quantiles) != set(self.blocks):
+            raise GateError(f"per-block thresholds need validation scores and a quantile for {', '.join(self.blocks)}")
+        scale = []
+        for index, block in enumerate(self.blocks):
+            tail = (1.0 - self.block_quantiles[block]) * self.false_refusal_rate / 0.01
+            if tail <= 0:
+                scale.append(0.0)
+                continue
+            own = float(torch.quantile(scores[:, index], max(0.0, 1.0 - tail)))
+            if own <= 0:
+                raise GateError(f"the {block} block's threshold {own:.3f} is not positive")
+            scale.append(self.threshold / own)
+        return torch.tensor(scale)
+
+    def block_thresholds(self) -> dict[str, float]:
+        """Each block's own threshold on its z-score (infinite for a block left out); all ``threshold`` without."""
+        if self.block_scale is None:
+            return dict.fromkeys(self.blocks, self.threshold)
+        scale = self.block_scale.tolist()
+        return {b: self.threshold / k if k > 0 else math.inf for b, k in zip(self.blocks, scale, strict=True)}
 
     def block_scores(self, images: torch.Tensor | Sequence[torch.Tensor], batch_size: int = 32) -> torch.Tensor:
         """(N, len(self.blocks)) z-scores, in the order of ``self.blocks``."""
@@ -270,7 +310,14 @@ class TypicalityGate:
         """Each image's typicality score (the largest of its blocks' z-scores; higher is less like a chest)."""
         if not isinstance(images, torch.Tensor) and len(images) == 0:
             return []
-        return [round(float(s), 4) for s in self.block_scores(images).max(1).values]
+        return [round(float(s), 4) for s in self.combine(self.block_scores(images))]
+
+    def combine(self, blocks: torch.Tensor) -> torch.Tensor:
+        """(N,) typicality scores from (N, len(self.blocks)) block z-scores: the largest, each block's scaled to its
+        own threshold when the gate has per-block thresholds."""
+        if self.block_scale is not None:
+            blocks = blocks * self.block_scale.to(blocks.dtype)
+        return blocks.max(1).values
 
     def refuses(self, score: float) -> bool:
         return not math.isfinite(score) or score > self.threshold
@@ -291,6 +338,11 @@ class TypicalityGate:
             "outlier": self.outlier.state() if self.outlier is not None else None,
             "scales": {k: [s.median, s.spread] for k, s in self.scales.items()},
             "validation_scores": self.validation_scores,
+            **(
+                {"validation_block_scores": self.validation_block_scores, "block_quantiles": self.block_quantiles}
+                if self.block_scale is not None
+                else {}
+            ),
         }
 
 
@@ -351,6 +403,8 @@ def load_gate(
         sha256=digest,
         device=device,
         outlier=OutlierModel.from_state(state["outlier"]) if state.get("outlier") else None,
+        validation_block_scores=state.get("validation_block_scores"),
+        block_quantiles={k: float(v) for k, v in (state.get("block_quantiles") or {}).items()},
     )
 
 

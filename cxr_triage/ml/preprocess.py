@@ -11,11 +11,12 @@ the attribute and value that made the image unsuitable. Order of operations, whi
 5. MONOCHROME1 inversion against the known output range, 6. scaling to [0, 1] from that range.
 
 Steps 3-6 depend only on the stored value, so they are evaluated once over every possible stored value
-(at most 65,536) and applied to the image as one table look-up (``grey_lut``). The modality LUT and the window
-are pydicom's ``apply_modality_lut`` and ``apply_windowing``; the VOI LUT Sequence is applied here, because
+(at most 65,536) and applied to the image as one table look-up (``cxr_triage.ml.greylut``). The modality LUT and
+the window are pydicom's ``apply_modality_lut`` and ``apply_windowing``; the VOI LUT Sequence is applied here, because
 pydicom's ``apply_voi`` indexes through uint16 (a rescaled value above 65,535 would wrap round to dark) and warns
 on the float input a rescale produces. Step 7 (resize, three channels) is ``cxr_triage.ml.imaging.to_model_input``,
-shared with training.
+shared with training. Step 8, when no header tells the view (none, or ``VIEW_ASSUMED``): a model input whose
+pixels look like a lateral view is refused (``cxr_triage.ml.symmetry``, code ``looks_lateral``).
 """
 
 from __future__ import annotations
@@ -33,16 +34,17 @@ import torch
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_windowing
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
 
 from cxr_triage import log_name
+from cxr_triage.ml.greylut import VOIError, apply_table, grey_lut, transfer_syntax
 from cxr_triage.ml.imaging import to_model_input, uint8_to_unit
+from cxr_triage.ml.symmetry import REFUSAL_CODE as LATERAL_CODE
+from cxr_triage.ml.symmetry import ViewVerdict, check_view
 from cxr_triage.ml.view import Projection, projection_from_header
 
 logger = logging.getLogger(log_name(__name__))
@@ -57,6 +59,7 @@ CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS"})
 CHEST_REGION_CODES = frozenset({"51185008", "T-D3000", "43799004"})  # SCT chest, SRT chest, SCT thorax
 FRONTAL_VIEWS = frozenset({"PA", "AP"})
 
+VIEW_ASSUMED = "ViewPosition is absent: frontal view assumed"  # the note when no header attribute tells the view
 MAX_SIDE = 8192
 """Largest accepted Rows or Columns; chest detectors are at most about 4,300 pixels a side."""
 MAX_PIXELS = 40_000_000
@@ -193,7 +196,7 @@ def _check_anatomy(ds: Dataset) -> tuple[Refusal | None, tuple[str, ...]]:
         return None, tuple(notes)
     evidence = projection_from_header(ds)
     if evidence is None:
-        notes.append("ViewPosition is absent: frontal view assumed")
+        notes.append(VIEW_ASSUMED)
     elif evidence.projection is Projection.FRONTAL:
         notes.append(f"ViewPosition is absent: frontal view from {evidence.describe()}")
     else:
@@ -237,9 +240,9 @@ def _check_pixels(ds: Dataset) -> Refusal | None:
         return _refuse(
             "bit_depth", "BitsAllocated", f"is {bits_allocated} with BitsStored {bits_stored}: expected 8 or 16 bits"
         )
-    transfer_syntax = _transfer_syntax(ds)
+    syntax = transfer_syntax(ds)
     pixel_data = ds.PixelData or b""
-    if transfer_syntax is None or not transfer_syntax.is_compressed:
+    if syntax is None or not syntax.is_compressed:
         expected = rows * cols * bits_allocated // 8
         if len(pixel_data) < expected:
             return _refuse(
@@ -303,176 +306,6 @@ def _check_codestream(pixel_data: bytes, rows: int, cols: int) -> Refusal | None
     return None
 
 
-def _value_domain(ds: Dataset) -> tuple[np.ndarray, np.dtype]:
-    """Every container code (0..2**BitsAllocated-1) mapped to the stored value it means.
-
-    Bits above BitsStored are ignored (PS3.5 8.1.1) and signed values are sign-extended from BitsStored, so the
-    table is right whether or not a decoder masked or sign-extended them already.
-    """
-    bits_allocated = int(ds.BitsAllocated)
-    bits_stored = int(ds.get("BitsStored", bits_allocated))
-    signed = _integer(ds, "PixelRepresentation", 0, "bit_depth") == 1
-    values = np.arange(2**bits_allocated, dtype=np.int64) & (2**bits_stored - 1)
-    if signed:
-        values = np.where(values >= 2 ** (bits_stored - 1), values - 2**bits_stored, values)
-    return values, np.dtype(f"uint{bits_allocated}")
-
-
-class _VOIError(ValueError):
-    """A VOI or modality LUT attribute that cannot be applied; ``keyword`` names it."""
-
-    def __init__(self, keyword: str, message: str) -> None:
-        super().__init__(message)
-        self.keyword = keyword
-
-
-def _modality_output_range(ds: Dataset, stored: np.ndarray) -> tuple[float, float]:
-    """The range a window maps onto, as pydicom's ``apply_windowing`` computes it (PS3.3 C.11.2.1.2): the
-    modality LUT's output range or the stored range, through the rescale. Not sorted: a negative slope
-    reverses it, and scaling by the unsorted pair keeps values below the window black."""
-    modality_luts = ds.get("ModalityLUTSequence") or []
-    if modality_luts:
-        lo, hi = 0.0, float(2 ** int(modality_luts[0].LUTDescriptor[2]) - 1)
-    else:
-        lo, hi = float(stored.min()), float(stored.max())
-    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
-    if slope is not None and intercept is not None:
-        return lo * float(slope) + float(intercept), hi * float(slope) + float(intercept)
-    return lo, hi
-
-
-def _lut_data(ds: Dataset, item: Dataset, entries: int) -> np.ndarray:
-    data = item.get("LUTData")
-    if data is None:
-        raise _VOIError("VOILUTSequence", "item has no LUTData")
-    if isinstance(data, bytes | bytearray):  # VR OW: 16-bit words in the data set's byte order
-        big = _transfer_syntax(ds) == ExplicitVRBigEndian
-        table = np.frombuffer(data, dtype=">u2" if big else "<u2")
-    else:
-        table = np.atleast_1d(np.asarray(data))
-    if table.size < entries:
-        raise _VOIError("VOILUTSequence", f"LUTData holds {table.size} entries where LUTDescriptor says {entries}")
-    return table[:entries].astype(np.float64)
-
-
-def _apply_voi_lut_sequence(ds: Dataset, values: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """The first VOI LUT (PS3.3 C.11.2.1.1): values below the first mapped one take the first entry, above the
-    last the last entry. Indexing is done in int64, so 16-bit inputs far outside the table cannot wrap."""
-    item = ds.VOILUTSequence[0]
-    descriptor = item.get("LUTDescriptor")
-    if descriptor is None or len(descriptor) != 3:
-        raise _VOIError("VOILUTSequence", f"LUTDescriptor is {descriptor!r}: expected three values")
-    entries, first, bits = (int(v) for v in descriptor)
-    entries = entries or 65536
-    if first >= 2**15 and ds.get("PixelRepresentation", 0) == 1:
-        first -= 2**16  # first mapped value is SS when the pixel data are signed (PS3.3 C.11.2.1.1)
-    if not 1 <= bits <= 16:
-        raise _VOIError("VOILUTSequence", f"LUTDescriptor bit depth is {bits}: expected 1 to 16")
-    table = _lut_data(ds, item, entries)
-    index = np.clip(np.floor(values) - first, 0, entries - 1).astype(np.int64)
-    return table[index], 0.0, float(2**bits - 1)
-
-
-def _transfer_syntax(ds: Dataset) -> pydicom.uid.UID | None:
-    file_meta = getattr(ds, "file_meta", None)
-    return file_meta.get("TransferSyntaxUID") if file_meta is not None else None
-
-
-def _has_window(ds: Dataset) -> bool:
-    return ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
-
-
-_LUT_KEYWORDS = (
-    "BitsAllocated",
-    "BitsStored",
-    "PixelRepresentation",
-    "PhotometricInterpretation",
-    "PresentationLUTShape",
-    "RescaleSlope",
-    "RescaleIntercept",
-    "WindowCenter",
-    "WindowWidth",
-    "VOILUTFunction",
-)
-"""Everything ``grey_lut`` reads from a header without LUT sequences: the key of its cache."""
-_LUT_CACHE: dict[tuple[str, ...], tuple[np.ndarray, np.dtype]] = {}
-_LUT_CACHE_SIZE = 32
-
-
-def grey_lut(ds: Dataset) -> tuple[np.ndarray, np.dtype]:
-    """Steps 3-6 as a table: container code -> presentation value in [0, 1] (0 black, 1 white).
-
-    The table is read-only and cached per header (images from one device share it). Raises ``ValueError``
-    (naming the attribute) when a LUT or window in the header cannot be applied.
-    """
-    if ds.get("ModalityLUTSequence") or ds.get("VOILUTSequence"):
-        return build_grey_lut(ds)
-    key = tuple(str(ds.get(keyword, "")) for keyword in _LUT_KEYWORDS)
-    cached = _LUT_CACHE.get(key)
-    if cached is None:
-        cached = build_grey_lut(ds)
-        if len(_LUT_CACHE) >= _LUT_CACHE_SIZE:
-            _LUT_CACHE.clear()
-        _LUT_CACHE[key] = cached
-    return cached
-
-
-def modality_table(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.dtype]:
-    """Step 3 as a table: (stored value of every container code, its modality value (float64), the codes' dtype).
-
-    Shared by ``build_grey_lut`` and the study page's viewer (``cxr_triage.web.radiograph``), which serves the
-    modality values and leaves the window to the browser."""
-    stored, code_dtype = _value_domain(ds)
-    try:
-        modality_values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
-    except Exception as exc:
-        raise _VOIError("ModalityLUTSequence", f"cannot be applied: {exc}") from exc
-    return stored, modality_values, code_dtype
-
-
-def build_grey_lut(ds: Dataset) -> tuple[np.ndarray, np.dtype]:
-    """Steps 3-6 as one table over every stored value of ``ds``'s header: modality LUT or rescale, VOI LUT or
-    window, MONOCHROME1 inversion, scaling to [0, 1]; with the dtype of the codes that index it."""
-    stored, modality_values, code_dtype = modality_table(ds)
-    if ds.get("VOILUTSequence"):
-        voi_values, lo, hi = _apply_voi_lut_sequence(ds, modality_values)
-    elif _has_window(ds):
-        try:
-            voi_values = np.asarray(apply_windowing(modality_values.copy(), ds, index=0), dtype=np.float64)
-        except (ValueError, TypeError, IndexError) as exc:
-            raise _VOIError("WindowWidth", f"cannot be applied: {exc}") from exc
-        lo, hi = _modality_output_range(ds, stored)
-    else:
-        # No VOI: the full range of the stored bits through the modality LUT.
-        voi_values = modality_values
-        lo, hi = float(modality_values.min()), float(modality_values.max())
-    if hi == lo:
-        keyword = "ModalityLUTSequence" if ds.get("ModalityLUTSequence") else "RescaleSlope"
-        raise _VOIError(keyword, f"maps every stored value to one value ({lo:g}): the image would be blank")
-    scaled = np.clip((voi_values - lo) / (hi - lo), 0.0, 1.0)
-    # MONOCHROME1 inverts after VOI, against the known output range. pydicom's presentation LUT step would look
-    # only at PresentationLUTShape; DX requires INVERSE with MONOCHROME1, which means the same single inversion.
-    inverse_shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper() == "INVERSE"
-    if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1" or inverse_shape:
-        scaled = 1.0 - scaled
-    table = scaled.astype(np.float32)
-    table.flags.writeable = False
-    return table, code_dtype
-
-
-_GATHER_CHUNK = 1 << 15
-"""Pixels per table look-up: small enough that numpy's index conversion stays in cache (about 2x faster)."""
-
-
-def apply_table(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """Look every pixel's code up in ``table`` (in chunks, so that no large index array is made)."""
-    flat_codes = codes.reshape(-1)
-    out = np.empty(flat_codes.shape, dtype=table.dtype)
-    for start in range(0, flat_codes.size, _GATHER_CHUNK):
-        np.take(table, flat_codes[start : start + _GATHER_CHUNK], out=out[start : start + _GATHER_CHUNK])
-    return out.reshape(codes.shape)
-
-
 _NATIVE_LITTLE_ENDIAN = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian})
 
 
@@ -483,7 +316,7 @@ def container_codes(ds: Dataset, code_dtype: np.dtype) -> np.ndarray:
     pydicom and its plugins.
     """
     rows, cols = int(ds.Rows), int(ds.Columns)
-    if _transfer_syntax(ds) in _NATIVE_LITTLE_ENDIAN:
+    if transfer_syntax(ds) in _NATIVE_LITTLE_ENDIAN:
         return np.frombuffer(ds.PixelData, dtype=code_dtype.newbyteorder("<"), count=rows * cols).reshape(rows, cols)
     pixels = ds.pixel_array
     if pixels.shape != (rows, cols):
@@ -504,7 +337,7 @@ def prepare_dataset(ds: Dataset, keep_display: bool = False) -> PreparedImage | 
     if refusal is None:
         try:
             unit = decode_unit_image(ds)
-        except _VOIError as exc:
+        except VOIError as exc:
             refusal = _refuse("voi", exc.keyword, str(exc))
         except Exception as exc:  # pydicom and the pylibjpeg plugins raise many types for bad data
             logger.debug("decoding %s failed", sop_instance_uid, exc_info=True)
@@ -516,14 +349,25 @@ def prepare_dataset(ds: Dataset, keep_display: bool = False) -> PreparedImage | 
                 raise
             logger.debug("decoding %s made the decoder panic", sop_instance_uid, exc_info=True)
             refusal = _refuse("undecodable", "PixelData", f"cannot be decoded: the decoder failed: {exc}")
+    if refusal is None:
+        tensor = to_model_input(unit)
+        refusal = _pixel_view_refusal(tensor, "PixelData") if VIEW_ASSUMED in notes else None
     if refusal is not None:
         return replace(refusal, sop_instance_uid=sop_instance_uid)
     return PreparedImage(
-        tensor=to_model_input(unit),
+        tensor=tensor,
         sop_instance_uid=sop_instance_uid,
         notes=notes,
         display=_to_uint8(unit) if keep_display else None,
     )
+
+
+def _pixel_view_refusal(tensor: torch.Tensor, attribute: str | None) -> Refusal | None:
+    """Step 8 when no header told the view: refuse a model input whose pixels look like a lateral view."""
+    check = check_view(tensor)
+    if check.verdict is ViewVerdict.LATERAL:
+        return Refusal(LATERAL_CODE, check.reason(), attribute)
+    return None
 
 
 def _to_uint8(unit: Any) -> np.ndarray:
@@ -565,8 +409,8 @@ def prepare_image_file(path: str | os.PathLike[str]) -> PreparedImage | Refusal:
             if im.width * im.height > MAX_PIXELS or max(im.size) > MAX_SIDE:
                 return _refuse("dimensions", None, f"image is {im.width}x{im.height}: too large")
             if im.mode in ("I;16", "I;16B", "I"):
-                arr = np.asarray(im, dtype=np.float32) / 65535.0
-                return PreparedImage(tensor=to_model_input(np.clip(arr, 0, 1)))
+                tensor = to_model_input(np.clip(np.asarray(im, dtype=np.float32) / 65535.0, 0, 1))
+                return _pixel_view_refusal(tensor, None) or PreparedImage(tensor=tensor)
             if im.mode not in ("L", "LA"):
                 rgb = np.asarray(im.convert("RGB"))
                 if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
@@ -579,7 +423,8 @@ def prepare_image_file(path: str | os.PathLike[str]) -> PreparedImage | Refusal:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         # Pillow reports a corrupt PNG chunk as SyntaxError and a truncated file as OSError or EOFError.
         return _refuse("undecodable", None, f"image cannot be decoded: {type(exc).__name__}: {exc}")
-    return PreparedImage(tensor=to_model_input(uint8_to_unit(np.ascontiguousarray(grey))))
+    tensor = to_model_input(uint8_to_unit(np.ascontiguousarray(grey)))
+    return _pixel_view_refusal(tensor, None) or PreparedImage(tensor=tensor)
 
 
 def _sniff(path: Path) -> str:

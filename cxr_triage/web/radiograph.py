@@ -150,7 +150,7 @@ def reduce(values: np.ndarray, limit: int | None = None) -> tuple[np.ndarray, in
 
 def decode(path: Path) -> Radiograph:
     """The spool file's radiograph; ``Unavailable`` (saying why) when it cannot be shown."""
-    from cxr_triage.ml import preprocess
+    from cxr_triage.ml import greylut, preprocess
 
     ds = preprocess.read_dicom(path)
     if isinstance(ds, preprocess.Refusal):
@@ -161,7 +161,7 @@ def decode(path: Path) -> Radiograph:
     if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":  # as the worklist's thumbnails
         raise Unavailable("not shown: BurnedInAnnotation (0028,0301) is YES: the pixels may carry patient data")
     try:
-        _, table, code_dtype = preprocess.modality_table(ds)
+        _, table, code_dtype = greylut.modality_table(ds)
         codes = preprocess.container_codes(ds, code_dtype)
     except Exception as exc:  # pydicom and its plugins raise many types for bad data
         raise Unavailable(f"the pixels cannot be decoded: {type(exc).__name__}: {exc}") from exc
@@ -171,7 +171,7 @@ def decode(path: Path) -> Radiograph:
         raise Unavailable(f"the pixels cannot be decoded: the decoder failed: {exc}") from exc
     slope, intercept = _coding(table)
     coded = np.clip(np.rint((table - intercept) / slope), 0, UINT16_LEVELS).astype(np.uint16)
-    values = preprocess.apply_table(coded, codes)
+    values = greylut.apply_table(coded, codes)
     window = window_of(ds, float(values.min()) * slope + intercept, float(values.max()) * slope + intercept)
     reduced, step = reduce(values)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
