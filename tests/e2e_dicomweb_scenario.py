@@ -8,7 +8,8 @@ STOW-RS, as a user Orthanc's HTTP API requires (basic authentication, the passwo
 (plugin ``libOrthancDicomWeb.so``) knows cxr-triage as a DICOMweb server (``DicomWeb.Servers``,
 with the token as an HTTP header). A chest CR uploaded to Orthanc is sent to cxr-triage by Orthanc's STOW-RS
 client (``POST /dicom-web/servers/cxr-triage/stow``); cxr-triage classifies it and sends its SR back by STOW-RS;
-the SR is then retrieved from Orthanc by WADO-RS (``GET /dicom-web/studies/.../instances/...``) and parsed.
+the SR is then retrieved from Orthanc by WADO-RS (``GET /dicom-web/studies/.../instances/...``) and parsed,
+and so is every other instance of the study (the heatmap Secondary Capture, sent in the SR's request).
 
 The last line of stdout is a JSON summary the pytest test asserts on; on failure the exit status is 1 and stderr
 holds the error and the tails of the logs.
@@ -104,6 +105,25 @@ def wado_rs(orthanc: peers.Orthanc, study: str, series: str, instance: str) -> p
     return pydicom.dcmread(io.BytesIO(bytes(parts[0])))
 
 
+def study_by_wado_rs(orthanc: peers.Orthanc, study: str, skip: set[str]) -> list[dict[str, Any]]:
+    """Each instance of ``study`` in Orthanc but those of ``skip``, retrieved by WADO-RS: its UIDs and Modality."""
+    found = []
+    for instance_id in orthanc.post("/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study}}):
+        tags = orthanc.get(f"/instances/{instance_id}/simplified-tags")
+        if tags["SOPInstanceUID"] in skip:
+            continue
+        ds = wado_rs(orthanc, study, tags["SeriesInstanceUID"], tags["SOPInstanceUID"])
+        found.append(
+            {
+                "sop_class_uid": str(ds.SOPClassUID),
+                "sop_instance_uid": str(ds.SOPInstanceUID),
+                "study_instance_uid": str(ds.StudyInstanceUID),
+                "modality": str(ds.Modality),
+            }
+        )
+    return found
+
+
 def anonymous_status(orthanc: peers.Orthanc) -> int:
     """The HTTP status Orthanc answers a request without credentials (its API requires ``ORTHANC_USER``)."""
     import urllib.error
@@ -143,6 +163,8 @@ def scenario(workdir: Path, timeout: float) -> dict[str, Any]:
             [sr_id] = peers.wait_until(sr_in_orthanc, timeout, "the SR to arrive in Orthanc by STOW-RS", 0.5)
             tags = orthanc.get(f"/instances/{sr_id}/simplified-tags")
             retrieved = wado_rs(orthanc, tags["StudyInstanceUID"], tags["SeriesInstanceUID"], tags["SOPInstanceUID"])
+            skip = {str(source.SOPInstanceUID), tags["SOPInstanceUID"]}
+            beside = study_by_wado_rs(orthanc, tags["StudyInstanceUID"], skip)
             rows = peers.results(config)
             outbox = [json.loads(line) for line in peers.cli("forward", "--json", config=config).stdout.splitlines()]
             status = json.loads(peers.cli("status", "--json", config=config, check=False).stdout)
@@ -171,6 +193,7 @@ def scenario(workdir: Path, timeout: float) -> dict[str, Any]:
                 for item in series.get("ReferencedSOPSequence", [])
             ],
         },
+        "beside_the_sr": beside,
         "elapsed_s": round(time.monotonic() - started, 1),
     }
 

@@ -429,15 +429,16 @@ def test_srs_go_out_by_stow_rs_with_retries_dead_letter_and_forward_retry(stow_n
     assert "\tdicomweb:archive\tdead\tattempts=2" in listed
     assert metrics_states(harness) == {"pending": 0.0, "sent": 0.0, "dead": 1.0}
 
-    # `forward --retry` to this node's own endpoint, which answers 409: an SR is not a class it takes.
+    # `forward --retry` to this node's own endpoint, which answers 202: it stores the heatmap Secondary Capture sent
+    # first (the listener takes that class, to refuse it when classifying) but not the SR, a class it does not take.
     config["dicomweb"]["destinations"] = [destination(server.address[1])]
     write_config(config_path, config)
     done = peers.cli("forward", "--retry", "--json", config=config_path, check=False)
     assert done.returncode == 1, done.stderr
     [record] = [json.loads(line) for line in done.stdout.splitlines()]
-    assert (record["kind"], record["state"], record["attempts"], record["status"]) == ("dicomweb", "pending", 1, 409)
-    assert record["detail"] == "HTTP 409: failed, Failure Reason 0x0122"
-    assert outbox(harness) == [(db.FORWARD_PENDING, 1, 409)]
+    assert (record["kind"], record["state"], record["attempts"], record["status"]) == ("dicomweb", "pending", 1, 202)
+    assert record["detail"] == "HTTP 202: failed, Failure Reason 0x0122"
+    assert outbox(harness) == [(db.FORWARD_PENDING, 1, 202)]
 
 
 # --- nothing acknowledged is lost ----------------------------------------------------------------------------

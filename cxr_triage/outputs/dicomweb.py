@@ -1,15 +1,25 @@
-"""STOW-RS of the Structured Reports to DICOMweb servers: an alternative to C-STORE per destination.
+"""STOW-RS of the Structured Reports, with their heatmap objects, to DICOMweb servers: an alternative to C-STORE
+per destination.
 
 Each SR gets one ``dicomweb_stores`` row per ``[dicomweb] destinations`` entry (``enqueue``, in the recorder's
 transaction, like an SR forward), state ``pending``. The housekeeping sends due rows (``process_due``): one
 ``POST {url}/studies`` per destination per round, a ``multipart/related; type="application/dicom"`` body holding
-each SR file as it was written (``multipart_related``), with the destination's bearer token or basic
-authentication (read from its environment variable or file at every send), over TLS verified against
-``[dicomweb] tls_ca_file`` for https URLs. The answer (PS3.18 10.5.3, ``application/dicom+json``) says per SR
-whether it was stored: listed in the Referenced SOP Sequence (or answered 200) -> ``sent``; listed in the Failed
-SOP Sequence, or the request failed -> retried after ``delivery.retry_delay`` and dead after ``max_attempts``
-(``cxr_triage.outputs.delivery``, which SR forwards, HL7 messages and Orthanc metadata share).
-``cxr-triage forward --retry`` puts dead rows back to pending and sends them at once.
+each row's files as they were written (``multipart_related``): the heatmap object the SR references
+(``sr_documents.heatmap_path``, ``outputs.heatmapobject``) first when there is one, then the SR; with the
+destination's bearer token or basic authentication (read from its environment variable or file at every send),
+over TLS verified against ``[dicomweb] tls_ca_file`` for https URLs. The answer (PS3.18 10.5.3,
+``application/dicom+json``) says per instance whether it was stored (``_row_result``): a row is ``sent`` when its
+SR and its heatmap object are both listed in the Referenced SOP Sequence (or the answer is 200). A heatmap object
+listed in the Failed SOP Sequence with Failure Reason 0x0122 (SOP class not supported: the server takes no
+Secondary Captures, which no retry changes) does not hold its SR back: a WARNING says the destination has no
+heatmaps, as a C-STORE destination that negotiates no Secondary Capture (``outputs.forward``). Any other failure of
+either part, or of the request -> the row is retried with both parts after ``delivery.retry_delay`` and dead after
+``max_attempts`` (``cxr_triage.outputs.delivery``, which SR forwards, HL7 messages and Orthanc metadata share);
+unlike one association's C-STORE, one STOW-RS request cannot make the SR wait for its heatmap object, so a server
+that failed only the heatmap object may hold the SR until the retry stores the object beside it (storing the same
+SR again is a duplicate the server takes). ``cxr-triage forward --retry`` puts dead rows back to pending and sends
+them at once. Rows of SRs without a heatmap object (``[heatmap] pacs_object = "none"``, or older rows) send the
+SR alone.
 
 The HTTP client is the standard library's ``urllib``, as for Orthanc's REST API (``cxr_triage.outputs.orthanc``).
 """
@@ -44,7 +54,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(log_name(__name__))
 
 MAX_PER_ROUND = 20
-"""Most SRs sent to one destination in one request."""
+"""Most SRs (each with its heatmap object) sent to one destination in one request."""
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+"""The Failure Reason of an instance whose SOP class the server does not store (PS3.18 I.2.2)."""
 ERROR_BODY_CHARS = 300
 FAILED_SOP_SEQUENCE, REFERENCED_SOP_SEQUENCE = "00081198", "00081199"
 REFERENCED_SOP_INSTANCE_UID, FAILURE_REASON = "00081155", "00081197"
@@ -161,38 +173,82 @@ class _Result:
     detail: str
 
 
-def _send(
-    settings: DicomwebSettings, name: str, items: list[tuple[int, str, str]], tls: ssl.SSLContext | None
-) -> dict[int, _Result]:
-    """Send the SRs of ``items`` (row id, path, SR UID) to the destination ``name`` in one request: each row's
-    result."""
+@dataclass(frozen=True)
+class _Item:
+    """One due row: what its request part holds (the heatmap object's file and UID are None when it has none)."""
+
+    row_id: int
+    sr_path: str
+    sr_uid: str
+    heatmap_path: str | None = None
+    heatmap_uid: str | None = None
+
+    def files(self) -> list[tuple[str, str]]:
+        """(what, path) of each file it sends, in order: the heatmap object first, then the SR."""
+        heatmap = [("heatmap object", self.heatmap_path)] if self.heatmap_path else []
+        return [*heatmap, ("SR", self.sr_path)]
+
+
+def _read(items: list[_Item]) -> tuple[dict[int, _Result], list[tuple[_Item, list[bytes]]]]:
+    """The failed results of the rows with a file that cannot be read, and the files of the others (in order)."""
     results: dict[int, _Result] = {}
-    files: list[tuple[int, str, bytes]] = []
-    for row_id, path, uid in items:
+    read: list[tuple[_Item, list[bytes]]] = []
+    for item in items:
+        parts: list[bytes] = []
         try:
-            srfiles.ensure_final(path)  # its rename may be a moment behind its commit
-            with open(path, "rb") as fh:
-                files.append((row_id, uid, fh.read()))
+            for _, path in item.files():
+                srfiles.ensure_final(path)  # its rename may be a moment behind its commit
+                with open(path, "rb") as fh:
+                    parts.append(fh.read())
         except OSError as exc:
-            results[row_id] = _Result(False, None, f"cannot read SR file {path}: {exc.strerror}")
+            what, path = item.files()[len(parts)]
+            results[item.row_id] = _Result(False, None, f"cannot read {what} file {path}: {exc.strerror}")
+            continue
+        read.append((item, parts))
+    return results, read
+
+
+def _part_result(uid: str, what: str, status: int, stored: set[str], refused: dict[str, int]) -> _Result:
+    if uid in refused:
+        return _Result(False, status, f"HTTP {status}: failed, Failure Reason 0x{refused[uid]:04X}")
+    if uid in stored or status == 200:
+        return _Result(True, status, f"stored (HTTP {status})")
+    return _Result(False, status, f"HTTP {status}: the answer does not list {what} {uid} as stored")
+
+
+def _row_result(item: _Item, name: str, status: int, stored: set[str], refused: dict[str, int]) -> _Result:
+    """A row's result from the answer: its SR's, unless its heatmap object failed for another reason than a
+    server that takes no Secondary Captures (then the row fails, named for the heatmap object)."""
+    sr = _part_result(item.sr_uid, "SR", status, stored, refused)
+    if not item.heatmap_path or not item.heatmap_uid:
+        return sr
+    heatmap = _part_result(item.heatmap_uid, "heatmap object", status, stored, refused)
+    if heatmap.ok:
+        return sr
+    if refused.get(item.heatmap_uid) == SOP_CLASS_NOT_SUPPORTED:
+        logger.warning("%s does not store Secondary Captures: a heatmap object is not filed there", name)
+        return sr
+    the_sr = "the SR was stored" if sr.ok else f"the SR: {sr.detail}"
+    return _Result(False, status, f"heatmap object: {heatmap.detail}; {the_sr}")
+
+
+def _send(settings: DicomwebSettings, name: str, items: list[_Item], tls: ssl.SSLContext | None) -> dict[int, _Result]:
+    """Send the files of ``items`` (each row's heatmap object, then its SR) to the destination ``name`` in one
+    request: each row's result."""
+    results, read = _read(items)
     server = settings.destination(name)
-    if not files:
+    if not read:
         return results
     try:
         if server is None:
             raise StowError(f"{name} is no longer a [dicomweb] destination")
-        status, answer = stow(server, [data for _, _, data in files], settings.timeout, tls)
+        status, answer = stow(server, [part for _, parts in read for part in parts], settings.timeout, tls)
     except (StowError, ValueError, ssl.SSLError) as exc:
         failed = _Result(False, getattr(exc, "status", None), str(exc))
-        return {**results, **{row_id: failed for row_id, _, _ in files}}
+        return {**results, **{item.row_id: failed for item, _ in read}}
     stored, refused = stored_and_failed(answer)
-    for row_id, uid, _ in files:
-        if uid in refused:
-            results[row_id] = _Result(False, status, f"HTTP {status}: failed, Failure Reason 0x{refused[uid]:04X}")
-        elif uid in stored or status == 200:
-            results[row_id] = _Result(True, status, f"stored (HTTP {status})")
-        else:
-            results[row_id] = _Result(False, status, f"HTTP {status}: the answer does not list SR {uid} as stored")
+    for item, _ in read:
+        results[item.row_id] = _row_result(item, name, status, stored, refused)
     return results
 
 
@@ -222,15 +278,20 @@ def process_due(
         db.read_only(session)
         rows = session.execute(
             select(
-                db.DicomwebStore.id, db.DicomwebStore.destination, db.SRDocument.path, db.SRDocument.sop_instance_uid
+                db.DicomwebStore.id,
+                db.DicomwebStore.destination,
+                db.SRDocument.path,
+                db.SRDocument.sop_instance_uid,
+                db.SRDocument.heatmap_path,
+                db.SRDocument.heatmap_sop_instance_uid,
             )
             .join(db.SRDocument, db.DicomwebStore.sr_id == db.SRDocument.id)
             .where(db.DicomwebStore.id.in_(ids))
             .order_by(db.DicomwebStore.id)
         ).all()
-    by_destination: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
-    for row_id, destination, path, uid in rows:
-        by_destination[destination].append((row_id, path, uid))
+    by_destination: dict[str, list[_Item]] = defaultdict(list)
+    for row_id, destination, path, uid, heatmap_path, heatmap_uid in rows:
+        by_destination[destination].append(_Item(row_id, path, uid, heatmap_path, heatmap_uid))
     tls = tls_context(settings) if any(d.url.startswith("https:") for d in settings.destinations) else None
     outcomes: list[StowOutcome] = []
     for name, items in by_destination.items():
@@ -243,13 +304,15 @@ def _record(
     sessions: sessionmaker[Session],
     settings: DicomwebSettings,
     name: str,
-    items: list[tuple[int, str, str]],
+    items: list[_Item],
     results: dict[int, _Result],
 ) -> list[StowOutcome]:
+    """Record each row's result in it (attempts, state, next attempt), in one transaction; the outcomes."""
     outcomes = []
     finished = db.utcnow()
     with sessions() as session, session.begin():
-        for row_id, _, uid in items:
+        for item in items:
+            row_id, uid = item.row_id, item.sr_uid
             row, result = session.get(db.DicomwebStore, row_id), results[row_id]
             if row is None:
                 continue

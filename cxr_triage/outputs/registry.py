@@ -26,7 +26,8 @@ an output (FHIR, DICOMweb) is its module, its table (a migration) and one entry 
 The heatmap object (``outputs.heatmapobject``, issue 31) is not an output of its own: it is part of the ``sr``
 output's delivery. The SR references it, so a PACS must not get the SR without it; one ``forwards`` row carries
 both, sent in one association, the heatmap object first and the SR only once it was stored, and the row is
-``sent`` only when both were (``forward``).
+``sent`` only when both were (``forward``); a ``dicomweb_stores`` row likewise carries both in one STOW-RS
+request, the heatmap object first, and is ``sent`` only when the answer lists both as stored (``dicomweb``).
 An entry of its own would have its own rows, retried and dead-lettered apart from the SR's, and a PACS could then
 hold an SR whose reference it cannot resolve. ``[heatmap] pacs_object = "none"`` leaves it out.
 """
