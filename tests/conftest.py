@@ -8,7 +8,7 @@ in-process with ``harness.work()`` and read the outcome from the database (``har
 from __future__ import annotations
 
 import copy
-import socket
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,8 @@ from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification
 from sqlalchemy import Engine
 
+from cxr_triage.testing.peers import PostgresCluster
+from cxr_triage.testing.peers import free_port as free_port  # re-exported for the tests
 from cxr_triage.testing.peers import write_config as write_config  # re-exported for the tests
 from cxr_triage.testing.synthetic import chest_dataset as chest_dataset  # re-exported for the tests
 
@@ -28,13 +30,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_DICOM = SHARED / "data" / "dicom"
 AE_TITLE = "CXR_TRIAGE"
 CALLING_AE = "TESTSCU"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+_DATABASE_NUMBERS = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +43,24 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = CAEClassifier(ModelSpec(width=4, dense_units=8))
     save_classifier(path, model, ModelCard(spec=model.spec, model_version="tiny-test"))
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """The session's throwaway PostgreSQL cluster (one per pytest process, so one per xdist worker), started by
+    the first test that asks for it. Tests take a database of their own from it with ``postgres_url``; a test
+    that stops, breaks or inspects the cluster itself starts its own ``PostgresCluster``."""
+    with PostgresCluster(database="cxr") as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresCluster) -> Iterator[str]:
+    """The URL of a fresh, empty database in the session's cluster, for this test alone (dropped after it)."""
+    name = f"test_{next(_DATABASE_NUMBERS)}"
+    url = postgres.create_database(name)
+    yield url
+    postgres.drop_database(name)
 
 
 def config_values(tmp: Path, model: Path | None, **overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -14,7 +14,6 @@ import importlib.metadata
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cxr_triage.testing import peers
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "deploy" / "install.sh"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -30,9 +31,8 @@ REPORT = re.compile(r"^install\.sh: installed torch (\S+) \((CUDA [\d.]+ build|C
 
 
 def _closed_port() -> int:
-    with socket.socket() as sock:  # bound then closed: nothing listens there, a connection is refused at once
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on: a connection is refused at once."""
+    return peers.free_port()
 
 
 def _install(tmp_path: Path, *args: str, gpu: bool = False, **env: str) -> subprocess.CompletedProcess[str]:
