@@ -76,9 +76,10 @@ def free_ports(count: int) -> list[int]:
     """``count`` distinct TCP ports on 127.0.0.1 that nothing listens on right now.
 
     The kernel picks them (bind to port 0), and of those only ports this process has not been given before and,
-    under pytest-xdist, ports in this worker's share (port % workers == worker index) are kept. A port is free only
-    until someone binds it, and the tests hand theirs to a server that binds it later: so no two workers of one run
-    can pick the same port in that gap, and no test gets a port an earlier test of its worker may still hold.
+    under pytest-xdist, ports in this worker's share ((port >> 1) % workers == worker index: Linux gives bind(0) odd
+    ports, leaving the even ones to outgoing connections) are kept. A port is free only until someone binds it, and
+    the tests hand theirs to a server that binds it later: so no two workers of one run can pick the same port in
+    that gap, and no test gets a port an earlier test of its worker may still hold.
     """
     index, workers = worker_slot()
     kept: list[socket.socket] = []
@@ -90,7 +91,7 @@ def free_ports(count: int) -> list[int]:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-            ours = port % workers == index and port not in _HANDED_OUT
+            ours = (port >> 1) % workers == index and port not in _HANDED_OUT  # bind(0) gives odd ports
             (kept if ours else passed).append(sock)
         ports = [int(s.getsockname()[1]) for s in kept]
         _HANDED_OUT.update(ports)
