@@ -1,8 +1,13 @@
-"""Shared fixtures: a tiny random checkpoint, free ports, configurations, and an in-process listener + worker.
+"""Shared fixtures: a tiny random checkpoint, free ports, PostgreSQL databases, configurations, and an in-process
+listener + worker.
 
 ``harness`` (or ``make_harness(**overrides)``) starts the real pynetdicom listener on a free 127.0.0.1 port with
 a migrated SQLite database in ``tmp_path``; tests send with a real AE (``send``) or dcmtk, then run the worker
 in-process with ``harness.work()`` and read the outcome from the database (``harness.rows()``).
+
+The suite runs under pytest-xdist (``python -m pytest -n auto``); tests/README.md has the rules a new test keeps to:
+ports from ``free_port`` (or bound to 0), files under ``tmp_path`` only, PostgreSQL through ``postgres_url`` (a fresh
+database in the session's cluster), ``xdist_group`` for modules with expensive module fixtures.
 """
 
 from __future__ import annotations

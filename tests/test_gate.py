@@ -31,6 +31,8 @@ from cxr_triage.ml.imaging import to_model_input
 from cxr_triage.ml.preprocess import PreparedImage, prepare_path
 from training.gate import fit_gate
 
+pytestmark = pytest.mark.xdist_group("gate")  # one worker: the fitted and shipped gates built once
+
 SHARED_DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom"
 
 

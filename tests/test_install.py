@@ -24,6 +24,8 @@ import torch
 
 from cxr_triage.testing import peers
 
+pytestmark = pytest.mark.xdist_group("install")  # one worker: the package's wheel built once
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "deploy" / "install.sh"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"

@@ -35,6 +35,8 @@ from cxr_triage.retrain.scheduler import SCHEDULER_LEASE, RetrainScheduler
 from cxr_triage.testing.peers import wait_until
 from cxr_triage.testing.synthetic import new_dataset, phantom
 
+pytestmark = pytest.mark.xdist_group("retraining")  # one worker: the synthetic pack and champion built once
+
 REPO = Path(__file__).resolve().parents[1]
 PER_CLASS = 15
 """Confirmed images per class in a run (45 in all)."""

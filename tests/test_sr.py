@@ -32,6 +32,8 @@ from cxr_triage.outputs.sr import (
 from cxr_triage.testing import peers
 from cxr_triage.testing.peers import dcmtk_tool, pixelmed_validate
 
+pytestmark = pytest.mark.xdist_group("sr")  # one worker: one Pixelmed run for the module
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DICOM = REPO.parent / "shared" / "data" / "dicom"
 EVIDENCE_FILES = (

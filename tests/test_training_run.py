@@ -27,6 +27,8 @@ from training import cli, commands, finetune, pretrain
 from training.engine import setup_runtime
 from training.metrics import classification_metrics
 
+pytestmark = pytest.mark.xdist_group("training_run")  # one worker: the tiny pack built once
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr"
 TINY = ["--width", "4", "--dense-units", "8", "--device", "cpu", "--no-progress", "--log-level", "WARNING"]
 
