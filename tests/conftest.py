@@ -38,6 +38,15 @@ CALLING_AE = "TESTSCU"
 _DATABASE_NUMBERS = itertools.count(1)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules holding a test marked ``slow`` run first, each module's tests kept together and in order.
+
+    pytest-xdist hands out work in collection order: a long test collected last would run alone at the end while the
+    other workers sit idle. Whole modules move, so that a module fixture is still set up once."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each group is kept
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A classifier checkpoint with random weights (ModelSpec(width=4, dense_units=8)): fast, meaningless."""

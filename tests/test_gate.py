@@ -177,6 +177,7 @@ def run_classify(*argv: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.stdout.splitlines()]
 
 
+@pytest.mark.slow
 def test_classify_refuses_an_inverted_chest_and_reports_typicality(tmp_path: Path) -> None:
     import pydicom
 

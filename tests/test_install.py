@@ -89,6 +89,7 @@ def test_the_cpu_index_serves_torch_and_torchvision_only_with_a_short_timeout_an
     assert "--retries 0" in done.stdout and "torch torchvision" in done.stdout
 
 
+@pytest.mark.slow
 def test_an_unreachable_cpu_index_is_one_line_and_the_end_reports_what_was_installed(tmp_path: Path) -> None:
     index = f"http://127.0.0.1:{_closed_port()}/whl/cpu"
     venv = tmp_path / "venv"

@@ -228,6 +228,7 @@ def _latest_version(harness: Any) -> str:
     return harness.rows()[-1]["model_version"]
 
 
+@pytest.mark.slow
 def test_feedback_to_a_scheduled_promotion_then_a_worse_challenger_is_rejected_then_too_few_skip(
     make_harness: Any, data: Data, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -208,6 +208,7 @@ def pixelmed_warning_kinds(lines: list[str]) -> set[str]:
     return {re.sub(r"^Warning: [\d.]+: ", "", line) for line in lines}
 
 
+@pytest.mark.slow
 @pytest.mark.peers
 @pytest.mark.parametrize(("label", "flagged"), LABELS_AND_FLAGS)
 def test_sr_passes_pixelmed_and_dciodvfy(

@@ -116,6 +116,7 @@ def test_phase1_freezes_the_encoder_then_resume_trains_phase2(tiny_pack: Path, t
     assert loaded.card.provenance["best_val_loss"] == pytest.approx(second.best_val_loss)
 
 
+@pytest.mark.slow
 def test_oneshot_end_to_end_then_evaluate_and_resume(tiny_pack: Path, tmp_path: Path) -> None:
     # One scenario read top to bottom, each step depending on the last: split, it would read worse.
     out = tmp_path / "run"
