@@ -1,14 +1,19 @@
-"""Shared fixtures: a tiny random checkpoint, free ports, configurations, and an in-process listener + worker.
+"""Shared fixtures: a tiny random checkpoint, free ports, PostgreSQL databases, configurations, and an in-process
+listener + worker.
 
 ``harness`` (or ``make_harness(**overrides)``) starts the real pynetdicom listener on a free 127.0.0.1 port with
 a migrated SQLite database in ``tmp_path``; tests send with a real AE (``send``) or dcmtk, then run the worker
 in-process with ``harness.work()`` and read the outcome from the database (``harness.rows()``).
+
+The suite runs under pytest-xdist (``python -m pytest -n auto``); tests/README.md has the rules a new test keeps to:
+ports from ``free_port`` (or bound to 0), files under ``tmp_path`` only, PostgreSQL through ``postgres_url`` (a fresh
+database in the session's cluster), ``xdist_group`` for modules with expensive module fixtures.
 """
 
 from __future__ import annotations
 
 import copy
-import socket
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +26,8 @@ from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification
 from sqlalchemy import Engine
 
+from cxr_triage.testing.peers import PostgresCluster
+from cxr_triage.testing.peers import free_port as free_port  # re-exported for the tests
 from cxr_triage.testing.peers import write_config as write_config  # re-exported for the tests
 from cxr_triage.testing.synthetic import chest_dataset as chest_dataset  # re-exported for the tests
 
@@ -28,13 +35,16 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_DICOM = SHARED / "data" / "dicom"
 AE_TITLE = "CXR_TRIAGE"
 CALLING_AE = "TESTSCU"
+_DATABASE_NUMBERS = itertools.count(1)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules holding a test marked ``slow`` run first, each module's tests kept together and in order.
+
+    pytest-xdist hands out work in collection order: a long test collected last would run alone at the end while the
+    other workers sit idle. Whole modules move, so that a module fixture is still set up once."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each group is kept
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +57,24 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = CAEClassifier(ModelSpec(width=4, dense_units=8))
     save_classifier(path, model, ModelCard(spec=model.spec, model_version="tiny-test"))
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """The session's throwaway PostgreSQL cluster (one per pytest process, so one per xdist worker), started by
+    the first test that asks for it. Tests take a database of their own from it with ``postgres_url``; a test
+    that stops, breaks or inspects the cluster itself starts its own ``PostgresCluster``."""
+    with PostgresCluster(database="cxr") as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresCluster) -> Iterator[str]:
+    """The URL of a fresh, empty database in the session's cluster, for this test alone (dropped after it)."""
+    name = f"test_{next(_DATABASE_NUMBERS)}"
+    url = postgres.create_database(name)
+    yield url
+    postgres.drop_database(name)
 
 
 def config_values(tmp: Path, model: Path | None, **overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -44,6 +46,7 @@ def test_listener_bench_reports_every_figure() -> None:
         assert any(line.startswith(start) for line in out.splitlines()), f"no line starting {start!r} in:\n{out}"
 
 
+@pytest.mark.slow
 def test_peers_bench_reports_every_receiver_stage_and_target(tmp_path: Path) -> None:
     from cxr_triage.testing.peers import make_tiny_checkpoint
 

@@ -31,6 +31,8 @@ from cxr_triage.ml.inference import Predictor
 from cxr_triage.ml.model import CAEClassifier, ModelSpec
 from cxr_triage.ml.preprocess import PreparedImage, prepare_path
 
+pytestmark = pytest.mark.xdist_group("classify")  # one worker: the models and inputs built once
+
 KEYS = [
     "path",
     "sop_instance_uid",

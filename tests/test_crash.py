@@ -196,6 +196,7 @@ def test_report_files_without_a_row_are_swept_once_old(harness) -> None:
     assert not orphan.exists() and not temporary.exists()
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_of_a_burst_loses_nothing_and_leaves_no_orphan(tmp_path: Path) -> None:
     seed = int(os.environ.get("CXR_CRASH_SEED") or random.SystemRandom().randrange(2**32))
     print(f"crash test seed: {seed} (rerun with CXR_CRASH_SEED={seed})")

@@ -30,6 +30,7 @@ OUTAGE_SECONDS = 10
 MIB = 1 << 20
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.peers
 def test_postgresql_stopped_under_a_sending_pacs_is_answered_a701_and_caught_up(tmp_path: Path) -> None:

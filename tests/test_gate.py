@@ -31,6 +31,8 @@ from cxr_triage.ml.imaging import to_model_input
 from cxr_triage.ml.preprocess import PreparedImage, prepare_path
 from training.gate import fit_gate
 
+pytestmark = pytest.mark.xdist_group("gate")  # one worker: the fitted and shipped gates built once
+
 SHARED_DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom"
 
 
@@ -228,6 +230,7 @@ def run_classify(*argv: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.stdout.splitlines()]
 
 
+@pytest.mark.slow
 def test_classify_refuses_an_inverted_chest_and_reports_typicality(tmp_path: Path) -> None:
     import pydicom
 

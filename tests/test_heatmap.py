@@ -21,6 +21,8 @@ from cxr_triage.ml.heatmap import GradCAMHeatmap, upsample
 from cxr_triage.ml.model import CAEClassifier, ModelSpec
 from cxr_triage.ml.preprocess import PreparedImage, prepare_path
 
+pytestmark = pytest.mark.xdist_group("heatmap")  # one worker: the bundled model and images loaded once
+
 SHARED_DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
 FILES = ("fo-dicom_CR-MONO1-10-chest.dcm", "nih-cxr14-dx-no-finding.dcm", "pydicom-data_RG1_UNCR.dcm")
 """The three distinct real radiographs (the other two shared files are RG1_UNCR compressed)."""

@@ -29,6 +29,8 @@ from cxr_triage.dicom import listener
 from cxr_triage.ml.preprocess import CR_IMAGE_STORAGE
 from cxr_triage.testing.peers import Server, echoscu, storescu, wait_until
 
+pytestmark = pytest.mark.xdist_group("hostile_peers")  # one worker: one `serve` for the module
+
 VERIFICATION = "1.2.840.10008.1.1"
 MIB = 1 << 20
 REQUEST_TIMEOUT = 2

@@ -14,7 +14,6 @@ import importlib.metadata
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from cxr_triage.testing import peers
+
+pytestmark = pytest.mark.xdist_group("install")  # one worker: the package's wheel built once
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "deploy" / "install.sh"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
@@ -30,9 +33,8 @@ REPORT = re.compile(r"^install\.sh: installed torch (\S+) \((CUDA [\d.]+ build|C
 
 
 def _closed_port() -> int:
-    with socket.socket() as sock:  # bound then closed: nothing listens there, a connection is refused at once
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on: a connection is refused at once."""
+    return peers.free_port()
 
 
 def _install(tmp_path: Path, *args: str, gpu: bool = False, **env: str) -> subprocess.CompletedProcess[str]:
@@ -87,6 +89,7 @@ def test_the_cpu_index_serves_torch_and_torchvision_only_with_a_short_timeout_an
     assert "--retries 0" in done.stdout and "torch torchvision" in done.stdout
 
 
+@pytest.mark.slow
 def test_an_unreachable_cpu_index_is_one_line_and_the_end_reports_what_was_installed(tmp_path: Path) -> None:
     index = f"http://127.0.0.1:{_closed_port()}/whl/cpu"
     venv = tmp_path / "venv"

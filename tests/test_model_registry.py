@@ -29,12 +29,10 @@ RACERS = 4
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'registry.sqlite'}"
-        return
-    with peers.PostgresCluster(database="registry") as cluster:
-        yield cluster.url
+        return f"sqlite:///{tmp_path / 'registry.sqlite'}"
+    return str(request.getfixturevalue("postgres_url"))  # a fresh database in the session's cluster
 
 
 @pytest.fixture(scope="module")

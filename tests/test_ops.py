@@ -24,7 +24,7 @@ from cxr_triage.core.settings import Settings
 from cxr_triage.ml import registry
 from cxr_triage.ops import health, metrics
 from cxr_triage.queue import jobqueue
-from cxr_triage.testing.peers import PostgresCluster, wait_until
+from cxr_triage.testing.peers import wait_until
 from cxr_triage.web.app import create_app
 
 PRIVATE = {"PatientName": "Secret^Patient", "PatientID": "PID-SECRET-7", "AccessionNumber": "ACC-SECRET-7"}
@@ -260,32 +260,33 @@ def test_metrics_can_be_switched_off_and_allowed_networks_apply(harness) -> None
 
 
 @pytest.mark.postgres
-def test_postgresql_metrics_and_a_locked_table(tmp_path: Path, tiny_model: Path, monkeypatch) -> None:
+def test_postgresql_metrics_and_a_locked_table(
+    tmp_path: Path, tiny_model: Path, postgres_url: str, monkeypatch
+) -> None:
     from cxr_triage.ml.checkpoint import load_classifier
 
     monkeypatch.setattr(health, "DATABASE_TIMEOUT", 1.0)
-    with PostgresCluster(database="ops") as cluster:
-        settings = Settings.from_values(config_values(tmp_path, tiny_model, database={"url": cluster.url}))
-        engine = db.make_engine(cluster.url)
-        try:
-            db.upgrade(engine)
-            registry.register_model(db.session_factory(engine), load_classifier(tiny_model))
-            for n in (1, 2):
-                enqueue(engine, f"1.2.826.0.1.3680043.10.{n}")
-            web = client(settings, engine)
-            families = scrape(web)
-            assert value(families, "cxr_triage_instances_received", "_total") == 2
-            assert value(families, "cxr_triage_queue_jobs", state="queued") == 2
-            assert value(families, "cxr_triage_inference_duration_seconds", "_count") == 0
-            assert healthz(web)[0] == 200
-            with engine.connect() as conn, conn.begin():
-                conn.execute(text("LOCK TABLE instances IN ACCESS EXCLUSIVE MODE"))  # readers wait for it
-                code, report = healthz(web)
-                assert (code, report["failing"]) == (503, ["database"])
-                assert report["checks"]["database"]["detail"] == "no answer from the database within 1 s"
-            wait_until(lambda: healthz(web)[0] == 200, 60, "healthz to pass once the lock is gone")
-        finally:
-            engine.dispose()
+    settings = Settings.from_values(config_values(tmp_path, tiny_model, database={"url": postgres_url}))
+    engine = db.make_engine(postgres_url)
+    try:
+        db.upgrade(engine)
+        registry.register_model(db.session_factory(engine), load_classifier(tiny_model))
+        for n in (1, 2):
+            enqueue(engine, f"1.2.826.0.1.3680043.10.{n}")
+        web = client(settings, engine)
+        families = scrape(web)
+        assert value(families, "cxr_triage_instances_received", "_total") == 2
+        assert value(families, "cxr_triage_queue_jobs", state="queued") == 2
+        assert value(families, "cxr_triage_inference_duration_seconds", "_count") == 0
+        assert healthz(web)[0] == 200
+        with engine.connect() as conn, conn.begin():
+            conn.execute(text("LOCK TABLE instances IN ACCESS EXCLUSIVE MODE"))  # readers wait for it
+            code, report = healthz(web)
+            assert (code, report["failing"]) == (503, ["database"])
+            assert report["checks"]["database"]["detail"] == "no answer from the database within 1 s"
+        wait_until(lambda: healthz(web)[0] == 200, 60, "healthz to pass once the lock is gone")
+    finally:
+        engine.dispose()
 
 
 def test_healthz_on_a_host_without_the_checkpoint_names_the_champion(harness) -> None:

@@ -62,6 +62,7 @@ def test_production_lua_routes_cr_and_dx_for_presentation_only(tmp_path: Path) -
     assert summary["received_count"] == 2
 
 
+@pytest.mark.slow
 def test_sr_comes_back_into_the_same_orthanc_study(tmp_path: Path) -> None:
     summary = run_scenario("pipeline", str(tmp_path / "work"), "--image", str(peers.SAMPLE_CR))
 

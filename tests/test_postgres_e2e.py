@@ -36,6 +36,7 @@ def test_throwaway_cluster_serves_127_0_0_1_and_is_removed() -> None:
     assert not peers.port_open(cluster.port)
 
 
+@pytest.mark.slow
 def test_two_workers_process_every_instance_exactly_once(tmp_path: Path) -> None:
     count = 8
     argv = peers.netns_command([sys.executable, str(SCENARIO), str(tmp_path / "work"), "--images", str(count)])

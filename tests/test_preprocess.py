@@ -48,6 +48,8 @@ from cxr_triage.ml.preprocess import (
     read_dicom,
 )
 
+pytestmark = pytest.mark.xdist_group("preprocess")  # one worker: the encoded variants built once
+
 ONE_LEVEL = 1.0 / 255.0
 """One 8-bit grey level: the tolerance allowed between encodings of the same image."""
 

@@ -16,6 +16,8 @@ from pydicom.dataelem import DataElement
 
 from cxr_triage.testing.peers import Server, storescu, wait_until
 
+pytestmark = pytest.mark.xdist_group("quiet_logs")  # one worker: one `serve` for the module
+
 RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ([A-Z]+) ")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,13 +60,25 @@ def test_install_script_picks_the_cpu_build_without_a_gpu(tmp_path: Path) -> Non
     assert CPU_INDEX not in done.stdout and f"pip install -e {REPO}" in done.stdout
 
 
+def _copy_of_the_repository(folder: Path) -> Path:
+    """The files the install script needs, copied: its editable install writes cxr_triage.egg-info into the tree it
+    installs, and the tests write nothing into the repository (another test may be reading it at the same time)."""
+    folder.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, folder / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "weights")
+    for name in ("cxr_triage", "training", "deploy"):
+        shutil.copytree(REPO / name, folder / name, ignore=ignore)
+    return folder
+
+
 def test_install_script_installs_a_working_command(tmp_path: Path) -> None:
     argv, _ = _install_script_line()
     venv = tmp_path / "venv"
     env = {**os.environ, "PYTHON": sys.executable}
     done = subprocess.run(
         [*argv, "--cuda", "--system-site-packages", "--venv", str(venv)],
-        cwd=REPO,
+        cwd=_copy_of_the_repository(tmp_path / "clone"),
         env=env,
         capture_output=True,
         text=True,

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import chest_dataset, config_values, echo, save_dataset, send, write_config
 from sqlalchemy import select
 
@@ -157,6 +158,7 @@ pipeline.preprocess = preprocess
 '''
 
 
+@pytest.mark.slow
 def test_a_file_that_crashes_its_worker_fails_after_its_attempts_and_spares_its_batch(
     tmp_path: Path, tiny_model: Path
 ) -> None:

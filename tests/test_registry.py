@@ -7,7 +7,6 @@ moment (a barrier), as ``serve`` with several worker processes, or several hosts
 from __future__ import annotations
 
 import multiprocessing as mp
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,6 @@ from sqlalchemy.exc import OperationalError
 
 from cxr_triage.core import db
 from cxr_triage.ml import registry
-from cxr_triage.testing import peers
 
 RACERS = 6
 
@@ -64,12 +62,10 @@ def _run_race(url: str, sha256: str) -> list[tuple[str, Any]]:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'race.sqlite'}"
-        return
-    with peers.PostgresCluster(database="race") as cluster:
-        yield cluster.url
+        return f"sqlite:///{tmp_path / 'race.sqlite'}"
+    return str(request.getfixturevalue("postgres_url"))  # a fresh database in the session's cluster
 
 
 def test_workers_starting_together_register_the_model_once(database_url: str) -> None:

@@ -32,9 +32,10 @@ from cxr_triage.core.settings import Settings
 from cxr_triage.ml import registry
 from cxr_triage.retrain import decision, retraining
 from cxr_triage.retrain.scheduler import SCHEDULER_LEASE, RetrainScheduler
-from cxr_triage.testing import peers
 from cxr_triage.testing.peers import wait_until
 from cxr_triage.testing.synthetic import new_dataset, phantom
+
+pytestmark = pytest.mark.xdist_group("retraining")  # one worker: the synthetic pack and champion built once
 
 REPO = Path(__file__).resolve().parents[1]
 PER_CLASS = 15
@@ -227,6 +228,7 @@ def _latest_version(harness: Any) -> str:
     return harness.rows()[-1]["model_version"]
 
 
+@pytest.mark.slow
 def test_feedback_to_a_scheduled_promotion_then_a_worse_challenger_is_rejected_then_too_few_skip(
     make_harness: Any, data: Data, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -395,51 +397,56 @@ def _scheduler_process(values: dict[str, Any], barrier: Any, fire: Any, stop_fil
 
 
 @pytest.mark.postgres
-def test_two_schedulers_on_one_postgresql_run_the_job_once_and_the_survivor_takes_over(tmp_path: Path) -> None:
-    with peers.PostgresCluster(database="retrain") as cluster:
-        values = config_values(
-            tmp_path,
-            None,
-            database={"url": cluster.url},
-            retrain={**RETRAIN, "enabled": True, "base_pack": "/nonexistent.pack", "schedule": "0 3 * * 0"},
-        )
-        engine = db.make_engine(cluster.url)
-        db.upgrade(engine)
-        sessions = db.session_factory(engine)
-        ctx = mp.get_context("fork")
-        barrier, fire, results, stop_file = ctx.Barrier(2), ctx.Event(), ctx.Queue(), tmp_path / "stop"
-        args = (values, barrier, fire, stop_file, results)
-        procs = [ctx.Process(target=_scheduler_process, args=args) for _ in range(2)]
-        for p in procs:
-            p.start()
-        try:
-            leader = wait_until(lambda: _lease_holder(sessions), 60, "a scheduler to lead")
-            time.sleep(1.5)  # both have tried for the lease at least once (every lock_seconds / 3)
-            assert _lease_holder(sessions) == leader
-            fire.set()
-            fired = [results.get(timeout=60) for _ in procs]
-            assert sorted(f[2] for f in fired) == [False, True], fired
-            wait_until(lambda: [r for r in runs(sessions) if r.state != db.RETRAIN_RUNNING], 60, "the run")
-            time.sleep(1.0)
-            (run,) = runs(sessions)
-            assert run.state == db.RETRAIN_SKIPPED and run.trigger == "schedule"
-            leading_pid = next(pid for kind, pid, did in fired if did)
-            assert run.holder.split(":")[1] == str(leading_pid) and leader.split(":")[1] == str(leading_pid)
+def test_two_schedulers_on_one_postgresql_run_the_job_once_and_the_survivor_takes_over(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    values = config_values(
+        tmp_path,
+        None,
+        database={"url": postgres_url},
+        retrain={**RETRAIN, "enabled": True, "base_pack": "/nonexistent.pack", "schedule": "0 3 * * 0"},
+    )
+    engine = db.make_engine(postgres_url)
+    db.upgrade(engine)
+    sessions = db.session_factory(engine)
+    ctx = mp.get_context("fork")
+    barrier, fire, results, stop_file = ctx.Barrier(2), ctx.Event(), ctx.Queue(), tmp_path / "stop"
+    args = (values, barrier, fire, stop_file, results)
+    procs = [ctx.Process(target=_scheduler_process, args=args) for _ in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        leader = wait_until(lambda: _lease_holder(sessions), 60, "a scheduler to lead")
+        time.sleep(1.5)  # both have tried for the lease at least once (every lock_seconds / 3)
+        assert _lease_holder(sessions) == leader
+        fire.set()
+        fired = [results.get(timeout=60) for _ in procs]
+        assert sorted(f[2] for f in fired) == [False, True], fired
+        wait_until(lambda: [r for r in runs(sessions) if r.state != db.RETRAIN_RUNNING], 60, "the run")
+        time.sleep(1.0)
+        (run,) = runs(sessions)
+        assert run.state == db.RETRAIN_SKIPPED and run.trigger == "schedule"
+        leading_pid = next(pid for kind, pid, did in fired if did)
+        assert run.holder.split(":")[1] == str(leading_pid) and leader.split(":")[1] == str(leading_pid)
 
-            # The leader dies without giving its lease back: the other one leads once the lease expired.
-            os.kill(leading_pid, signal.SIGKILL)
-            survivor = wait_until(
-                lambda: (h := _lease_holder(sessions)) and h != leader and h, 60, "the survivor to take over"
-            )
-            assert survivor.split(":")[1] == str(next(p.pid for p in procs if p.pid != leading_pid))
-        finally:
-            stop_file.touch()
-            for p in procs:
-                p.join(timeout=30)
-                if p.is_alive():
-                    p.kill()
-            engine.dispose()
-        assert len(runs(db.session_factory(db.make_engine(cluster.url)))) == 1
+        # The leader dies without giving its lease back: the other one leads once the lease expired.
+        os.kill(leading_pid, signal.SIGKILL)
+        survivor = wait_until(
+            lambda: (h := _lease_holder(sessions)) and h != leader and h, 60, "the survivor to take over"
+        )
+        assert survivor.split(":")[1] == str(next(p.pid for p in procs if p.pid != leading_pid))
+    finally:
+        stop_file.touch()
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+        engine.dispose()
+    after = db.make_engine(postgres_url)
+    try:
+        assert len(runs(db.session_factory(after))) == 1
+    finally:
+        after.dispose()  # the database is dropped after the test: no connection left behind
 
 
 def _held(sessions: Any, name: str) -> bool:

@@ -63,52 +63,51 @@ def _instances(folder: Path) -> list[Path]:
     return made
 
 
-def test_no_patient_data_or_password_in_any_log_or_output(tmp_path: Path, tiny_model: Path) -> None:
+def test_no_patient_data_or_password_in_any_log_or_output(tmp_path: Path, tiny_model: Path, postgres_url: str) -> None:
     from pydicom.uid import ExplicitVRLittleEndian
 
     from cxr_triage.ml.preprocess import CR_IMAGE_STORAGE
 
-    with peers.PostgresCluster() as cluster:
-        url = f"postgresql+psycopg://{cluster.user}:{PASSWORD}@127.0.0.1:{cluster.port}/{cluster.database}"
-        closed_dicom, closed_hl7 = peers.free_ports(2)
-        values = config_values(
-            tmp_path,
-            tiny_model,
-            database={"url": url},
-            worker={"processes": 1, "threads": 1, "study_quiet_seconds": 1},
-            forward={
-                "destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": closed_dicom}],
-                "backoff_seconds": 1,
-                "timeout": 2,
-            },
-            hl7={"destinations": [{"application": "RIS", "host": "127.0.0.1", "port": closed_hl7}], "timeout": 2},
-        )
-        config = write_config(tmp_path / "cxr.toml", values)
-        port = int(values["listener"]["port"])
-        log = tmp_path / "serve.log"
-        argv = [sys.executable, "-m", "cxr_triage", "--log-level", "DEBUG", "serve", "--config", str(config)]
-        with log.open("wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
-        outputs: list[str] = []
-        try:
-            peers.wait_until(lambda: proc.poll() is not None or peers.dicom_ready(port, "CXR_TRIAGE"), 90, "serve")
-            assert proc.poll() is None, peers.tail(log)
-            statuses = {}
-            for path in _instances(tmp_path / "in"):
-                contexts = [(CR_IMAGE_STORAGE, ExplicitVRLittleEndian)]
-                (statuses[path.name],) = send(port, [path], contexts=contexts, raw=True)
-            assert statuses["0.dcm"] == statuses["1.dcm"] == statuses["2.dcm"] == 0, statuses
-            assert statuses["3.dcm"] == 0xC211 and statuses["odd-name.dcm"] == 0xC210, statuses
-            # classified and refused, the SRs tried against the closed PACS, each study's HL7 message against
-            # the closed RIS
-            peers.wait_until(lambda: _hl7_attempts(url) >= 3, 120, "three HL7 attempts", 0.5)
-            commands = (["results"], ["results", "--json"], ["status"], ["forward", "--json"])
-            running = [_command(args, config) for args in commands]  # at once: each starts a Python
-            for args, command in zip(commands, running, strict=True):
-                out, _ = command.communicate(timeout=180)
-                outputs.append(f"$ cxr-triage {' '.join(args)}\n{out}")
-        finally:
-            peers.terminate(proc, timeout=30, group=True)
+    url = postgres_url.replace("@127.0.0.1:", f":{PASSWORD}@127.0.0.1:")  # trust authentication: any password
+    closed_dicom, closed_hl7 = peers.free_ports(2)
+    values = config_values(
+        tmp_path,
+        tiny_model,
+        database={"url": url},
+        worker={"processes": 1, "threads": 1, "study_quiet_seconds": 1},
+        forward={
+            "destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": closed_dicom}],
+            "backoff_seconds": 1,
+            "timeout": 2,
+        },
+        hl7={"destinations": [{"application": "RIS", "host": "127.0.0.1", "port": closed_hl7}], "timeout": 2},
+    )
+    config = write_config(tmp_path / "cxr.toml", values)
+    port = int(values["listener"]["port"])
+    log = tmp_path / "serve.log"
+    argv = [sys.executable, "-m", "cxr_triage", "--log-level", "DEBUG", "serve", "--config", str(config)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+    outputs: list[str] = []
+    try:
+        peers.wait_until(lambda: proc.poll() is not None or peers.dicom_ready(port, "CXR_TRIAGE"), 90, "serve")
+        assert proc.poll() is None, peers.tail(log)
+        statuses = {}
+        for path in _instances(tmp_path / "in"):
+            contexts = [(CR_IMAGE_STORAGE, ExplicitVRLittleEndian)]
+            (statuses[path.name],) = send(port, [path], contexts=contexts, raw=True)
+        assert statuses["0.dcm"] == statuses["1.dcm"] == statuses["2.dcm"] == 0, statuses
+        assert statuses["3.dcm"] == 0xC211 and statuses["odd-name.dcm"] == 0xC210, statuses
+        # classified and refused, the SRs tried against the closed PACS, each study's HL7 message against
+        # the closed RIS
+        peers.wait_until(lambda: _hl7_attempts(url) >= 3, 120, "three HL7 attempts", 0.5)
+        commands = (["results"], ["results", "--json"], ["status"], ["forward", "--json"])
+        running = [_command(args, config) for args in commands]  # at once: each starts a Python
+        for args, command in zip(commands, running, strict=True):
+            out, _ = command.communicate(timeout=180)
+            outputs.append(f"$ cxr-triage {' '.join(args)}\n{out}")
+    finally:
+        peers.terminate(proc, timeout=30, group=True)
     texts = {"serve log (DEBUG)": log.read_text(errors="replace"), **{o.splitlines()[0]: o for o in outputs}}
     assert "received SOP instance" in texts["serve log (DEBUG)"] and "rejected" in texts["$ cxr-triage results"]
     assert "HL7" in texts["serve log (DEBUG)"] and "PACS@127.0.0.1" in texts["$ cxr-triage forward --json"]

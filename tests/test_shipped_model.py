@@ -19,6 +19,8 @@ from cxr_triage.ml.checkpoint import load_classifier
 from cxr_triage.ml.inference import Predictor
 from cxr_triage.ml.preprocess import PreparedImage, prepare_path
 
+pytestmark = pytest.mark.xdist_group("shipped_model")  # one worker: the real images prepared once
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TOLERANCE = 0.01
 

@@ -32,6 +32,8 @@ from cxr_triage.outputs.sr import (
 from cxr_triage.testing import peers
 from cxr_triage.testing.peers import dcmtk_tool, pixelmed_validate
 
+pytestmark = pytest.mark.xdist_group("sr")  # one worker: one Pixelmed run for the module
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DICOM = REPO.parent / "shared" / "data" / "dicom"
 EVIDENCE_FILES = (
@@ -206,6 +208,7 @@ def pixelmed_warning_kinds(lines: list[str]) -> set[str]:
     return {re.sub(r"^Warning: [\d.]+: ", "", line) for line in lines}
 
 
+@pytest.mark.slow
 @pytest.mark.peers
 @pytest.mark.parametrize(("label", "flagged"), LABELS_AND_FLAGS)
 def test_sr_passes_pixelmed_and_dciodvfy(

@@ -10,7 +10,6 @@ import csv
 import json
 import math
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -23,9 +22,12 @@ from cxr_triage import CLASS_NAMES
 from cxr_triage.ml.checkpoint import load_classifier
 from cxr_triage.ml.inference import Predictor
 from cxr_triage.ml.model import CAEClassifier, ModelSpec
+from cxr_triage.testing.peers import free_port
 from training import cli, commands, finetune, pretrain
 from training.engine import setup_runtime
 from training.metrics import classification_metrics
+
+pytestmark = pytest.mark.xdist_group("training_run")  # one worker: the tiny pack built once
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr"
 TINY = ["--width", "4", "--dense-units", "8", "--device", "cpu", "--no-progress", "--log-level", "WARNING"]
@@ -114,6 +116,7 @@ def test_phase1_freezes_the_encoder_then_resume_trains_phase2(tiny_pack: Path, t
     assert loaded.card.provenance["best_val_loss"] == pytest.approx(second.best_val_loss)
 
 
+@pytest.mark.slow
 def test_oneshot_end_to_end_then_evaluate_and_resume(tiny_pack: Path, tmp_path: Path) -> None:
     # One scenario read top to bottom, each step depending on the last: split, it would read worse.
     out = tmp_path / "run"
@@ -224,12 +227,6 @@ def test_oneshot_plans_epochs_to_fit_its_budget(tiny_pack: Path, tmp_path: Path)
     assert "stopped by the time budget" in (out / "report.md").read_text()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world_size: int, port: int, pack: str, out: str) -> None:
     """One torchrun-like rank running the one-shot command (replicas are checked to agree inside)."""
     os.environ.update(
@@ -270,7 +267,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, pack: str, out: str) -> N
 
 
 def test_ddp_two_gloo_processes(tiny_pack: Path, tmp_path: Path) -> None:
-    ctx = mp.spawn(_ddp_worker, args=(2, _free_port(), str(tiny_pack), str(tmp_path)), nprocs=2, join=False)
+    ctx = mp.spawn(_ddp_worker, args=(2, free_port(), str(tiny_pack), str(tmp_path)), nprocs=2, join=False)
     give_up = time.monotonic() + 240
     while not ctx.join(timeout=2):
         if time.monotonic() > give_up:

@@ -55,24 +55,52 @@ class PeerError(RuntimeError):
 # --------------------------------------------------------------------------------------------- ports, waits, netns
 
 
+_HANDED_OUT: set[int] = set()
+"""Ports ``free_ports`` has returned in this process: it never returns one twice."""
+
+
+def worker_slot(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(this pytest-xdist worker's index, the number of workers) from the variables xdist sets in each worker
+    (``PYTEST_XDIST_WORKER=gw1``, ``PYTEST_XDIST_WORKER_COUNT=2``); (0, 1) outside xdist. Subprocesses inherit
+    them, so a scenario script or ``serve`` started by a test picks its ports in the same share."""
+    env = os.environ if environ is None else environ
+    name, count = env.get("PYTEST_XDIST_WORKER", ""), env.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if not (name.startswith("gw") and name[2:].isdigit() and count.isdigit() and int(count) > 1):
+        return 0, 1
+    return int(name[2:]) % int(count), int(count)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now (see ``free_ports``)."""
+    return free_ports(1)[0]
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports (held open together while picking, so they differ)."""
-    socks = []
+    """``count`` distinct TCP ports on 127.0.0.1 that nothing listens on right now.
+
+    The kernel picks them (bind to port 0), and of those only ports this process has not been given before and,
+    under pytest-xdist, ports in this worker's share ((port >> 1) % workers == worker index: Linux gives bind(0) odd
+    ports, leaving the even ones to outgoing connections) are kept. A port is free only until someone binds it, and
+    the tests hand theirs to a server that binds it later: so no two workers of one run can pick the same port in
+    that gap, and no test gets a port an earlier test of its worker may still hold.
+    """
+    index, workers = worker_slot()
+    kept: list[socket.socket] = []
+    passed: list[socket.socket] = []  # held open while picking, so that the kernel offers other ports
     try:
-        for _ in range(count):
+        while len(kept) < count:
+            if len(passed) > 64 * workers + 64:
+                raise PeerError(f"no free port for worker {index} of {workers} after {len(passed)} tries")
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [int(s.getsockname()[1]) for s in socks]
+            port = int(sock.getsockname()[1])
+            ours = (port >> 1) % workers == index and port not in _HANDED_OUT  # bind(0) gives odd ports
+            (kept if ours else passed).append(sock)
+        ports = [int(s.getsockname()[1]) for s in kept]
+        _HANDED_OUT.update(ports)
+        return ports
     finally:
-        for sock in socks:
+        for sock in kept + passed:
             sock.close()
 
 
@@ -513,7 +541,8 @@ def _pg_tool(name: str) -> str:
 
 
 class PostgresCluster:
-    """A throwaway PostgreSQL cluster on 127.0.0.1:``port`` with trust authentication and one database.
+    """A throwaway PostgreSQL cluster on 127.0.0.1:``port`` with trust authentication and one database (more with
+    ``create_database``: the tests share one cluster per pytest process, a fresh database per test).
 
     The server refuses to run as root, so under root it runs as the ``postgres`` user in a temp dir under /tmp
     (pytest's tmp dirs are private to root). ``url`` is a SQLAlchemy URL using psycopg 3.
@@ -528,7 +557,23 @@ class PostgresCluster:
 
     @property
     def url(self) -> str:
-        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{self.database}"
+        return self.url_of(self.database)
+
+    def url_of(self, database: str) -> str:
+        """The SQLAlchemy URL of ``database`` in this cluster."""
+        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        """A new, empty database ``name`` in this running cluster; its URL (the tests' ``postgres_url``)."""
+        self._run([_pg_tool("createdb"), *self._client_args(), name], f"createdb {name}")
+        return self.url_of(name)
+
+    def drop_database(self, name: str) -> None:
+        """Drop ``name``, cutting the connections still open to it (a test's leftover pool or process)."""
+        self._run([_pg_tool("dropdb"), "--force", *self._client_args(), name], f"dropdb {name}")
+
+    def _client_args(self) -> list[str]:
+        return ["-h", "127.0.0.1", "-p", str(self.port), "-U", self.user]
 
     @property
     def log(self) -> Path:
@@ -566,8 +611,7 @@ class PostgresCluster:
                 "initdb",
             )
             self.start_server()
-            createdb = [_pg_tool("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, self.database]
-            self._run(createdb, "createdb")
+            self.create_database(self.database)
         except BaseException:
             self.__exit__(None, None, None)
             raise
