@@ -605,3 +605,22 @@ def test_corrupt_png_is_refused(damage: str, display: np.ndarray, tmp_path: Path
     path.write_bytes(bytes(data))
     result = prepare_path(path)
     assert isinstance(result, Refusal) and result.code == "undecodable", result
+
+
+@pytest.mark.parametrize("keyword", ["BitsAllocated", "Rows", "SamplesPerPixel"])
+def test_a_us_value_of_impossible_length_is_a_refusal_not_a_failure(tmp_path: Path, keyword: str) -> None:
+    """Found by the C-STORE fuzz: a US element three bytes long makes pydicom raise BytesLengthException when it
+    is first read; the header check must refuse the instance (naming the attribute), not let the worker fail."""
+    from cxr_triage.testing.synthetic import chest_dataset
+
+    buffer = io.BytesIO()
+    chest_dataset(16, 16, seed=1).save_as(buffer, enforce_file_format=True)
+    raw, tag = buffer.getvalue(), pydicom.datadict.tag_for_keyword(keyword)
+    needle = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + b"US" + struct.pack("<H", 2)
+    at = raw.index(needle)
+    broken = raw[:at] + needle[:6] + struct.pack("<H", 3) + raw[at + 8 : at + 10] + b"\0" + raw[at + 10 :]
+    path = tmp_path / "broken.dcm"
+    path.write_bytes(broken)
+    refusal = prepare_dataset(read_dicom(path))
+    assert isinstance(refusal, Refusal), refusal
+    assert refusal.attribute == keyword and "unreadable: BytesLengthException" in refusal.reason

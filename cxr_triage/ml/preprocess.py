@@ -118,8 +118,12 @@ class _NotAnInteger(ValueError):
 
 def _integer(ds: Dataset, keyword: str, default: int, code: str) -> int:
     """The attribute's value as one integer, ``default`` when it is absent or empty; ``_NotAnInteger`` when a
-    peer sent something else (a US of four bytes is two values, an IS may hold any text)."""
-    value = ds.get(keyword)
+    peer sent something else (a US of four bytes is two values, an IS may hold any text) or bytes pydicom cannot
+    convert at all (a US of three bytes: ``BytesLengthException``)."""
+    try:
+        value = ds.get(keyword)
+    except Exception as exc:  # pydicom converts the raw element on first access and raises for impossible lengths
+        raise _NotAnInteger(code, keyword, f"unreadable: {type(exc).__name__}") from exc
     if value is None or value == "":
         return default
     if isinstance(value, int | float | str) and not isinstance(value, bool):
