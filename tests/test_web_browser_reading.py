@@ -39,12 +39,17 @@ def _radiograph(jpeg: Path, out: Path, **attributes: str) -> Path:
 
 
 def _rows(driver: webdriver.Chrome) -> list[str]:
-    return [tr.get_attribute("data-study") for tr in driver.find_elements(By.CSS_SELECTOR, "#worklist tbody tr")]
+    # read in the page in one call: the worklist re-renders its rows every refresh, so an element found in one
+    # WebDriver call may be stale by the next (seen on a loaded machine)
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('#worklist tbody tr'), tr => tr.dataset.study);"
+    )
 
 
 def _selected(driver: webdriver.Chrome) -> str | None:
-    found = driver.find_elements(By.CSS_SELECTOR, "#worklist tbody tr.selected")
-    return found[0].get_attribute("data-study") if found else None
+    return driver.execute_script(
+        "const tr = document.querySelector('#worklist tbody tr.selected'); return tr ? tr.dataset.study : null;"
+    )
 
 
 def _press(driver: webdriver.Chrome, key: str) -> None:
