@@ -146,12 +146,12 @@ from cxr_triage.triage import pipeline
 _preprocess = pipeline.preprocess
 
 
-def preprocess(jobs, stop):
+def preprocess(jobs, stop, *args, **kwargs):
     for job in jobs:
         with open(job.spool_path, "rb") as file:
             if b"CRASH-ME" in file.read():
                 ctypes.string_at(0)  # a read of address 0 inside C code: SIGSEGV, as a faulty decoder would
-    return _preprocess(jobs, stop)
+    return _preprocess(jobs, stop, *args, **kwargs)
 
 
 pipeline.preprocess = preprocess
@@ -191,8 +191,7 @@ def test_a_file_that_crashes_its_worker_fails_after_its_attempts_and_spares_its_
                 engine.dispose()
             return rows if all(r.status in (db.DONE, db.FAILED) for r in rows) else None
 
-        # four worker starts (each loads the model and warms up, heatmap included): generous for a loaded machine
-        rows = wait_until(settled, 480, "every instance to be classified or failed", interval=0.5)
+        rows = wait_until(settled, 240, "every instance to be classified or failed", interval=0.5)
         assert proc.poll() is None, "the listener outlives its crashing workers"
         assert echo(port) == 0
     finally:

@@ -97,7 +97,18 @@ def _config(workdir: Path, model: Path) -> tuple[Path, int]:
         },
         "database": {"url": f"sqlite:///{workdir / 'db' / 'cxr.sqlite'}"},
         "model": {"path": str(model), "device": "cpu", "batch_size": 8},
-        "worker": {"processes": 1, "threads": 1, "poll_interval": 0.1, "claim_batch": 8, "study_quiet_seconds": 3600},
+        # max_attempts above the kills a run can land on one job (each run kills the group once and maybe a
+        # worker): a start-up counts an earlier run's dead worker as an attempt (jobqueue.EARLIER_RUN_DIED), so with
+        # the default 3 the harness's own kills could fail a job that is never at fault. The rule that fails a file
+        # which crashes its worker on every attempt is tested in tests/test_recovery.py.
+        "worker": {
+            "processes": 1,
+            "threads": 1,
+            "poll_interval": 0.1,
+            "claim_batch": 8,
+            "study_quiet_seconds": 3600,
+            "max_attempts": 10,
+        },
     }
     for section, table in overrides.items():
         values.setdefault(section, {}).update(table)
