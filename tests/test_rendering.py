@@ -145,3 +145,19 @@ def test_checkpoints_record_the_normalisation_and_code_that_lacks_it_refuses(tmp
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match=r"cxr-pp/1\+equalise"):
         load_classifier(path)
+
+
+def test_the_trained_full_width_model_gives_the_same_answer_across_renderings() -> None:
+    """The committed width-64 classifier (``training/weights/classifier-w64.pt``, input_norm ``equalise``), in
+    float32 on the eleven real images: the bench (``bench/rendering.py``, 60 validation images) measured a 90th
+    percentile spread of 0.009; the bound here is the issue's target for that figure, 0.05, and no answer flips."""
+    path = Path(__file__).resolve().parents[1] / "training" / "weights" / "classifier-w64.pt"
+    loaded = load_classifier(path)
+    assert loaded.card.spec.width == 64 and loaded.card.spec.input_norm == "equalise"
+    predictor = Predictor(loaded, "cpu", 6, "float32")
+    spreads = []
+    for v8 in _shared_images():
+        probs = predictor.probabilities(torch.cat(list(_inputs(v8).values())))
+        assert len(set(probs.argmax(1).tolist())) == 1, probs  # the same class under every rendering
+        spreads.append(float((probs.max(0).values - probs.min(0).values).max()))
+    assert max(spreads) <= 0.05, spreads
