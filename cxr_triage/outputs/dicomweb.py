@@ -39,7 +39,6 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxr_triage import log_name
@@ -155,15 +154,22 @@ def enqueue(session: Session, sr: db.SRDocument, settings: DicomwebSettings, now
     return len(settings.destinations)
 
 
-@dataclass(frozen=True)
-class StowOutcome:
-    row_id: int
-    sr_sop_instance_uid: str
-    destination: str
-    state: str
-    attempts: int
-    status: int | None
-    detail: str
+class StowOutcome(delivery.SROutcome):
+    """What became of an SR's STOW-RS: ``status`` is the HTTP status."""
+
+
+OUTBOX = delivery.sr_outbox(
+    "dicomweb",
+    db.DicomwebStore,
+    StowOutcome,
+    logger,
+    sent="SR %(sr_sop_instance_uid)s stored by STOW-RS on %(destination)s",
+    about="SR %(sr_sop_instance_uid)s to %(destination)s by STOW-RS",
+)
+as_record = OUTBOX.as_record
+"""A STOW-RS outcome as ``cxr-triage forward`` prints it."""
+listed = OUTBOX.listed
+"""Every STOW-RS row, oldest first, as ``cxr-triage forward`` lists it."""
 
 
 @dataclass(frozen=True)
@@ -271,24 +277,11 @@ def process_due(
     per destination; one outcome per row."""
     now = now or db.utcnow()
     lease = dt.timedelta(seconds=2 * settings.timeout * max(1, len(settings.destinations)) + 60)
-    ids = delivery.claim_due(sessions, db.DicomwebStore, now, lease, force, MAX_PER_ROUND, exclude)
-    if not ids:
+    files = (db.SRDocument.path, db.SRDocument.sop_instance_uid, db.SRDocument.heatmap_path)
+    columns = (db.DicomwebStore.id, db.DicomwebStore.destination, *files, db.SRDocument.heatmap_sop_instance_uid)
+    rows = OUTBOX.claim(sessions, now, lease, force, MAX_PER_ROUND, exclude, *columns)
+    if not rows:
         return []
-    with sessions() as session:
-        db.read_only(session)
-        rows = session.execute(
-            select(
-                db.DicomwebStore.id,
-                db.DicomwebStore.destination,
-                db.SRDocument.path,
-                db.SRDocument.sop_instance_uid,
-                db.SRDocument.heatmap_path,
-                db.SRDocument.heatmap_sop_instance_uid,
-            )
-            .join(db.SRDocument, db.DicomwebStore.sr_id == db.SRDocument.id)
-            .where(db.DicomwebStore.id.in_(ids))
-            .order_by(db.DicomwebStore.id)
-        ).all()
     by_destination: dict[str, list[_Item]] = defaultdict(list)
     for row_id, destination, path, uid, heatmap_path, heatmap_uid in rows:
         by_destination[destination].append(_Item(row_id, path, uid, heatmap_path, heatmap_uid))
@@ -296,72 +289,20 @@ def process_due(
     outcomes: list[StowOutcome] = []
     for name, items in by_destination.items():
         results = _send(settings, name, items, tls)
-        outcomes += _record(sessions, settings, name, items, results)
+        outcomes += _record(sessions, settings, items, results)
     return outcomes
 
 
 def _record(
-    sessions: sessionmaker[Session],
-    settings: DicomwebSettings,
-    name: str,
-    items: list[_Item],
-    results: dict[int, _Result],
+    sessions: sessionmaker[Session], settings: DicomwebSettings, items: list[_Item], results: dict[int, _Result]
 ) -> list[StowOutcome]:
     """Record each row's result in it (attempts, state, next attempt), in one transaction; the outcomes."""
-    outcomes = []
-    finished = db.utcnow()
-    with sessions() as session, session.begin():
-        for item in items:
-            row_id, uid = item.row_id, item.sr_uid
-            row, result = session.get(db.DicomwebStore, row_id), results[row_id]
-            if row is None:
-                continue
-            row.status = result.status
-            delay = delivery.count_attempt(row, result.ok, result.detail, settings, finished)
-            if row.state == db.FORWARD_SENT:
-                logger.info("SR %s stored by STOW-RS on %s", uid, name)
-            elif row.state == db.FORWARD_DEAD:
-                logger.error(
-                    "SR %s to %s by STOW-RS: dead after %d attempts: %s", uid, name, row.attempts, result.detail
-                )
-            elif delay is not None:
-                logger.warning(
-                    "SR %s to %s by STOW-RS: attempt %d failed (%s); retry in %.0f s",
-                    uid,
-                    name,
-                    row.attempts,
-                    result.detail,
-                    delay,
-                )
-            outcomes.append(StowOutcome(row_id, uid, name, row.state, row.attempts, result.status, result.detail))
-    return outcomes
-
-
-def as_record(o: StowOutcome) -> dict[str, Any]:
-    """A STOW-RS outcome as ``cxr-triage forward`` prints it."""
-    return {
-        "kind": "dicomweb",
-        "sr_sop_instance_uid": o.sr_sop_instance_uid,
-        "destination": o.destination,
-        "state": o.state,
-        "attempts": o.attempts,
-        "status": o.status,
-        "detail": o.detail,
-    }
-
-
-def listed(session: Session) -> list[dict[str, Any]]:
-    """Every STOW-RS row, oldest first, as ``cxr-triage forward`` lists it."""
-    records = []
-    for row, uid in session.execute(
-        select(db.DicomwebStore, db.SRDocument.sop_instance_uid)
-        .join(db.SRDocument, db.DicomwebStore.sr_id == db.SRDocument.id)
-        .order_by(db.DicomwebStore.id)
-    ).all():
-        outcome = StowOutcome(row.id, uid, row.destination, row.state, row.attempts, row.status, row.last_error or "")
-        when = row.next_attempt_at.isoformat() if row.next_attempt_at else None
-        records.append({**as_record(outcome), "detail": row.last_error, "next_attempt_at": when})
-    return records
+    attempts = [
+        delivery.Attempt(item.row_id, item.sr_uid, result.ok, result.status, result.detail)
+        for item in items
+        for result in (results[item.row_id],)
+    ]
+    return OUTBOX.record(sessions, settings, attempts)
 
 
 def check_settings(settings: Settings) -> None:

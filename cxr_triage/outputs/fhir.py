@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxr_triage import log_name
@@ -206,6 +205,21 @@ class FHIROutcome:
     detail: str
 
 
+OUTBOX: delivery.Outbox[db.FHIRReport, FHIROutcome] = delivery.Outbox(
+    "fhir",
+    db.FHIRReport,
+    lambda r, uid, detail: FHIROutcome(r.id, uid, r.destination, r.state, r.attempts, r.http_status, detail),
+    logger,
+    sent="FHIR report of study %(study_instance_uid)s accepted by %(destination)s",
+    about="FHIR report of study %(study_instance_uid)s to %(destination)s",
+    answer="http_status",
+)
+as_record = OUTBOX.as_record
+"""A FHIR report's outcome as ``cxr-triage forward`` prints it."""
+listed = OUTBOX.listed
+"""Every FHIR report, oldest first, as ``cxr-triage forward`` lists it."""
+
+
 def _attempt(settings: FHIRSettings, name: str, bundle: str) -> tuple[bool, int | None, str]:
     destination = settings.destination(name)
     if destination is None:
@@ -230,98 +244,22 @@ def process_due(
     row. A destination that could not be reached is not tried again in the same round."""
     now = now or db.utcnow()
     lease = dt.timedelta(seconds=2 * settings.timeout * MAX_PER_ROUND + 60)
-    ids = delivery.claim_due(sessions, db.FHIRReport, now, lease, force, MAX_PER_ROUND, exclude)
-    if not ids:
-        return []
-    with sessions() as session:
-        db.read_only(session)
-        rows = session.execute(
-            select(db.FHIRReport.id, db.FHIRReport.destination, db.FHIRReport.bundle, db.Study.study_instance_uid)
-            .join(db.Study, db.FHIRReport.study_id == db.Study.id)
-            .where(db.FHIRReport.id.in_(ids))
-            .order_by(db.FHIRReport.id)
-        ).all()
-    results: list[tuple[int, str, str, bool, int | None, str]] = []
+    columns = (db.FHIRReport.id, db.FHIRReport.destination, db.FHIRReport.bundle, db.Study.study_instance_uid)
+    rows = OUTBOX.claim(sessions, now, lease, force, MAX_PER_ROUND, exclude, *columns)
+    attempts: list[delivery.Attempt] = []
     unreachable: dict[str, str] = {}
     for row_id, destination, bundle, study_uid in rows:
         if destination in unreachable:
             detail = f"not sent: {unreachable[destination]} (earlier in this round)"
-            results.append((row_id, study_uid, destination, False, None, detail))
+            attempts.append(delivery.Attempt(row_id, study_uid, False, None, detail))
             continue
         ok, status, detail = _attempt(settings, destination, bundle or "")
         if not ok and status is None:
             unreachable[destination] = detail
-        results.append((row_id, study_uid, destination, ok, status, detail))
-    return _record(sessions, settings, results)
-
-
-def _record(
-    sessions: sessionmaker[Session],
-    settings: FHIRSettings,
-    results: list[tuple[int, str, str, bool, int | None, str]],
-) -> list[FHIROutcome]:
-    outcomes = []
-    finished = db.utcnow()
-    with sessions() as session, session.begin():
-        for row_id, study_uid, destination, ok, status, detail in results:
-            row = session.get(db.FHIRReport, row_id)
-            if row is None:
-                continue
-            row.http_status = status
-            delay = delivery.count_attempt(row, ok, detail, settings, finished)
-            if row.state == db.FORWARD_SENT:
-                logger.info("FHIR report of study %s accepted by %s", study_uid, destination)
-            elif row.state == db.FORWARD_DEAD:
-                logger.error(
-                    "FHIR report of study %s to %s: dead after %d attempts: %s",
-                    study_uid,
-                    destination,
-                    row.attempts,
-                    detail,
-                )
-            elif delay is not None:
-                logger.warning(
-                    "FHIR report of study %s to %s: attempt %d failed (%s); retry in %.0f s",
-                    study_uid,
-                    destination,
-                    row.attempts,
-                    detail,
-                    delay,
-                )
-            outcomes.append(FHIROutcome(row_id, study_uid, destination, row.state, row.attempts, status, detail))
-    return outcomes
-
-
-def as_record(o: FHIROutcome) -> dict[str, Any]:
-    """A FHIR report's outcome as ``cxr-triage forward`` prints it."""
-    return {
-        "kind": "fhir",
-        "study_instance_uid": o.study_instance_uid,
-        "destination": o.destination,
-        "state": o.state,
-        "attempts": o.attempts,
-        "http_status": o.http_status,
-        "detail": o.detail,
-    }
-
-
-def listed(session: Session) -> list[dict[str, Any]]:
-    """Every FHIR report, oldest first, as ``cxr-triage forward`` lists it."""
-    records = []
-    for r, uid in session.execute(
-        select(db.FHIRReport, db.Study.study_instance_uid).join(db.Study).order_by(db.FHIRReport.id)
-    ).all():
-        outcome = FHIROutcome(r.id, uid, r.destination, r.state, r.attempts, r.http_status, r.last_error or "")
-        when = r.next_attempt_at.isoformat() if r.next_attempt_at else None
-        records.append({**as_record(outcome), "next_attempt_at": when})
-    return records
+        attempts.append(delivery.Attempt(row_id, study_uid, ok, status, detail))
+    return OUTBOX.record(sessions, settings, attempts)
 
 
 def unbuilt(session: Session) -> int:
     """Bundles that could not be built: dead for good (``forward --retry`` cannot send what does not exist)."""
-    return int(
-        session.scalar(
-            select(func.count()).where(db.FHIRReport.state == db.FORWARD_DEAD, db.FHIRReport.bundle.is_(None))
-        )
-        or 0
-    )
+    return delivery.unbuilt(session, db.FHIRReport)

@@ -22,10 +22,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxr_triage import log_name
@@ -51,37 +49,33 @@ def enqueue(session: Session, sr: db.SRDocument, forwarding: ForwardSettings, no
     return len(forwarding.destinations)
 
 
-@dataclass(frozen=True)
-class ForwardOutcome:
-    forward_id: int
-    sr_sop_instance_uid: str
-    destination: str
-    state: str
-    attempts: int
-    status: int | None
-    detail: str
+class ForwardOutcome(delivery.SROutcome):
+    """What became of an SR forward (C-STORE): ``status`` is the last DIMSE status."""
+
+    @property
+    def forward_id(self) -> int:
+        return self.row_id
+
+
+OUTBOX = delivery.sr_outbox(
+    "sr",
+    db.Forward,
+    ForwardOutcome,
+    logger,
+    sent="SR %(sr_sop_instance_uid)s forwarded to %(destination)s",
+    about="SR %(sr_sop_instance_uid)s to %(destination)s",
+)
+as_record = OUTBOX.as_record
+"""An SR forward's outcome as ``cxr-triage forward`` prints it."""
+listed = OUTBOX.listed
+"""Every SR forward, oldest first, as ``cxr-triage forward`` lists it."""
 
 
 def _claim_due(
     sessions: sessionmaker[Session], now: dt.datetime, lease: dt.timedelta, force: bool
 ) -> list[tuple[int, str, tuple[str, ...], str]]:
-    ids = delivery.claim_due(sessions, db.Forward, now, lease, force, MAX_PER_ROUND)
-    if not ids:
-        return []
-    with sessions() as session:
-        db.read_only(session)
-        rows = session.execute(
-            select(
-                db.Forward.id,
-                db.Forward.destination,
-                db.SRDocument.path,
-                db.SRDocument.sop_instance_uid,
-                db.SRDocument.heatmap_path,
-            )
-            .join(db.SRDocument, db.Forward.sr_id == db.SRDocument.id)
-            .where(db.Forward.id.in_(ids))
-            .order_by(db.Forward.id)
-        ).all()
+    columns = (db.Forward.id, db.Forward.destination, db.SRDocument.path, db.SRDocument.sop_instance_uid)
+    rows = OUTBOX.claim(sessions, now, lease, force, MAX_PER_ROUND, (), *columns, db.SRDocument.heatmap_path)
     # the heatmap object first: a PACS that has stored the SR has what it references
     return [(r[0], r[1], (r[4], r[2]) if r[4] else (r[2],), r[3]) for r in rows]
 
@@ -109,7 +103,7 @@ def process_due(
         requires = [i - 1 if i and sendable[i - 1] == forward_id else None for i, forward_id in enumerate(sendable)]
         sent, context = _send_to(forwarding, destination_text, datasets, context, requires)
         results.update(_combined(sendable, sent, destination_text))
-        outcomes += _record_results(sessions, forwarding, destination_text, items, results)
+        outcomes += _record_results(sessions, forwarding, items, results)
     return outcomes
 
 
@@ -189,83 +183,18 @@ def _send_to(
 def _record_results(
     sessions: sessionmaker[Session],
     forwarding: ForwardSettings,
-    destination_text: str,
     items: list[tuple[int, tuple[str, ...], str]],
     results: dict[int, SendResult],
 ) -> list[ForwardOutcome]:
     """Record the result of each forward of ``items`` in its row, in one transaction; the outcomes, in order."""
-    outcomes: list[ForwardOutcome] = []
-    finished = db.utcnow()
-    with sessions() as session, session.begin():
-        for forward_id, _, sr_uid in items:
-            result = results[forward_id]
-            row = session.get(db.Forward, forward_id)
-            if row is None:
-                continue
-            _apply_result(row, result, forwarding, finished, sr_uid, destination_text)
-            outcomes.append(
-                ForwardOutcome(
-                    forward_id, sr_uid, destination_text, row.state, row.attempts, result.status, result.detail
-                )
-            )
-    return outcomes
-
-
-def _apply_result(
-    row: db.Forward,
-    result: SendResult,
-    forwarding: ForwardSettings,
-    finished: dt.datetime,
-    sr_uid: str,
-    destination_text: str,
-) -> None:
-    """Count the attempt on ``row``: sent on success, else dead after ``max_attempts`` or retried after a delay."""
-    row.status = result.status
-    delay = delivery.count_attempt(row, result.ok, result.detail, forwarding, finished)
-    if row.state == db.FORWARD_SENT:
-        logger.info("SR %s forwarded to %s", sr_uid, destination_text)
-    elif row.state == db.FORWARD_DEAD:
-        logger.error("SR %s to %s: dead after %d attempts: %s", sr_uid, destination_text, row.attempts, result.detail)
-    elif delay is not None:
-        logger.warning(
-            "SR %s to %s: attempt %d failed (%s); retry in %.0f s",
-            sr_uid,
-            destination_text,
-            row.attempts,
-            result.detail,
-            delay,
-        )
+    attempts = [
+        delivery.Attempt(forward_id, sr_uid, result.ok, result.status, result.detail)
+        for forward_id, _, sr_uid in items
+        for result in (results[forward_id],)
+    ]
+    return OUTBOX.record(sessions, forwarding, attempts)
 
 
 def requeue_dead(sessions: sessionmaker[Session], now: dt.datetime | None = None) -> int:
     """Dead forwards back to pending with a fresh attempt budget; the number requeued."""
     return delivery.requeue_dead(sessions, db.Forward, now or db.utcnow())
-
-
-def as_record(o: ForwardOutcome) -> dict[str, Any]:
-    """An SR forward's outcome as ``cxr-triage forward`` prints it."""
-    return {
-        "kind": "sr",
-        "sr_sop_instance_uid": o.sr_sop_instance_uid,
-        "destination": o.destination,
-        "state": o.state,
-        "attempts": o.attempts,
-        "status": o.status,
-        "detail": o.detail,
-    }
-
-
-def listed(session: Session) -> list[dict[str, Any]]:
-    """Every SR forward, oldest first, as ``cxr-triage forward`` lists it."""
-    return [
-        {
-            **as_record(ForwardOutcome(f.id, uid, f.destination, f.state, f.attempts, f.status, f.last_error or "")),
-            "detail": f.last_error,
-            "next_attempt_at": f.next_attempt_at.isoformat() if f.next_attempt_at else None,
-        }
-        for f, uid in session.execute(
-            select(db.Forward, db.SRDocument.sop_instance_uid)
-            .join(db.SRDocument, db.Forward.sr_id == db.SRDocument.id)
-            .order_by(db.Forward.id)
-        ).all()
-    ]

@@ -30,11 +30,10 @@ import logging
 import secrets
 import socket
 from collections import defaultdict
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxr_triage import CLASS_NAMES, log_name
@@ -353,6 +352,22 @@ class HL7Outcome:
     detail: str
 
 
+OUTBOX: delivery.Outbox[db.HL7Message, HL7Outcome] = delivery.Outbox(
+    "hl7",
+    db.HL7Message,
+    lambda m, uid, detail: HL7Outcome(m.id, uid, m.control_id, m.destination, m.state, m.attempts, m.ack_code, detail),
+    logger,
+    sent="HL7 result of study %(study_instance_uid)s (%(control_id)s) accepted by %(destination)s",
+    about="HL7 result of study %(study_instance_uid)s to %(destination)s",
+    answer="ack_code",
+    listing=lambda m: {"result_status": m.result_status},
+)
+as_record = OUTBOX.as_record
+"""An HL7 message's outcome as ``cxr-triage forward`` prints it."""
+listed = OUTBOX.listed
+"""Every HL7 message, oldest first, as ``cxr-triage forward`` lists it."""
+
+
 def process_due(
     sessions: sessionmaker[Session],
     settings: HL7Settings,
@@ -365,22 +380,18 @@ def process_due(
     association)."""
     now = now or db.utcnow()
     lease = dt.timedelta(seconds=2 * settings.timeout * MAX_PER_ROUND + 60)
-    ids = delivery.claim_due(sessions, db.HL7Message, now, lease, force, MAX_PER_ROUND, exclude)
-    if not ids:
-        return []
-    with sessions() as session:
-        db.read_only(session)
-        rows = session.execute(
-            select(db.HL7Message.id, db.HL7Message.destination, db.HL7Message.control_id, db.HL7Message.message)
-            .where(db.HL7Message.id.in_(ids))
-            .order_by(db.HL7Message.id)
-        ).all()
+    columns = (db.HL7Message.id, db.HL7Message.destination, db.HL7Message.control_id, db.HL7Message.message)
+    rows = OUTBOX.claim(sessions, now, lease, force, MAX_PER_ROUND, exclude, *columns, db.Study.study_instance_uid)
     by_destination: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
-    for message_id, destination, control_id, message in rows:
+    study_uids: dict[int, str] = {}
+    for message_id, destination, control_id, message, study_uid in rows:
         by_destination[destination].append((message_id, control_id, message or ""))
+        study_uids[message_id] = study_uid
     outcomes: list[HL7Outcome] = []
     for name, items in by_destination.items():
-        outcomes += _record(sessions, settings, name, _send_all(settings, name, items))
+        results = _send_all(settings, name, items)
+        attempts = [delivery.Attempt(i, study_uids[i], r.ok, r.code, r.detail) for i, r in results.items()]
+        outcomes += OUTBOX.record(sessions, settings, attempts)
     return outcomes
 
 
@@ -402,79 +413,6 @@ def _send_all(settings: HL7Settings, name: str, items: Sequence[tuple[int, str, 
     return results
 
 
-def _record(
-    sessions: sessionmaker[Session], settings: HL7Settings, name: str, results: Mapping[int, AckResult]
-) -> list[HL7Outcome]:
-    outcomes = []
-    finished = db.utcnow()
-    with sessions() as session, session.begin():
-        for message_id, result in results.items():
-            row = session.get(db.HL7Message, message_id)
-            if row is None:
-                continue
-            study_uid = session.scalar(select(db.Study.study_instance_uid).where(db.Study.id == row.study_id)) or ""
-            row.ack_code = result.code
-            delay = delivery.count_attempt(row, result.ok, result.detail, settings, finished)
-            if row.state == db.FORWARD_SENT:
-                logger.info("HL7 result of study %s (%s) accepted by %s", study_uid, row.control_id, name)
-            elif row.state == db.FORWARD_DEAD:
-                logger.error(
-                    "HL7 result of study %s to %s: dead after %d attempts: %s",
-                    study_uid,
-                    name,
-                    row.attempts,
-                    result.detail,
-                )
-            elif delay is not None:
-                logger.warning(
-                    "HL7 result of study %s to %s: attempt %d failed (%s); retry in %.0f s",
-                    study_uid,
-                    name,
-                    row.attempts,
-                    result.detail,
-                    delay,
-                )
-            outcomes.append(
-                HL7Outcome(
-                    message_id, study_uid, row.control_id, name, row.state, row.attempts, result.code, result.detail
-                )
-            )
-    return outcomes
-
-
-def as_record(o: HL7Outcome) -> dict[str, Any]:
-    """An HL7 message's outcome as ``cxr-triage forward`` prints it."""
-    return {
-        "kind": "hl7",
-        "study_instance_uid": o.study_instance_uid,
-        "control_id": o.control_id,
-        "destination": o.destination,
-        "state": o.state,
-        "attempts": o.attempts,
-        "ack": o.ack,
-        "detail": o.detail,
-    }
-
-
-def listed(session: Session) -> list[dict[str, Any]]:
-    """Every HL7 message, oldest first, as ``cxr-triage forward`` lists it."""
-    records = []
-    for m, uid in session.execute(
-        select(db.HL7Message, db.Study.study_instance_uid).join(db.Study).order_by(db.HL7Message.id)
-    ).all():
-        outcome = HL7Outcome(
-            m.id, uid, m.control_id, m.destination, m.state, m.attempts, m.ack_code, m.last_error or ""
-        )
-        when = m.next_attempt_at.isoformat() if m.next_attempt_at else None
-        records.append({**as_record(outcome), "result_status": m.result_status, "next_attempt_at": when})
-    return records
-
-
 def unbuilt(session: Session) -> int:
     """Messages that could not be built: dead for good (``forward --retry`` cannot send what does not exist)."""
-    return int(
-        session.scalar(
-            select(func.count()).where(db.HL7Message.state == db.FORWARD_DEAD, db.HL7Message.message.is_(None))
-        )
-        or 0
-    )
+    return delivery.unbuilt(session, db.HL7Message)

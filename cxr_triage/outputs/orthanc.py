@@ -26,9 +26,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxr_triage import log_name
@@ -132,6 +131,21 @@ class OrthancOutcome:
     detail: str
 
 
+OUTBOX: delivery.Outbox[db.OrthancMetadata, OrthancOutcome] = delivery.Outbox(
+    "orthanc",
+    db.OrthancMetadata,
+    lambda u, uid, detail: OrthancOutcome(u.id, uid, u.destination, u.state, u.attempts, detail),
+    logger,
+    sent="priority of study %(study_instance_uid)s set in Orthanc %(destination)s",
+    about="Orthanc metadata of study %(study_instance_uid)s on %(destination)s",
+    listing=lambda u: {"values": u.values},
+)
+as_record = OUTBOX.as_record
+"""An Orthanc update's outcome as ``cxr-triage forward`` prints it."""
+listed = OUTBOX.listed
+"""Every Orthanc update, oldest first, as ``cxr-triage forward`` lists it."""
+
+
 def _tls(forwarding: ForwardSettings) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=forwarding.tls_ca_file or None)
 
@@ -147,25 +161,11 @@ def process_due(
     outcome per row."""
     now = now or db.utcnow()
     lease = dt.timedelta(seconds=(len(METADATA) + 1) * forwarding.timeout * MAX_PER_ROUND + 60)
-    ids = delivery.claim_due(sessions, db.OrthancMetadata, now, lease, force, MAX_PER_ROUND, exclude)
-    if not ids:
-        return []
-    with sessions() as session:
-        db.read_only(session)
-        rows = session.execute(
-            select(
-                db.OrthancMetadata.id,
-                db.OrthancMetadata.destination,
-                db.OrthancMetadata.values,
-                db.Study.study_instance_uid,
-            )
-            .join(db.Study, db.OrthancMetadata.study_id == db.Study.id)
-            .where(db.OrthancMetadata.id.in_(ids))
-            .order_by(db.OrthancMetadata.id)
-        ).all()
+    columns = (db.OrthancMetadata.id, db.OrthancMetadata.destination, db.OrthancMetadata.values)
+    rows = OUTBOX.claim(sessions, now, lease, force, MAX_PER_ROUND, exclude, *columns, db.Study.study_instance_uid)
     endpoints = {endpoint.destination: endpoint for endpoint in forwarding.orthanc}
     tls: ssl.SSLContext | None = None
-    results: list[tuple[int, str, str, bool, str]] = []
+    attempts: list[delivery.Attempt] = []
     for update_id, destination, values, study_uid in rows:
         endpoint = endpoints.get(destination)
         try:
@@ -174,65 +174,7 @@ def process_due(
             if endpoint.url.startswith("https:") and tls is None:
                 tls = _tls(forwarding)
             study = set_study_metadata(endpoint, study_uid, values, forwarding.timeout, tls)
-            results.append((update_id, study_uid, destination, True, f"set on Orthanc study {study}"))
+            attempts.append(delivery.Attempt(update_id, study_uid, True, None, f"set on Orthanc study {study}"))
         except (OrthancError, ValueError, OSError, ssl.SSLError) as exc:
-            results.append((update_id, study_uid, destination, False, str(exc)))
-    return _record(sessions, forwarding, results)
-
-
-def _record(
-    sessions: sessionmaker[Session], forwarding: ForwardSettings, results: list[tuple[int, str, str, bool, str]]
-) -> list[OrthancOutcome]:
-    outcomes = []
-    finished = db.utcnow()
-    with sessions() as session, session.begin():
-        for update_id, study_uid, destination, ok, detail in results:
-            row = session.get(db.OrthancMetadata, update_id)
-            if row is None:
-                continue
-            delay = delivery.count_attempt(row, ok, detail, forwarding, finished)
-            if row.state == db.FORWARD_SENT:
-                logger.info("priority of study %s set in Orthanc %s", study_uid, destination)
-            elif row.state == db.FORWARD_DEAD:
-                logger.error(
-                    "Orthanc metadata of study %s on %s: dead after %d attempts: %s",
-                    study_uid,
-                    destination,
-                    row.attempts,
-                    detail,
-                )
-            elif delay is not None:
-                logger.warning(
-                    "Orthanc metadata of study %s on %s: attempt %d failed (%s); retry in %.0f s",
-                    study_uid,
-                    destination,
-                    row.attempts,
-                    detail,
-                    delay,
-                )
-            outcomes.append(OrthancOutcome(update_id, study_uid, destination, row.state, row.attempts, detail))
-    return outcomes
-
-
-def as_record(o: OrthancOutcome) -> dict[str, Any]:
-    """An Orthanc update's outcome as ``cxr-triage forward`` prints it."""
-    return {
-        "kind": "orthanc",
-        "study_instance_uid": o.study_instance_uid,
-        "destination": o.destination,
-        "state": o.state,
-        "attempts": o.attempts,
-        "detail": o.detail,
-    }
-
-
-def listed(session: Session) -> list[dict[str, Any]]:
-    """Every Orthanc update, oldest first, as ``cxr-triage forward`` lists it."""
-    records = []
-    for u, uid in session.execute(
-        select(db.OrthancMetadata, db.Study.study_instance_uid).join(db.Study).order_by(db.OrthancMetadata.id)
-    ).all():
-        outcome = OrthancOutcome(u.id, uid, u.destination, u.state, u.attempts, u.last_error or "")
-        when = u.next_attempt_at.isoformat() if u.next_attempt_at else None
-        records.append({**as_record(outcome), "values": u.values, "next_attempt_at": when})
-    return records
+            attempts.append(delivery.Attempt(update_id, study_uid, False, None, str(exc)))
+    return OUTBOX.record(sessions, forwarding, attempts)
