@@ -29,8 +29,8 @@ from cxr_triage import CLASS_NAMES
 from cxr_triage.cli import main
 from cxr_triage.core import db, schedlock
 from cxr_triage.core.settings import Settings
-from cxr_triage.ml import registry
-from cxr_triage.retrain import decision, retraining
+from cxr_triage.ml import decision, registry
+from cxr_triage.retrain import retraining
 from cxr_triage.retrain.scheduler import SCHEDULER_LEASE, RetrainScheduler
 from cxr_triage.testing.peers import wait_until
 from cxr_triage.testing.synthetic import new_dataset, phantom

@@ -19,7 +19,8 @@ The artefact is an ordinary classifier checkpoint (``cxr_triage.ml.checkpoint``,
   began from and that encoder's pretraining epochs and validation MSE, best validation loss).
 
 Who changes what: ``training.finetune.run_finetune`` reads the artefact at the start of a stretch and calls
-``ClassifierStretch.export`` at each improvement; nothing else writes it.
+``ClassifierStretch.export`` at each improvement; nothing else writes it. What a stretch's state is and who changes
+it is shared with the autoencoder's pretraining: ``training.stretch``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,7 +35,7 @@ import torch
 from cxr_triage.ml.checkpoint import CheckpointError, ModelCard, load_classifier, save_classifier
 from cxr_triage.ml.model import CAEClassifier
 from training.engine import Runtime
-from training.pretrain import machine_description
+from training.stretch import Stretch, new_row
 
 FORMAT = "cxr-triage-classifier-history/1"
 
@@ -56,23 +56,29 @@ def accumulated(card: ModelCard) -> dict[str, Any] | None:
     return value if isinstance(value, dict) and value.get("format") == FORMAT else None
 
 
-@dataclass
-class ClassifierStretch:
-    """This fine-tuning run as one stretch of the committed classifier's history (module docstring)."""
+class ClassifierStretch(Stretch[dict[str, Any]]):
+    """This fine-tuning run as one stretch of the committed classifier's history (module docstring).
 
-    args: argparse.Namespace
-    base: dict[str, Any] | None
-    row: dict[str, Any]
-    started: float
+    ``base`` is the ``accumulated`` record of the checkpoint it started from (or of a plain checkpoint's own
+    history, as stretch 0); the resumable state keeps the whole record.
+    """
 
-    @property
-    def number(self) -> int:
-        return len(self.base["stretches"]) if self.base is not None else 0
+    def prior_history(self) -> list[dict[str, Any]]:
+        return self.base["history"] if self.base is not None else []
+
+    def prior_stretches(self) -> list[dict[str, Any]]:
+        return self.base["stretches"] if self.base is not None else []
 
     @property
     def floor(self) -> float:
         """The validation loss this stretch must beat to be exported."""
         return float(self.base["best_val_loss"]) if self.base is not None else math.inf
+
+    def base_state(self) -> dict[str, Any] | None:
+        return self.base
+
+    def _restore_base(self, saved: dict[str, Any] | None) -> None:
+        self.base = saved
 
     @classmethod
     def start(cls, args: argparse.Namespace, rt: Runtime, model: CAEClassifier) -> ClassifierStretch:
@@ -88,48 +94,26 @@ class ClassifierStretch:
                 raise SystemExit(f"{init}: its model is {loaded.card.spec}, this run builds {model.spec}")
             model.load_state_dict(loaded.model.state_dict())
             base = accumulated(loaded.card) or _history_of_plain(loaded.card)
-        row = {
-            "stretch": len(base["stretches"]) if base is not None else 0,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": machine_description(),
-            "device": rt.device_name,
-            "precision": rt.precision,
-            "phases": _phase_rows(args),
-            "from_artefact": bool(init),
-            "fresh_optimizer_moments": bool(init),
-            "encoder": None if init else encoder_origin(args.encoder),
-            "wall_seconds": 0.0,
-        }
+        number = len(base["stretches"]) if base is not None else 0
+        origin = {"encoder": None if init else encoder_origin(args.encoder)}
+        row = new_row(number, rt, {"phases": _phase_rows(args)}, bool(init), origin)
         return cls(args, base, row, time.monotonic())
 
-    def state(self) -> dict[str, Any]:
-        """The stretch as the resumable state keeps it (with what it started from)."""
-        return {**self.row, "wall_seconds": self.row["wall_seconds"] + time.monotonic() - self.started,
-                "base": self.base}  # fmt: skip
-
-    def restore(self, state: dict[str, Any] | None) -> None:
-        """Continue the stretch a state file was written by (``--resume``): same row, same starting point."""
-        if not state:
-            return
-        self.row = {k: v for k, v in state.items() if k != "base"}
-        self.base = state.get("base")
-        self.started = time.monotonic()
+    def restore(self, saved: dict[str, Any] | None) -> None:
+        """As ``Stretch.restore``; the clock of this process's part of the stretch restarts here."""
+        super().restore(saved)
+        if saved:
+            self.started = time.monotonic()
 
     def export(self, history: list[dict[str, Any]], best_loss: float, model: CAEClassifier, card: ModelCard) -> bool:
         """Write the artefact when this stretch's best beats the one it started from; whether it was written."""
         path = getattr(self.args, "export_classifier", None)
         if not path or best_loss >= self.floor:
             return False
-        n, before = self.number, len(self.base["history"]) if self.base is not None else 0
+        n, before = self.number, len(self.prior_history())
         rows = [{**r, "stretch": n, "epoch_overall": before + i + 1} for i, r in enumerate(history)]
-        stretch = {**self.state(), "epochs": len(history), "best_val_loss": best_loss}
-        del stretch["base"]
-        record = {
-            "format": FORMAT,
-            "best_val_loss": best_loss,
-            "history": (self.base["history"] if self.base is not None else []) + rows,
-            "stretches": (self.base["stretches"] if self.base is not None else []) + [stretch],
-        }
+        all_rows, stretches = self.accumulate(rows, len(history), "best_val_loss", best_loss)
+        record = {"format": FORMAT, "best_val_loss": best_loss, "history": all_rows, "stretches": stretches}
         provenance = {**card.provenance, "accumulated": record}
         save_classifier(path, model, ModelCard(card.spec, card.class_names, card.model_version, provenance=provenance))
         return True

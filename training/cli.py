@@ -1,4 +1,4 @@
-"""``python -m training COMMAND``: pack, pretrain, finetune, evaluate, ablation, oneshot, retrain.
+"""``python -m training COMMAND``: pack, pretrain, finetune, evaluate, compare, ablation, oneshot, retrain.
 
 Every option is a flag with help text and may also be set in a TOML file (``--config``, default
 ``config/train.toml``): config values become the parser's defaults and flags override them (timm's pattern).
@@ -202,6 +202,52 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="output folder holding metrics.json (or ablation.json)")
 
 
+def _compare(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("the two models")
+    g.add_argument("--champion", default=None, help="the model in service: a classifier checkpoint")
+    g.add_argument("--challenger", default=None, help="the model that would replace it: a classifier checkpoint")
+    g.add_argument(
+        "--champion-metrics",
+        default=None,
+        help="instead of --champion and the data: the champion's metrics.json, written by `python -m training "
+        "evaluate` (nothing is recomputed)",
+    )
+    g.add_argument(
+        "--challenger-metrics",
+        default=None,
+        help="instead of --challenger and the data: the challenger's metrics.json, written by `python -m training "
+        "evaluate` on the same images",
+    )
+    g.add_argument(
+        "--split",
+        default="val",
+        choices=("val", "test"),
+        help="split both checkpoints are evaluated on (default val, so that the test split stays unseen until the "
+        "final report)",
+    )
+    g.add_argument("--eval-batch-size", type=int, default=256, help="batch size of the evaluation")
+    g = p.add_argument_group("the shipping rule (as the runtime's retraining applies it)")
+    g.add_argument(
+        "--margin",
+        type=float,
+        default=0.0,
+        help="the challenger's macro AUC must exceed the champion's by at least this, and be higher (default 0: "
+        "any gain; the runtime's [retrain] margin defaults to 0.005)",
+    )
+    g.add_argument(
+        "--sensitivity-tolerance",
+        type=float,
+        default=0.02,
+        help="no class's sensitivity may fall by more than this (absolute, default 0.02)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder: compare.json, and with checkpoints each one's evaluation (metrics.json, report, plots) "
+        "under champion/ and challenger/",
+    )
+
+
 def _retrain(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("retraining")
     g.add_argument("--champion", required=True, help="the current model (checkpoint) the challenger starts from")
@@ -252,6 +298,11 @@ COMMAND_ARGS: dict[str, tuple[str, list[Callable[[argparse.ArgumentParser], None
         [_data, _model, _finetune, _shared, _out],
     ),
     "evaluate": ("test-split metrics, report and plots for a classifier checkpoint", [_data, _shared]),
+    "compare": (
+        "evaluate two classifier checkpoints on one split (or read two evaluate metrics.json files) and apply the "
+        "shipping rule: would the challenger replace the champion?",
+        [_data, _compare],
+    ),
     "ablation": (
         "the four Table 4 heads on the same split and budget",
         [_data, _model, _finetune, _shared, _heads, _out],
@@ -383,10 +434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         force=True,
     )
-    if args.command == "pack":
-        return run_pack(args)
-    if args.command == "report":
-        return run_report(args)
+    done = _without_runtime(args)
+    if done is not None:
+        return done
     from training import commands, finetune, pretrain
 
     rt = setup_runtime(args.device, args.amp, args.channels_last, args.compile, args.progress)
@@ -405,6 +455,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             finetune.run_finetune(args, rt, data, _deadline(args), provenance=commands.base_provenance(args, rt, data))
         elif args.command == "evaluate":
             commands.run_evaluate(args, rt, data)
+        elif args.command == "compare":
+            from training.compare import compare_checkpoints
+
+            compare_checkpoints(args, rt, data)
         elif args.command == "sources":
             from training.sources import run_sources
 
@@ -412,22 +466,42 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise SystemExit("sources needs --encoder ENCODER.pt (written by pretrain, or oneshot's work folder)")
             run_sources(args, rt, data)
         elif args.command == "ablation":
-            rows = commands.run_ablation(args, rt, data, _deadline(args))
-            if rt.is_main:
-                from training.report import write_report
-
-                write_report(
-                    args.out,
-                    title="cxr-triage ablation: Table 4 heads",
-                    metrics=None,
-                    ablation=rows,
-                    facts={"device": rt.device_name, "counts": data.counts(), "encoder": args.encoder},
-                )
+            _run_ablation(args, rt, data)
         return 0
     finally:
         from training.engine import teardown_runtime
 
         teardown_runtime(rt)
+
+
+def _without_runtime(args: argparse.Namespace) -> int | None:
+    """The commands that need no device (pack, report, compare of two metrics files): their exit status; None for
+    the others."""
+    if args.command == "pack":
+        return run_pack(args)
+    if args.command == "report":
+        return run_report(args)
+    if args.command == "compare":
+        from training.compare import compare_metrics_files, compare_mode
+
+        if compare_mode(args) == "metrics":
+            return compare_metrics_files(args)
+    return None
+
+
+def _run_ablation(args: argparse.Namespace, rt: Any, data: Any) -> None:
+    from training import commands
+    from training.report import write_report
+
+    rows = commands.run_ablation(args, rt, data, _deadline(args))
+    if rt.is_main:
+        write_report(
+            args.out,
+            title="cxr-triage ablation: Table 4 heads",
+            metrics=None,
+            ablation=rows,
+            facts={"device": rt.device_name, "counts": data.counts(), "encoder": args.encoder},
+        )
 
 
 def _run_retrain(args: argparse.Namespace, rt: Any) -> int:

@@ -131,8 +131,7 @@ def run_finetune(
         stretch.restore(state.get("stretch"))
         logger.info("resuming fine-tuning at phase %d after epoch %d from %s", start_phase, progress.epoch, state_path)
     model = rt.prepare(model)
-    run = _FinetuneRun(args, rt, data, model, spec, state_path, model_path, dict(provenance or {}))
-    run.stretch = stretch
+    run = _FinetuneRun(args, rt, data, model, spec, state_path, model_path, dict(provenance or {}), stretch)
     run.phase_seconds, run.phase_ips = phase_seconds, phase_ips
     progress = run.phases(start_phase, progress, opt_state, deadline)
     check_replicas_agree(model, rt, "finetune")
@@ -148,7 +147,7 @@ def run_finetune(
 
 
 class _FinetuneRun:
-    """The parts of one fine-tuning run that both phases share: data, weights, files."""
+    """The parts of one fine-tuning run that both phases share: data, weights, files, the stretch it is."""
 
     def __init__(
         self,
@@ -160,9 +159,11 @@ class _FinetuneRun:
         state_path: Path,
         model_path: Path,
         provenance: dict[str, Any],
+        stretch: ClassifierStretch,
     ) -> None:
         self.args, self.rt, self.data, self.model, self.spec = args, rt, data, model, spec
         self.state_path, self.model_path, self.provenance = state_path, model_path, provenance
+        self.stretch = stretch
         self.train_idx, self.val_idx = data.indices("train"), data.indices("val")
         self.weights = None
         if args.balance_sources:
@@ -170,7 +171,6 @@ class _FinetuneRun:
             self.weights = independence_weights(data.labels[self.train_idx], data.sources[self.train_idx])
         self.phase_seconds: dict[str, float] = {}
         self.phase_ips: dict[str, float] = {}
-        self.stretch: ClassifierStretch | None = None
 
     def save_best(self, progress: FitState) -> None:
         best_model = CAEClassifier(self.spec)
@@ -184,7 +184,7 @@ class _FinetuneRun:
         }
         card = model_card(self.spec, prov, self.args.model_version)
         save_classifier(self.model_path, best_model, card, dtype=torch.float16)
-        if self.stretch is not None and self.stretch.export(progress.history, progress.best_score, best_model, card):
+        if self.stretch.export(progress.history, progress.best_score, best_model, card):
             logger.info("classifier exported to %s (val loss %.4f)", self.args.export_classifier, progress.best_score)
 
     def phases(
@@ -256,7 +256,7 @@ class _FinetuneRun:
                 "model": cpu_state_dict(model), "optimizer": optimizer.state_dict(), "phase": ph["phase"],
                 **state_fields(state, "best_loss", "best_state"), "phase_seconds": self.phase_seconds,
                 "phase_images_per_second": self.phase_ips, "args": plain_args(args), "rng": rng_state(),
-                "spec": self.spec.to_dict(), "stretch": self.stretch.state() if self.stretch else None,
+                "spec": self.spec.to_dict(), "stretch": self.stretch.state(),
             })  # fmt: skip
 
         phase = Phase(key, ph["epochs"], ph["patience"], args.checkpoint_seconds, tags={"phase": ph["phase"]})

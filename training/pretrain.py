@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from cxr_triage.ml.model import CAEClassifier, ConvAutoencoder
-from cxr_triage.ml.precision import cpu_flags
 from training import data as data_mod
 from training.autoencoder import FORMAT as AUTOENCODER_FORMAT
 from training.autoencoder import (
@@ -37,7 +36,6 @@ from training.engine import (
     Runtime,
     Within,
     check_replicas_agree,
-    cpu_model_name,
     cpu_state_dict,
     evaluate_cae,
     image_inputs,
@@ -52,6 +50,7 @@ from training.engine import (
     unwrap,
 )
 from training.loop import FitState, Phase, Validation, fit, fit_state_from, state_fields
+from training.stretch import Stretch, new_row
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +137,7 @@ def _resume_pretrain(
         return None
     state = load_state(state_path)
     resume = fit_state_from(state, "best_mse", "best_autoencoder")
-    stretch.restore(state)
+    stretch.restore(state.get("stretch"))
     if resume.epoch < args.pretrain_epochs:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -166,25 +165,36 @@ def _save_encoder(path: Path, args: argparse.Namespace, state: FitState, best: d
     logger.info("encoder (val MSE %.5f after %d epochs) saved to %s", state.best_score, state.epoch, path)
 
 
-def machine_description() -> str:
-    """The processor and what it computes bf16 with, e.g. ``AMD EPYC (2 cores, AVX512-BF16)``."""
-    flags = cpu_flags()
-    isa = "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "no bf16 hardware"
-    return f"{cpu_model_name()} ({os.cpu_count()} cores, {isa})"
+class _Stretch(Stretch[AutoencoderArtefact]):
+    """This pretraining run as one stretch of the committed autoencoder's history (``training.autoencoder``).
 
+    ``base`` is the artefact it started from; the resumable state keeps how much of it there was (epochs,
+    stretches, best validation MSE), which is what ``restore`` cuts the artefact given now back to.
+    """
 
-@dataclass
-class _Stretch:
-    """This pretraining run as one stretch of the committed autoencoder's history (``training.autoencoder``)."""
+    def prior_history(self) -> list[dict[str, Any]]:
+        return self.base.history if self.base is not None else []
 
-    args: argparse.Namespace
-    base: AutoencoderArtefact | None
-    row: dict[str, Any]
-    started: float
+    def prior_stretches(self) -> list[dict[str, Any]]:
+        return self.base.stretches if self.base is not None else []
 
     @property
-    def number(self) -> int:
-        return len(self.base.stretches) if self.base is not None else 0
+    def floor(self) -> float:
+        """The validation MSE the stretch must beat to be exported."""
+        return self.base.best_val_mse if self.base is not None else math.inf
+
+    def base_state(self) -> dict[str, Any] | None:
+        if self.base is None:
+            return None
+        return {"epochs": self.base.epochs, "stretches": len(self.base.stretches), "best_val_mse": self.floor}
+
+    def _restore_base(self, saved: dict[str, Any] | None) -> None:
+        if saved is None:  # the stretch began from nothing: an artefact given now is this stretch's own export
+            self.base = None
+        elif self.base is not None:
+            self.base.history = self.base.history[: saved["epochs"]]
+            self.base.stretches = self.base.stretches[: saved["stretches"]]
+            self.base.best_val_mse = float(saved["best_val_mse"])
 
     @classmethod
     def start(cls, args: argparse.Namespace, rt: Runtime, model: ConvAutoencoder) -> _Stretch:
@@ -199,47 +209,11 @@ class _Stretch:
                 "pretraining continues %s: %d epochs over %d stretches, val MSE %.5f (fresh Adam moments)",
                 args.init_autoencoder, base.epochs, len(base.stretches), base.best_val_mse,
             )  # fmt: skip
-        row = {
-            "stretch": len(base.stretches) if base is not None else 0,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": machine_description(),
-            "device": rt.device_name,
-            "precision": rt.precision,
-            "size": args.pretrain_size,
-            "lr": args.pretrain_lr,
-            "batch_size": args.pretrain_batch_size,
-            "augment": bool(args.augment),
-            "from_artefact": args.init_autoencoder is not None,
-            "fresh_optimizer_moments": args.init_autoencoder is not None,
-            "wall_seconds": 0.0,
-        }
+        settings = {"size": args.pretrain_size, "lr": args.pretrain_lr, "batch_size": args.pretrain_batch_size,
+                    "augment": bool(args.augment)}  # fmt: skip
+        number = len(base.stretches) if base is not None else 0
+        row = new_row(number, rt, settings, args.init_autoencoder is not None)
         return cls(args, base, row, time.monotonic())
-
-    def state(self) -> dict[str, Any]:
-        """The stretch's row, with what it started from (``restore`` needs it: the artefact may have been
-        rewritten by this very stretch since)."""
-        base = None
-        if self.base is not None:
-            base = {"epochs": self.base.epochs, "stretches": len(self.base.stretches), "best_val_mse": self.floor}
-        return {**self.row, "wall_seconds": self.row["wall_seconds"] + time.monotonic() - self.started, "base": base}
-
-    @property
-    def floor(self) -> float:
-        """The validation MSE the stretch must beat to be exported."""
-        return self.base.best_val_mse if self.base is not None else math.inf
-
-    def restore(self, state: dict[str, Any]) -> None:
-        """Continue the stretch a state file was written by (``--resume``)."""
-        if "stretch" not in state:
-            return
-        self.row = {k: v for k, v in state["stretch"].items() if k != "base"}
-        base = state["stretch"].get("base")
-        if base is None:  # the stretch began from nothing: an artefact given now is this stretch's own export
-            self.base = None
-        elif self.base is not None:
-            self.base.history = self.base.history[: base["epochs"]]
-            self.base.stretches = self.base.stretches[: base["stretches"]]
-            self.base.best_val_mse = float(base["best_val_mse"])
 
     def export(self, fit_state: FitState) -> None:
         """Write the artefact when this stretch's best beats the one it started from (or there was none)."""
@@ -249,11 +223,9 @@ class _Stretch:
             logger.info("autoencoder not exported: val MSE %.5f is not below %.5f", fit_state.best_score, self.floor)
             return
         encoder, decoder = split_state(fit_state.best)
-        n = self.number
-        rows = [{"stretch": n, **r, "epoch": (self.base.epochs if self.base else 0) + r["epoch"]}
-                for r in fit_state.history]  # fmt: skip
-        stretch = {**self.state(), "epochs": fit_state.epoch, "best_val_mse": fit_state.best_score}
-        del stretch["base"]
+        n, before = self.number, len(self.prior_history())
+        rows = [{"stretch": n, **r, "epoch": before + r["epoch"]} for r in fit_state.history]
+        history, stretches = self.accumulate(rows, fit_state.epoch, "best_val_mse", fit_state.best_score)
         save_autoencoder(
             self.args.export_autoencoder,
             AutoencoderArtefact(
@@ -262,8 +234,8 @@ class _Stretch:
                 encoder=encoder,
                 decoder=decoder,
                 best_val_mse=fit_state.best_score,
-                history=(self.base.history if self.base else []) + rows,
-                stretches=(self.base.stretches if self.base else []) + [stretch],
+                history=history,
+                stretches=stretches,
             ),
         )
         logger.info("autoencoder exported to %s (val MSE %.5f)", self.args.export_autoencoder, fit_state.best_score)

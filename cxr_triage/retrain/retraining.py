@@ -27,7 +27,7 @@ One run (``RetrainJob.run``), each step logged and written to its ``retrain_runs
 
 A run that dies at any point leaves the champion as it was: promotion is one registry transaction, after
 everything else. The rest of the room: what a run learns from (``cxr_triage.retrain.feedback``), its verdict
-(``cxr_triage.retrain.decision``), the schedule inside ``serve`` (``cxr_triage.retrain.scheduler``) and what the runs
+(``cxr_triage.ml.decision``), the schedule inside ``serve`` (``cxr_triage.retrain.scheduler``) and what the runs
 did, for ``status`` and ``retrain`` (``cxr_triage.retrain.runs``).
 """
 
@@ -55,7 +55,7 @@ from cxr_triage.core import db, schedlock
 from cxr_triage.core.settings import Settings
 from cxr_triage.files import write_atomic
 from cxr_triage.ml import registry
-from cxr_triage.retrain.decision import Decision, decide
+from cxr_triage.ml.decision import Decision, decide
 from cxr_triage.retrain.feedback import Collected, collect_feedback, write_manifest
 
 logger = logging.getLogger(log_name(__name__))

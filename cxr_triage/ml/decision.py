@@ -1,6 +1,8 @@
 """Whether a retraining run's challenger replaces the champion (``decide``): better macro AUC by ``[retrain]
 margin`` on the same fixed evaluation set, and no class's sensitivity lower by more than ``sensitivity_tolerance``;
 the reason names the figures. Pure: the job (``cxr_triage.retrain.retraining``) acts on the ``Decision``.
+It stands in the ml room, beside the registry it decides for, so that the training package may apply the same rule
+(``python -m training compare``).
 """
 
 from __future__ import annotations
