@@ -396,8 +396,8 @@ def train_one_epoch(
     """One training epoch: the autoencoder (``reconstruction_loss``) or the classifier (``classification_loss``).
 
     ``inputs`` turns index batches into model inputs: augmented images (``image_inputs``), or cached encoder
-    features (``FeatureBank.inputs``) for the head alone. ``weights`` (one per index) draws the epoch with
-    replacement in proportion to them. ``within`` resumes an interrupted epoch and checkpoints inside it.
+    features (``training.features.FeatureBank.inputs``) for the head alone. ``weights`` (one per index) draws the
+    epoch with replacement in proportion to them. ``within`` resumes an interrupted epoch and checkpoints inside it.
     """
     model.train()
     batches = epoch_batches(
@@ -422,46 +422,6 @@ def train_one_epoch(
 
     desc = "train cae" if criterion is reconstruction_loss else "train cls"
     return _run_epoch(step, inputs, batches, rt, deadline, desc, within)
-
-
-class FeatureBank:
-    """The frozen encoder's output for a set of images, computed once: phase 1 trains the head on it.
-
-    With the encoder frozen, every epoch of phase 1 would recompute the same (49, C) sequence per image; on a CPU
-    that is most of the cost. Features are of unaugmented images (augmentation would change them every epoch).
-    """
-
-    def __init__(self, encoder: nn.Module, data: ImageSet, indices: torch.Tensor, rt: Runtime, batch_size: int) -> None:
-        t0 = time.perf_counter()
-        encoder.eval()
-        idx = indices.cpu()
-        self.position = torch.full((len(data),), -1, dtype=torch.int64)
-        self.position[idx] = torch.arange(len(idx))
-        chunks = []
-        pbar = _progress((len(idx) + batch_size - 1) // batch_size, rt, "features")
-        with torch.no_grad():
-            for start in range(0, len(idx), batch_size):
-                part = idx[start : start + batch_size].to(data.device)
-                with rt.autocast():
-                    f = encoder(rt.inputs(model_inputs(data.images[part])))
-                chunks.append(f.flatten(2).transpose(1, 2).to(torch.bfloat16 if rt.amp else torch.float32).contiguous())
-                pbar.update(1)
-        pbar.close()
-        # kept in the autocast dtype: the head then sees what CAEClassifier.forward gives it (and on the CPU, a
-        # float32 input to the LSTM under bf16 autocast makes oneDNN fail: "could not create a primitive descriptor")
-        c = chunks[0].shape[-1] if chunks else 0
-        self.features = torch.cat(chunks) if chunks else torch.zeros((0, 49, c), device=rt.device)
-        self.labels = data.labels
-        self.data = data
-        self.seconds = time.perf_counter() - t0
-        self.images = len(idx)
-
-    def inputs(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = self.position[idx.cpu()]
-        if bool((pos < 0).any()):
-            raise IndexError("an index without features in this bank")
-        pos = pos.to(self.features.device)
-        return self.features[pos], self.labels[idx.to(self.labels.device)]
 
 
 @dataclass

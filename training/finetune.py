@@ -1,9 +1,10 @@
 """Fine-tuning by gradual unfreezing: phase 1 trains the head on the frozen encoder, phase 2 every layer.
 
 ``run_finetune`` writes under ``--out``: ``model.pt`` (best classifier by validation loss, fp16,
-``cxr_triage.ml.checkpoint`` format, updated at every improvement so a stopped run keeps its best model) and
+``cxr_triage.ml.checkpoint`` format, updated at every improvement so a stopped run keeps its best model),
 ``finetune_state.pt`` (resumable: model, optimizer, phase, epoch, best weights, early-stopping counters, args, RNG
-state, history).
+state, history) and, while phase 1 lasts, ``phase1_features/`` (the frozen encoder's features computed so far,
+``training.features``; removed once phase 1 has ended).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from training.data import independence_weights
 from training.engine import (
     Deadline,
     EpochStats,
-    FeatureBank,
     Inputs,
     Runtime,
     Within,
@@ -45,6 +45,8 @@ from training.engine import (
     train_one_epoch,
     unwrap,
 )
+from training.features import FOLDER as FEATURES_FOLDER
+from training.features import FeatureBank, FeatureStore, bank_identity, remove_bank
 from training.loop import FitState, Phase, Validation, fit, fit_state_from, state_fields
 from training.pretrain import load_encoder
 
@@ -171,6 +173,7 @@ class _FinetuneRun:
             self.weights = independence_weights(data.labels[self.train_idx], data.sources[self.train_idx])
         self.phase_seconds: dict[str, float] = {}
         self.phase_ips: dict[str, float] = {}
+        self.features_unfinished = False  # phase 1 stopped while computing its features: nothing trained
 
     def save_best(self, progress: FitState) -> None:
         best_model = CAEClassifier(self.spec)
@@ -194,6 +197,8 @@ class _FinetuneRun:
         for ph in _phases(self.args):
             if ph["phase"] < start_phase:
                 continue
+            if ph["phase"] == 2:
+                self.drop_features()  # phase 1 has ended (a crash may have left its features behind)
             resumed = ph["phase"] == start_phase and opt_state is not None
             if ph["epochs"] <= 0:  # e.g. --phase1-epochs 0 when continuing a classifier artefact in phase 2
                 continue
@@ -204,26 +209,42 @@ class _FinetuneRun:
                     unwrap(self.model).load_state_dict(progress.best)  # phase 2 starts from phase 1's best weights
                 progress = FitState(best_score=progress.best_score, best=progress.best, history=progress.history)
             progress = self.phase(ph, progress, opt_state if resumed else None, deadline)
-            if Deadline.stop_requested:
+            if Deadline.stop_requested or self.features_unfinished:
                 break
         return progress
 
-    def _inputs(self, ph: dict[str, Any]) -> tuple[nn.Module, Inputs, Inputs | None]:
-        """The module to train and its training and validation inputs (cached features for phase 1)."""
+    def _inputs(self, ph: dict[str, Any], deadline: Deadline | None) -> tuple[nn.Module, Inputs, Inputs | None]:
+        """The module to train and its training and validation inputs (cached features for phase 1; their
+        computation stops at ``deadline`` or SIGTERM, and then ``features_unfinished`` is set)."""
         args, rt, data = self.args, self.rt, self.data
         if ph["phase"] == 1 and args.phase1_features:
-            encoder = unwrap(self.model).encoder
-            bank = FeatureBank(encoder, data, torch.cat([self.train_idx, self.val_idx]), rt, args.eval_batch_size)
+            encoder, idx = unwrap(self.model).encoder, torch.cat([self.train_idx, self.val_idx])
+            store = self._feature_store(encoder, idx)
+            bank = FeatureBank(encoder, data, idx, rt, args.eval_batch_size, store, deadline or Deadline())
+            self.features_unfinished = not bank.complete
             self.phase_seconds["phase1_features"] = round(bank.seconds, 2)
             self.phase_ips["phase1_features"] = round(bank.images / bank.seconds, 1) if bank.seconds else 0.0
             if rt.is_main:
                 logger.info(
-                    "phase1: encoder features of %d images computed once in %.1f s; the head trains on them",
-                    bank.images,
-                    bank.seconds,
-                )
+                    "phase1: encoder features of %d images (%d of %d batches loaded from %s, %d computed) in %.1f s%s",
+                    bank.images, bank.loaded_batches, bank.total_batches, store.folder, bank.computed_batches,
+                    bank.seconds, "" if bank.complete else "; stopped before the last: --resume continues them",
+                )  # fmt: skip
             return rt.wrap(unwrap(self.model).head), bank.inputs, bank.inputs
         return rt.wrap(self.model), image_inputs(data, rt, args.augment, args.augment and args.source_cues), None
+
+    def _feature_store(self, encoder: nn.Module, idx: torch.Tensor) -> FeatureStore:
+        """Phase 1's features on disk in the state folder: loaded on ``--resume`` when computed from the same."""
+        dtype = "bfloat16" if self.rt.amp else "float32"
+        identity = bank_identity(encoder, self.spec.to_dict(), self.data.images, idx, self.args.eval_batch_size, dtype)
+        folder = self.state_path.parent / FEATURES_FOLDER
+        return FeatureStore(folder, identity, idx.cpu(), every=self.args.checkpoint_seconds,
+                            resume=bool(self.args.resume), writer=self.rt.is_main)  # fmt: skip
+
+    def drop_features(self) -> None:
+        """Phase 1 has ended: its features on disk are not needed again."""
+        if self.rt.is_main and remove_bank(self.state_path.parent / FEATURES_FOLDER):
+            logger.info("phase 1 has ended: removed its features from %s", self.state_path.parent / FEATURES_FOLDER)
 
     def phase(
         self, ph: dict[str, Any], progress: FitState, opt_state: dict[str, Any] | None, deadline: Deadline | None
@@ -237,7 +258,10 @@ class _FinetuneRun:
         if opt_state is not None:
             optimizer.load_state_dict(opt_state)
         started = time.perf_counter()
-        net, train_inputs, val_inputs = self._inputs(ph)
+        net, train_inputs, val_inputs = self._inputs(ph, deadline)
+        if self.features_unfinished:
+            self.phase_seconds[key] = round(self.phase_seconds.get(key, 0.0) + time.perf_counter() - started, 3)
+            return progress
         # phase 1's share is of the time left once its features exist, so that they are never computed in vain
         limit = deadline.sub(args.phase1_share * deadline.remaining()) if ph["phase"] == 1 and deadline else deadline
 
@@ -272,4 +296,6 @@ class _FinetuneRun:
             self.phase_ips[key] = round(images / seconds, 1) if seconds else 0.0
         if rt.is_main and state.epoch > 0:  # a phase that ran no epoch leaves the previous phase's state
             save(state)
+        if ph["phase"] == 1 and result.complete:
+            self.drop_features()
         return state

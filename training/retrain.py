@@ -51,7 +51,6 @@ from training.commands import evaluate_classifier
 from training.engine import (
     Deadline,
     EpochStats,
-    FeatureBank,
     Runtime,
     Within,
     cpu_state_dict,
@@ -61,6 +60,7 @@ from training.engine import (
     train_one_epoch,
     unwrap,
 )
+from training.features import FeatureBank
 from training.finetune import model_card
 from training.loop import FitState, Phase, Validation, fit
 from training.pack import decode_pack, load_pack

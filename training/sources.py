@@ -5,7 +5,7 @@ images are paediatric, from one source; COVID-19 images are adult, from others),
 random split by recognising where an image came from. ``python -m training sources`` measures that:
 
 - features: the pretrained autoencoder's encoder (``encoder.pt`` of ``pretrain``, trained without labels on the
-  training split only) encodes every image once (``training.engine.FeatureBank``);
+  training split only) encodes every image once (``training.features.FeatureBank``);
 - for each source S: a classification head (the proposed LSTM + Dense head, phase 1 of fine-tuning) is trained on
   the training-split images of every *other* source, early-stopped on their validation split, then tested on S's
   validation and test images, which neither the encoder nor the head has seen;
@@ -31,7 +31,8 @@ import torch
 
 from cxr_triage.ml.model import CAEClassifier, ModelSpec
 from training import data as data_mod
-from training.engine import FeatureBank, Runtime, evaluate, seed_everything, train_one_epoch
+from training.engine import Runtime, evaluate, seed_everything, train_one_epoch
+from training.features import FeatureBank
 from training.metrics import per_source_metrics
 from training.report import write_json
 
