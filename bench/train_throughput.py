@@ -6,6 +6,8 @@
 
 Prints images/s per configuration (bf16 autocast + channels_last on CUDA, fp32 on the CPU; the docs list
 reference figures for an H200). Input goes through the same uint8 -> model-input path as training (augmentation on).
+Phase 2 is timed once per ``--phase2-frozen-blocks`` value (default 0, 1 and 2: every layer trained, then the
+first one or two convolution blocks frozen, as ``finetune --phase2-frozen-blocks`` does).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--head", default="lstm1_dense2", choices=HEADS)
     p.add_argument("--cae-batch", type=int, default=64)
     p.add_argument("--cls-batch", type=int, nargs="+", default=[16, 32])
+    p.add_argument("--phase2-frozen-blocks", type=int, nargs="+", default=[0, 1, 2], help="phase 2 rows to time")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
@@ -87,10 +90,14 @@ def main(argv: list[str] | None = None) -> int:
 
     secs = _time_steps(cae_step, args.steps, args.warmup, sync)
     print(f"CAE training, batch {args.cae_batch}: {args.steps * args.cae_batch / secs:,.0f} images/s")
-    for phase, trainable in (("phase 1 (encoder frozen)", False), ("phase 2 (all layers)", True)):
+    phases = [("phase 1 (encoder frozen)", False, 0)] + [
+        (f"phase 2 ({f'first {n} encoder block(s) frozen' if n else 'all layers'})", True, n)
+        for n in args.phase2_frozen_blocks
+    ]
+    for phase, trainable, frozen in phases:
         for bs in args.cls_batch:
             model = rt.prepare(CAEClassifier(ModelSpec(args.head, args.width, dense_units=args.dense_units)))
-            model.set_encoder_trainable(trainable)
+            model.set_encoder_trainable(trainable, frozen)
             net = rt.wrap(model)
             copt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=1e-3, fused=fused)
             y = torch.randint(0, 3, (bs,), device=rt.device)

@@ -103,7 +103,8 @@ def test_training_throughput_bench_runs_on_the_cpu() -> None:
         *("--cae-batch", "2", "--cls-batch", "2"),
     )
     assert "CAE training, batch 2:" in out
-    assert out.count("classifier phase") == 2
+    assert out.count("classifier phase") == 4  # phase 1, then phase 2 with 0, 1 and 2 encoder blocks frozen
+    assert "classifier phase 2 (first 1 encoder block(s) frozen), batch 2:" in out
 
 
 def test_inference_bench_reports_every_configuration() -> None:

@@ -132,6 +132,23 @@ def test_frozen_encoder_gets_no_gradient() -> None:
     assert all(p.grad is not None for p in model.head.parameters())
 
 
+def test_phase2_frozen_blocks_get_no_gradient_and_the_rest_do() -> None:
+    model = CAEClassifier(ModelSpec(**TINY))
+    blocks = model.encoder.blocks()
+    assert [sum(isinstance(m, nn.Conv2d) for m in b) for b in blocks] == [2, 1, 1, 1, 1]
+    assert all(isinstance(b[-1], nn.MaxPool2d) for b in blocks)
+    model.set_encoder_trainable(True, frozen_blocks=2)
+    model(torch.rand(1, 3, 224, 224)).sum().backward()
+    frozen = {id(p) for b in blocks[:2] for m in b for p in m.parameters()}
+    assert len(frozen) == 6  # three convolutions, weight and bias each
+    for p in model.encoder.parameters():
+        assert (p.grad is None) == (id(p) in frozen)
+    model.set_encoder_trainable(True)
+    assert all(p.requires_grad for p in model.encoder.parameters())
+    with pytest.raises(ValueError, match="frozen_blocks"):
+        model.set_encoder_trainable(True, frozen_blocks=6)
+
+
 def test_sequence_is_keras_reshape_of_channels_last_features() -> None:
     """Keras' Reshape(49, 512) of a 7x7x512 map: one step per position in row-major order, channels as features."""
     torch.manual_seed(0)

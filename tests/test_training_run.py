@@ -116,6 +116,36 @@ def test_phase1_freezes_the_encoder_then_resume_trains_phase2(tiny_pack: Path, t
     assert loaded.card.provenance["best_val_loss"] == pytest.approx(second.best_val_loss)
 
 
+def test_phase2_frozen_blocks_stay_bit_identical_and_a_resume_must_repeat_them(tiny_pack: Path, tmp_path: Path) -> None:
+    encoder = _encoder_file(tmp_path / "encoder.pt")
+    out, artefact = tmp_path / "ft", tmp_path / "classifier.pt"
+    base = ["finetune", "--pack", str(tiny_pack), "--out", str(out), "--encoder", str(tmp_path / "encoder.pt"), *TINY,
+            "--phase1-epochs", "0", "--phase2-batch-size", "8", "--export-classifier", str(artefact)]  # fmt: skip
+    args = cli.parse_args([*base, "--phase2-epochs", "1", "--phase2-frozen-blocks", "1"])
+    rt = setup_runtime("cpu", progress=False)
+    data = commands.load_data(args, rt)
+    result = finetune.run_finetune(args, rt, data)
+    trained = result.model.encoder.state_dict()
+    first_block = {"0.weight", "0.bias", "2.weight", "2.bias"}  # conv 3->w and conv w->w at 224x224
+    assert {k for k in trained if torch.equal(trained[k], encoder[k])} == first_block
+    state = torch.load(out / "finetune_state.pt", weights_only=True)
+    assert state["phase2_frozen_blocks"] == 1 and state["args"]["phase2_frozen_blocks"] == 1
+    assert [(h["phase"], h["frozen_blocks"]) for h in result.history] == [(2, 1)]
+    assert load_classifier(out / "model.pt").card.provenance["phase2_frozen_blocks"] == 1
+    stretch = load_classifier(artefact).card.provenance["accumulated"]["stretches"][0]
+    assert [p.get("frozen_blocks") for p in stretch["phases"]] == [None, 1]
+
+    for other in ("0", "2"):
+        with pytest.raises(SystemExit, match="started with --phase2-frozen-blocks 1, not " + other):
+            finetune.run_finetune(cli.parse_args([*base, "--phase2-epochs", "2", "--resume",
+                                                  "--phase2-frozen-blocks", other]), rt, data)  # fmt: skip
+    resumed = finetune.run_finetune(
+        cli.parse_args([*base, "--phase2-epochs", "2", "--resume", "--phase2-frozen-blocks", "1"]), rt, data
+    )
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    assert all(torch.equal(resumed.model.encoder.state_dict()[k], encoder[k]) for k in first_block)
+
+
 @pytest.mark.slow
 def test_oneshot_end_to_end_then_evaluate_and_resume(tiny_pack: Path, tmp_path: Path) -> None:
     # One scenario read top to bottom, each step depending on the last: split, it would read worse.

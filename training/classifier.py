@@ -13,10 +13,11 @@ The artefact is an ordinary classifier checkpoint (``cxr_triage.ml.checkpoint``,
 
 - ``best_val_loss``: validation loss (the whole validation split) of these weights;
 - ``history``: one row per epoch over all stretches (stretch, phase, epoch, losses, validation accuracy, seconds,
-  images/s);
+  images/s; phase 2's rows also ``frozen_blocks``);
 - ``stretches``: one row per stretch (machine and its bf16 hardware, device, precision, each phase's lr, batch and
-  epochs, wall seconds, start time, whether it began from the artefact with fresh optimiser moments, the encoder it
-  began from and that encoder's pretraining epochs and validation MSE, best validation loss).
+  epochs, phase 2's ``frozen_blocks`` (``--phase2-frozen-blocks``), wall seconds, start time, whether it began from
+  the artefact with fresh optimiser moments, the encoder it began from and that encoder's pretraining epochs and
+  validation MSE, best validation loss).
 
 Who changes what: ``training.finetune.run_finetune`` reads the artefact at the start of a stretch and calls
 ``ClassifierStretch.export`` at each improvement; nothing else writes it. What a stretch's state is and who changes
@@ -120,11 +121,15 @@ class ClassifierStretch(Stretch[dict[str, Any]]):
 
 
 def _phase_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
-    return [
+    """Each phase's settings as the stretch row keeps them; phase 2's ``frozen_blocks`` is
+    ``--phase2-frozen-blocks`` (0: every layer trained, the paper)."""
+    rows = [
         {"phase": p, "lr": getattr(args, f"phase{p}_lr"), "batch_size": getattr(args, f"phase{p}_batch_size"),
          "max_epochs": getattr(args, f"phase{p}_epochs")}
         for p in (1, 2)
     ]  # fmt: skip
+    rows[1]["frozen_blocks"] = args.phase2_frozen_blocks
+    return rows
 
 
 def _history_of_plain(card: ModelCard) -> dict[str, Any]:

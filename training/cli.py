@@ -130,6 +130,15 @@ def _finetune(p: argparse.ArgumentParser) -> None:
             help=f"phase {phase} early-stopping patience on validation loss (paper 5)",
         )
     g.add_argument(
+        "--phase2-frozen-blocks",
+        type=int,
+        default=0,
+        choices=range(6),
+        metavar="N",
+        help="phase 2 keeps the encoder's first N of 5 convolution blocks frozen (0, the paper: every layer trains; "
+        "1 skips the backward pass of the two 224x224 convolutions, 38 %% of the encoder's operations)",
+    )
+    g.add_argument(
         "--phase1-features",
         action=BOOL,
         default=True,

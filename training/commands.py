@@ -392,6 +392,7 @@ def _save_oneshot_model(
         {
             "history": ft.history,
             "best_val_loss": ft.best_val_loss,
+            "phase2_frozen_blocks": args.phase2_frozen_blocks,
             "wall_seconds": times.wall,
             "images_per_second": times.ips,
             "test": {"accuracy": ev.metrics["accuracy"], "macro_auc": ev.metrics["macro"]["auc"]},

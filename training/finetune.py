@@ -3,8 +3,13 @@
 ``run_finetune`` writes under ``--out``: ``model.pt`` (best classifier by validation loss, fp16,
 ``cxr_triage.ml.checkpoint`` format, updated at every improvement so a stopped run keeps its best model),
 ``finetune_state.pt`` (resumable: model, optimizer, phase, epoch, best weights, early-stopping counters, args, RNG
-state, history) and, while phase 1 lasts, ``phase1_features/`` (the frozen encoder's features computed so far,
-``training.features``; removed once phase 1 has ended).
+state, history, ``--phase2-frozen-blocks``, which a resumed run must repeat) and, while phase 1 lasts,
+``phase1_features/`` (the frozen encoder's features computed so far, ``training.features``; removed once phase 1
+has ended).
+
+Phase 2 trains every layer (the paper) unless ``--phase2-frozen-blocks N`` keeps the encoder's first N convolution
+blocks frozen (``CAEClassifier.set_encoder_trainable``); the value is recorded in the state, the history rows of
+phase 2, the stretch row of the classifier artefact and the model's provenance.
 """
 
 from __future__ import annotations
@@ -73,6 +78,8 @@ def _phases(args: argparse.Namespace) -> list[dict[str, Any]]:
             "batch_size": args.phase1_batch_size,
             "patience": args.phase1_patience,
             "encoder_trainable": False,
+            "frozen_blocks": 0,  # the encoder is frozen whole
+            "tags": {"phase": 1},
         },
         {
             "phase": 2,
@@ -81,6 +88,8 @@ def _phases(args: argparse.Namespace) -> list[dict[str, Any]]:
             "batch_size": args.phase2_batch_size,
             "patience": args.phase2_patience,
             "encoder_trainable": True,
+            "frozen_blocks": args.phase2_frozen_blocks,
+            "tags": {"phase": 2, "frozen_blocks": args.phase2_frozen_blocks},
         },
     ]
 
@@ -93,6 +102,17 @@ def model_card(spec: ModelSpec, provenance: dict[str, Any], version: str) -> Mod
 
 def _phase_done(phase: dict[str, Any], fit_state: FitState) -> bool:
     return fit_state.epoch >= phase["epochs"] or fit_state.bad_epochs >= phase["patience"]
+
+
+def _refuse_other_frozen_blocks(state: dict[str, Any], args: argparse.Namespace, state_path: Path) -> None:
+    """A run resumes only with the ``--phase2-frozen-blocks`` it was started with (states before it: 0)."""
+    saved = int(state.get("phase2_frozen_blocks", 0))
+    if saved != args.phase2_frozen_blocks:
+        raise SystemExit(
+            f"{state_path}: this run was started with --phase2-frozen-blocks {saved}, not "
+            f"{args.phase2_frozen_blocks}; resume it with --phase2-frozen-blocks {saved}, or start a new run "
+            "(another --out, or without --resume)"
+        )
 
 
 def run_finetune(
@@ -125,6 +145,7 @@ def run_finetune(
     stretch = ClassifierStretch.start(args, rt, model)
     if args.resume and state_path.is_file():
         state = load_state(state_path)
+        _refuse_other_frozen_blocks(state, args, state_path)
         model.load_state_dict(state["model"])
         start_phase, progress = state["phase"], fit_state_from(state, "best_loss", "best_state")
         phase_seconds, phase_ips = dict(state["phase_seconds"]), dict(state["phase_images_per_second"])
@@ -184,6 +205,7 @@ class _FinetuneRun:
             "best_val_loss": progress.best_score,
             "phase_seconds": self.phase_seconds,
             "phase_images_per_second": self.phase_ips,
+            "phase2_frozen_blocks": self.args.phase2_frozen_blocks,
         }
         card = model_card(self.spec, prov, self.args.model_version)
         save_classifier(self.model_path, best_model, card, dtype=torch.float16)
@@ -252,7 +274,7 @@ class _FinetuneRun:
         """Run one phase with ``training.loop.fit``; the state after it."""
         args, rt, model = self.args, self.rt, self.model
         key = f"phase{ph['phase']}"
-        unwrap(model).set_encoder_trainable(ph["encoder_trainable"])
+        unwrap(model).set_encoder_trainable(ph["encoder_trainable"], ph["frozen_blocks"])
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=ph["lr"], fused=rt.device.type == "cuda")
         if opt_state is not None:
@@ -281,9 +303,10 @@ class _FinetuneRun:
                 **state_fields(state, "best_loss", "best_state"), "phase_seconds": self.phase_seconds,
                 "phase_images_per_second": self.phase_ips, "args": plain_args(args), "rng": rng_state(),
                 "spec": self.spec.to_dict(), "stretch": self.stretch.state(),
+                "phase2_frozen_blocks": args.phase2_frozen_blocks,
             })  # fmt: skip
 
-        phase = Phase(key, ph["epochs"], ph["patience"], args.checkpoint_seconds, tags={"phase": ph["phase"]})
+        phase = Phase(key, ph["epochs"], ph["patience"], args.checkpoint_seconds, tags=ph["tags"])
         before = (self.phase_seconds.get(key, 0.0), progress.images, progress.seconds)
         result = fit(
             phase, rt, train_epoch, validate, lambda: cpu_state_dict(model), save, limit, progress,

@@ -123,6 +123,16 @@ class Encoder(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(self.normalise(x))
 
+    def blocks(self) -> list[list[nn.Module]]:
+        """The five convolution blocks, each the layers up to and including a max-pool: the first is the two
+        convolutions at 224x224 (3 -> w, w -> w), the others one convolution each (at 112, 56, 28 and 14)."""
+        blocks: list[list[nn.Module]] = [[]]
+        for layer in self:
+            blocks[-1].append(layer)
+            if isinstance(layer, nn.MaxPool2d):
+                blocks.append([])
+        return [b for b in blocks if b]
+
 
 class Decoder(nn.Sequential):
     """Table 2: five stride-2 3x3 transposed convolutions, 7x7x(8*width) -> 224x224x3, sigmoid output."""
@@ -215,10 +225,18 @@ class CAEClassifier(nn.Module):
         """The encoder's 7x7 map as the head's input: (N, 49, C), one step per position in row-major order."""
         return self.encoder(x).flatten(2).transpose(1, 2)
 
-    def set_encoder_trainable(self, trainable: bool) -> None:
-        """Phase 1 of gradual unfreezing freezes the encoder; phase 2 unfreezes it."""
+    def set_encoder_trainable(self, trainable: bool, frozen_blocks: int = 0) -> None:
+        """Phase 1 of gradual unfreezing freezes the encoder; phase 2 unfreezes it, all but its first
+        ``frozen_blocks`` convolution blocks (``Encoder.blocks``; 0, the paper: every layer trains). A frozen block
+        has no gradient, so autograd records nothing through it and the backward pass stops after it."""
+        blocks = self.encoder.blocks()
+        if not 0 <= frozen_blocks <= len(blocks):
+            raise ValueError(f"frozen_blocks must be 0 to {len(blocks)}, not {frozen_blocks}")
         for p in self.encoder.parameters():
             p.requires_grad_(trainable)
+        for layer in (layer for block in blocks[:frozen_blocks] for layer in block):
+            for p in layer.parameters():
+                p.requires_grad_(False)
 
 
 def parameter_count(module: nn.Module, trainable_only: bool = False) -> int:
