@@ -5,9 +5,10 @@
   module); the share of each split and each source the check refuses, with the module's constants;
 - renderings: the same validation images with a window twice as wide and with gamma 0.8 and 1.25, refused share;
 - ``--laterals DIR``: real lateral chest radiographs (PNG/JPEG/DICOM; none ship with the project): each file's
-  symmetry score, whether the check refuses it, and what the whole product (``prepare_path``) says of it.
+  symmetry score, whether the check refuses it, and what the whole product (``prepare_path``) says of it; with
+  ``--gate FILE`` also each file's typicality score and whether that gate refuses it (on the same grey image).
 
-    python bench/lateral_eval.py --pack packs/cxr-full.pack [--fit] [--laterals DIR] [--json out.json]
+    python bench/lateral_eval.py --pack packs/cxr-full.pack [--fit] [--laterals DIR [--gate FILE]] [--json out.json]
 """
 
 from __future__ import annotations
@@ -83,8 +84,9 @@ def rendering_rows(images: torch.Tensor, threshold: float) -> dict[str, dict[str
     return rows
 
 
-def lateral_rows(folder: Path) -> list[dict[str, Any]]:
-    """Each file of ``folder``: its symmetry score (grey conversion for colour JPEGs) and the product's verdict."""
+def lateral_rows(folder: Path, gate: Any = None) -> list[dict[str, Any]]:
+    """Each file of ``folder``: its symmetry score (grey conversion for colour JPEGs), the product's verdict, and
+    with a ``gate`` (``cxr_triage.ml.gate.TypicalityGate``) its typicality score and the gate's verdict."""
     from PIL import Image
 
     from cxr_triage.ml.preprocess import PreparedImage, prepare_path
@@ -98,14 +100,16 @@ def lateral_rows(folder: Path) -> list[dict[str, Any]]:
             with Image.open(path) as im:
                 tensor = to_model_input(np.asarray(im.convert("L"), dtype=np.float32) / 255.0)
         score = float(symmetry.symmetry_scores(tensor)[0])
-        rows.append(
-            {
-                "file": path.name,
-                "score": round(score, 3),
-                "check_refuses": score < symmetry.THRESHOLD,
-                "product": "passes" if isinstance(prepared, PreparedImage) else prepared.code,
-            }
-        )
+        row = {
+            "file": path.name,
+            "score": round(score, 3),
+            "check_refuses": score < symmetry.THRESHOLD,
+            "product": "passes" if isinstance(prepared, PreparedImage) else prepared.code,
+        }
+        if gate is not None:
+            typicality = gate.scores(tensor[None])[0]
+            row |= {"typicality": typicality, "gate_refuses": gate.refuses(typicality)}
+        rows.append(row)
     return rows
 
 
@@ -114,6 +118,7 @@ def main(args: Sequence[str] | None = None) -> int:
     parser.add_argument("--pack", type=Path, default=None, help="the classifier's pack (val and test splits)")
     parser.add_argument("--fit", action="store_true", help="print the constants fitted on the validation split")
     parser.add_argument("--laterals", type=Path, default=None, help="a folder of real lateral radiographs")
+    parser.add_argument("--gate", type=Path, default=None, help="with --laterals: also score them with this gate")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     opts = parser.parse_args(args)
     torch.set_num_threads(1)
@@ -134,11 +139,23 @@ def main(args: Sequence[str] | None = None) -> int:
         report["renderings_val"] = rendering_rows(data["val"]["images"], symmetry.THRESHOLD)
         print("\nvalidation split, other renderings:", json.dumps(report["renderings_val"]))
     if opts.laterals:
-        report["laterals"] = lateral_rows(opts.laterals)
-        caught = sum(r["check_refuses"] for r in report["laterals"])
-        print(f"\nreal lateral views: {caught} of {len(report['laterals'])} refused by the check")
-        for row in report["laterals"]:
-            print(f"  {row['file']:<48} {row['score']:>7.2f} {row['check_refuses']!s:>6} product: {row['product']}")
+        gate = None
+        if opts.gate is not None:
+            from cxr_triage.ml.gate import load_gate
+
+            gate = load_gate(opts.gate)
+        report["laterals"] = rows = lateral_rows(opts.laterals, gate)
+        caught = sum(r["check_refuses"] for r in rows)
+        print(f"\nreal lateral views: {caught} of {len(rows)} refused by the check")
+        if gate is not None:
+            by_gate = sum(r["gate_refuses"] for r in rows)
+            either = sum(r["gate_refuses"] or r["check_refuses"] for r in rows)
+            print(f"gate {gate.version} (sha256 {gate.sha256[:12]}): {by_gate} of {len(rows)} refused by the gate, "
+                  f"{either} by the gate or the check")  # fmt: skip
+        for row in rows:
+            gated = f" typicality {row['typicality']:>7.2f} {row['gate_refuses']!s:>6}" if gate is not None else ""
+            verdict = f"{row['score']:>7.2f} {row['check_refuses']!s:>6}{gated}"
+            print(f"  {row['file']:<48} {verdict} product: {row['product']}")
     if opts.json:
         opts.json.write_text(json.dumps(report, indent=2, default=str))
     return 0

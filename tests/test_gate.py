@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from cxr_triage.files import file_sha256
 from cxr_triage.ml.gate import (
     BUNDLED_GATE,
     REFUSAL_CODE,
@@ -28,8 +29,11 @@ from cxr_triage.ml.gate import (
     save_gate,
 )
 from cxr_triage.ml.imaging import to_model_input
+from cxr_triage.ml.model import ConvAutoencoder
 from cxr_triage.ml.preprocess import PreparedImage, prepare_path
-from training.gate import fit_gate
+from training.autoencoder import AutoencoderArtefact, load_autoencoder, save_autoencoder, split_state
+from training.data import ImageSet
+from training.gate import fit_gate, model_inputs
 
 pytestmark = pytest.mark.xdist_group("gate")  # one worker: the fitted and shipped gates built once
 
@@ -161,6 +165,119 @@ def test_per_block_thresholds_survive_the_gate_file(tiny_gate: TypicalityGate, t
     plain = load_gate(tmp_path / "plain.pt")
     assert plain.block_scale is None
     assert set(plain.block_thresholds().values()) == {plain.threshold}
+
+
+def test_a_fitted_gate_stores_the_validation_block_scores(tiny_gate: TypicalityGate, tmp_path: Path) -> None:
+    """``fit_gate`` keeps the validation split's block z-scores: the stored max-rule scores are their maxima, a gate
+    file keeps them without block quantiles (the max rule), and with quantiles the gate decides per block."""
+    blocks = tiny_gate.validation_block_scores
+    assert blocks is not None and blocks.shape == (40, len(tiny_gate.blocks))
+    assert torch.allclose(blocks.max(1).values.sort().values, tiny_gate.validation_scores, atol=1e-4)
+    save_gate(tiny_gate, tmp_path / "plain.pt")
+    plain = load_gate(tmp_path / "plain.pt")
+    assert plain.block_scale is None and torch.equal(plain.validation_block_scores, blocks)
+    quantiles = dict.fromkeys(tiny_gate.blocks, 0.95) | {"recon": 1.0}
+    gate = fit_gate(Autoencoder(4), blobs(160, 1), blobs(40, 2), 32, rank=8, block_quantiles=quantiles)
+    assert gate.block_quantiles == quantiles and gate.block_thresholds()["recon"] == float("inf")
+
+
+# --- fitted from an autoencoder artefact (python -m training.gate --autoencoder) -------------------------------
+
+
+@pytest.fixture(scope="module")
+def blob_pack(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ImageSet]:
+    """A (fake) pack path and the image set that ``training.gate`` decodes from it: blobs in three splits."""
+    images = torch.cat([blobs(120, 11), blobs(30, 12), blobs(24, 13)])
+    split = torch.tensor([0] * 120 + [1] * 30 + [2] * 24)
+    sources = torch.arange(174) % 2
+    data = ImageSet(images, torch.zeros(174, dtype=torch.int64), split, sources=sources, source_names=("a", "b"))
+    path = tmp_path_factory.mktemp("blobpack") / "blobs.pack"
+    path.write_bytes(b"decoded by the test's stand-in")
+    return path, data
+
+
+@pytest.fixture(scope="module")
+def tiny_artefact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A width-4 autoencoder artefact with the equalising input, as ``training.pretrain`` writes one."""
+    torch.manual_seed(3)
+    encoder, decoder = split_state(ConvAutoencoder(4, "equalise").state_dict())
+    history = [{"stretch": 0, "epoch": e, "size": 64, "val_mse": v} for e, v in ((1, 0.02), (2, 0.015))]
+    path = tmp_path_factory.mktemp("artefact") / "ae-tiny.pt"
+    save_autoencoder(path, AutoencoderArtefact(4, "equalise", encoder, decoder, 0.015, history, [{"stretch": 0}]))
+    return path
+
+
+def fit_from_artefact(
+    monkeypatch: pytest.MonkeyPatch, blob_pack: tuple[Path, ImageSet], artefact: Path, out: Path, *extra: str
+) -> dict[str, Any]:
+    import training.gate as training_gate
+
+    pack, data = blob_pack
+    monkeypatch.setattr(training_gate, "load_pack", lambda path: {"path": path})
+    monkeypatch.setattr(training_gate, "decode_pack", lambda packed: data)
+    argv = ["--autoencoder", str(artefact), "--pack", str(pack), "--out", str(out), "--version", "tiny-ae", *extra]
+    args = training_gate.build_parser().parse_args(argv)
+    return training_gate.run(args)
+
+
+def test_a_gate_from_an_autoencoder_artefact_uses_its_encoder_and_decoder_as_they_are(
+    monkeypatch: pytest.MonkeyPatch, blob_pack: tuple[Path, ImageSet], tiny_artefact: Path, tmp_path: Path
+) -> None:
+    out, scores = tmp_path / "gate.pt", tmp_path / "scores.pt"
+    extra = ("--block-quantiles", "1,0.95,0.95,0.95", "--scores", str(scores))
+    summary = fit_from_artefact(monkeypatch, blob_pack, tiny_artefact, out, *extra)
+    artefact, gate = load_autoencoder(tiny_artefact), load_gate(out)
+    assert gate.version == "tiny-ae" and gate.network.width == 4 and gate.network.encoder.input_norm == "equalise"
+    for part in ("encoder", "decoder"):  # no decoder training: the artefact's fp16 weights, unchanged
+        state = getattr(gate.network, part).state_dict()
+        assert all(torch.equal(state[k], v) for k, v in getattr(artefact, part).items()), part
+    provenance = torch.load(out, weights_only=True)["provenance"]
+    assert provenance["autoencoder"] == "ae-tiny.pt" and provenance["autoencoder_sha256"] == file_sha256(tiny_artefact)
+    assert provenance["autoencoder_epochs"] == 2 and provenance["autoencoder_best_val_mse"] == 0.015
+    assert provenance["decoder_history"] == [] and provenance["images"] == {"train": 120, "val": 30, "test": 24}
+    assert summary["decoder_val_mse"] == 0.015 and summary["sha256"] == gate.sha256
+    # the stored validation block scores are what the loaded gate computes, and decide per block
+    _, data = blob_pack
+    val = model_inputs(data.images[data.indices("val")])
+    assert gate.validation_block_scores is not None and gate.validation_block_scores.shape == (30, 4)
+    assert torch.allclose(gate.block_scores(val), gate.validation_block_scores, atol=1e-3)
+    assert gate.block_quantiles == {"recon": 1.0, "texture": 0.95, "layout": 0.95, "outlier": 0.95}
+    own = gate.block_thresholds()
+    assert own["recon"] == float("inf") and all(0 < own[b] < float("inf") for b in ("texture", "layout", "outlier"))
+    saved = torch.load(scores, weights_only=True)
+    assert torch.equal(saved["val_blocks"], gate.validation_block_scores)
+    assert saved["test_blocks"].shape == (24, 4) and saved["test_sources"].tolist() == data.sources[150:].tolist()
+
+
+def test_without_block_quantiles_the_fitted_gate_keeps_the_block_scores_and_the_max_rule(
+    monkeypatch: pytest.MonkeyPatch, blob_pack: tuple[Path, ImageSet], tiny_artefact: Path, tmp_path: Path
+) -> None:
+    extra = ("--limit", "25", "--train-images", "20")
+    fit_from_artefact(monkeypatch, blob_pack, tiny_artefact, tmp_path / "gate.pt", *extra)
+    gate = load_gate(tmp_path / "gate.pt")
+    assert gate.block_scale is None and gate.validation_block_scores is not None
+    assert gate.validation_block_scores.shape == (25, 4)
+    assert set(gate.block_thresholds().values()) == {gate.threshold}
+    provenance = torch.load(tmp_path / "gate.pt", weights_only=True)["provenance"]
+    assert provenance["images"] == {"train": 20, "val": 25, "test": 24}
+
+
+def test_the_gate_command_takes_one_network_and_four_block_quantiles(tiny_artefact: Path, tmp_path: Path) -> None:
+    import argparse
+
+    from training.gate import build_parser, parse_block_quantiles
+
+    base = ["--pack", "p", "--out", str(tmp_path / "g.pt")]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--model", "m.pt", "--autoencoder", str(tiny_artefact)])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(base)
+    assert parse_block_quantiles("1,0.999,0.9995,0.998") == {
+        "recon": 1.0, "texture": 0.999, "layout": 0.9995, "outlier": 0.998,
+    }  # fmt: skip
+    for bad in ("0.99,0.99,0.99", "1,0.99,0.99,1.5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_block_quantiles(bad)
 
 
 # --- the shipped gate ----------------------------------------------------------------------------------------

@@ -1,13 +1,17 @@
 """Fit the typicality gate (``cxr_triage.ml.gate``) for a trained classifier: ``python -m training.gate``.
 
-1. The gate's encoder is the classifier's encoder, frozen. A decoder is trained for it with MSE on training-split
-   images (the classifier checkpoint keeps only the encoder; the autoencoder's own decoder is refit, which takes
-   minutes because the encoder's outputs are computed once and cached).
+1. The gate's encoder is the classifier's encoder, frozen (``--model``). A decoder is trained for it with MSE on
+   training-split images (the classifier checkpoint keeps only the encoder; the autoencoder's own decoder is refit,
+   which takes minutes because the encoder's outputs are computed once and cached). With ``--autoencoder`` the gate
+   uses a pretrained autoencoder artefact (``training.autoencoder``) as it is instead: its encoder, its input
+   normalisation and its own jointly trained decoder, no decoder training.
 2. The texture and layout features of the training split are computed; a random 80 % fits the two Gaussians, the
    other 20 % sets each measure's median and spread (images the Gaussians never saw, so chest radiographs score
    as they will at run time).
 3. The validation split's typicality scores are stored; the runtime's threshold is their
-   ``1 - false_refusal_rate`` quantile. The test split's refusal rate at the default 1 % is reported.
+   ``1 - false_refusal_rate`` quantile. So are its block z-scores (``validation_block_scores``), and with
+   ``--block-quantiles`` each block's quantile (``block_quantiles``): the gate then compares each block with its own
+   threshold (``cxr_triage.ml.gate``), with no step by hand. The test split's refusal rate is reported.
 
 Writes the gate file (weights in fp16) with its ``.sha256`` sidecar and prints a JSON summary.
 """
@@ -25,8 +29,10 @@ from typing import Any
 import torch
 import torch.nn.functional as nn_f
 
+from cxr_triage.files import file_sha256
 from cxr_triage.ml.checkpoint import load_classifier
 from cxr_triage.ml.gate import (
+    BLOCKS,
     Autoencoder,
     GaussianModel,
     OutlierModel,
@@ -37,6 +43,7 @@ from cxr_triage.ml.gate import (
     save_gate,
 )
 from cxr_triage.ml.imaging import to_model_batch, uint8_to_unit
+from training.autoencoder import load_autoencoder
 from training.data import ImageSet
 from training.pack import decode_pack, load_pack
 
@@ -92,12 +99,15 @@ def train_decoder(
     return history
 
 
-def measures_of(network: Autoencoder, images: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
-    parts: dict[str, list[torch.Tensor]] = {"recon": [], "texture": [], "layout": []}
+def measures_of(
+    network: Autoencoder, images: torch.Tensor, batch_size: int, reconstruct: bool = True
+) -> dict[str, torch.Tensor]:
+    """``Autoencoder.measures`` of uint8 ``images``, a batch at a time (without the decoder: no ``recon``)."""
+    parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, images.shape[0], batch_size):
-        m = network.measures(model_inputs(images[start : start + batch_size]))
+        m = network.measures(model_inputs(images[start : start + batch_size]), reconstruct)
         for key, value in m.items():
-            parts[key].append(value)
+            parts.setdefault(key, []).append(value)
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
@@ -148,6 +158,12 @@ def fit_outlier_model(
     return OutlierModel(w.detach().clone(), float(b.detach()))
 
 
+def block_scores_of(gate: TypicalityGate, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """(N, blocks) z-scores of uint8 ``images``, converted to model inputs a batch at a time (bounded memory)."""
+    rows = [gate.block_scores(model_inputs(images[s : s + batch_size])) for s in range(0, images.shape[0], batch_size)]
+    return torch.cat(rows) if rows else torch.empty(0, len(gate.blocks))
+
+
 def fit_gate(
     network: Autoencoder,
     train: torch.Tensor,
@@ -158,73 +174,121 @@ def fit_gate(
     seed: int = 0,
     version: str = "gate",
     negatives: int | None = None,
+    block_quantiles: dict[str, float] | None = None,
 ) -> TypicalityGate:
     """The gate's statistics from training images (``train``, uint8) and its stored scores from ``val``.
 
     ``negatives`` altered copies of fit-part training images train the outlier model (default: as many as the
-    fit part has images); held-out training images, never altered nor fitted, set every block's scale.
+    fit part has images); held-out training images, never altered nor fitted, set every block's scale. The gate
+    stores the validation split's block z-scores, and compares each block with its own threshold when
+    ``block_quantiles`` are given.
     """
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(train.shape[0], generator=generator)
     cut = max(1, int(round(train.shape[0] * (1 - held_out))))
     fit_idx, held_idx = order[:cut], order[cut:]
-    m = measures_of(network, train, batch_size)
-    gaussians = {b: GaussianModel.fit(m[b][fit_idx], rank=rank) for b in ("texture", "layout")}
+    m = measures_of(network, train[fit_idx], batch_size, reconstruct=False)
+    gaussians = {b: GaussianModel.fit(m[b], rank=rank) for b in ("texture", "layout")}
     count = min(negatives or len(fit_idx), len(fit_idx))
-    bad = measures_of(network, altered(train[fit_idx[:count]], seed), batch_size)
+    bad = measures_of(network, altered(train[fit_idx[:count]], seed), batch_size, reconstruct=False)
 
-    def standardised(measures: dict[str, torch.Tensor], idx: torch.Tensor | None = None) -> torch.Tensor:
-        pick = (lambda t: t[idx]) if idx is not None else (lambda t: t)
-        return torch.cat([gaussians[b].standardise(pick(measures[b])) for b in ("texture", "layout")], 1)
+    def standardised(measures: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([gaussians[b].standardise(measures[b]) for b in ("texture", "layout")], 1)
 
-    outlier = fit_outlier_model(standardised(m, fit_idx), standardised(bad))
+    outlier = fit_outlier_model(standardised(m), standardised(bad))
     gaussians = as_stored(network, gaussians)
     held = raw_values(measures_of(network, train[held_idx], batch_size), gaussians, outlier)
     scales = {b: RobustScale.fit(v) for b, v in held.items()}
     provisional = TypicalityGate(network, gaussians, scales, torch.zeros(20), version=version, outlier=outlier)
-    val_scores = torch.tensor(provisional.scores(model_inputs(val)))
-    return TypicalityGate(network, gaussians, scales, val_scores, version=version, outlier=outlier)
+    val_blocks = block_scores_of(provisional, val, batch_size)
+    val_scores = torch.tensor([round(float(s), 4) for s in provisional.combine(val_blocks)])
+    return TypicalityGate(
+        network, gaussians, scales, val_scores, version=version, outlier=outlier,
+        validation_block_scores=val_blocks, block_quantiles=block_quantiles,
+    )  # fmt: skip
 
 
-def _split(data: ImageSet, name: str, limit: int | None, seed: int) -> torch.Tensor:
+def _split_indices(data: ImageSet, name: str, limit: int | None, seed: int) -> torch.Tensor:
     idx = data.indices(name)
     if limit is not None and idx.numel() > limit:
         idx = idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(seed))[:limit]]
-    return data.images[idx]
+    return idx
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    torch.manual_seed(args.seed)
+def _split(data: ImageSet, name: str, limit: int | None, seed: int) -> torch.Tensor:
+    return data.images[_split_indices(data, name, limit, seed)]
+
+
+def load_network(args: argparse.Namespace) -> tuple[Autoencoder, dict[str, Any], bool]:
+    """The gate's autoencoder, what the provenance says of it, and whether its decoder still has to be trained."""
+    if args.autoencoder is not None:
+        artefact = load_autoencoder(args.autoencoder)
+        network = Autoencoder(artefact.width, artefact.input_norm)
+        network.encoder.load_state_dict(artefact.encoder)
+        network.decoder.load_state_dict(artefact.decoder)
+        source = {
+            "autoencoder": Path(args.autoencoder).name,
+            "autoencoder_sha256": file_sha256(args.autoencoder),
+            "autoencoder_epochs": artefact.epochs,
+            "autoencoder_best_val_mse": artefact.best_val_mse,
+            "width": artefact.width,
+            "input_norm": artefact.input_norm,
+        }
+        return network.requires_grad_(False), source, False
     loaded = load_classifier(args.model)
     network = Autoencoder(loaded.card.spec.width, loaded.card.spec.input_norm)
     network.encoder.load_state_dict(loaded.model.encoder.state_dict())
     network.encoder.requires_grad_(False)
-    data = decode_pack(load_pack(args.pack))
-    train = _split(data, "train", None, args.seed)
-    val = _split(data, "val", None, args.seed)
-    test = _split(data, "test", None, args.seed)
-    started = time.monotonic()
+    return network, {"classifier": loaded.card.model_version, "classifier_sha256": loaded.sha256}, True
+
+
+def parse_block_quantiles(text: str | None) -> dict[str, float] | None:
+    """``recon,texture,layout,outlier`` quantiles (each in (0.5, 1]; 1 leaves a block out of the decision)."""
+    if not text:
+        return None
+    values = [float(v) for v in text.split(",")]
+    if len(values) != len(BLOCKS) or not all(0.5 < v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"--block-quantiles needs {len(BLOCKS)} values in (0.5, 1]: {text!r}")
+    return dict(zip(BLOCKS, values, strict=True))
+
+
+def decoder_for(network: Autoencoder, data: ImageSet, val: torch.Tensor, args: argparse.Namespace) -> list[dict]:
+    """Train (or reload from ``--decoder-state``) the decoder for a classifier's encoder; its per-epoch history."""
     if args.decoder_state is not None and args.decoder_state.exists():
         saved = torch.load(args.decoder_state, weights_only=True)
         network.decoder.load_state_dict(saved["decoder"])
-        history = saved["history"]
-    else:
-        history = train_decoder(
-            network, _split(data, "train", args.decoder_images, args.seed), val[:512], args.epochs, 32, args.lr
-        )
-        if args.decoder_state is not None:
-            torch.save({"decoder": network.decoder.state_dict(), "history": history}, args.decoder_state)
-    decoder_seconds = sum(row["seconds"] for row in history)
-    gate = fit_gate(network, train, val, seed=args.seed, version=args.version)
-    test_scores = torch.tensor(gate.scores(model_inputs(test)))
+        return list(saved["history"])
+    limit = args.decoder_images if args.limit is None else min(args.decoder_images, args.limit)
+    train = _split(data, "train", limit, args.seed)
+    history = train_decoder(network, train, val[:512], args.epochs, 32, args.lr)
+    if args.decoder_state is not None:
+        torch.save({"decoder": network.decoder.state_dict(), "history": history}, args.decoder_state)
+    return history
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    quantiles = parse_block_quantiles(args.block_quantiles)
+    network, source, needs_decoder = load_network(args)
+    data = decode_pack(load_pack(args.pack))
+    train, val, test = (_split(data, name, args.limit, args.seed) for name in ("train", "val", "test"))
+    if args.train_images is not None:
+        train = _split(data, "train", min(args.train_images, args.limit or args.train_images), args.seed)
+    started = time.monotonic()
+    history = decoder_for(network, data, val, args) if needs_decoder else []
+    gate = fit_gate(
+        network, train, val, seed=args.seed, version=args.version, negatives=args.negatives, block_quantiles=quantiles
+    )
+    test_blocks = block_scores_of(gate, test)
+    test_scores = gate.combine(test_blocks)
     provenance = {
-        "classifier": loaded.card.model_version,
-        "classifier_sha256": loaded.sha256,
+        **source,
         "pack": Path(args.pack).name,
         "pack_meta": {k: v for k, v in data.meta.items() if isinstance(v, int | float | str)},
         "decoder_history": history,
-        "decoder_seconds": round(decoder_seconds, 1),
+        "decoder_seconds": round(sum(row["seconds"] for row in history), 1),
         "images": {"train": int(train.shape[0]), "val": int(val.shape[0]), "test": int(test.shape[0])},
+        "block_quantiles": quantiles,
         "torch": str(torch.__version__),
     }
     digest = save_gate(gate, args.out, provenance)
@@ -233,19 +297,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "sha256": digest,
         "bytes": Path(args.out).stat().st_size,
         "threshold_at_1pct": round(gate.threshold, 4),
+        "block_thresholds": gate.block_thresholds(),
         "test_refused": float((test_scores > gate.threshold).float().mean()),
-        "decoder_val_mse": history[-1]["val_mse"] if history else None,
+        "decoder_val_mse": history[-1]["val_mse"] if history else source.get("autoencoder_best_val_mse"),
         "seconds": round(time.monotonic() - started, 1),
         "outlier_negatives": True,
     }
     if args.scores:
-        torch.save({"val": gate.validation_scores, "test": test_scores}, args.scores)
+        save_scores(args, data, gate, test_blocks)
     return summary
+
+
+def save_scores(args: argparse.Namespace, data: ImageSet, gate: TypicalityGate, test_blocks: torch.Tensor) -> None:
+    """Validation and test scores; the block z-scores and source of each image, in split order (to choose block
+    quantiles on the validation split)."""
+    scores: dict[str, Any] = {"blocks": list(gate.blocks), "source_names": list(data.source_names)}
+    scores |= {"val": gate.validation_scores, "test": gate.combine(test_blocks)}  # as before: val sorted
+    for name, blocks in (("val", gate.validation_block_scores), ("test", test_blocks)):
+        assert blocks is not None
+        idx = _split_indices(data, name, args.limit, args.seed)
+        scores[f"{name}_blocks"] = blocks
+        scores[f"{name}_sources"] = data.sources[idx] if data.sources is not None else None
+    torch.save(scores, args.scores)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.gate", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="classifier checkpoint whose encoder the gate uses")
+    network = parser.add_mutually_exclusive_group(required=True)
+    network.add_argument("--model", help="classifier checkpoint whose encoder the gate uses (a decoder is trained)")
+    network.add_argument(
+        "--autoencoder",
+        type=Path,
+        help="autoencoder artefact (training.autoencoder) whose encoder and decoder the gate uses as they are",
+    )
     parser.add_argument("--pack", required=True, help="the pack the classifier was trained on (same split)")
     parser.add_argument(
         "--out", required=True, type=Path, help="gate file to write (e.g. cxr_triage/models/cae_gate.pt)"
@@ -262,6 +346,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse the decoder saved here by an earlier run (else train it and save it here)",
     )
     parser.add_argument("--scores", type=Path, default=None, help="also save validation and test scores here")
+    parser.add_argument(
+        "--block-quantiles",
+        default=None,
+        help="recon,texture,layout,outlier: per-block thresholds, each the quantile of the validation split's "
+        "z-scores of its block (1 leaves a block out); stored in the gate file",
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="at most this many images of each split (a quick trial run)"
+    )
+    parser.add_argument(
+        "--train-images", type=int, default=None, help="training images the statistics are fitted on (default: all)"
+    )
+    parser.add_argument(
+        "--negatives",
+        type=int,
+        default=None,
+        help="altered training images for the outlier model (default: the fit part)",
+    )
     return parser
 
 

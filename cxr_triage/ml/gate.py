@@ -195,11 +195,13 @@ class Autoencoder(nn.Module):
         self.decoder = Decoder(width)
 
     @torch.inference_mode()
-    def measures(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """For a (N, 3, 224, 224) batch in [0, 1]: log reconstruction error (N,), texture (N, dt), layout (N, dl)."""
-        return self.measures_with_grad(x)
+    def measures(self, x: torch.Tensor, reconstruct: bool = True) -> dict[str, torch.Tensor]:
+        """For a (N, 3, 224, 224) batch in [0, 1]: log reconstruction error (N,), texture (N, dt), layout (N, dl).
 
-    def measures_with_grad(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        ``reconstruct=False`` skips the decoder (no ``recon``): what fitting the feature Gaussians needs."""
+        return self.measures_with_grad(x, reconstruct)
+
+    def measures_with_grad(self, x: torch.Tensor, reconstruct: bool = True) -> dict[str, torch.Tensor]:
         x = self.encoder.normalise(x.float())
         h = x
         stages: list[torch.Tensor] = []
@@ -209,6 +211,8 @@ class Autoencoder(nn.Module):
                 stages.append(h)
         texture = torch.cat([torch.cat([s.mean((2, 3)), s.std((2, 3))], 1) for s in stages[:4]], 1)
         layout = nn.functional.adaptive_avg_pool2d(stages[-1], LAYOUT_GRID).flatten(1)
+        if not reconstruct:
+            return {"texture": texture, "layout": layout}
         recon = self.decoder(stages[-1])
         mse = (recon[:, :1] - x[:, :1].float()).square().mean((1, 2, 3))
         return {"recon": mse.clamp_min(1e-8).log(), "texture": texture, "layout": layout}
@@ -339,10 +343,11 @@ class TypicalityGate:
             "scales": {k: [s.median, s.spread] for k, s in self.scales.items()},
             "validation_scores": self.validation_scores,
             **(
-                {"validation_block_scores": self.validation_block_scores, "block_quantiles": self.block_quantiles}
-                if self.block_scale is not None
+                {"validation_block_scores": self.validation_block_scores}
+                if self.validation_block_scores is not None
                 else {}
             ),
+            **({"block_quantiles": self.block_quantiles} if self.block_scale is not None else {}),
         }
 
 
