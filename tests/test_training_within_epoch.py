@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.engine import EpochProgress, EpochStats, Runtime, Within, train_one_epoch
+from training.engine import Deadline, EpochProgress, EpochStats, Runtime, Within, train_one_epoch
 from training.loop import FitState, Phase, Validation, fit, fit_state_from, state_fields
 
 RT = Runtime(device=torch.device("cpu"), progress=False)
@@ -95,3 +95,14 @@ def test_fit_saves_the_partial_epoch_and_a_resumed_fit_continues_it() -> None:
     assert calls[-1] is None  # epoch 3 starts from its first batch
     assert resumed.state.epoch == 3 and resumed.state.partial is None and resumed.complete
     assert saved[-1]["partial"] is None
+
+
+def test_a_signal_stops_an_epoch_without_a_budget_at_the_next_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM sets ``Deadline.stop_requested``; a run without ``--budget-seconds`` has no deadline, and its epoch
+    must still stop at the next check (every 20 batches) instead of running to its end."""
+    monkeypatch.setattr(Deadline, "stop_requested", True)
+    model, optimizer, _, _ = _problem()
+    stats = _epoch(model, optimizer, None)
+    assert stats.stopped_early and stats.images == 80  # 20 of the 50 batches of 4
+    monkeypatch.setattr(Deadline, "stop_requested", False)
+    assert not _epoch(*_problem()[:2], None).stopped_early

@@ -317,7 +317,8 @@ def _run_epoch(
     pbar.update(done.batches)
     for i in range(done.batches, len(batches)):
         if i % check_every == 0 and i > done.batches:
-            if deadline is not None and rt.any(deadline.expired()):
+            # without a budget a SIGTERM still stops the epoch here, not only at its end
+            if rt.any(deadline.expired() if deadline is not None else Deadline.stop_requested):
                 stopped = True
                 break
             if within.due() and rt.is_main:

@@ -142,7 +142,7 @@ def fit(
                 save(state)
                 last_save = time.monotonic()
         if stats.stopped_early:
-            logger.warning("%s stopped inside epoch %d by the time budget", phase.name, state.epoch)
+            logger.warning("%s stopped inside epoch %d by the time budget or a signal", phase.name, state.epoch)
             break
     if phase.patience is not None and state.bad_epochs >= phase.patience:
         patience_hit = True
