@@ -7,7 +7,6 @@ once, and the other takes over when the leader dies.
 
 from __future__ import annotations
 
-import csv
 import json
 import multiprocessing as mp
 import os
@@ -19,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from conftest import config_values, write_config
 from PIL import Image
 from sqlalchemy import select
+from synthetic_pack import synthetic_image, write_synthetic_pack
 
 from cxr_triage import CLASS_NAMES
 from cxr_triage.cli import main
@@ -33,7 +32,7 @@ from cxr_triage.ml import decision, registry
 from cxr_triage.retrain import retraining
 from cxr_triage.retrain.scheduler import SCHEDULER_LEASE, RetrainScheduler
 from cxr_triage.testing.peers import wait_until
-from cxr_triage.testing.synthetic import new_dataset, phantom
+from cxr_triage.testing.synthetic import new_dataset
 
 pytestmark = pytest.mark.xdist_group("retraining")  # one worker: the synthetic pack and champion built once
 
@@ -58,13 +57,6 @@ RETRAIN = {
 }
 
 
-def synthetic_image(label: int, seed: int) -> np.ndarray:
-    """A 224x224 uint8 chest phantom whose brightness says its class (covid darkest, pneumonia brightest)."""
-    rng = np.random.default_rng(seed)
-    image = phantom(224, 224) * (0.6 + 0.2 * label) + rng.normal(0.0, 0.03, (224, 224))
-    return np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
-
-
 @dataclass(frozen=True)
 class Data:
     pack: Path
@@ -79,22 +71,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Data:
 
     from cxr_triage.ml.checkpoint import ModelCard, save_classifier
     from cxr_triage.ml.model import CAEClassifier, ModelSpec
-    from training import cli
 
     folder = tmp_path_factory.mktemp("retrain-data")
-    rows = []
-    for i in range(90):
-        path = folder / "base" / f"{i}.png"
-        path.parent.mkdir(exist_ok=True)
-        Image.fromarray(synthetic_image(i % 3, seed=i)).save(path)
-        rows.append({"path": str(path), "label": CLASS_NAMES[i % 3], "group": f"b{i}"})
-    with open(folder / "base.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["path", "label", "group"])
-        writer.writeheader()
-        writer.writerows(rows)
-    pack = folder / "base.pack"
-    argv = ["pack", "--manifest", str(folder / "base.csv"), "--root", "/", "--out", str(pack), "--max-mib", "4"]
-    assert cli.main([*argv, "--no-progress", "--log-level", "WARNING"]) == 0
+    pack = write_synthetic_pack(folder, "base", "b")
     thumbnails = []
     for i in range(3 * PER_CLASS):
         path = folder / "feedback" / f"{i}.png"

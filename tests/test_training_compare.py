@@ -8,21 +8,18 @@ metrics.json files the first comparison wrote, which the command also compares w
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from synthetic_pack import write_synthetic_pack
 
 from cxr_triage import CLASS_NAMES
 from cxr_triage.ml.checkpoint import ModelCard, save_classifier
 from cxr_triage.ml.model import CAEClassifier, ModelSpec
-from cxr_triage.testing.synthetic import phantom
 from training import cli
 
 pytestmark = pytest.mark.xdist_group("training_compare")  # one worker: the pack and the two models built once
@@ -31,30 +28,11 @@ RUN = ["--device", "cpu", "--no-amp", "--no-progress", "--log-level", "WARNING",
 MODEL = ["--width", "4", "--dense-units", "32", "--input-norm", "none"]  # none: the brightness is the class
 
 
-def synthetic_image(label: int, seed: int) -> np.ndarray:
-    """A 224x224 uint8 chest phantom whose brightness says its class (covid darkest, pneumonia brightest)."""
-    rng = np.random.default_rng(seed)
-    image = phantom(224, 224) * (0.6 + 0.2 * label) + rng.normal(0.0, 0.03, (224, 224))
-    return np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(pack, champion, challenger): 90 synthetic images; an untrained champion; a challenger trained on them."""
     folder = tmp_path_factory.mktemp("compare")
-    rows = []
-    for i in range(90):
-        path = folder / "images" / f"{i}.png"
-        path.parent.mkdir(exist_ok=True)
-        Image.fromarray(synthetic_image(i % 3, seed=i)).save(path)
-        rows.append({"path": str(path), "label": CLASS_NAMES[i % 3], "group": f"g{i}"})
-    with open(folder / "labels.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["path", "label", "group"])
-        writer.writeheader()
-        writer.writerows(rows)
-    pack = folder / "synthetic.pack"
-    argv = ["pack", "--manifest", str(folder / "labels.csv"), "--root", "/", "--out", str(pack), "--max-mib", "4"]
-    assert cli.main([*argv, "--no-progress", "--log-level", "WARNING"]) == 0
+    pack = write_synthetic_pack(folder, "images", "g")
     torch.manual_seed(7)
     champion = folder / "champion.pt"
     untrained = CAEClassifier(ModelSpec(width=4, dense_units=32, input_norm="none"))
